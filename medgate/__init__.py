@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf code for the medgate API (`make proto`); do not edit."""

@@ -1,0 +1,1 @@
+"""Triton: the embedded server launcher and the gateway's client."""

@@ -1,0 +1,222 @@
+"""Run the ``tritonserver`` binary that ships in the nvidia-pytriton wheel on ``triton_models/``.
+
+The wheel carries Triton 2.51 with only the Python backend. Its stub for our Python version lives
+outside the backend folder, so we assemble a backend directory of symlinks under the cache and point
+the server at it, with this interpreter's ``bin`` first on PATH so the stub finds our packages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+from services.settings import PROJECT_ROOT, TritonSettings
+
+log = logging.getLogger("medgate.triton")
+server_log = logging.getLogger("medgate.triton.server")
+
+_PR_SET_PDEATHSIG = 1
+
+
+class TritonStartError(RuntimeError):
+    """The server could not be started or did not become ready in time."""
+
+
+def pytriton_server_dir() -> Path:
+    """The folder of the wheel's tritonserver build (bin/, backends/, python_backend_stubs/)."""
+    try:
+        import pytriton  # noqa: PLC0415 - only the embedded mode needs it
+    except ImportError as exc:  # pragma: no cover - install problem
+        raise TritonStartError("nvidia-pytriton is not installed; run `make setup`") from exc
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def prepare_backend_dir(cache_dir: Path) -> Path:
+    """A backends/ folder whose python/ holds the wheel's backend plus the stub for this Python."""
+    source = pytriton_server_dir()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = source / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise TritonStartError(f"the pytriton wheel has no Python backend stub for Python {version}")
+    python_dir = cache_dir / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    wanted = {item.name: item for item in (source / "backends" / "python").iterdir() if item.is_file()}
+    wanted[stub.name] = stub
+    for name, target in wanted.items():
+        link = python_dir / name
+        if link.is_symlink() and link.resolve() == target.resolve():
+            continue
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+    return cache_dir
+
+
+def _die_with_parent() -> None:
+    """In the child: ask the kernel to SIGTERM us when the parent dies (Linux), so no orphan keeps the ports."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class EmbeddedTriton:
+    """The tritonserver child process: start, wait until every model is READY, forward its log, stop."""
+
+    def __init__(self, settings: TritonSettings, *, cache_dir: Path | None = None) -> None:
+        self.settings = settings
+        self.cache_dir = cache_dir or PROJECT_ROOT / ".cache" / "triton-backends"
+        self._process: subprocess.Popen[str] | None = None
+        self._log_tail: deque[str] = deque(maxlen=60)
+        self._log_thread: threading.Thread | None = None
+
+    def command(self) -> list[str]:
+        s = self.settings
+        return [
+            str(pytriton_server_dir() / "bin" / "tritonserver"),
+            f"--model-repository={s.model_repository}",
+            f"--backend-directory={prepare_backend_dir(self.cache_dir)}",
+            f"--http-address={s.host}",
+            f"--grpc-address={s.host}",
+            f"--metrics-address={s.host}",
+            f"--http-port={s.http_port}",
+            f"--grpc-port={s.grpc_port}",
+            f"--metrics-port={s.metrics_port}",
+            f"--backend-config=python,shm-default-byte-size={s.python_shm_default_bytes}",
+            f"--backend-config=python,shm-growth-byte-size={s.python_shm_growth_bytes}",
+            f"--log-verbose={s.log_verbose}",
+            "--exit-timeout-secs=5",
+        ]
+
+    def start(self) -> None:
+        if self._process is not None:
+            return
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        command = self.command()
+        log.info("starting tritonserver on %s (gRPC %d, HTTP %d, metrics %d)", self.settings.model_repository,
+                 self.settings.grpc_port, self.settings.http_port, self.settings.metrics_port)
+        self._process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            preexec_fn=_die_with_parent,
+        )
+        self._log_thread = threading.Thread(target=self._forward_log, name="triton-log", daemon=True)
+        self._log_thread.start()
+
+    def _forward_log(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for line in self._process.stdout:
+            line = line.rstrip()
+            if not line:
+                continue
+            self._log_tail.append(line)
+            level = logging.WARNING if line[:1] in {"E", "W"} else logging.INFO
+            server_log.log(level, "%s", line)
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def log_tail(self) -> str:
+        return "\n".join(self._log_tail)
+
+    def wait_ready(self, models: list[str] | None = None) -> list[str]:
+        """Block until the server and every model are READY; returns the ready model names."""
+        deadline = time.monotonic() + self.settings.startup_timeout_s
+        ready = wait_until_ready(
+            self.settings.grpc_url,
+            models,
+            deadline=deadline,
+            alive=lambda: self.running,
+        )
+        if ready is None:
+            code = self._process.poll() if self._process else None
+            detail = f"exited with status {code}" if code is not None else "did not become ready in time"
+            self.stop()
+            raise TritonStartError(f"tritonserver {detail}; last log lines:\n{self.log_tail()}")
+        return ready
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=self.settings.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver ignored SIGTERM for %.0f s; killing it", self.settings.stop_grace_s)
+                process.kill()
+                process.wait()
+        if self._log_thread is not None:
+            self._log_thread.join(timeout=5)
+        log.info("tritonserver stopped (status %s)", process.returncode)
+
+    def __enter__(self) -> EmbeddedTriton:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_until_ready(
+    grpc_url: str,
+    models: list[str] | None,
+    *,
+    deadline: float,
+    alive: object = None,
+) -> list[str] | None:
+    """Poll Triton over gRPC until it and ``models`` (default: all in its repository) are READY.
+
+    Returns the ready model names, or None when the deadline passes or ``alive()`` turns false.
+    """
+    import tritonclient.grpc as triton_grpc  # noqa: PLC0415 - keep import time of the module small
+
+    client = triton_grpc.InferenceServerClient(grpc_url)
+    try:
+        while time.monotonic() < deadline:
+            if callable(alive) and not alive():
+                return None
+            with contextlib.suppress(Exception):
+                if client.is_server_live():
+                    index = client.get_model_repository_index(as_json=True).get("models", [])
+                    names = models or [entry["name"] for entry in index]
+                    states = {entry["name"]: entry.get("state", "") for entry in index}
+                    failed = [name for name in names if states.get(name) == "UNAVAILABLE"]
+                    if failed and client.is_server_live():
+                        log.error("models failed to load: %s", ", ".join(failed))
+                    if names and all(client.is_model_ready(name) for name in names):
+                        return names
+            time.sleep(0.25)
+    finally:
+        client.close()
+    return None
+
+
+@contextlib.contextmanager
+def triton_for(settings: TritonSettings) -> Iterator[str]:
+    """Yield a ready Triton gRPC URL: the embedded server (started and stopped here) or the external one."""
+    if settings.embedded:
+        with EmbeddedTriton(settings):
+            yield settings.grpc_url
+        return
+    if wait_until_ready(settings.grpc_url, None, deadline=time.monotonic() + settings.startup_timeout_s) is None:
+        raise TritonStartError(f"external Triton at {settings.grpc_url} is not ready")
+    yield settings.grpc_url
