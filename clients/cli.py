@@ -28,7 +28,7 @@ def _wait_for_signal() -> None:
 
 def cmd_triton(args: argparse.Namespace) -> int:
     """Start the embedded Triton on the model repository and keep it up until Ctrl-C."""
-    from services.triton.embedded import triton_for  # noqa: PLC0415
+    from services.triton.embedded import triton_for
 
     settings = load_settings()
     with triton_for(settings.triton) as url:
@@ -37,14 +37,49 @@ def cmd_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The whole stack: Triton (embedded unless MEDGATE_TRITON_URL is set) and the gateway workers."""
+    import dataclasses
+
+    from services.gateway.server import run_gateway
+    from services.triton.embedded import triton_for
+
+    settings = load_settings()
+    overrides = {k: v for k, v in {"port": args.port, "workers": args.workers, "host": args.host}.items() if v}
+    if overrides:
+        settings = dataclasses.replace(settings, gateway=dataclasses.replace(settings.gateway, **overrides))
+    with triton_for(settings.triton) as url:
+        run_gateway(settings, url)
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from clients import infer
+
+    settings = load_settings()
+    target = args.target or f"{settings.gateway.host}:{settings.gateway.port}"
+    return infer.run(args, target)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from clients import infer
+
     parser = argparse.ArgumentParser(prog="medgate", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
-    triton = commands.add_parser("triton", help="run the embedded Triton with every model in triton_models/")
+
+    serve = commands.add_parser("serve", help="run the whole stack: Triton with every model, then the gateway")
+    serve.add_argument("--host", help="gateway address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="gateway port (default 50051)")
+    serve.add_argument("--workers", type=int, help="gateway worker processes sharing the port (default 1)")
+    serve.set_defaults(func=cmd_serve)
+
+    triton = commands.add_parser("triton", help="run only the embedded Triton with every model in triton_models/")
     triton.set_defaults(func=cmd_triton)
-    serve = commands.add_parser("serve", help="run the whole stack: embedded Triton (or MEDGATE_TRITON_URL) and the gateway")
-    serve.set_defaults(func=cmd_triton)
+
+    infer_parser = commands.add_parser("infer", help="send one file to the gateway and print the answer")
+    infer.add_arguments(infer_parser)
+    infer_parser.set_defaults(func=cmd_infer)
     return parser
 
 

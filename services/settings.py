@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.imaging.limits import IngestLimits
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "MEDGATE_"
 
@@ -40,9 +42,52 @@ class TritonSettings:
         return not self.url
 
 
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelNames:
+    """Which Triton model plays each role; point a role at your own model with the same contract."""
+
+    classifier: str = "classifier"
+    detector: str = "detector"
+    segmenter_text: str = "segmenter_text"
+    segmenter_box: str = "segmenter_box"
+
+    def as_dict(self) -> dict[str, str]:
+        return {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The inference gateway: address, workers and every per-request limit."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Worker processes sharing the port (SO_REUSEPORT): CPU work scales with cores across connections.
+    workers: int = 1
+    # Threads per worker for decode and letterbox, so the event loop never blocks on pixels.
+    cpu_threads: int = 2
+    max_receive_message_bytes: int = 64 * MIB
+    max_send_message_bytes: int = 64 * MIB
+    # Beyond this many RPCs in flight per worker, gRPC answers RESOURCE_EXHAUSTED at once.
+    max_concurrent_rpcs: int = 64
+    max_prompts: int = 16
+    max_boxes: int = 16
+    max_prompt_chars: int = 200
+    # Used when the caller sets no deadline; a caller's shorter deadline always wins.
+    default_deadline_s: float = 60.0
+    triton_retry_backoff_s: float = 0.05
+    health_poll_interval_s: float = 2.0
+    grace_period_s: float = 5.0
+
+
 @dataclass(frozen=True)
 class Settings:
     triton: TritonSettings = field(default_factory=TritonSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    models: ModelNames = field(default_factory=ModelNames)
+    ingest: IngestLimits = field(default_factory=IngestLimits)
 
 
 def _coerce(value: str, like: Any) -> Any:
@@ -84,6 +129,9 @@ def load_settings(path: Path | None = None, **section_overrides: Any) -> Setting
     if section_overrides:
         settings = dataclasses.replace(
             settings,
-            **{name: dataclasses.replace(getattr(settings, name), **values) for name, values in section_overrides.items()},
+            **{
+                name: dataclasses.replace(getattr(settings, name), **values)
+                for name, values in section_overrides.items()
+            },
         )
     return settings

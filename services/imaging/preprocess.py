@@ -51,7 +51,7 @@ class Letterbox:
         shrinking = self.scale < 1.0
         interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
         resized = cv2.resize(image, (self.resized_width, self.resized_height), interpolation=interpolation)
-        out = np.zeros((self.size, self.size) + image.shape[2:], dtype=image.dtype)
+        out = np.zeros((self.size, self.size, *image.shape[2:]), dtype=image.dtype)
         out[
             self.pad_top : self.pad_top + self.resized_height,
             self.pad_left : self.pad_left + self.resized_width,
@@ -86,7 +86,7 @@ class Letterbox:
             out[index] = cv2.resize(
                 plane, (self.original_width, self.original_height), interpolation=cv2.INTER_NEAREST
             )
-        return out.reshape(mask.shape[:-2] + (self.original_height, self.original_width))
+        return out.reshape((*mask.shape[:-2], self.original_height, self.original_width))
 
     def mask_to_model(self, mask: np.ndarray) -> np.ndarray:
         """An original-grid mask [H, W] into model space (nearest neighbour, zero padding)."""

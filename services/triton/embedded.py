@@ -35,7 +35,7 @@ class TritonStartError(RuntimeError):
 def pytriton_server_dir() -> Path:
     """The folder of the wheel's tritonserver build (bin/, backends/, python_backend_stubs/)."""
     try:
-        import pytriton  # noqa: PLC0415 - only the embedded mode needs it
+        import pytriton
     except ImportError as exc:  # pragma: no cover - install problem
         raise TritonStartError("nvidia-pytriton is not installed; run `make setup`") from exc
     return Path(pytriton.__file__).resolve().parent / "tritonserver"
@@ -187,7 +187,7 @@ def wait_until_ready(
 
     Returns the ready model names, or None when the deadline passes or ``alive()`` turns false.
     """
-    import tritonclient.grpc as triton_grpc  # noqa: PLC0415 - keep import time of the module small
+    import tritonclient.grpc as triton_grpc
 
     client = triton_grpc.InferenceServerClient(grpc_url)
     try:

@@ -1,0 +1,173 @@
+"""``medgate infer``: one file through the gateway, printed as a summary or as protobuf JSON, with an overlay PNG."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+
+from medgate.v1 import inference_pb2 as pb
+from medgate.v1 import inference_pb2_grpc as pb_grpc
+from services.imaging.arrays import decode_array
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+TASKS = {"classify": pb.TASK_CLASSIFY, "detect": pb.TASK_DETECT, "segment": pb.TASK_SEGMENT}
+MASK_SPACES = {"model": pb.MASK_SPACE_MODEL, "original": pb.MASK_SPACE_ORIGINAL, "both": pb.MASK_SPACE_BOTH}
+
+
+def channel(target: str) -> grpc.Channel:
+    return grpc.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+
+
+def parse_box(text: str) -> pb.Box:
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a box is x0,y0,x1,y1 in original pixels, got {text!r}") from None
+    return pb.Box(x0=x0, y0=y0, x1=x1, y1=y1)
+
+
+def array_of(message: pb.NDArray) -> np.ndarray:
+    """An NDArray message as a NumPy array (raw or bit-packed)."""
+    return decode_array(
+        message.data, tuple(message.shape), message.dtype, packbits=message.encoding == pb.ARRAY_ENCODING_PACKBITS
+    )
+
+
+def build_request(args: argparse.Namespace) -> pb.AnalyzeRequest:
+    data = Path(args.file).read_bytes()
+    tasks = [TASKS[t] for t in args.task]
+    request = pb.AnalyzeRequest(
+        image=pb.ImageInput(data=data),
+        tasks=tasks,
+        prompts=args.prompts or "",
+        boxes=args.box or [],
+        output=pb.OutputOptions(
+            mask_space=MASK_SPACES[args.mask_space],
+            mask_encoding=pb.ARRAY_ENCODING_PACKBITS if args.packbits else pb.ARRAY_ENCODING_RAW,
+        ),
+        min_score=args.min_score,
+        request_id=Path(args.file).name,
+    )
+    if args.frame is not None:
+        request.image.frame = args.frame
+    return request
+
+
+def summary(response: pb.AnalyzeResponse) -> str:
+    lines: list[str] = []
+    t = response.transform
+    info = response.image
+    lines.append(
+        f"image: {pb.InputKind.Name(info.kind).removeprefix('INPUT_KIND_')} {info.width}x{info.height}"
+        f" frame {info.frame + 1}/{max(info.frames, 1)}"
+        f" {info.photometric_interpretation} {info.transfer_syntax}".rstrip()
+    )
+    lines.append(
+        f"transform: scale {t.scale:.4f}, pad left {t.pad_left} top {t.pad_top}, resized"
+        f" {t.resized_width}x{t.resized_height} in {t.model_size}x{t.model_size}"
+    )
+    if response.HasField("classification"):
+        c = response.classification
+        scores = ", ".join(f"{s.label} {s.score:.3f}" for s in c.scores)
+        lines.append(f"classification ({c.model.name} v{c.model.version}): {scores}")
+    if response.HasField("detection"):
+        d = response.detection
+        lines.append(f"detection ({d.model.name} v{d.model.version}): {len(d.detections)} found")
+        for det in d.detections:
+            b = det.box
+            lines.append(f"  {det.label} {det.score:.3f} at x0={b.x0:.1f} y0={b.y0:.1f} x1={b.x1:.1f} y1={b.y1:.1f}")
+    if response.HasField("segmentation"):
+        s = response.segmentation
+        masks = s.image_features if s.HasField("image_features") else s.original_masks
+        lines.append(f"segmentation: masks {list(masks.shape)} {masks.dtype}")
+        for p in s.prompts:
+            lines.append(f"  {p.prompt!r} -> {p.category}, score {p.score:.3f}, {p.area_pixels} px ({p.model})")
+    tm = response.timings
+    lines.append(
+        f"timings ms: decode {tm.decode_ms:.1f}, preprocess {tm.preprocess_ms:.1f}, triton {tm.triton_ms:.1f},"
+        f" encode {tm.encode_ms:.1f}, total {tm.total_ms:.1f}"
+    )
+    return "\n".join(lines)
+
+
+def write_overlay(path: Path, request: pb.AnalyzeRequest, response: pb.AnalyzeResponse) -> None:
+    """The letterboxed image with masks and boxes drawn on it, as the models saw it."""
+    import cv2
+
+    from services.imaging.limits import IngestLimits
+    from services.imaging.prepare import prepare
+
+    frame = request.image.frame if request.image.HasField("frame") else None
+    prepared = prepare(request.image.data, frame=frame, limits=IngestLimits())
+    canvas = cv2.cvtColor(prepared.model_image, cv2.COLOR_GRAY2BGR)
+    palette = [(0, 200, 255), (255, 120, 0), (0, 255, 0), (255, 0, 255), (0, 0, 255), (255, 255, 0)]
+    if response.HasField("segmentation") and response.segmentation.HasField("image_features"):
+        masks = array_of(response.segmentation.image_features)
+        for index, mask in enumerate(masks):
+            color = np.array(palette[index % len(palette)], dtype=np.float32)
+            region = mask.astype(bool)
+            canvas[region] = (0.55 * canvas[region] + 0.45 * color).astype(np.uint8)
+            contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(canvas, contours, -1, palette[index % len(palette)], 2)
+    if response.HasField("detection"):
+        for det in response.detection.detections:
+            b = det.model_box
+            cv2.rectangle(canvas, (int(b.x0), int(b.y0)), (int(b.x1), int(b.y1)), (0, 0, 255), 2)
+            cv2.putText(canvas, f"{det.label} {det.score:.2f}", (int(b.x0), max(12, int(b.y0) - 4)),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 255), 2)
+    if response.HasField("classification"):
+        c = response.classification
+        cv2.putText(canvas, f"{c.top_label} {c.top_score:.2f}", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1.0,
+                    (255, 255, 255), 2)
+    if not cv2.imwrite(str(path), canvas):
+        raise OSError(f"could not write {path}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="a DICOM, PNG, JPEG, NIfTI or MetaImage file")
+    parser.add_argument("--task", action="append", choices=sorted(TASKS),
+                        help="classify, detect or segment (repeat for several; default: all that apply)")
+    parser.add_argument("--prompts", help="text prompts separated by '&', e.g. 'left lung & heart & nodule'")
+    parser.add_argument("--box", action="append", type=parse_box, help="a box prompt x0,y0,x1,y1 in original pixels")
+    parser.add_argument("--frame", type=int, help="frame of a multi-frame object (default: the middle one)")
+    parser.add_argument("--min-score", type=float, default=0.0, help="drop detections below this score")
+    parser.add_argument("--mask-space", choices=sorted(MASK_SPACES), default="model")
+    parser.add_argument("--packbits", action="store_true", help="receive masks bit-packed (8x smaller)")
+    parser.add_argument("--json", action="store_true", help="print the response as protobuf JSON")
+    parser.add_argument("--overlay", type=Path, help="write the letterboxed image with masks and boxes to this PNG")
+    parser.add_argument("--target", default=None, help="gateway host:port (default: from settings, 127.0.0.1:50051)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+
+
+def run(args: argparse.Namespace, target: str) -> int:
+    if not args.task:
+        args.task = ["classify", "detect"] + (["segment"] if args.prompts or args.box else [])
+    if "segment" in args.task and not (args.prompts or args.box):
+        args.prompts = "left lung & right lung & heart & lesion"
+    request = build_request(args)
+    with channel(target) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        try:
+            response = stub.Analyze(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json_format.MessageToJson(response, preserving_proto_field_name=True))
+    else:
+        print(summary(response))
+    if args.overlay:
+        write_overlay(args.overlay, request, response)
+        print(f"overlay written to {args.overlay}", file=sys.stderr)
+    return 0

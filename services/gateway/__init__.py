@@ -1,0 +1,1 @@
+"""The inference gateway: gRPC in, pure ingest and preprocessing, Triton out."""

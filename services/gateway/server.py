@@ -1,0 +1,155 @@
+"""Gateway lifecycle: one grpc.aio server per worker process with health, reflection and graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from medgate.v1 import inference_pb2 as pb
+from medgate.v1 import inference_pb2_grpc as pb_grpc
+from services.gateway.reflection import enable_reflection
+from services.gateway.servicer import InferenceServicer
+from services.settings import Settings
+from services.triton.client import TritonModels
+
+log = logging.getLogger("medgate.gateway")
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+def health_name(role: str) -> str:
+    """Health service name of one model role, e.g. ``medgate.v1.Inference/classifier``."""
+    return f"{INFERENCE_SERVICE}/{role}"
+
+
+class GatewayServer:
+    """One worker's server: ``await start()``, then ``await wait()``; ``await stop()`` drains in-flight calls."""
+
+    def __init__(self, settings: Settings, triton_url: str) -> None:
+        self.settings = settings
+        self.models = TritonModels(
+            triton_url, settings.models.as_dict(), retry_backoff_s=settings.gateway.triton_retry_backoff_s
+        )
+        self.executor = ThreadPoolExecutor(settings.gateway.cpu_threads, thread_name_prefix="medgate-cpu")
+        self.health = health.aio.HealthServicer()
+        gateway = settings.gateway
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", gateway.max_receive_message_bytes),
+                ("grpc.max_send_message_length", gateway.max_send_message_bytes),
+                # Several worker processes share one port; the kernel spreads connections over them.
+                ("grpc.so_reuseport", 1),
+            ],
+            maximum_concurrent_rpcs=gateway.max_concurrent_rpcs,
+        )
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(settings, self.models, self.executor), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        enable_reflection([INFERENCE_SERVICE, health.SERVICE_NAME], self.server)
+        self.port = 0
+        self._health_task: asyncio.Task[None] | None = None
+
+    async def start(self, *, port: int | None = None) -> int:
+        """Check every model's contract, then bind and serve; returns the bound port."""
+        await self.models.connect()
+        address = f"{self.settings.gateway.host}:{self.settings.gateway.port if port is None else port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind the gateway to {address}")
+        await self.server.start()
+        await self._update_health()
+        self._health_task = asyncio.create_task(self._poll_health())
+        log.info("gateway serving medgate.v1.Inference on %s:%d", self.settings.gateway.host, self.port)
+        return self.port
+
+    async def _update_health(self) -> None:
+        states = await self.models.ready()
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        for role, ready in states.items():
+            await self.health.set(health_name(role), serving if ready else not_serving)
+        overall = serving if states and all(states.values()) else not_serving
+        await self.health.set(INFERENCE_SERVICE, overall)
+        await self.health.set("", overall)
+
+    async def _poll_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.gateway.health_poll_interval_s)
+            try:
+                await self._update_health()
+            except Exception:
+                log.warning("health poll failed", exc_info=True)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+    async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        with contextlib.suppress(Exception):
+            await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.gateway.grace_period_s)
+        await self.models.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def serve_worker(settings: Settings, triton_url: str) -> None:
+    """Run one worker until SIGINT/SIGTERM, then stop gracefully."""
+    server = GatewayServer(settings, triton_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def _worker_main(settings: Settings, triton_url: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    asyncio.run(serve_worker(settings, triton_url))
+
+
+def run_gateway(settings: Settings, triton_url: str) -> None:
+    """Serve with ``settings.gateway.workers`` processes on one port; blocks until a signal stops them."""
+    workers = max(1, settings.gateway.workers)
+    if workers == 1:
+        asyncio.run(serve_worker(settings, triton_url))
+        return
+    if settings.gateway.port == 0:
+        raise ValueError("several gateway workers need a fixed port (MEDGATE_GATEWAY_PORT)")
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_worker_main, args=(settings, triton_url), name=f"medgate-gateway-{i}", daemon=False)
+        for i in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    stop = False
+
+    def _forward(signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, _forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for process in processes:
+            process.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

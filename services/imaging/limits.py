@@ -1,0 +1,31 @@
+"""Resource limits of image ingest, each with its unit in its name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+
+# Also the default of OPENCV_IO_MAX_IMAGE_PIXELS (set in services/imaging/__init__.py).
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """What one decode may consume; every check runs before the pixels are decoded.
+
+    ``max_pixels`` counts every frame or slice of the object (rows * columns * frames), because
+    the encoded object is held in memory whole even when one frame is rendered.
+    """
+
+    max_input_bytes: int = 64 * MIB
+    max_inflated_bytes: int = 256 * MIB
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_frames: int = 2_000
+    max_dimension_pixels: int = 32_768
+    max_decoded_bytes: int = 1024 * MIB
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"IngestLimits.{name} must be a positive integer, got {value!r}")
