@@ -1,0 +1,298 @@
+"""The gateway as a PACS integration sees it: real gRPC on loopback, real tritonserver, real DICOM and PNG."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.infer import array_of
+from medgate.v1 import inference_pb2 as pb
+from medgate.v1 import inference_pb2_grpc as pb_grpc
+from services.gateway.server import GatewayServer, health_name
+from services.settings import load_settings
+from tests.fixtures import dicom_bytes, phantom, png_bytes, pydicom_data_file
+from training.phantoms import model_space
+
+pytestmark = pytest.mark.triton
+
+
+@pytest.fixture(scope="session")
+async def gateway(triton_url: str) -> AsyncIterator[GatewayServer]:
+    settings = load_settings(gateway={"port": 0, "max_prompts": 8})
+    server = GatewayServer(settings, triton_url)
+    await server.start(port=0)
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="session")
+async def channel(gateway: GatewayServer) -> AsyncIterator[grpc.aio.Channel]:
+    options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}", options=options) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.aio.Channel) -> pb_grpc.InferenceStub:
+    return pb_grpc.InferenceStub(channel)
+
+
+async def test_health_reports_every_model_serving(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ["", "medgate.v1.Inference", *(health_name(r) for r in ("classifier", "detector"))]:
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+
+
+async def test_classify_png_returns_every_class_and_the_transform(stub: pb_grpc.InferenceStub) -> None:
+    sample = phantom(101, lesion_probability=1.0)
+    response = await stub.Classify(pb.ClassifyRequest(image=pb.ImageInput(data=png_bytes(sample.image))))
+    labels = [s.label for s in response.scores]
+    assert {"normal", "lesion"} <= set(labels)
+    assert abs(sum(s.score for s in response.scores) - 1.0) < 1e-3
+    assert response.top_label == labels[0] == sample.label
+    h, w = sample.image.shape
+    t = response.transform
+    assert (t.original_width, t.original_height, t.model_size) == (w, h, 1024)
+    assert abs(t.scale - 1024 / max(h, w)) < 1e-9
+    assert response.model.name == "classifier" and response.model.version == "1"
+    assert response.image.kind == pb.INPUT_KIND_PNG
+    assert response.timings.total_ms >= response.timings.triton_ms > 0
+
+
+async def test_dicom_radiograph_through_every_task(stub: pb_grpc.InferenceStub) -> None:
+    data = pydicom_data_file("RG1_UNCI.dcm").read_bytes()
+    request = pb.AnalyzeRequest(
+        image=pb.ImageInput(data=data),
+        tasks=[pb.TASK_CLASSIFY, pb.TASK_DETECT, pb.TASK_SEGMENT],
+        prompts="left lung & right lung & heart",
+        boxes=[pb.Box(x0=300, y0=300, x1=900, y1=1200)],
+        output=pb.OutputOptions(mask_space=pb.MASK_SPACE_BOTH),
+    )
+    response = await stub.Analyze(request)
+    assert response.image.kind == pb.INPUT_KIND_DICOM
+    assert (response.image.width, response.image.height) == (1955, 1841)
+    assert response.classification.scores and response.detection.model.name == "detector"
+    masks = array_of(response.segmentation.image_features)
+    assert masks.shape == (4, 1024, 1024) and masks.dtype == np.uint8
+    original = array_of(response.segmentation.original_masks)
+    assert original.shape == (4, 1841, 1955)
+    assert list(response.segmentation.text_features) == ["lung", "lung", "heart anatomies", "other"]
+    assert all(0.0 <= p.score <= 1.0 for p in response.segmentation.prompts)
+
+
+async def test_segment_json_reads_as_medimageparse(stub: pb_grpc.InferenceStub) -> None:
+    sample = phantom(7)
+    response = await stub.Segment(
+        pb.SegmentRequest(image=pb.ImageInput(data=png_bytes(sample.image)), prompts="left lung & heart")
+    )
+    document = json.loads(json_format.MessageToJson(response))
+    features = document["image_features"] if "image_features" in document else document["imageFeatures"]
+    masks = np.frombuffer(base64.b64decode(features["data"]), dtype=features["dtype"]).reshape(features["shape"])
+    assert masks.shape == (2, 1024, 1024)
+    assert set(np.unique(masks)) <= {0, 1}
+    text = document.get("text_features", document.get("textFeatures"))
+    assert text == ["lung", "heart anatomies"]
+
+
+async def test_text_masks_match_the_phantom_anatomy(stub: pb_grpc.InferenceStub) -> None:
+    sample = phantom(11)
+    truth = model_space(sample)
+    response = await stub.Segment(
+        pb.SegmentRequest(image=pb.ImageInput(data=dicom_bytes(sample.image)), prompts="Left Lung&heart")
+    )
+    masks = array_of(response.image_features).astype(bool)
+    for mask, key in zip(masks, ["left_lung", "heart"], strict=True):
+        expected = truth[key].astype(bool)
+        dice = 2 * np.logical_and(mask, expected).sum() / (mask.sum() + expected.sum())
+        assert dice > 0.9, key
+
+
+async def test_box_prompt_mask_lands_on_the_original_grid(stub: pb_grpc.InferenceStub) -> None:
+    sample = phantom(23)
+    ys, xs = np.nonzero(sample.heart)
+    box = pb.Box(x0=float(xs.min()), y0=float(ys.min()), x1=float(xs.max() + 1), y1=float(ys.max() + 1))
+    response = await stub.Segment(
+        pb.SegmentRequest(
+            image=pb.ImageInput(data=png_bytes(sample.image)),
+            boxes=[box],
+            output=pb.OutputOptions(mask_space=pb.MASK_SPACE_ORIGINAL, mask_encoding=pb.ARRAY_ENCODING_PACKBITS),
+        )
+    )
+    assert not response.HasField("image_features")
+    masks = array_of(response.original_masks)
+    assert masks.shape == (1, *sample.image.shape)
+    mask = masks[0].astype(bool)
+    dice = 2 * np.logical_and(mask, sample.heart).sum() / (mask.sum() + sample.heart.sum())
+    assert dice > 0.85
+    assert response.prompts[0].box == box
+
+
+async def test_detect_boxes_map_back_within_a_pixel(stub: pb_grpc.InferenceStub) -> None:
+    sample = phantom(5, lesion_probability=1.0)
+    response = await stub.Detect(pb.DetectRequest(image=pb.ImageInput(data=png_bytes(sample.image)), min_score=0.3))
+    assert response.detections
+    t = response.transform
+    for det in response.detections:
+        mb, ob = det.model_box, det.box
+        expected = (
+            (mb.x0 - t.pad_left) / t.scale,
+            (mb.y0 - t.pad_top) / t.scale,
+            (mb.x1 - t.pad_left) / t.scale,
+            (mb.y1 - t.pad_top) / t.scale,
+        )
+        clipped = np.clip(expected, 0, [t.original_width, t.original_height] * 2)
+        assert np.allclose([ob.x0, ob.y0, ob.x1, ob.y1], clipped, atol=1.0)
+    best = response.detections[0].box
+    truth = sample.lesion_boxes
+    ious = []
+    for x0, y0, x1, y1 in truth:
+        ix = max(0.0, min(x1, best.x1) - max(x0, best.x0))
+        iy = max(0.0, min(y1, best.y1) - max(y0, best.y0))
+        inter = ix * iy
+        union = (x1 - x0) * (y1 - y0) + (best.x1 - best.x0) * (best.y1 - best.y0) - inter
+        ious.append(inter / union)
+    assert max(ious) > 0.5
+
+
+async def test_raw_array_input(stub: pb_grpc.InferenceStub) -> None:
+    image = phantom(3).image
+    array = pb.NDArray(data=image.astype("<u2").tobytes(), shape=list(image.shape), dtype="uint16")
+    response = await stub.Classify(pb.ClassifyRequest(image=pb.ImageInput(array=array)))
+    assert response.image.kind == pb.INPUT_KIND_ARRAY
+    assert (response.transform.original_height, response.transform.original_width) == image.shape
+
+
+async def test_stream_answers_every_item_and_survives_a_bad_one(stub: pb_grpc.InferenceStub) -> None:
+    good = png_bytes(phantom(1).image)
+
+    async def requests() -> AsyncIterator[pb.AnalyzeRequest]:
+        for index in range(6):
+            data = b"not an image" if index == 3 else good
+            yield pb.AnalyzeRequest(
+                image=pb.ImageInput(data=data), tasks=[pb.TASK_CLASSIFY], request_id=f"item-{index}"
+            )
+
+    answers = {a.request_id: a async for a in stub.AnalyzeStream(requests())}
+    assert set(answers) == {f"item-{i}" for i in range(6)}
+    assert answers["item-3"].error.code_name == "INVALID_ARGUMENT"
+    assert all(answers[f"item-{i}"].response.classification.scores for i in (0, 1, 2, 4, 5))
+
+
+@pytest.mark.parametrize(
+    ("request_factory", "code", "fragment"),
+    [
+        (lambda: pb.ClassifyRequest(), grpc.StatusCode.INVALID_ARGUMENT, "no image"),
+        (
+            lambda: pb.ClassifyRequest(image=pb.ImageInput(data=b"\x89PNG garbage")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "",
+        ),
+        (
+            lambda: pb.SegmentRequest(image=pb.ImageInput(data=png_bytes(phantom(1).image)), prompts="heart & & lung"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prompt 2 of 3 is empty",
+        ),
+        (
+            lambda: pb.SegmentRequest(image=pb.ImageInput(data=png_bytes(phantom(1).image)), prompts="spleen"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "spleen",
+        ),
+        (
+            lambda: pb.SegmentRequest(
+                image=pb.ImageInput(data=png_bytes(phantom(1).image)), prompts="&".join(["heart"] * 9)
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "limit of 8",
+        ),
+        (
+            lambda: pb.SegmentRequest(
+                image=pb.ImageInput(data=png_bytes(phantom(1).image)), boxes=[pb.Box(x0=10, y0=10, x1=10, y1=50)]
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "box 1 is empty",
+        ),
+        (
+            lambda: pb.SegmentRequest(
+                image=pb.ImageInput(data=png_bytes(phantom(1).image)), boxes=[pb.Box(x0=10, y0=10, x1=99999, y1=50)]
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "outside",
+        ),
+        (
+            lambda: pb.ClassifyRequest(
+                image=pb.ImageInput(array=pb.NDArray(data=b"\0" * 7, shape=[4, 4], dtype="uint8"))
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "needs 16 bytes",
+        ),
+    ],
+)
+async def test_bad_requests_get_the_right_code(
+    channel: grpc.aio.Channel, request_factory: object, code: grpc.StatusCode, fragment: str
+) -> None:
+    request = request_factory()  # type: ignore[operator]
+    method = {pb.ClassifyRequest: "Classify", pb.SegmentRequest: "Segment"}[type(request)]
+    call = channel.unary_unary(
+        f"/medgate.v1.Inference/{method}",
+        request_serializer=type(request).SerializeToString,
+        response_deserializer=pb.ClassifyResponse.FromString,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await call(request)
+    assert failure.value.code() == code
+    assert fragment in (failure.value.details() or "")
+    health = health_pb2_grpc.HealthStub(channel)
+    assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_every_method_resolves_through_reflection_as_ghz_asks(channel: grpc.aio.Channel) -> None:
+    """ghz asks FileContainingSymbol('medgate.v1.Inference.Classify'); stock Python reflection says NOT_FOUND."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    service = pb.DESCRIPTOR.services_by_name["Inference"]
+    symbols = [service.full_name] + [f"{service.full_name}.{m.name}" for m in service.methods]
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    requests = [reflection_pb2.ServerReflectionRequest(file_containing_symbol=s) for s in symbols]
+    requests.append(reflection_pb2.ServerReflectionRequest(list_services=""))
+
+    async def send() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        for request in requests:
+            yield request
+
+    answers = [answer async for answer in stub.ServerReflectionInfo(send())]
+    assert len(answers) == len(requests)
+    for symbol, answer in zip(symbols, answers[:-1], strict=True):
+        assert answer.HasField("file_descriptor_response"), symbol
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(raw)
+            for raw in answer.file_descriptor_response.file_descriptor_proto
+        ]
+        assert "medgate/v1/inference.proto" in [f.name for f in files], symbol
+    listed = {s.name for s in answers[-1].list_services_response.service}
+    assert {"medgate.v1.Inference", "grpc.health.v1.Health"} <= listed
+    missing = await anext(
+        stub.ServerReflectionInfo(
+            _one(reflection_pb2.ServerReflectionRequest(file_containing_symbol="medgate.v1.Inference.Nope"))
+        )
+    )
+    assert missing.HasField("error_response")
+
+
+async def _one(request: object) -> AsyncIterator[object]:
+    yield request
+
+
+async def test_deadline_is_honoured(stub: pb_grpc.InferenceStub) -> None:
+    data = pydicom_data_file("RG1_UNCI.dcm").read_bytes()
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await stub.Segment(pb.SegmentRequest(image=pb.ImageInput(data=data), prompts="heart"), timeout=0.005)
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
