@@ -59,3 +59,7 @@ protoset: build/medgate.protoset
 build/medgate.protoset: $(PROTOS) $(STAMP)
 	mkdir -p build
 	$(PY) -m grpc_tools.protoc -Iproto --include_imports --descriptor_set_out=$@ $(PROTOS)
+
+# Benchmarks (not tests): ratios measured side by side in one run; results in bench/results/.
+bench: setup
+	$(PY) bench/bench_gateway.py

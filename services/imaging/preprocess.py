@@ -48,6 +48,8 @@ class Letterbox:
         """Resize ``image`` (H, W) uint8 into the padded square."""
         if image.shape[:2] != (self.original_height, self.original_width):
             raise ValueError(f"image shape {image.shape[:2]} does not match the letterbox's original size")
+        if (self.resized_height, self.resized_width) == image.shape[:2] == (self.size, self.size):
+            return np.ascontiguousarray(image)  # already the model square: nothing to resize or pad
         shrinking = self.scale < 1.0
         interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
         resized = cv2.resize(image, (self.resized_width, self.resized_height), interpolation=interpolation)
