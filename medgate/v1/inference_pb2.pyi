@@ -19,7 +19,7 @@ class InputKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INPUT_KIND_PNG: _ClassVar[InputKind]
     INPUT_KIND_JPEG: _ClassVar[InputKind]
     INPUT_KIND_NIFTI: _ClassVar[InputKind]
-    INPUT_KIND_METAIMAGE: _ClassVar[InputKind]
+    INPUT_KIND_MHA: _ClassVar[InputKind]
     INPUT_KIND_NRRD: _ClassVar[InputKind]
     INPUT_KIND_ARRAY: _ClassVar[InputKind]
 
@@ -42,7 +42,7 @@ INPUT_KIND_DICOM: InputKind
 INPUT_KIND_PNG: InputKind
 INPUT_KIND_JPEG: InputKind
 INPUT_KIND_NIFTI: InputKind
-INPUT_KIND_METAIMAGE: InputKind
+INPUT_KIND_MHA: InputKind
 INPUT_KIND_NRRD: InputKind
 INPUT_KIND_ARRAY: InputKind
 MASK_SPACE_MODEL: MaskSpace

@@ -81,7 +81,7 @@ def transform_proto(transform: Letterbox) -> pb.Transform:
 def image_info_proto(prepared: PreparedImage) -> pb.ImageInfo:
     decoded = prepared.decoded
     info = pb.ImageInfo(
-        kind=pb.InputKind.Value(f"INPUT_KIND_{decoded.kind.name}"),
+        kind=pb.InputKind.Value(f"INPUT_KIND_{decoded.kind.name}"),  # the two enums share their names
         width=decoded.width,
         height=decoded.height,
         frames=decoded.frames,
@@ -91,8 +91,7 @@ def image_info_proto(prepared: PreparedImage) -> pb.ImageInfo:
         modality=str(decoded.metadata.get("Modality", "") or ""),
     )
     if decoded.window_used is not None:
-        center, width = decoded.window_used
-        info.window.CopyFrom(pb.Window(center=float(center), width=float(width)))
+        info.window.CopyFrom(pb.Window(center=decoded.window_used.center, width=decoded.window_used.width))
     uids = decoded.uids or {}
     info.sop_instance_uid = uids.get("SOPInstanceUID", "")
     info.series_instance_uid = uids.get("SeriesInstanceUID", "")
