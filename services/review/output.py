@@ -1,0 +1,267 @@
+"""A2I's output.json for completed loops, and SageMaker augmented manifests of reviewed cases for retraining."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from services.review.flows import FlowDefinition, InvalidArgument, TaskType
+from services.review.store import Decision, InvalidState, Loop, LoopStatus, ReviewStore
+
+logger = logging.getLogger("medgate.review.output")
+
+OUTPUT_FILE = "output.json"
+MANIFEST_FILE = "output.manifest"
+TYPE_DETECTION = "groundtruth/object-detection"
+TYPE_CLASSIFICATION = "groundtruth/image-classification"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PNG colour type -> channels (grey, -, RGB, palette, grey+alpha, -, RGBA).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+
+
+def iso_time(epoch_s: float) -> str:
+    """A2I's timestamp format: ISO 8601, UTC, milliseconds, ``Z``."""
+    moment = datetime.fromtimestamp(epoch_s, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def flow_definition_arn(flow_name: str) -> str:
+    """An ARN-like id whose last path element is the flow name, as tools parsing A2I output expect."""
+    return f"medgate:flow-definition/{flow_name}"
+
+
+def output_path(output_dir: Path, loop: Loop) -> Path:
+    """Where A2I would put a loop's output.json.
+
+    Layout, as A2I writes it (UTC, the loop's creation time)::
+
+        <output_dir>/<flow>/YYYY/MM/DD/hh/mm/ss/<loop>/output.json
+
+    Every file is written atomically (temporary file, fsync, rename), so a reader or a crash never sees
+    half a file. :func:`flush_outputs` is the outbox: it writes every Completed loop whose output is not
+    yet recorded, so a crash between a decision and its output.json only delays the file.
+    """
+    created = datetime.fromtimestamp(loop.created_at, UTC)
+    return Path(output_dir, loop.flow, created.strftime("%Y/%m/%d/%H/%M/%S"), loop.name, OUTPUT_FILE)
+
+
+def output_document(loop: Loop, decisions: Sequence[Decision]) -> dict[str, Any]:
+    """The output.json object for a loop and its decisions (in submission order)."""
+    return {
+        "flowDefinitionArn": flow_definition_arn(loop.flow),
+        "humanAnswers": [
+            {
+                "acceptanceTime": iso_time(decision.accepted_at),
+                "answerContent": decision.answer,
+                "submissionTime": iso_time(decision.submitted_at),
+                "timeSpentInSeconds": round(decision.time_spent_s),
+                "workerId": decision.reviewer_id,
+            }
+            for decision in decisions
+        ],
+        "humanLoopName": loop.name,
+        "inputContent": loop.input_content,
+    }
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself must survive a power cut
+    finally:
+        os.close(directory)
+
+
+def _json_bytes(document: Any) -> bytes:
+    return (json.dumps(document, ensure_ascii=False, indent=2) + "\n").encode()
+
+
+def write_output(store: ReviewStore, loop_name: str, output_dir: Path) -> Path:
+    """Write a Completed loop's output.json and record its path in the store."""
+    loop = store.describe(loop_name)
+    if loop.status is not LoopStatus.COMPLETED:
+        raise InvalidState(f"human loop {loop_name} is {loop.status}; output is written for Completed loops")
+    path = output_path(output_dir, loop)
+    atomic_write(path, _json_bytes(output_document(loop, store.decisions(loop_name))))
+    store.mark_output(loop_name, str(path))
+    return path
+
+
+def flush_outputs(store: ReviewStore, flows: Mapping[str, FlowDefinition]) -> list[Path]:
+    """Write output.json for every Completed loop not yet written whose flow has an output directory."""
+    written: list[Path] = []
+    for loop in store.pending_outputs():
+        flow = flows.get(loop.flow)
+        if flow is None or flow.output_dir is None:
+            continue
+        written.append(write_output(store, loop.name, flow.output_dir))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmented manifest.
+
+
+def image_size(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, depth) from a PNG header; ``None`` for anything else."""
+    if len(data) < 26 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width = int.from_bytes(data[16:20], "big")
+    height = int.from_bytes(data[20:24], "big")
+    return width, height, _PNG_CHANNELS.get(data[25], 3)
+
+
+def _completed_loops(
+    store: ReviewStore, flow: str, created_after: float | None, created_before: float | None
+) -> Iterator[Loop]:
+    token: str | None = None
+    while True:
+        page, token = store.list(
+            flow=flow,
+            status=LoopStatus.COMPLETED,
+            created_after=created_after,
+            created_before=created_before,
+            ascending=True,
+            next_token=token,
+        )
+        yield from page
+        if token is None:
+            return
+
+
+def _detection_line(
+    flow: FlowDefinition, loop: Loop, decisions: Sequence[Decision], size: tuple[int, int, int]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The earliest answer's boxes (A2I's humanAnswers[0]), scaled to the exported image if needed."""
+    decision = decisions[0]
+    result = decision.answer["annotatedResult"]
+    width, height, depth = size
+    answered = result.get("inputImageProperties") or {}
+    scale_x = width / float(answered.get("width") or width)
+    scale_y = height / float(answered.get("height") or height)
+    annotations = [
+        {
+            "class_id": flow.class_id(box["label"]),
+            "left": round(box["left"] * scale_x),
+            "top": round(box["top"] * scale_y),
+            "width": round(box["width"] * scale_x),
+            "height": round(box["height"] * scale_y),
+        }
+        for box in result["boundingBoxes"]
+    ]
+    value = {"annotations": annotations, "image_size": [{"width": width, "height": height, "depth": depth}]}
+    metadata = {
+        "objects": [{"confidence": 1.0} for _ in annotations],
+        "class-map": {str(i): name for i, name in enumerate(flow.categories)},
+        "type": TYPE_DETECTION,
+        "human-annotated": "yes",
+        "creation-date": iso_time(decision.submitted_at),
+        "job-name": f"a2i/{loop.name}",
+    }
+    return value, metadata
+
+
+def _classification_line(flow: FlowDefinition, loop: Loop, decisions: Sequence[Decision]) -> tuple[int, dict[str, Any]]:
+    """The majority label (ties: the earliest answer's); confidence is the share of reviewers agreeing."""
+    votes = Counter(decision.answer["label"] for decision in decisions)
+    label, count = votes.most_common(1)[0]
+    first = next(decision for decision in decisions if decision.answer["label"] == label)
+    metadata = {
+        "class-name": label,
+        "class-map": {str(i): name for i, name in enumerate(flow.categories)},
+        "confidence": count / len(decisions),
+        "type": TYPE_CLASSIFICATION,
+        "human-annotated": "yes",
+        "creation-date": iso_time(first.submitted_at),
+        "job-name": f"a2i/{loop.name}",
+    }
+    return flow.class_id(label), metadata
+
+
+def _manifest_lines(
+    store: ReviewStore,
+    flow: FlowDefinition,
+    out_dir: Path,
+    attribute: str,
+    source_prefix: str,
+    loops: Iterable[Loop],
+) -> Iterator[dict[str, Any]]:
+    for loop in loops:
+        decisions = store.decisions(loop.name)
+        images = store.images(loop.name)
+        if not decisions or not images:
+            logger.warning("manifest: skipping %s (no %s)", loop.name, "decisions" if not decisions else "image")
+            continue
+        image_name, data = next(iter(images.items()))
+        size = image_size(data)
+        suffix = Path(image_name).suffix or ".png"
+        file_name = f"{loop.name}{suffix}"
+        try:
+            value: Any
+            if flow.task_type is TaskType.DETECTION:
+                if size is None:
+                    raise InvalidArgument(f"image {image_name} is not a PNG; its size is unknown")
+                value, metadata = _detection_line(flow, loop, decisions, size)
+            else:
+                value, metadata = _classification_line(flow, loop, decisions)
+        except (InvalidArgument, KeyError, TypeError, ValueError) as exc:
+            logger.warning("manifest: skipping %s: %s", loop.name, exc)
+            continue
+        atomic_write(out_dir / file_name, data)
+        yield {"source-ref": f"{source_prefix}{file_name}", attribute: value, f"{attribute}-metadata": metadata}
+
+
+def export_manifest(
+    store: ReviewStore,
+    flow: FlowDefinition,
+    out_dir: str | Path,
+    *,
+    attribute: str | None = None,
+    source_prefix: str = "",
+    created_after: float | None = None,
+    created_before: float | None = None,
+) -> Path:
+    """Write ``out_dir/output.manifest`` (JSON Lines) and each case's image beside it; return the manifest path.
+
+    One line per Completed loop of ``flow`` (oldest first), in SageMaker's augmented-manifest shape:
+    detection flows as ``groundtruth/object-detection`` (the earliest answer's boxes, in the
+    exported image's pixels), classification flows as ``groundtruth/image-classification`` (the
+    majority label). ``attribute`` (default: the flow name) is the label attribute name to give
+    SageMaker's ``AttributeNames``; ``source-ref`` is ``source_prefix`` + the image file name (pass
+    the ``s3://`` prefix the folder will be uploaded to). Loops without an image or with an answer the
+    flow cannot map are skipped with a warning.
+    """
+    if flow.task_type is TaskType.SEGMENTATION:
+        raise InvalidArgument("augmented manifests are written for classification and detection flows only")
+    attribute = attribute or flow.name
+    if not attribute or attribute == "source-ref" or attribute.endswith("-metadata"):
+        raise InvalidArgument(f"attribute {attribute!r} cannot name a label attribute")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    loops = _completed_loops(store, flow.name, created_after, created_before)
+    lines = [
+        json.dumps(line, ensure_ascii=False, separators=(",", ":"))
+        for line in _manifest_lines(store, flow, out, attribute, source_prefix, loops)
+    ]
+    manifest = out / MANIFEST_FILE
+    atomic_write(manifest, "".join(f"{line}\n" for line in lines).encode())
+    return manifest
