@@ -83,11 +83,36 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True)
+class ReviewSettings:
+    """The review service: its address, store, flow definitions, and how the gateway reaches it."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 50052
+    # host:port of a review service the gateway routes to; empty = this machine's host:port above.
+    url: str = ""
+    store_path: Path = PROJECT_ROOT / "var" / "review.sqlite3"
+    flows_file: Path = PROJECT_ROOT / "config" / "flows.toml"
+    # How often leases and loops are checked for expiry and pending output.json files are written.
+    housekeeping_interval_s: float = 1.0
+    # Per StreamCases subscriber; more would let one reviewer hoard cases.
+    max_in_flight_per_reviewer: int = 10
+    # Routing a case to review must not hold up the inference answer for longer than this.
+    route_timeout_s: float = 5.0
+    grace_period_s: float = 5.0
+
+    @property
+    def target(self) -> str:
+        return self.url or f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class Settings:
     triton: TritonSettings = field(default_factory=TritonSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     models: ModelNames = field(default_factory=ModelNames)
     ingest: IngestLimits = field(default_factory=IngestLimits)
+    review: ReviewSettings = field(default_factory=ReviewSettings)
 
 
 def _coerce(value: str, like: Any) -> Any:

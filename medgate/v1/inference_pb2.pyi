@@ -177,6 +177,18 @@ class StageTimings(_message.Message):
     total_ms: float
     def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., triton_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
+class ReviewRouting(_message.Message):
+    __slots__ = ("routed", "human_loop_name", "flow_definition", "reasons")
+    ROUTED_FIELD_NUMBER: _ClassVar[int]
+    HUMAN_LOOP_NAME_FIELD_NUMBER: _ClassVar[int]
+    FLOW_DEFINITION_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    routed: bool
+    human_loop_name: str
+    flow_definition: str
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, routed: _Optional[bool] = ..., human_loop_name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ClassifyRequest(_message.Message):
     __slots__ = ("image",)
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -192,7 +204,7 @@ class ClassScore(_message.Message):
     def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("scores", "top_label", "top_score", "model", "transform", "image", "timings")
+    __slots__ = ("scores", "top_label", "top_score", "model", "transform", "image", "timings", "review")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     TOP_LABEL_FIELD_NUMBER: _ClassVar[int]
     TOP_SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +212,7 @@ class ClassifyResponse(_message.Message):
     TRANSFORM_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedCompositeFieldContainer[ClassScore]
     top_label: str
     top_score: float
@@ -207,7 +220,8 @@ class ClassifyResponse(_message.Message):
     transform: Transform
     image: ImageInfo
     timings: StageTimings
-    def __init__(self, scores: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., top_label: _Optional[str] = ..., top_score: _Optional[float] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ...) -> None: ...
+    review: _containers.RepeatedCompositeFieldContainer[ReviewRouting]
+    def __init__(self, scores: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., top_label: _Optional[str] = ..., top_score: _Optional[float] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., review: _Optional[_Iterable[_Union[ReviewRouting, _Mapping]]] = ...) -> None: ...
 
 class DetectRequest(_message.Message):
     __slots__ = ("image", "min_score", "max_detections")
@@ -232,18 +246,20 @@ class Detection(_message.Message):
     def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., model_box: _Optional[_Union[Box, _Mapping]] = ..., label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class DetectResponse(_message.Message):
-    __slots__ = ("detections", "model", "transform", "image", "timings")
+    __slots__ = ("detections", "model", "transform", "image", "timings", "review")
     DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TRANSFORM_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
     detections: _containers.RepeatedCompositeFieldContainer[Detection]
     model: ModelRef
     transform: Transform
     image: ImageInfo
     timings: StageTimings
-    def __init__(self, detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ...) -> None: ...
+    review: _containers.RepeatedCompositeFieldContainer[ReviewRouting]
+    def __init__(self, detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., review: _Optional[_Iterable[_Union[ReviewRouting, _Mapping]]] = ...) -> None: ...
 
 class SegmentRequest(_message.Message):
     __slots__ = ("image", "prompts", "boxes", "output")
@@ -276,7 +292,7 @@ class PromptResult(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., category: _Optional[str] = ..., score: _Optional[float] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., area_pixels: _Optional[int] = ..., mask_box: _Optional[_Union[Box, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class SegmentResponse(_message.Message):
-    __slots__ = ("image_features", "text_features", "original_masks", "prompts", "models", "transform", "image", "timings")
+    __slots__ = ("image_features", "text_features", "original_masks", "prompts", "models", "transform", "image", "timings", "review")
     IMAGE_FEATURES_FIELD_NUMBER: _ClassVar[int]
     TEXT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     ORIGINAL_MASKS_FIELD_NUMBER: _ClassVar[int]
@@ -285,6 +301,7 @@ class SegmentResponse(_message.Message):
     TRANSFORM_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
     image_features: NDArray
     text_features: _containers.RepeatedScalarFieldContainer[str]
     original_masks: NDArray
@@ -293,7 +310,8 @@ class SegmentResponse(_message.Message):
     transform: Transform
     image: ImageInfo
     timings: StageTimings
-    def __init__(self, image_features: _Optional[_Union[NDArray, _Mapping]] = ..., text_features: _Optional[_Iterable[str]] = ..., original_masks: _Optional[_Union[NDArray, _Mapping]] = ..., prompts: _Optional[_Iterable[_Union[PromptResult, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelRef, _Mapping]]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ...) -> None: ...
+    review: _containers.RepeatedCompositeFieldContainer[ReviewRouting]
+    def __init__(self, image_features: _Optional[_Union[NDArray, _Mapping]] = ..., text_features: _Optional[_Iterable[str]] = ..., original_masks: _Optional[_Union[NDArray, _Mapping]] = ..., prompts: _Optional[_Iterable[_Union[PromptResult, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelRef, _Mapping]]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., review: _Optional[_Iterable[_Union[ReviewRouting, _Mapping]]] = ...) -> None: ...
 
 class AnalyzeRequest(_message.Message):
     __slots__ = ("image", "tasks", "prompts", "boxes", "output", "min_score", "max_detections", "request_id")
@@ -316,7 +334,7 @@ class AnalyzeRequest(_message.Message):
     def __init__(self, image: _Optional[_Union[ImageInput, _Mapping]] = ..., tasks: _Optional[_Iterable[_Union[Task, str]]] = ..., prompts: _Optional[str] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., min_score: _Optional[float] = ..., max_detections: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
-    __slots__ = ("classification", "detection", "segmentation", "transform", "image", "timings", "request_id")
+    __slots__ = ("classification", "detection", "segmentation", "transform", "image", "timings", "request_id", "review")
     CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
     DETECTION_FIELD_NUMBER: _ClassVar[int]
     SEGMENTATION_FIELD_NUMBER: _ClassVar[int]
@@ -324,6 +342,7 @@ class AnalyzeResponse(_message.Message):
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_FIELD_NUMBER: _ClassVar[int]
     classification: ClassifyResponse
     detection: DetectResponse
     segmentation: SegmentResponse
@@ -331,7 +350,8 @@ class AnalyzeResponse(_message.Message):
     image: ImageInfo
     timings: StageTimings
     request_id: str
-    def __init__(self, classification: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., detection: _Optional[_Union[DetectResponse, _Mapping]] = ..., segmentation: _Optional[_Union[SegmentResponse, _Mapping]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    review: _containers.RepeatedCompositeFieldContainer[ReviewRouting]
+    def __init__(self, classification: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., detection: _Optional[_Union[DetectResponse, _Mapping]] = ..., segmentation: _Optional[_Union[SegmentResponse, _Mapping]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., request_id: _Optional[str] = ..., review: _Optional[_Iterable[_Union[ReviewRouting, _Mapping]]] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "code_name", "message")

@@ -474,6 +474,8 @@ def validate_answer(flow: FlowDefinition, answer: Any) -> None:
         json.dumps(answer, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"the answer is not plain JSON: {exc}") from None
+    if answer.get("rejected") is True:
+        return  # "not reviewable" is a valid answer for every task type
     if flow.task_type is TaskType.CLASSIFICATION:
         if answer.get("label") not in flow.categories:
             raise InvalidArgument(f"label {answer.get('label')!r} is not a category of flow {flow.name}")

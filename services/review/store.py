@@ -748,6 +748,32 @@ class ReviewStore:
             ).fetchone()
         return int(row[0])
 
+    def loop_of_delivery(self, delivery_id: str) -> Loop:
+        """The loop a delivery belongs to (NotFound for an unknown delivery id)."""
+        with self._reading() as conn:
+            row = conn.execute(
+                "SELECT l.* FROM deliveries AS d JOIN loops AS l ON l.seq = d.loop_seq WHERE d.id = ?", (delivery_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"delivery {delivery_id} not found")
+        return _row_loop(row)
+
+    def open_deliveries(self, reviewer_id: str) -> builtins.list[Delivery]:
+        """The reviewer's leases that are still open, oldest first: re-sent when a reviewer reconnects."""
+        now = self._now()
+        with self._reading() as conn:
+            rows = conn.execute(
+                "SELECT d.id AS delivery_id, d.leased_at, d.lease_expires_at, l.* FROM deliveries AS d"
+                " JOIN loops AS l ON l.seq = d.loop_seq"
+                " WHERE d.reviewer = ? AND d.state = 'leased' AND d.lease_expires_at > ? AND l.status = 'InProgress'"
+                " ORDER BY d.leased_at, l.seq",
+                (reviewer_id, now),
+            ).fetchall()
+        return [
+            Delivery(row["delivery_id"], reviewer_id, _row_loop(row), row["leased_at"], row["lease_expires_at"])
+            for row in rows
+        ]
+
     def in_flight(self, reviewer_id: str) -> int:
         """Open leases held by a reviewer."""
         with self._reading() as conn:
