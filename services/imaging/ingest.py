@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import re
+import signal
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -29,6 +33,7 @@ import numpy as np
 import pydicom
 import pydicom.encaps
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.pixels.processing import apply_color_lut
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -36,7 +41,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from services.imaging.errors import IngestError, InvalidImage, LimitExceeded, UnsupportedCodec
 from services.imaging.limits import IngestLimits
 
-__all__ = ["DecodedImage", "InputKind", "Window", "decode", "decode_array"]
+__all__ = ["DICOM_DECODER_PLUGINS", "DecodedImage", "InputKind", "Window", "decode", "decode_array"]
 
 
 class InputKind(StrEnum):
@@ -133,7 +138,11 @@ def decode(
     if size == 0:
         raise InvalidImage("input is empty")
     if size > limits.max_input_bytes:
-        raise LimitExceeded("max_input_bytes", limits.max_input_bytes, size, what="input of this many bytes")
+        raise LimitExceeded("max_input_bytes", limits.max_input_bytes, size, what="input")
+    try:
+        kind = InputKind(kind)
+    except ValueError:
+        raise InvalidImage(f"unknown input kind {str(kind)[:20]!r}") from None
     requested = _requested_window(window)
     _check_frame_argument(frame)
     if kind is InputKind.ARRAY:
@@ -174,9 +183,15 @@ def _guarded(work: Any, limits: IngestLimits) -> DecodedImage:
         ) from None
     except RecursionError:
         raise InvalidImage("input is nested too deeply to parse") from None
-    except Exception as exc:
+    except _PASS_THROUGH:
+        raise
+    except BaseException as exc:
+        # BaseException: a Rust codec's panic arrives as pyo3's PanicException, not an Exception.
         # The library's message may quote header values, so only its type is kept.
         raise InvalidImage(f"input could not be decoded ({type(exc).__name__})") from None
+
+
+_PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 def _requested_window(window: tuple[float, float] | None) -> Window | None:
@@ -249,6 +264,7 @@ def _quiet() -> Iterator[None]:
     global _quiet_depth, _quiet_catcher
     with _QUIET_LOCK:
         if _quiet_depth == 0:
+            _install_log_filter()  # cheap; covers loggers that libraries created lazily since
             catcher = warnings.catch_warnings()
             catcher.__enter__()
             warnings.simplefilter("ignore")
@@ -374,9 +390,20 @@ def _inflate(data: bytes, wbits: int, limits: IngestLimits, *, what: str) -> byt
 
 
 def _check_size(
-    height: int, width: int, frames: int, samples: int, bytes_per_sample: int, limits: IngestLimits, *, what: str
+    height: int,
+    width: int,
+    frames: int,
+    samples: int,
+    bytes_per_sample: int,
+    limits: IngestLimits,
+    *,
+    what: str,
+    decoded_frames: int = 1,
 ) -> None:
-    """The limits every format shares, from header values, before anything is allocated."""
+    """The limits every format shares, from header values, before anything is allocated.
+
+    ``decoded_frames`` is how many frames the decoder will hold at once (DICOM: one; volumes: all).
+    """
     if height < 1 or width < 1 or frames < 1 or samples < 1:
         raise InvalidImage(f"{what} has no pixels ({width}x{height}, {frames} frames, {samples} samples)")
     if max(height, width) > limits.max_dimension_pixels:
@@ -388,7 +415,7 @@ def _check_size(
     pixels = height * width * frames
     if pixels > limits.max_pixels:
         raise LimitExceeded("max_pixels", limits.max_pixels, pixels, what=f"{what} of {width}x{height}x{frames}")
-    decoded = height * width * samples * bytes_per_sample
+    decoded = height * width * samples * bytes_per_sample * decoded_frames
     if decoded > limits.max_decoded_bytes:
         raise LimitExceeded("max_decoded_bytes", limits.max_decoded_bytes, decoded, what=f"{what} of {width}x{height}")
 
@@ -412,6 +439,11 @@ _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 _PALETTE = "PALETTE COLOR"
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+# pydicom decoder plugins we let near untrusted data, in order. GDCM is left out: on a fuzzed
+# JPEG it threw a C++ exception through SWIG and aborted the whole process (std::terminate);
+# pylibjpeg decodes every compressed file of pydicom's and pydicom-data's corpus without it.
+DICOM_DECODER_PLUGINS = ("pylibjpeg", "pydicom", "pillow")
 
 
 def _scan_file_meta(data: bytes) -> tuple[int, str | None, tuple[int, int] | None]:
@@ -509,20 +541,72 @@ def _decode_dicom(
         decoder = get_decoder(UID(ts))
     except NotImplementedError:
         raise UnsupportedCodec(f"transfer syntax {label} is not supported") from None
-    if not decoder.is_available:
+    plugins = () if decoder.is_native else tuple(p for p in DICOM_DECODER_PLUGINS if p in decoder.available_plugins)
+    if not (decoder.is_native or plugins):
         raise UnsupportedCodec(f"transfer syntax {label} has no decoder installed")
     if not decoder.is_native:
         _check_codestream(ds, index=index, frames=frames, rows=rows, columns=columns, label=label, limits=limits)
-
-    try:
-        array, properties = decoder.as_array(ds, index=index)  # YBR becomes RGB by default
-    except Exception as exc:
-        raise InvalidImage(f"DICOM pixel data could not be decoded ({label}; {type(exc).__name__})") from None
+    array, properties = _decode_frame(decoder, ds, index=index, plugins=plugins, label=label)
     array = _native_order(array)
     if array.shape[:2] != (rows, columns):
         raise InvalidImage(f"DICOM pixel data decoded to {array.shape[:2]}, expected {(rows, columns)}")
     decoded_photometric = str(properties.get("photometric_interpretation", photometric))
 
+    source, pixels, used = _render_dicom(
+        array,
+        ds,
+        index=index,
+        photometric=photometric,
+        bits_allocated=bits_allocated,
+        bits_stored=bits_stored,
+        pixel_representation=pixel_representation,
+        window=window,
+    )
+    metadata, uids = _dicom_metadata(ds, index)
+    metadata.update(
+        rows=rows,
+        columns=columns,
+        number_of_frames=frames,
+        samples_per_pixel=samples,
+        bits_allocated=bits_allocated,
+        bits_stored=bits_stored,
+        pixel_representation=pixel_representation,
+        photometric_interpretation=photometric,
+        decoded_photometric_interpretation=decoded_photometric,
+        transfer_syntax_uid=original_ts or ts,
+    )
+    return DecodedImage(
+        pixels_u8=pixels,
+        source=source,
+        kind=InputKind.DICOM,
+        width=columns,
+        height=rows,
+        frames=frames,
+        frame=index,
+        photometric=photometric,
+        transfer_syntax=UID(original_ts).name if original_ts == _DEFLATED else _ts_name(ts),
+        window_used=used,
+        metadata=metadata,
+        uids=uids,
+    )
+
+
+def _render_dicom(
+    array: np.ndarray,
+    ds: Dataset,
+    *,
+    index: int,
+    photometric: str,
+    bits_allocated: int,
+    bits_stored: int,
+    pixel_representation: int,
+    window: Window | None,
+) -> tuple[np.ndarray, np.ndarray, Window]:
+    """(source, pixels_u8, window used): palette/colour to luma, or the grey pipeline of PS3.4 N.2.
+
+    Grey: modality LUT or rescale, then the requested window, else the file's VOI LUT, else its
+    window, else the automatic one; MONOCHROME1 is inverted in the same pass.
+    """
     padding: np.ndarray | None = None
     if photometric == _PALETTE:
         try:
@@ -563,33 +647,23 @@ def _decode_dicom(
                 used = _auto_window(source, padding)
             pixels = _render(source, used, invert=invert)
 
-    metadata, uids = _dicom_metadata(ds, index)
-    metadata.update(
-        rows=rows,
-        columns=columns,
-        number_of_frames=frames,
-        samples_per_pixel=samples,
-        bits_allocated=bits_allocated,
-        bits_stored=bits_stored,
-        pixel_representation=pixel_representation,
-        photometric_interpretation=photometric,
-        decoded_photometric_interpretation=decoded_photometric,
-        transfer_syntax_uid=original_ts or ts,
-    )
-    return DecodedImage(
-        pixels_u8=pixels,
-        source=source,
-        kind=InputKind.DICOM,
-        width=columns,
-        height=rows,
-        frames=frames,
-        frame=index,
-        photometric=photometric,
-        transfer_syntax=UID(original_ts).name if original_ts == _DEFLATED else _ts_name(ts),
-        window_used=used,
-        metadata=metadata,
-        uids=uids,
-    )
+    return source, pixels, used
+
+
+def _decode_frame(
+    decoder: Any, ds: Dataset, *, index: int, plugins: tuple[str, ...], label: str
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """One frame through each allowed plugin in turn (YBR becomes RGB, pydicom's default)."""
+    failures: list[str] = []
+    for plugin in plugins or ("",):
+        try:
+            array, properties = decoder.as_array(ds, index=index, decoding_plugin=plugin)
+            return array, dict(properties)
+        except _PASS_THROUGH:
+            raise
+        except BaseException as exc:  # incl. pyo3's PanicException from the Rust RLE decoder
+            failures.append(type(exc).__name__)
+    raise InvalidImage(f"DICOM pixel data could not be decoded ({label}; {', '.join(failures)})")
 
 
 def _get(ds: Dataset, keyword: str) -> Any:
@@ -616,7 +690,7 @@ def _int_attr(ds: Dataset, keyword: str, default: int | None = None) -> int:
 
 
 def _float_value(value: Any) -> float | None:
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+    if isinstance(value, list | tuple | MultiValue):
         value = value[0] if len(value) else None
     try:
         number = float(value)
@@ -735,6 +809,22 @@ def _j2k_header(data: bytes) -> tuple[int, int, int] | None:
     return ysiz - yosiz, xsiz - xosiz, components
 
 
+def _check_jp2_boxes(data: bytes) -> None:
+    """pydicom 3.0's JP2 box walk loops forever on a box of length 0 (and crawls on tiny ones)."""
+    if not data.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n"):
+        return
+    offset, boxes = 12, 0
+    while offset + 8 <= len(data):
+        length = int.from_bytes(data[offset : offset + 4], "big")
+        if data[offset + 4 : offset + 8] == b"jp2c":
+            return
+        boxes += 1
+        if length < 8 or boxes > 64:
+            raise InvalidImage("JPEG 2000 JP2 header is malformed (box lengths)")
+        offset += length
+    raise InvalidImage("JPEG 2000 JP2 header has no codestream box")
+
+
 def _check_codestream(
     ds: Dataset, *, index: int, frames: int, rows: int, columns: int, label: str, limits: IngestLimits
 ) -> None:
@@ -743,6 +833,7 @@ def _check_codestream(
         encoded = pydicom.encaps.get_frame(ds.PixelData, index, number_of_frames=frames)
     except Exception as exc:
         raise InvalidImage(f"DICOM encapsulated pixel data is malformed ({label}; {type(exc).__name__})") from None
+    _check_jp2_boxes(encoded)
     if encoded[:2] == b"\xff\xd8":
         header = _jpeg_header(encoded)
         size = (header[2], header[3], header[4]) if header else None
@@ -1069,55 +1160,104 @@ def _check_volume_header(data: bytes, kind: InputKind) -> None:
     raise InvalidImage("MetaImage header has no ElementDataFile = LOCAL")
 
 
+# SimpleITK runs in a child process: fuzzed NIfTI headers made ITK 5.4 corrupt the heap ("double
+# free"), which in the gateway would take every in-flight request down. The child reports the
+# header, waits for our limit check, then reads and saves the one slice as .npy.
+_ITK_CHILD = r"""
+import json, sys
+import numpy as np
+import SimpleITK as sitk
+sitk.ProcessObject.SetGlobalWarningDisplay(False)
+path, io_name, out = sys.argv[1:4]
+reader = sitk.ImageFileReader()
+reader.SetImageIO(io_name)
+reader.SetFileName(path)
+try:
+    reader.ReadImageInformation()
+except RuntimeError:
+    print(json.dumps({"error": "header"}), flush=True)
+    sys.exit(0)
+size = [int(n) for n in reader.GetSize()]
+print(json.dumps({
+    "size": size,
+    "components": int(reader.GetNumberOfComponents()),
+    "pixel_type": sitk.GetPixelIDValueAsString(reader.GetPixelID()),
+    "spacing": [float(s) for s in reader.GetSpacing()],
+}), flush=True)
+command = sys.stdin.readline().split()
+if len(command) != 2 or command[0] != "read":
+    sys.exit(0)
+try:
+    image = reader.Execute()  # whole image: ITK's streamed slice read of vector NIfTI corrupts the heap
+except RuntimeError:
+    print(json.dumps({"error": "pixels"}), flush=True)
+    sys.exit(0)
+view = sitk.GetArrayViewFromImage(image)  # axes: [..., z, y, x] (+ components)
+for _ in range(len(size) - 3):
+    view = view[0]  # a 4-D series: its first volume
+np.save(out, np.array(view[int(command[1])] if len(size) >= 3 else view), allow_pickle=False)
+print(json.dumps({"saved": True}), flush=True)
+"""
+
+
 def _decode_volume(
     data: bytes, kind: InputKind, *, frame: int | None, window: Window | None, limits: IngestLimits
 ) -> DecodedImage:
-    import SimpleITK as sitk  # imported here: only volume input pays for it
-
     _check_volume_header(data, kind)
     io_name, suffix = _ITK_IO[kind]
     with tempfile.TemporaryDirectory(prefix="medgate-ingest-") as folder:
-        path = Path(folder) / f"input{suffix}"
+        path, out = Path(folder) / f"input{suffix}", Path(folder) / "slice.npy"
         path.write_bytes(data)
-        reader = sitk.ImageFileReader()
-        reader.SetImageIO(io_name)
-        reader.SetFileName(str(path))
+        command = [sys.executable, "-I", "-c", _ITK_CHILD, str(path), io_name, str(out)]
+        child = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=folder
+        )
+        timer = threading.Timer(limits.max_volume_read_seconds, child.kill)
+        timer.start()
         try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            raise InvalidImage(f"{kind.name} header could not be read") from None
-        size = [int(n) for n in reader.GetSize()]
-        components = int(reader.GetNumberOfComponents())
-        if len(size) < 2:
-            raise InvalidImage(f"{kind.name} image has {len(size)} dimension(s); need at least 2")
-        width, height = size[0], size[1]
-        slices = size[2] if len(size) >= 3 else 1
-        others = math.prod(size[3:])
-        type_name = sitk.GetPixelIDValueAsString(reader.GetPixelID())
-        bytes_per_component = _itk_component_bytes(type_name)
-        _check_size(height, width, slices * others, components, bytes_per_component, limits, what=f"{kind.name} image")
-        index = _choose_frame(frame, slices)
-        if len(size) >= 3:
-            reader.SetExtractIndex([0, 0, index] + [0] * (len(size) - 3))
-            reader.SetExtractSize([width, height] + [0] * (len(size) - 2))
-        try:
-            image = reader.Execute()
-        except RuntimeError:
-            raise InvalidImage(f"{kind.name} pixel data could not be read") from None
-        spacing = [float(s) for s in reader.GetSpacing()]
-    array = _native_order(sitk.GetArrayFromImage(image))
-    while array.ndim > (3 if components > 1 else 2):
-        array = array[0]  # a 4-D series: its first volume
+            info = _child_message(child, kind, stage="header")
+            size = [int(n) for n in info["size"]]
+            components = int(info["components"])
+            type_name = str(info["pixel_type"])
+            if len(size) < 2:
+                raise InvalidImage(f"{kind.name} image has {len(size)} dimension(s); need at least 2")
+            width, height = size[0], size[1]
+            slices = size[2] if len(size) >= 3 else 1
+            others = math.prod(size[3:])
+            _check_size(
+                height,
+                width,
+                slices * others,
+                components,
+                _itk_component_bytes(type_name),
+                limits,
+                what=f"{kind.name} image",
+                decoded_frames=slices * others,
+            )
+            index = _choose_frame(frame, slices)
+            assert child.stdin is not None
+            child.stdin.write(f"read {index}\n".encode())
+            child.stdin.flush()
+            _child_message(child, kind, stage="pixel data")
+            array = _native_order(np.load(out, allow_pickle=False))
+        finally:
+            timer.cancel()
+            child.kill()
+            child.wait()
+    expected = (height, width, components) if components > 1 else (height, width)
+    if array.shape != expected:
+        raise InvalidImage(f"{kind.name} slice has shape {array.shape}, expected {expected}")
     if components > 1:
         source = array
-        grey = _luma(array[..., :3]) if array.shape[-1] >= 3 else array[..., 0]
-        photometric = "RGB" if array.shape[-1] >= 3 else "MONOCHROME2"
+        grey = _luma(array[..., :3]) if components >= 3 else array[..., 0]
+        photometric = "RGB" if components >= 3 else "MONOCHROME2"
     else:
         source = grey = array
         photometric = "MONOCHROME2"
     used = window or (
         Window.from_range(0.0, 255.0, source="full_range") if grey.dtype == np.uint8 else _auto_window(grey, None)
     )
+    spacing = [float(s) for s in info.get("spacing", [])]
     return DecodedImage(
         pixels_u8=_render(grey, used),
         source=source,
@@ -1131,6 +1271,22 @@ def _decode_volume(
         window_used=used,
         metadata={"format": kind.name, "size": size, "spacing_mm": spacing, "pixel_type": type_name},
     )
+
+
+def _child_message(child: subprocess.Popen[bytes], kind: InputKind, *, stage: str) -> dict[str, Any]:
+    """The child's next JSON line; a crash, a kill by the timer or an error line become InvalidImage."""
+    assert child.stdout is not None
+    line = child.stdout.readline(65536)
+    try:
+        message = json.loads(line) if line else None
+    except ValueError:
+        message = None
+    if not isinstance(message, dict):
+        reason = "timed out" if child.poll() == -signal.SIGKILL else "the reader crashed"
+        raise InvalidImage(f"{kind.name} {stage} could not be read ({reason})")
+    if "error" in message:
+        raise InvalidImage(f"{kind.name} {stage} could not be read")
+    return message
 
 
 def _itk_component_bytes(type_name: str) -> int:

@@ -18,12 +18,13 @@ class IngestLimits:
     the encoded object is held in memory whole even when one frame is rendered.
     """
 
-    max_input_bytes: int = 64 * MIB
-    max_inflated_bytes: int = 256 * MIB
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_frames: int = 2_000
-    max_dimension_pixels: int = 32_768
-    max_decoded_bytes: int = 1024 * MIB
+    max_input_bytes: int = 64 * MIB  # the bytes a caller sends
+    max_inflated_bytes: int = 256 * MIB  # a Deflated DICOM data set or a gzip wrapper, inflated
+    max_pixels: int = DEFAULT_MAX_PIXELS  # rows * columns * frames (or slices) of the whole object
+    max_frames: int = 2_000  # frames of a multi-frame DICOM, slices (x volumes) of NIfTI/MHA/NRRD
+    max_dimension_pixels: int = 32_768  # rows or columns
+    max_decoded_bytes: int = 1024 * MIB  # what the decoder allocates: one DICOM frame, a whole volume
+    max_volume_read_seconds: int = 60  # SimpleITK's child process is killed after this long
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
