@@ -62,4 +62,4 @@ build/medgate.protoset: $(PROTOS) $(STAMP)
 
 # Benchmarks (not tests): ratios measured side by side in one run; results in bench/results/.
 bench: setup
-	$(PY) bench/bench_gateway.py
+	MEDGATE_REVIEW_ENABLED=false $(PY) bench/bench_gateway.py

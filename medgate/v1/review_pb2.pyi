@@ -103,16 +103,18 @@ class HumanLoop(_message.Message):
     def __init__(self, name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., status: _Optional[_Union[HumanLoopStatus, str]] = ..., creation_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_code: _Optional[str] = ..., failure_reason: _Optional[str] = ..., output_path: _Optional[str] = ..., answers: _Optional[int] = ..., task_count: _Optional[int] = ...) -> None: ...
 
 class StartHumanLoopRequest(_message.Message):
-    __slots__ = ("name", "flow_definition", "input_content_json", "image_png")
+    __slots__ = ("name", "flow_definition", "input_content_json", "image_png", "masks_packbits")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FLOW_DEFINITION_FIELD_NUMBER: _ClassVar[int]
     INPUT_CONTENT_JSON_FIELD_NUMBER: _ClassVar[int]
     IMAGE_PNG_FIELD_NUMBER: _ClassVar[int]
+    MASKS_PACKBITS_FIELD_NUMBER: _ClassVar[int]
     name: str
     flow_definition: str
     input_content_json: str
     image_png: bytes
-    def __init__(self, name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., input_content_json: _Optional[str] = ..., image_png: _Optional[bytes] = ...) -> None: ...
+    masks_packbits: bytes
+    def __init__(self, name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., input_content_json: _Optional[str] = ..., image_png: _Optional[bytes] = ..., masks_packbits: _Optional[bytes] = ...) -> None: ...
 
 class DescribeHumanLoopRequest(_message.Message):
     __slots__ = ("name",)

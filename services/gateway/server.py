@@ -16,7 +16,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
 from services.gateway.reflection import enable_reflection
+from services.gateway.routing import ReviewRouter
 from services.gateway.servicer import InferenceServicer
+from services.review.flows import load_flows
+from services.review.server import ReviewServer
 from services.settings import Settings
 from services.triton.client import TritonModels
 
@@ -50,7 +53,17 @@ class GatewayServer:
             ],
             maximum_concurrent_rpcs=gateway.max_concurrent_rpcs,
         )
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(settings, self.models, self.executor), self.server)
+        self.router: ReviewRouter | None = None
+        if settings.review.enabled:
+            self.router = ReviewRouter(
+                load_flows(settings.review.flows_file),
+                settings.review.target,
+                self.executor,
+                timeout_s=settings.review.route_timeout_s,
+            )
+        pb_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(settings, self.models, self.executor, self.router), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection([INFERENCE_SERVICE, health.SERVICE_NAME], self.server)
         self.port = 0
@@ -99,33 +112,68 @@ class GatewayServer:
             await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.gateway.grace_period_s)
         await self.models.close()
+        if self.router is not None:
+            await self.router.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def serve_worker(settings: Settings, triton_url: str) -> None:
-    """Run one worker until SIGINT/SIGTERM, then stop gracefully."""
-    server = GatewayServer(settings, triton_url)
+async def _until_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    await stop.wait()
+
+
+async def serve_worker(settings: Settings, triton_url: str, *, with_review: bool = False) -> None:
+    """Run one gateway worker (and, in a single-process stack, the review service) until a signal."""
+    review = ReviewServer(settings.review) if with_review and settings.review.enabled else None
+    if review is not None:
+        await review.start()
+    server = GatewayServer(settings, triton_url)
     try:
-        await stop.wait()
+        await server.start()
+        try:
+            await _until_signal()
+        finally:
+            await server.stop()
     finally:
-        await server.stop()
+        if review is not None:
+            await review.stop()
+
+
+async def serve_review(settings: Settings) -> None:
+    review = ReviewServer(settings.review)
+    await review.start()
+    try:
+        await _until_signal()
+    finally:
+        await review.stop()
+
+
+def _configure_child_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
 
 
 def _worker_main(settings: Settings, triton_url: str) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    _configure_child_logging()
     asyncio.run(serve_worker(settings, triton_url))
 
 
+def _review_main(settings: Settings) -> None:
+    _configure_child_logging()
+    asyncio.run(serve_review(settings))
+
+
 def run_gateway(settings: Settings, triton_url: str) -> None:
-    """Serve with ``settings.gateway.workers`` processes on one port; blocks until a signal stops them."""
+    """Serve with ``settings.gateway.workers`` processes on one port (plus the review service); blocks until a signal.
+
+    One worker: gateway and review service share one process and event loop. Several: the review
+    service gets its own process, since its SQLite store has exactly one owner.
+    """
     workers = max(1, settings.gateway.workers)
     if workers == 1:
-        asyncio.run(serve_worker(settings, triton_url))
+        asyncio.run(serve_worker(settings, triton_url, with_review=True))
         return
     if settings.gateway.port == 0:
         raise ValueError("several gateway workers need a fixed port (MEDGATE_GATEWAY_PORT)")
@@ -134,6 +182,8 @@ def run_gateway(settings: Settings, triton_url: str) -> None:
         context.Process(target=_worker_main, args=(settings, triton_url), name=f"medgate-gateway-{i}", daemon=False)
         for i in range(workers)
     ]
+    if settings.review.enabled:
+        processes.insert(0, context.Process(target=_review_main, args=(settings,), name="medgate-review"))
     for process in processes:
         process.start()
     stop = False

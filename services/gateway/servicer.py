@@ -16,6 +16,7 @@ import numpy as np
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
 from services.gateway.errors import BadRequest, RequestTooLarge, status_for, stream_boundary, unary_boundary
+from services.gateway.routing import ReviewRouter
 from services.imaging.arrays import decode_array, encode_array
 from services.imaging.ingest import InputKind
 from services.imaging.prepare import PreparedImage, prepare
@@ -115,10 +116,13 @@ def _mask_box(mask: np.ndarray, transform: Letterbox) -> pb.Box:
 class InferenceServicer(pb_grpc.InferenceServicer):
     """medgate.v1.Inference on one Triton; CPU work on ``executor``, model calls through ``models``."""
 
-    def __init__(self, settings: Settings, models: TritonModels, executor: Executor) -> None:
+    def __init__(
+        self, settings: Settings, models: TritonModels, executor: Executor, router: ReviewRouter | None = None
+    ) -> None:
         self.settings = settings
         self.models = models
         self.executor = executor
+        self.router = router
 
     # --- request parsing -----------------------------------------------------------------------
 
@@ -246,7 +250,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         boxes: np.ndarray,
         original_boxes: list[pb.Box],
         output: pb.OutputOptions,
-    ) -> pb.SegmentResponse:
+    ) -> tuple[pb.SegmentResponse, np.ndarray]:
+        """The response and the model-space masks [N, 1024, 1024] (kept for review routing)."""
         if not prompts and len(boxes) == 0:
             raise BadRequest("segmentation needs at least one text prompt or box prompt")
         started = time.perf_counter()
@@ -306,7 +311,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if output.mask_space in (pb.MASK_SPACE_ORIGINAL, pb.MASK_SPACE_BOTH):
             response.original_masks.CopyFrom(ndarray_proto(transform.mask_to_original(stacked), output.mask_encoding))
         clock.encode_ms += (time.perf_counter() - encode_started) * 1000.0
-        return response
+        return response, stacked
 
     async def _analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
         clock = Clock(started=time.perf_counter())
@@ -356,8 +361,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             image=image_info_proto(prepared),
             request_id=request.request_id,
         )
+        masks: np.ndarray | None = None
         for field_name, call in calls.items():
-            getattr(response, field_name).CopyFrom(call.result())
+            result = call.result()
+            if field_name == "segmentation":
+                result, masks = result  # type: ignore[misc]
+            getattr(response, field_name).CopyFrom(result)
+        if self.router is not None:
+            response.review.extend(
+                await self.router.route(
+                    image=request.image,
+                    prepared=prepared,
+                    classification=response.classification if tasks.classify else None,
+                    detection=response.detection if tasks.detect else None,
+                    segmentation=response.segmentation if tasks.segment else None,
+                    masks=masks,
+                    request_id=request.request_id,
+                )
+            )
         response.timings.CopyFrom(clock.to_proto())
         return response
 
@@ -369,6 +390,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         deadline = self._deadline(context)
         prepared = await self._prepare(request.image, clock)
         response = await self._classify(prepared, deadline, clock)
+        if self.router is not None:
+            response.review.extend(
+                await self.router.route(image=request.image, prepared=prepared, classification=response)
+            )
         response.transform.CopyFrom(transform_proto(prepared.transform))
         response.image.CopyFrom(image_info_proto(prepared))
         response.timings.CopyFrom(clock.to_proto())
@@ -382,6 +407,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         response = await self._detect(
             prepared, deadline, clock, min_score=request.min_score, max_detections=request.max_detections
         )
+        if self.router is not None:
+            response.review.extend(await self.router.route(image=request.image, prepared=prepared, detection=response))
         response.transform.CopyFrom(transform_proto(prepared.transform))
         response.image.CopyFrom(image_info_proto(prepared))
         response.timings.CopyFrom(clock.to_proto())
@@ -396,7 +423,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise BadRequest("segmentation needs at least one text prompt or box prompt")
         prepared = await self._prepare(request.image, clock)
         boxes = self._boxes(list(request.boxes), prepared.transform)
-        response = await self._segment(
+        response, masks = await self._segment(
             prepared,
             deadline,
             clock,
@@ -405,6 +432,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             original_boxes=list(request.boxes),
             output=request.output,
         )
+        if self.router is not None:
+            response.review.extend(
+                await self.router.route(image=request.image, prepared=prepared, segmentation=response, masks=masks)
+            )
         response.transform.CopyFrom(transform_proto(prepared.transform))
         response.image.CopyFrom(image_info_proto(prepared))
         response.timings.CopyFrom(clock.to_proto())

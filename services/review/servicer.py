@@ -252,10 +252,12 @@ class ReviewServicer(pb_grpc.ReviewServicer):
                 raise InvalidArgument(f"input_content_json is not valid JSON: {exc.msg}") from None
             if not isinstance(content, dict):
                 raise InvalidArgument("input_content_json must be a JSON object")
-            images = {IMAGE_NAME: request.image_png} if request.image_png else None
+            images = {IMAGE_NAME: request.image_png} if request.image_png else {}
+            if request.masks_packbits:
+                images[MASKS_NAME] = request.masks_packbits
             input_hash = str(content.get("inputHash", "")) or request.name
             loop = await self._run(
-                lambda: self.store.start_loop(flow, request.name, content, input_hash, images=images)
+                lambda: self.store.start_loop(flow, request.name, content, input_hash, images=images or None)
             )
             return loop_proto(loop)
 
