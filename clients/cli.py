@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from services.settings import load_settings
 
@@ -61,6 +62,59 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return infer.run(args, target)
 
 
+def cmd_reviewer(args: argparse.Namespace) -> int:
+    from clients import reviewer
+
+    settings = load_settings()
+    return reviewer.review(args, args.target or settings.review.target)
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    """Human loops over gRPC (list, describe, stop, delete, flows) and the manifest export from the store."""
+    import json
+
+    import grpc
+    from google.protobuf import json_format
+
+    from medgate.v1 import review_pb2 as pb
+    from medgate.v1 import review_pb2_grpc as pb_grpc
+
+    settings = load_settings()
+    if args.review_command == "export-manifest":
+        from services.review.flows import load_flows
+        from services.review.output import export_manifest
+        from services.review.store import ReviewStore
+
+        flows = load_flows(settings.review.flows_file)
+        if args.flow not in flows:
+            print(f"error: unknown flow {args.flow!r}; flows: {', '.join(flows)}", file=sys.stderr)
+            return 2
+        with ReviewStore(settings.review.store_path, owner=False) as store:
+            path = export_manifest(store, flows[args.flow], args.out, source_prefix=args.source_prefix)
+        print(path)
+        return 0
+    with grpc.insecure_channel(args.target or settings.review.target) as channel:
+        stub = pb_grpc.ReviewStub(channel)
+        try:
+            if args.review_command == "flows":
+                answer: object = stub.ListFlowDefinitions(pb.ListFlowDefinitionsRequest())
+            elif args.review_command == "list":
+                answer = stub.ListHumanLoops(
+                    pb.ListHumanLoopsRequest(flow_definition=args.flow or "", max_results=args.max_results)
+                )
+            elif args.review_command == "describe":
+                answer = stub.DescribeHumanLoop(pb.DescribeHumanLoopRequest(name=args.name))
+            elif args.review_command == "stop":
+                answer = stub.StopHumanLoop(pb.StopHumanLoopRequest(name=args.name))
+            else:
+                answer = stub.DeleteHumanLoop(pb.DeleteHumanLoopRequest(name=args.name))
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    print(json.dumps(json_format.MessageToDict(answer), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clients import infer
 
@@ -80,6 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
     infer_parser = commands.add_parser("infer", help="send one file to the gateway and print the answer")
     infer.add_arguments(infer_parser)
     infer_parser.set_defaults(func=cmd_infer)
+
+    from clients import reviewer
+
+    reviewer_parser = commands.add_parser("reviewer", help="review cases as they arrive (interactive or --auto)")
+    reviewer.add_arguments(reviewer_parser)
+    reviewer_parser.set_defaults(func=cmd_reviewer)
+
+    review = commands.add_parser("review", help="human loops: list, describe, stop, delete, flows, export-manifest")
+    review.add_argument("--target", help="review service host:port (default 127.0.0.1:50052)")
+    review_commands = review.add_subparsers(dest="review_command", required=True)
+    review_commands.add_parser("flows", help="list the flow definitions")
+    listing = review_commands.add_parser("list", help="list human loops, newest first")
+    listing.add_argument("--flow")
+    listing.add_argument("--max-results", type=int, default=100)
+    for verb in ("describe", "stop", "delete"):
+        review_commands.add_parser(verb, help=f"{verb} a human loop").add_argument("name")
+    export = review_commands.add_parser("export-manifest", help="SageMaker augmented manifest of reviewed cases")
+    export.add_argument("--flow", required=True)
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--source-prefix", default="", help="prefix for source-ref, e.g. s3://bucket/images/")
+    review.set_defaults(func=cmd_review)
     return parser
 
 

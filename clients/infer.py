@@ -124,20 +124,32 @@ def write_overlay(path: Path, request: pb.AnalyzeRequest, response: pb.AnalyzeRe
         for det in response.detection.detections:
             b = det.model_box
             cv2.rectangle(canvas, (int(b.x0), int(b.y0)), (int(b.x1), int(b.y1)), (0, 0, 255), 2)
-            cv2.putText(canvas, f"{det.label} {det.score:.2f}", (int(b.x0), max(12, int(b.y0) - 4)),
-                        cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 255), 2)
+            cv2.putText(
+                canvas,
+                f"{det.label} {det.score:.2f}",
+                (int(b.x0), max(12, int(b.y0) - 4)),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                0.6,
+                (0, 0, 255),
+                2,
+            )
     if response.HasField("classification"):
         c = response.classification
-        cv2.putText(canvas, f"{c.top_label} {c.top_score:.2f}", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1.0,
-                    (255, 255, 255), 2)
+        cv2.putText(
+            canvas, f"{c.top_label} {c.top_score:.2f}", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2
+        )
     if not cv2.imwrite(str(path), canvas):
         raise OSError(f"could not write {path}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="a DICOM, PNG, JPEG, NIfTI or MetaImage file")
-    parser.add_argument("--task", action="append", choices=sorted(TASKS),
-                        help="classify, detect or segment (repeat for several; default: all that apply)")
+    parser.add_argument(
+        "--task",
+        action="append",
+        choices=sorted(TASKS),
+        help="classify, detect or segment (repeat for several; default: all that apply)",
+    )
     parser.add_argument("--prompts", help="text prompts separated by '&', e.g. 'left lung & heart & nodule'")
     parser.add_argument("--box", action="append", type=parse_box, help="a box prompt x0,y0,x1,y1 in original pixels")
     parser.add_argument("--frame", type=int, help="frame of a multi-frame object (default: the middle one)")

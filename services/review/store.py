@@ -247,7 +247,10 @@ class ReviewStore:
         *,
         now: Callable[[], float] = time.time,
         busy_timeout_s: float = 30.0,
+        owner: bool = True,
     ) -> None:
+        """``owner=False`` opens the file beside a running review service (exports, reports) without
+        taking over its leases."""
         self.path = Path(path)
         self._now = now
         self._lock = threading.RLock()
@@ -266,7 +269,7 @@ class ReviewStore:
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._closed = False
         self._migrate()
-        requeued = self._requeue_abandoned()
+        requeued = self._requeue_abandoned() if owner else 0
         if requeued:
             logger.info("%s: %d leases from the previous run went back to the queue", self.path.name, requeued)
 

@@ -1,0 +1,200 @@
+"""``medgate reviewer``: receive review cases live, look at an overlay, decide, submit; reconnects without losing cases.
+
+Decision ids are derived from (reviewer, human loop), so a decision resent after a reconnect is
+recognised by the server as the same decision and never counted twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import grpc
+import numpy as np
+
+from clients.infer import array_of
+from medgate.v1 import inference_pb2 as ipb
+from medgate.v1 import review_pb2 as pb
+from medgate.v1 import review_pb2_grpc as pb_grpc
+
+log = logging.getLogger("medgate.reviewer")
+PALETTE = [(0, 200, 255), (255, 120, 0), (0, 255, 0), (255, 0, 255), (0, 0, 255), (255, 255, 0)]
+
+
+def decision_id(reviewer: str, loop_name: str) -> str:
+    return hashlib.sha256(f"{reviewer}\0{loop_name}".encode()).hexdigest()[:32]
+
+
+def overlay(case: pb.ReviewCase) -> np.ndarray:
+    """The case's 1024 image with the model's masks, boxes and scores drawn on it."""
+    image = cv2.imdecode(np.frombuffer(case.image_png, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        image = np.zeros((1024, 1024, 3), np.uint8)
+    if case.HasField("masks"):
+        for index, mask in enumerate(array_of(case.masks)):
+            color = PALETTE[index % len(PALETTE)]
+            region = mask.astype(bool)
+            image[region] = (0.55 * image[region] + 0.45 * np.array(color, np.float32)).astype(np.uint8)
+    for det in case.detections:
+        b = det.model_box
+        cv2.rectangle(image, (int(b.x0), int(b.y0)), (int(b.x1), int(b.y1)), (0, 0, 255), 2)
+        cv2.putText(
+            image,
+            f"{det.label} {det.score:.2f}",
+            (int(b.x0), max(14, int(b.y0) - 4)),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.6,
+            (0, 0, 255),
+            2,
+        )
+    y = 30
+    for score in case.scores:
+        cv2.putText(
+            image, f"{score.label} {score.score:.2f}", (10, y), cv2.FONT_HERSHEY_SIMPLEX, 0.9, (255, 255, 255), 2
+        )
+        y += 32
+    for prompt in case.prompts:
+        cv2.putText(
+            image, f"{prompt.prompt}: {prompt.score:.2f}", (10, y), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2
+        )
+        y += 28
+    return image
+
+
+def summary(case: pb.ReviewCase) -> str:
+    task = pb.TaskType.Name(case.task_type).removeprefix("TASK_TYPE_").lower()
+    lines = [
+        f"case {case.human_loop_name} ({case.flow_definition}, {task}),"
+        f" image {case.original_width}x{case.original_height}"
+    ]
+    content: dict[str, Any] = json.loads(case.input_content_json or "{}")
+    reasons = content.get("humanLoopActivationReasons", [])
+    if reasons:
+        lines.append("  routed because: " + "; ".join(reasons))
+    for score in case.scores:
+        lines.append(f"  class {score.label}: {score.score:.3f}")
+    for det in case.detections:
+        b = det.box
+        lines.append(f"  box {det.label} {det.score:.3f} at ({b.x0:.0f},{b.y0:.0f})-({b.x1:.0f},{b.y1:.0f})")
+    for prompt in case.prompts:
+        lines.append(f"  prompt {prompt.prompt!r} -> {prompt.category}, score {prompt.score:.3f}")
+    return "\n".join(lines)
+
+
+def auto_answer(rule: str, case: pb.ReviewCase) -> pb.ReviewAnswer | None:
+    """``accept``, ``reject``, ``label:<name>``, or ``release`` (None: give the case back)."""
+    if rule == "accept":
+        return pb.ReviewAnswer(accept=True)
+    if rule == "reject":
+        return pb.ReviewAnswer(reject_reason="rejected by rule")
+    if rule.startswith("label:"):
+        return pb.ReviewAnswer(label=rule.removeprefix("label:"))
+    if rule == "release":
+        return None
+    raise ValueError(f"unknown --auto rule {rule!r}: accept, reject, label:<name> or release")
+
+
+def ask(case: pb.ReviewCase) -> pb.ReviewAnswer | None:
+    """Keys: a number picks a category, a accepts the model's answer, r rejects, s gives the case back."""
+    keys = "  ".join(f"[{i + 1}] {c}" for i, c in enumerate(case.categories))
+    while True:
+        choice = input(f"{keys}  [a] accept model  [r] reject  [s] skip > ").strip().lower()
+        if choice == "a":
+            return pb.ReviewAnswer(accept=True)
+        if choice == "r":
+            return pb.ReviewAnswer(reject_reason=input("reason > ").strip() or "rejected")
+        if choice == "s":
+            return None
+        if choice.isdigit() and 1 <= int(choice) <= len(case.categories):
+            label = case.categories[int(choice) - 1]
+            if case.task_type == pb.TASK_TYPE_DETECTION:
+                boxes = [ipb.Detection(label=label, model_box=d.model_box, score=1.0) for d in case.detections]
+                return pb.ReviewAnswer(boxes=pb.LabeledBoxes(boxes=boxes))
+            return pb.ReviewAnswer(label=label)
+        print("?", file=sys.stderr)
+
+
+def review(args: argparse.Namespace, target: str) -> int:
+    """Stream cases until --limit answers (or forever), reconnecting with backoff after failures."""
+    answered = 0
+    backoff = 0.5
+    overlay_dir: Path | None = args.overlay_dir
+    if overlay_dir is not None:
+        overlay_dir.mkdir(parents=True, exist_ok=True)
+    while args.limit is None or answered < args.limit:
+        try:
+            with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 256 << 20)]) as channel:
+                stub = pb_grpc.ReviewStub(channel)
+                stream = stub.StreamCases(
+                    pb.StreamCasesRequest(
+                        reviewer_id=args.reviewer_id, flow_definitions=args.flow or [], max_in_flight=args.max_in_flight
+                    )
+                )
+                for case in stream:
+                    backoff = 0.5
+                    print(summary(case), flush=True)
+                    if overlay_dir is not None:
+                        path = overlay_dir / f"{case.human_loop_name}.png"
+                        cv2.imwrite(str(path), overlay(case))
+                        print(f"  overlay: {path}", flush=True)
+                        if args.open:
+                            subprocess.Popen(
+                                ["xdg-open", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                            )
+                    answer = auto_answer(args.auto, case) if args.auto else ask(case)
+                    if answer is None:
+                        stub.ReleaseCase(
+                            pb.ReleaseCaseRequest(delivery_id=case.delivery_id, reviewer_id=args.reviewer_id)
+                        )
+                        print("  released", flush=True)
+                        continue
+                    result = stub.SubmitReview(
+                        pb.SubmitReviewRequest(
+                            decision_id=decision_id(args.reviewer_id, case.human_loop_name),
+                            delivery_id=case.delivery_id,
+                            reviewer_id=args.reviewer_id,
+                            answer=answer,
+                        ),
+                        timeout=30,
+                    )
+                    loop = result.human_loop
+                    status = pb.HumanLoopStatus.Name(loop.status).removeprefix("HUMAN_LOOP_STATUS_")
+                    print(
+                        f"  submitted: loop {status} ({loop.answers}/{loop.task_count})"
+                        + (f", output {loop.output_path}" if loop.output_path else ""),
+                        flush=True,
+                    )
+                    answered += 1
+                    if args.limit is not None and answered >= args.limit:
+                        stream.cancel()
+                        break
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code == grpc.StatusCode.CANCELLED and args.limit is not None and answered >= args.limit:
+                break
+            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                print(f"error: {code.name}: {exc.details()}", file=sys.stderr)
+                return 2
+            log.warning("stream to %s failed (%s); reconnecting in %.1f s", target, code, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reviewer-id", required=True, help="who is reviewing (recorded as workerId)")
+    parser.add_argument("--flow", action="append", help="flow definitions to review (default: all)")
+    parser.add_argument("--max-in-flight", type=int, default=1, help="cases leased at once")
+    parser.add_argument("--auto", help="answer by rule: accept, reject, label:<name>, release")
+    parser.add_argument("--limit", type=int, help="stop after this many answers")
+    parser.add_argument("--overlay-dir", type=Path, help="write each case's overlay PNG here")
+    parser.add_argument("--open", action="store_true", help="open each overlay with xdg-open")
+    parser.add_argument("--target", help="review service host:port (default: from settings, 127.0.0.1:50052)")
