@@ -80,6 +80,13 @@ def cmd_review(args: argparse.Namespace) -> int:
     from medgate.v1 import review_pb2_grpc as pb_grpc
 
     settings = load_settings()
+    if args.review_command == "serve":
+        import asyncio
+
+        from services.gateway.server import serve_review
+
+        asyncio.run(serve_review(settings))
+        return 0
     if args.review_command == "export-manifest":
         from services.review.flows import load_flows
         from services.review.output import export_manifest
@@ -144,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     review = commands.add_parser("review", help="human loops: list, describe, stop, delete, flows, export-manifest")
     review.add_argument("--target", help="review service host:port (default 127.0.0.1:50052)")
     review_commands = review.add_subparsers(dest="review_command", required=True)
+    review_commands.add_parser("serve", help="run only the review service (MEDGATE_REVIEW_* settings)")
     review_commands.add_parser("flows", help="list the flow definitions")
     listing = review_commands.add_parser("list", help="list human loops, newest first")
     listing.add_argument("--flow")

@@ -408,6 +408,7 @@ class ReviewServicer(pb_grpc.ReviewServicer):
                 return loop, not decision.replayed
 
             loop, recorded_now = await self._run(submit)
+            self._wake_all()  # the reviewer has a free slot now: its stream can lease the next case
             return pb.SubmitReviewResponse(human_loop=loop_proto(loop), recorded_now=recorded_now)
 
         return await self._call(context, work)
