@@ -92,12 +92,12 @@ async def test_dicom_radiograph_through_every_task(stub: pb_grpc.InferenceStub) 
     )
     response = await stub.Analyze(request)
     assert response.image.kind == pb.INPUT_KIND_DICOM
-    assert (response.image.width, response.image.height) == (1955, 1841)
+    assert (response.image.width, response.image.height) == (1841, 1955)
     assert response.classification.scores and response.detection.model.name == "detector"
     masks = array_of(response.segmentation.image_features)
     assert masks.shape == (4, 1024, 1024) and masks.dtype == np.uint8
     original = array_of(response.segmentation.original_masks)
-    assert original.shape == (4, 1841, 1955)
+    assert original.shape == (4, 1955, 1841)
     assert list(response.segmentation.text_features) == ["lung", "lung", "heart anatomies", "other"]
     assert all(0.0 <= p.score <= 1.0 for p in response.segmentation.prompts)
 
