@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 BOX_ONNX := triton_models/segmenter_box/1/encoder.onnx triton_models/segmenter_box/1/decoder.onnx
 
-.PHONY: setup run test lint models models-train models-box eval-models clean proto protoset bench
+.PHONY: setup run test lint models models-train models-box eval-models clean proto protoset bench bench-review
 
 setup: $(STAMP) $(BOX_ONNX)
 
@@ -63,3 +63,6 @@ build/medgate.protoset: $(PROTOS) $(STAMP)
 # Benchmarks (not tests): ratios measured side by side in one run; results in bench/results/.
 bench: setup
 	MEDGATE_REVIEW_ENABLED=false $(PY) bench/bench_gateway.py
+
+bench-review: setup
+	$(PY) bench/bench_review.py

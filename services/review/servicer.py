@@ -361,6 +361,8 @@ class ReviewServicer(pb_grpc.ReviewServicer):
         if unknown:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown flow definitions: {', '.join(unknown)}")
         max_in_flight = min(max(request.max_in_flight, 1), self.max_in_flight)
+        # Headers now, so a reviewer knows it is subscribed before the first case exists.
+        await context.send_initial_metadata(())
         wakeup = asyncio.Event()
         self._wakeups.add(wakeup)
         sent: set[str] = set()
