@@ -37,9 +37,7 @@ async def review_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
 
 @pytest.fixture(scope="session")
 async def gateway(triton_url: str, review_server: ReviewServer) -> AsyncIterator[GatewayServer]:
-    settings = load_settings(
-        gateway={"port": 0, "max_prompts": 8}, review={"url": f"127.0.0.1:{review_server.port}"}
-    )
+    settings = load_settings(gateway={"port": 0, "max_prompts": 8}, review={"url": f"127.0.0.1:{review_server.port}"})
     server = GatewayServer(settings, triton_url)
     await server.start(port=0)
     yield server
@@ -310,3 +308,71 @@ async def test_deadline_is_honoured(stub: pb_grpc.InferenceStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await stub.Segment(pb.SegmentRequest(image=pb.ImageInput(data=data), prompts="heart"), timeout=0.005)
     assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_unsure_detection_is_routed_to_review_and_a_sure_one_is_not(
+    stub: pb_grpc.InferenceStub, review_server: ReviewServer
+) -> None:
+    """Seed 003's rule (config/flows.toml): a human loop when the top detection score is under 0.5."""
+    normal = phantom(31, lesion_probability=0.0)
+    unsure = await stub.Detect(pb.DetectRequest(image=pb.ImageInput(data=png_bytes(normal.image))))
+    assert max((d.score for d in unsure.detections), default=0.0) < 0.5
+    assert [r.flow_definition for r in unsure.review] == ["lesion-detection"]
+    assert unsure.review[0].routed and unsure.review[0].human_loop_name
+    loop = review_server.store.describe(unsure.review[0].human_loop_name)
+    assert loop.status == "InProgress" and loop.input_content["detection"]["model"]["name"] == "detector"
+    assert review_server.store.images(loop.name)["image.png"][:4] == b"\x89PNG"
+
+    again = await stub.Detect(pb.DetectRequest(image=pb.ImageInput(data=png_bytes(normal.image))))
+    assert again.review[0].human_loop_name == loop.name  # the same image never opens a second loop
+
+    sick = phantom(5, lesion_probability=1.0)
+    sure = await stub.Detect(pb.DetectRequest(image=pb.ImageInput(data=png_bytes(sick.image))))
+    assert sure.detections[0].score >= 0.5
+    assert not [r for r in sure.review if r.flow_definition == "lesion-detection"]
+
+
+async def test_routed_case_reaches_a_reviewer_and_lands_as_a2i_output(
+    stub: pb_grpc.InferenceStub, review_server: ReviewServer
+) -> None:
+    import asyncio
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    normal = phantom(37, lesion_probability=0.0)
+    answer = await stub.Detect(pb.DetectRequest(image=pb.ImageInput(data=png_bytes(normal.image))))
+    name = answer.review[0].human_loop_name
+    # Earlier tests may have queued other loops and reviewers take the oldest first: answer them all.
+    waiting, _ = review_server.store.list(flow="lesion-detection", status="InProgress")
+    command = [
+        sys.executable,
+        "-m",
+        "clients.cli",
+        "reviewer",
+        "--reviewer-id",
+        "dr-test",
+        "--flow",
+        "lesion-detection",
+        "--auto",
+        "accept",
+        "--limit",
+        str(len(waiting)),
+        "--target",
+        f"127.0.0.1:{review_server.port}",
+    ]
+    process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, err.decode()
+    assert f"case {name}" in out.decode()
+    loop = review_server.store.describe(name)
+    assert loop.status == "Completed"
+    for _ in range(50):
+        loop = review_server.store.describe(name)
+        if loop.output_path:
+            break
+        await asyncio.sleep(0.1)
+    document = json.loads(Path(loop.output_path).read_text())
+    assert document["humanLoopName"] == name
+    assert document["humanAnswers"][0]["workerId"] == "dr-test"
+    assert "boundingBoxes" in document["humanAnswers"][0]["answerContent"]["annotatedResult"]
