@@ -80,6 +80,8 @@ class GatewaySettings:
     triton_retry_backoff_s: float = 0.05
     health_poll_interval_s: float = 2.0
     grace_period_s: float = 5.0
+    # Prometheus /metrics (0 = any free port, negative = off); one port for all workers.
+    metrics_port: int = 9464
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,9 @@ async def review_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
 
 @pytest.fixture(scope="session")
 async def gateway(triton_url: str, review_server: ReviewServer) -> AsyncIterator[GatewayServer]:
-    settings = load_settings(gateway={"port": 0, "max_prompts": 8}, review={"url": f"127.0.0.1:{review_server.port}"})
+    settings = load_settings(
+        gateway={"port": 0, "max_prompts": 8, "metrics_port": 0}, review={"url": f"127.0.0.1:{review_server.port}"}
+    )
     server = GatewayServer(settings, triton_url)
     await server.start(port=0)
     yield server
@@ -376,3 +378,27 @@ async def test_routed_case_reaches_a_reviewer_and_lands_as_a2i_output(
     assert document["humanLoopName"] == name
     assert document["humanAnswers"][0]["workerId"] == "dr-test"
     assert "boundingBoxes" in document["humanAnswers"][0]["answerContent"]["annotatedResult"]
+
+
+async def test_metrics_endpoint_has_stage_histograms_and_status_codes(
+    stub: pb_grpc.InferenceStub, gateway: GatewayServer
+) -> None:
+    import urllib.request
+
+    await stub.Classify(pb.ClassifyRequest(image=pb.ImageInput(data=png_bytes(phantom(2).image))))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.Classify(pb.ClassifyRequest(image=pb.ImageInput(data=b"garbage")))
+    url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310 - loopback
+
+    def value(prefix: str) -> float:
+        lines = [line for line in text.splitlines() if line.startswith(prefix)]
+        assert lines, prefix
+        return float(lines[0].rsplit(" ", 1)[1])
+
+    for stage in ("decode", "preprocess", "triton", "encode", "total"):
+        assert value(f'medgate_stage_seconds_count{{input_kind="png",rpc="Classify",stage="{stage}"}}') >= 1
+    assert value('medgate_requests_total{code="OK",rpc="Classify"}') >= 1
+    assert value('medgate_requests_total{code="INVALID_ARGUMENT",rpc="Classify"}') >= 1
+    assert value('medgate_triton_request_seconds_count{model="classifier"}') >= 1
+    assert "Doe^Jane" not in text and "PID-93412" not in text

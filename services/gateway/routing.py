@@ -24,6 +24,7 @@ from medgate.v1 import review_pb2 as rpb
 from medgate.v1 import review_pb2_grpc as rpb_grpc
 from services.imaging.arrays import encode_array
 from services.imaging.prepare import PreparedImage
+from services.metrics import REVIEW_ROUTED
 from services.review.flows import FlowDefinition, TaskType, summarize
 from services.review.servicer import IMAGE_NAME
 from services.review.store import auto_loop_name
@@ -176,6 +177,7 @@ class ReviewRouter:
         try:
             await self.stub.StartHumanLoop(request, timeout=self.timeout_s)
             routing.routed = True
+            REVIEW_ROUTED.labels(flow=flow.name).inc()
         except grpc.aio.AioRpcError as exc:
             log.warning("could not start human loop %s on %s: %s", name, self.target, exc.code().name)
             routing.reasons.append(f"review service: {exc.code().name}")

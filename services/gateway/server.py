@@ -18,6 +18,7 @@ from medgate.v1 import inference_pb2_grpc as pb_grpc
 from services.gateway.reflection import enable_reflection
 from services.gateway.routing import ReviewRouter
 from services.gateway.servicer import InferenceServicer
+from services.metrics import cleanup_multiprocess, prepare_multiprocess, serve_metrics
 from services.review.flows import load_flows
 from services.review.server import ReviewServer
 from services.settings import Settings
@@ -36,8 +37,10 @@ def health_name(role: str) -> str:
 class GatewayServer:
     """One worker's server: ``await start()``, then ``await wait()``; ``await stop()`` drains in-flight calls."""
 
-    def __init__(self, settings: Settings, triton_url: str) -> None:
+    def __init__(self, settings: Settings, triton_url: str, *, serve_metrics: bool = True) -> None:
         self.settings = settings
+        self.serve_metrics = serve_metrics
+        self.metrics_port = 0
         self.models = TritonModels(
             triton_url, settings.models.as_dict(), retry_backoff_s=settings.gateway.triton_retry_backoff_s
         )
@@ -77,6 +80,8 @@ class GatewayServer:
         if self.port == 0:
             raise RuntimeError(f"could not bind the gateway to {address}")
         await self.server.start()
+        if self.serve_metrics:
+            self.metrics_port = serve_metrics(self.settings.gateway.host, self.settings.gateway.metrics_port)
         await self._update_health()
         self._health_task = asyncio.create_task(self._poll_health())
         log.info("gateway serving medgate.v1.Inference on %s:%d", self.settings.gateway.host, self.port)
@@ -125,12 +130,12 @@ async def _until_signal() -> None:
     await stop.wait()
 
 
-async def serve_worker(settings: Settings, triton_url: str, *, with_review: bool = False) -> None:
+async def serve_worker(settings: Settings, triton_url: str, *, with_review: bool = False, metrics: bool = True) -> None:
     """Run one gateway worker (and, in a single-process stack, the review service) until a signal."""
     review = ReviewServer(settings.review) if with_review and settings.review.enabled else None
     if review is not None:
         await review.start()
-    server = GatewayServer(settings, triton_url)
+    server = GatewayServer(settings, triton_url, serve_metrics=metrics)
     try:
         await server.start()
         try:
@@ -157,7 +162,7 @@ def _configure_child_logging() -> None:
 
 def _worker_main(settings: Settings, triton_url: str) -> None:
     _configure_child_logging()
-    asyncio.run(serve_worker(settings, triton_url))
+    asyncio.run(serve_worker(settings, triton_url, metrics=False))
 
 
 def _review_main(settings: Settings) -> None:
@@ -177,6 +182,8 @@ def run_gateway(settings: Settings, triton_url: str) -> None:
         return
     if settings.gateway.port == 0:
         raise ValueError("several gateway workers need a fixed port (MEDGATE_GATEWAY_PORT)")
+    metrics_dir = prepare_multiprocess()  # before the workers start: they write their samples there
+    serve_metrics(settings.gateway.host, settings.gateway.metrics_port, multiprocess_dir=metrics_dir)
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(target=_worker_main, args=(settings, triton_url), name=f"medgate-gateway-{i}", daemon=False)
@@ -203,3 +210,4 @@ def run_gateway(settings: Settings, triton_url: str) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        cleanup_multiprocess(metrics_dir)

@@ -21,6 +21,7 @@ from services.imaging.arrays import decode_array, encode_array
 from services.imaging.ingest import InputKind
 from services.imaging.prepare import PreparedImage, prepare
 from services.imaging.preprocess import Letterbox
+from services.metrics import REQUESTS, observe_stages
 from services.settings import Settings
 from services.triton.client import TritonModels
 
@@ -39,6 +40,18 @@ class Clock:
     preprocess_ms: float = 0.0
     triton_ms: float = 0.0
     encode_ms: float = 0.0
+
+    def observe(self, rpc: str, prepared: PreparedImage) -> None:
+        """Record this request's stages in the Prometheus histograms."""
+        total = time.perf_counter() - self.started
+        stages = {
+            "decode": self.decode_ms / 1000.0,
+            "preprocess": self.preprocess_ms / 1000.0,
+            "triton": self.triton_ms / 1000.0,
+            "encode": self.encode_ms / 1000.0,
+            "total": total,
+        }
+        observe_stages(rpc, prepared.decoded.kind.value, stages)
 
     def to_proto(self) -> pb.StageTimings:
         return pb.StageTimings(
@@ -380,6 +393,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 )
             )
         response.timings.CopyFrom(clock.to_proto())
+        clock.observe("Analyze", prepared)
         return response
 
     # --- RPCs ----------------------------------------------------------------------------------
@@ -397,6 +411,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         response.transform.CopyFrom(transform_proto(prepared.transform))
         response.image.CopyFrom(image_info_proto(prepared))
         response.timings.CopyFrom(clock.to_proto())
+        clock.observe("Classify", prepared)
         return response
 
     @unary_boundary
@@ -412,6 +427,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         response.transform.CopyFrom(transform_proto(prepared.transform))
         response.image.CopyFrom(image_info_proto(prepared))
         response.timings.CopyFrom(clock.to_proto())
+        clock.observe("Detect", prepared)
         return response
 
     @unary_boundary
@@ -439,6 +455,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         response.transform.CopyFrom(transform_proto(prepared.transform))
         response.image.CopyFrom(image_info_proto(prepared))
         response.timings.CopyFrom(clock.to_proto())
+        clock.observe("Segment", prepared)
         return response
 
     @unary_boundary
@@ -464,6 +481,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 except Exception as exc:
                     code, message = status_for(exc)
                     answer.error.CopyFrom(pb.ItemError(code=code.value[0], code_name=code.name, message=message))
+                REQUESTS.labels(rpc="AnalyzeStream.item", code=answer.error.code_name or "OK").inc()
                 await results.put(answer)
             finally:
                 slots.release()

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from medgate.v1 import review_pb2 as pb
 from medgate.v1 import review_pb2_grpc as pb_grpc
 from services.gateway.reflection import enable_reflection
+from services.metrics import REVIEW_QUEUE_DEPTH
 from services.review.flows import load_flows
 from services.review.output import flush_outputs
 from services.review.servicer import ReviewServicer
@@ -73,6 +74,9 @@ class ReviewServer:
             try:
                 await loop.run_in_executor(self.executor, self.store.expire)
                 await loop.run_in_executor(self.executor, lambda: flush_outputs(self.store, self.flows))
+                for name in self.flows:
+                    depth = await loop.run_in_executor(self.executor, self.store.queue_depth, name)
+                    REVIEW_QUEUE_DEPTH.labels(flow=name).set(depth)
             except Exception:
                 log.warning("review housekeeping failed", exc_info=True)
             await asyncio.sleep(self.settings.housekeeping_interval_s)

@@ -18,6 +18,8 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from services.metrics import TRITON_SECONDS
+
 log = logging.getLogger("medgate.triton.client")
 
 MODEL_SIZE = 1024
@@ -233,7 +235,10 @@ class TritonModels:
             if remaining <= 0:
                 raise TritonDeadline(f"deadline exceeded before model {info.name!r} answered")
             try:
-                return await self.client.infer(info.name, inputs, outputs=requested, client_timeout=remaining)
+                started = time.perf_counter()
+                result = await self.client.infer(info.name, inputs, outputs=requested, client_timeout=remaining)
+                TRITON_SECONDS.labels(model=info.name).observe(time.perf_counter() - started)
+                return result
             except InferenceServerException as exc:
                 status = exc.status() or ""
                 if "DEADLINE_EXCEEDED" in status:
