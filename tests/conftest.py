@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
+import grpc
 import pytest
 
-from services.settings import load_settings
+from medgate.v1 import inference_pb2_grpc as pb_grpc
+from services.gateway.server import GatewayServer
+from services.review.server import ReviewServer
+from services.settings import PROJECT_ROOT, load_settings
 from services.triton.embedded import EmbeddedTriton
 
 
@@ -33,3 +37,42 @@ def triton_server() -> Iterator[EmbeddedTriton]:
 @pytest.fixture(scope="session")
 def triton_url(triton_server: EmbeddedTriton) -> str:
     return triton_server.settings.grpc_url
+
+
+@pytest.fixture(scope="session")
+async def review_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ReviewServer]:
+    """A real review service on a fresh store, so routing from real inference can be checked."""
+    root = tmp_path_factory.mktemp("review")
+    flows = root / "config" / "flows.toml"  # the shipped flows, with their outputs under this temp dir
+    flows.parent.mkdir()
+    flows.write_text((PROJECT_ROOT / "config" / "flows.toml").read_text())
+    settings = load_settings(
+        review={"store_path": root / "review.sqlite3", "flows_file": flows, "port": 0, "housekeeping_interval_s": 0.2}
+    )
+    server = ReviewServer(settings.review)
+    await server.start(port=0)
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="session")
+async def gateway(triton_url: str, review_server: ReviewServer) -> AsyncIterator[GatewayServer]:
+    settings = load_settings(
+        gateway={"port": 0, "max_prompts": 8, "metrics_port": 0}, review={"url": f"127.0.0.1:{review_server.port}"}
+    )
+    server = GatewayServer(settings, triton_url)
+    await server.start(port=0)
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="session")
+async def channel(gateway: GatewayServer) -> AsyncIterator[grpc.aio.Channel]:
+    options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}", options=options) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.aio.Channel) -> pb_grpc.InferenceStub:
+    return pb_grpc.InferenceStub(channel)

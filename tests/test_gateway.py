@@ -17,45 +17,10 @@ from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
 from services.gateway.server import GatewayServer, health_name
 from services.review.server import ReviewServer
-from services.settings import load_settings
 from tests.fixtures import dicom_bytes, phantom, png_bytes, pydicom_data_file
 from training.phantoms import model_space
 
 pytestmark = pytest.mark.triton
-
-
-@pytest.fixture(scope="session")
-async def review_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ReviewServer]:
-    """A real review service on a fresh store, so routing from real inference can be checked."""
-    root = tmp_path_factory.mktemp("review")
-    settings = load_settings(review={"store_path": root / "review.sqlite3", "port": 0, "housekeeping_interval_s": 0.2})
-    server = ReviewServer(settings.review)
-    await server.start(port=0)
-    yield server
-    await server.stop()
-
-
-@pytest.fixture(scope="session")
-async def gateway(triton_url: str, review_server: ReviewServer) -> AsyncIterator[GatewayServer]:
-    settings = load_settings(
-        gateway={"port": 0, "max_prompts": 8, "metrics_port": 0}, review={"url": f"127.0.0.1:{review_server.port}"}
-    )
-    server = GatewayServer(settings, triton_url)
-    await server.start(port=0)
-    yield server
-    await server.stop()
-
-
-@pytest.fixture(scope="session")
-async def channel(gateway: GatewayServer) -> AsyncIterator[grpc.aio.Channel]:
-    options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}", options=options) as ch:
-        yield ch
-
-
-@pytest.fixture(scope="session")
-def stub(channel: grpc.aio.Channel) -> pb_grpc.InferenceStub:
-    return pb_grpc.InferenceStub(channel)
 
 
 async def test_health_reports_every_model_serving(channel: grpc.aio.Channel) -> None:

@@ -1,0 +1,100 @@
+"""Every file a PACS could send, and the malformed ones, through the real gateway: right shapes or the exact code."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from medgate.v1 import inference_pb2 as pb
+from medgate.v1 import inference_pb2_grpc as pb_grpc
+from services.imaging.errors import InvalidImage, LimitExceeded, UnsupportedCodec
+from tests.test_ingest import CORPUS, _deflate_zeros, _dicom_bytes, _expected, _key, _png, _small_image
+
+pytestmark = pytest.mark.triton
+
+CODE_OF = {
+    InvalidImage: grpc.StatusCode.INVALID_ARGUMENT,
+    UnsupportedCodec: grpc.StatusCode.FAILED_PRECONDITION,
+    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+async def _still_serving(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    answer = await health.Check(health_pb2.HealthCheckRequest(service="medgate.v1.Inference"))
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_every_corpus_file_through_classify(stub: pb_grpc.InferenceStub, channel: grpc.aio.Channel) -> None:
+    """pydicom's and pydicom-data's files: each one OK with the right transform, or its exact code."""
+    decoded = failed = 0
+    for path in CORPUS:
+        key = _key(path)
+        expected = _expected(key)
+        request = pb.ClassifyRequest(image=pb.ImageInput(data=path.read_bytes()))
+        if expected is None:
+            response = await stub.Classify(request, timeout=120)
+            t = response.transform
+            assert (t.original_width, t.original_height) == (response.image.width, response.image.height), key
+            assert t.model_size == 1024 and max(t.resized_width, t.resized_height) == 1024, key
+            assert len(response.scores) >= 2 and response.image.kind == pb.INPUT_KIND_DICOM, key
+            decoded += 1
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await stub.Classify(request, timeout=120)
+            assert failure.value.code() == CODE_OF[expected[0]], key
+            assert failure.value.details(), key
+            failed += 1
+    assert decoded >= 150 and failed >= 50
+    await _still_serving(channel)
+
+
+def _deflate_bomb() -> bytes:
+    header = _dicom_bytes(_small_image(), DeflatedExplicitVRLittleEndian)
+    meta_end = 132 + 12 + struct.unpack_from("<I", header, 140)[0]
+    return header[:meta_end] + _deflate_zeros(1 << 30)
+
+
+def _png_bomb() -> bytes:
+    rows = zlib.compressobj(9)
+    return _png(30000, 30000, idat=rows.compress(b"\x00" * (30001 * 64)) + rows.flush())
+
+
+MALFORMED = [
+    ("empty", lambda: b"", grpc.StatusCode.INVALID_ARGUMENT),
+    ("garbage", lambda: bytes(range(256)) * 16, grpc.StatusCode.INVALID_ARGUMENT),
+    ("deflate-bomb", _deflate_bomb, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ("png-bomb-30000", _png_bomb, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ("png-65535", lambda: _png(65535, 65535, idat=zlib.compress(b"\x00" * 100)), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ("dicom-65535", lambda: _dicom_bytes(_small_image(Rows=65535, Columns=65535)), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ("truncated-dicom", lambda: _dicom_bytes(_small_image(64, 64))[:-1000], grpc.StatusCode.INVALID_ARGUMENT),
+    ("tiff", lambda: b"II*\x00" + b"\x00" * 40, grpc.StatusCode.FAILED_PRECONDITION),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "code"), MALFORMED, ids=[m[0] for m in MALFORMED])
+async def test_malformed_input_gets_its_code_and_the_server_keeps_serving(
+    stub: pb_grpc.InferenceStub, channel: grpc.aio.Channel, name: str, make: object, code: grpc.StatusCode
+) -> None:
+    data = make()  # type: ignore[operator]
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await stub.Classify(pb.ClassifyRequest(image=pb.ImageInput(data=data)), timeout=60)
+    assert failure.value.code() == code, (name, failure.value.details())
+    assert failure.value.code() != grpc.StatusCode.UNKNOWN
+    await _still_serving(channel)
+
+
+async def test_error_messages_carry_no_patient_data(stub: pb_grpc.InferenceStub) -> None:
+    from tests.fixtures import PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME, dicom_bytes, phantom
+
+    broken = dicom_bytes(phantom(3).image)[:-5000]
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await stub.Classify(pb.ClassifyRequest(image=pb.ImageInput(data=broken)))
+    details = failure.value.details() or ""
+    for secret in (PATIENT_NAME, PATIENT_ID, PATIENT_BIRTH_DATE, "Doe"):
+        assert secret not in details
