@@ -62,7 +62,7 @@ build/medgate.protoset: $(PROTOS) $(STAMP)
 
 # Benchmarks (not tests): ratios measured side by side in one run; results in bench/results/.
 bench: setup
-	MEDGATE_REVIEW_ENABLED=false $(PY) bench/bench_gateway.py
+	$(PY) bench/bench_gateway.py
 
 bench-review: setup
 	$(PY) bench/bench_review.py

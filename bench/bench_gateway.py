@@ -60,7 +60,10 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 @contextlib.contextmanager
 def gateway_process(triton_url: str, port: int, workers: int) -> Iterator[None]:
-    env = dict(os.environ, MEDGATE_TRITON_URL=triton_url)
+    # Review routing off: this measures inference overhead. Metrics on a free port, to never clash.
+    env = dict(
+        os.environ, MEDGATE_TRITON_URL=triton_url, MEDGATE_REVIEW_ENABLED="false", MEDGATE_GATEWAY_METRICS_PORT="0"
+    )
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "medgate"), "serve", "--port", str(port), "--workers", str(workers)],
         env=env,
