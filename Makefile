@@ -6,7 +6,8 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 BOX_ONNX := triton_models/segmenter_box/1/encoder.onnx triton_models/segmenter_box/1/decoder.onnx
 
-.PHONY: setup run test lint models models-train models-box eval-models clean proto protoset bench bench-review
+.PHONY: setup run test lint models models-train models-box eval-models clean proto protoset bench bench-review \
+	ghz-fixtures loadtest
 
 setup: $(STAMP) $(BOX_ONNX)
 
@@ -66,3 +67,25 @@ bench: setup
 
 bench-review: setup
 	$(PY) bench/bench_review.py
+
+# ghz inputs in bench/ghz/fixtures/ (git-ignored): serialized requests (-B) around a 1024x1024 phantom PNG and
+# RG1_UNCI.dcm with their configs, and a reflection twin (no protoset) of every config.
+GHZ_FIXTURES := bench/ghz/fixtures/.built
+ghz-fixtures: $(GHZ_FIXTURES) build/medgate.protoset
+$(GHZ_FIXTURES): bench/ghz/make_fixtures.py $(wildcard bench/ghz/*.json) $(STAMP)
+	$(PY) bench/ghz/make_fixtures.py
+	touch $@
+
+# Load test of a RUNNING stack: needs `make run` up on 127.0.0.1:50051 (another shell); it starts nothing.
+# With ghz on PATH each config runs through the protoset and through server reflection; without ghz,
+# bench/loadgen.py runs the same configs and prints ghz's summary (reports in bench/results/loadtest.json).
+loadtest: ghz-fixtures
+	@if command -v ghz >/dev/null 2>&1; then \
+		for config in bench/ghz/*.json bench/ghz/fixtures/*.json; do \
+			echo "== $$config (protoset)"; ghz --config "$$config" || exit 1; \
+			echo "== $$config (reflection)"; ghz --config "bench/ghz/fixtures/reflect/$$(basename $$config)" || exit 1; \
+		done; \
+	else \
+		echo "ghz is not on PATH: running the Python load generator (bench/loadgen.py) instead"; \
+		$(PY) bench/loadgen.py bench/ghz/*.json bench/ghz/fixtures/*.json --json bench/results/loadtest.json; \
+	fi

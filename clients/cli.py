@@ -62,6 +62,15 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return infer.run(args, target)
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Folders of studies through the gateway's stream: resumable, with JSON/NPZ/PNG outputs and a summary."""
+    from clients import batch
+
+    settings = load_settings()
+    target = args.target or f"{settings.gateway.host}:{settings.gateway.port}"
+    return batch.run(args, target)
+
+
 def cmd_reviewer(args: argparse.Namespace) -> int:
     from clients import reviewer
 
@@ -141,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     infer_parser = commands.add_parser("infer", help="send one file to the gateway and print the answer")
     infer.add_arguments(infer_parser)
     infer_parser.set_defaults(func=cmd_infer)
+
+    from clients import batch
+
+    batch_parser = commands.add_parser(
+        "batch", help="run folders of DICOM/PNG/JPEG through the gateway: resumable, JSON/NPZ/PNG and a summary"
+    )
+    batch.add_arguments(batch_parser)
+    batch_parser.set_defaults(func=cmd_batch)
 
     from clients import reviewer
 

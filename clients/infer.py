@@ -105,15 +105,35 @@ def write_overlay(path: Path, request: pb.AnalyzeRequest, response: pb.AnalyzeRe
     """The letterboxed image with masks and boxes drawn on it, as the models saw it."""
     import cv2
 
+    frame = request.image.frame if request.image.HasField("frame") else None
+    canvas = draw_overlay(model_image_of(request.image.data, frame=frame), response)
+    if not cv2.imwrite(str(path), canvas):
+        raise OSError(f"could not write {path}")
+
+
+def model_image_of(data: bytes, *, frame: int | None = None) -> np.ndarray:
+    """The 1024x1024 uint8 image the models saw, rendered here exactly as the gateway renders it."""
     from services.imaging.limits import IngestLimits
     from services.imaging.prepare import prepare
 
-    frame = request.image.frame if request.image.HasField("frame") else None
-    prepared = prepare(request.image.data, frame=frame, limits=IngestLimits())
-    canvas = cv2.cvtColor(prepared.model_image, cv2.COLOR_GRAY2BGR)
+    return prepare(data, frame=frame, limits=IngestLimits()).model_image
+
+
+def draw_overlay(
+    model_image: np.ndarray, response: pb.AnalyzeResponse, *, masks: np.ndarray | None = None
+) -> np.ndarray:
+    """A BGR copy of ``model_image`` with the masks, boxes and top class of ``response`` drawn on it.
+
+    ``masks`` (model space, [N, 1024, 1024]) overrides the masks carried in the response, for
+    callers that have already decoded them or stripped them out of the message.
+    """
+    import cv2
+
+    canvas = cv2.cvtColor(model_image, cv2.COLOR_GRAY2BGR)
     palette = [(0, 200, 255), (255, 120, 0), (0, 255, 0), (255, 0, 255), (0, 0, 255), (255, 255, 0)]
-    if response.HasField("segmentation") and response.segmentation.HasField("image_features"):
+    if masks is None and response.HasField("segmentation") and response.segmentation.HasField("image_features"):
         masks = array_of(response.segmentation.image_features)
+    if masks is not None:
         for index, mask in enumerate(masks):
             color = np.array(palette[index % len(palette)], dtype=np.float32)
             region = mask.astype(bool)
@@ -138,8 +158,7 @@ def write_overlay(path: Path, request: pb.AnalyzeRequest, response: pb.AnalyzeRe
         cv2.putText(
             canvas, f"{c.top_label} {c.top_score:.2f}", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (255, 255, 255), 2
         )
-    if not cv2.imwrite(str(path), canvas):
-        raise OSError(f"could not write {path}")
+    return canvas
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
