@@ -16,6 +16,7 @@ from clients.infer import array_of
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
 from services.gateway.server import GatewayServer, health_name
+from services.imaging.preprocess import Letterbox
 from services.review.server import ReviewServer
 from tests.fixtures import dicom_bytes, phantom, png_bytes, pydicom_data_file
 from training.phantoms import model_space
@@ -96,22 +97,28 @@ async def test_text_masks_match_the_phantom_anatomy(stub: pb_grpc.InferenceStub)
 
 async def test_box_prompt_mask_lands_on_the_original_grid(stub: pb_grpc.InferenceStub) -> None:
     sample = phantom(23)
-    ys, xs = np.nonzero(sample.heart)
+    ys, xs = np.nonzero(sample.right_lung)
     box = pb.Box(x0=float(xs.min()), y0=float(ys.min()), x1=float(xs.max() + 1), y1=float(ys.max() + 1))
     response = await stub.Segment(
         pb.SegmentRequest(
             image=pb.ImageInput(data=png_bytes(sample.image)),
             boxes=[box],
-            output=pb.OutputOptions(mask_space=pb.MASK_SPACE_ORIGINAL, mask_encoding=pb.ARRAY_ENCODING_PACKBITS),
+            output=pb.OutputOptions(mask_space=pb.MASK_SPACE_BOTH, mask_encoding=pb.ARRAY_ENCODING_PACKBITS),
         )
     )
-    assert not response.HasField("image_features")
+    model_masks = array_of(response.image_features)
     masks = array_of(response.original_masks)
+    assert model_masks.shape == (1, 1024, 1024)
     assert masks.shape == (1, *sample.image.shape)
+    t = response.transform
+    transform = Letterbox.for_shape(t.original_height, t.original_width)
+    assert np.array_equal(masks, transform.mask_to_original(model_masks))
     mask = masks[0].astype(bool)
-    dice = 2 * np.logical_and(mask, sample.heart).sum() / (mask.sum() + sample.heart.sum())
+    dice = 2 * np.logical_and(mask, sample.right_lung).sum() / (mask.sum() + sample.right_lung.sum())
     assert dice > 0.85
     assert response.prompts[0].box == box
+    mb = response.prompts[0].mask_box  # the mask's extent, in original pixels, sits inside the prompt box
+    assert box.x0 - 2 <= mb.x0 < mb.x1 <= box.x1 + 2 and box.y0 - 2 <= mb.y0 < mb.y1 <= box.y1 + 2
 
 
 async def test_detect_boxes_map_back_within_a_pixel(stub: pb_grpc.InferenceStub) -> None:
@@ -258,16 +265,14 @@ async def test_every_method_resolves_through_reflection_as_ghz_asks(channel: grp
         assert "medgate/v1/inference.proto" in [f.name for f in files], symbol
     listed = {s.name for s in answers[-1].list_services_response.service}
     assert {"medgate.v1.Inference", "grpc.health.v1.Health"} <= listed
-    missing = await anext(
-        stub.ServerReflectionInfo(
-            _one(reflection_pb2.ServerReflectionRequest(file_containing_symbol="medgate.v1.Inference.Nope"))
-        )
-    )
-    assert missing.HasField("error_response")
+    unknown = [reflection_pb2.ServerReflectionRequest(file_containing_symbol="medgate.v1.Inference.Nope")]
 
+    async def send_unknown() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        for request in unknown:
+            yield request
 
-async def _one(request: object) -> AsyncIterator[object]:
-    yield request
+    missing = [answer async for answer in stub.ServerReflectionInfo(send_unknown())]
+    assert missing[0].HasField("error_response")
 
 
 async def test_deadline_is_honoured(stub: pb_grpc.InferenceStub) -> None:
@@ -355,6 +360,7 @@ async def test_metrics_endpoint_has_stage_histograms_and_status_codes(
         await stub.Classify(pb.ClassifyRequest(image=pb.ImageInput(data=b"garbage")))
     url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
+
 
     def value(prefix: str) -> float:
         lines = [line for line in text.splitlines() if line.startswith(prefix)]

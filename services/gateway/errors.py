@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import grpc
 
 from services.imaging.errors import InvalidImage, LimitExceeded, UnsupportedCodec
+from services.metrics import REQUESTS
 from services.triton.client import ModelFailed, TritonDeadline, TritonRejected, TritonUnavailable
 
 log = logging.getLogger("medgate.gateway")
@@ -70,14 +71,18 @@ def unary_boundary(
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> ResponseT:
         try:
-            return await method(self, request, context)
+            response = await method(self, request, context)
         except asyncio.CancelledError:
+            REQUESTS.labels(rpc=method.__name__, code="CANCELLED").inc()
             raise
         except Exception as exc:
             code, message = status_for(exc)
+            REQUESTS.labels(rpc=method.__name__, code=code.name).inc()
             log.info("%s -> %s: %s", method.__name__, code.name, message)
             await context.abort(code, message)
             raise AssertionError("unreachable: context.abort raises") from None
+        REQUESTS.labels(rpc=method.__name__, code="OK").inc()
+        return response
 
     return wrapper
 
@@ -93,10 +98,14 @@ def stream_boundary(
             async for item in method(self, request, context):
                 yield item
         except asyncio.CancelledError:
+            REQUESTS.labels(rpc=method.__name__, code="CANCELLED").inc()
             raise
         except Exception as exc:
             code, message = status_for(exc)
+            REQUESTS.labels(rpc=method.__name__, code=code.name).inc()
             log.info("%s -> %s: %s", method.__name__, code.name, message)
             await context.abort(code, message)
+        else:
+            REQUESTS.labels(rpc=method.__name__, code="OK").inc()
 
     return wrapper
