@@ -156,7 +156,9 @@ def _lung_polygon(
     peak = rng.uniform(0.45, 0.7)
     for s in np.linspace(0.0, 1.0, 10)[1:]:
         x = cp_x + (med_bottom - cp_x) * s
-        lift = math.sin(math.pi * min(1.0, s / (2 * peak))) if s < peak else 1.0 - 0.35 * (s - peak) / (1 - peak)
+        lift = (
+            math.sin(math.pi * min(1.0, s / (2 * peak))) if s < peak else 1.0 - 0.35 * (s - peak) / (1 - peak)
+        )
         pts.append((x, base_y - dome * lift + j(0.004 * height)))
     # medial border: base -> apex (mediastinum); aortic knob on the patient's left
     for t in np.linspace(1.0, 0.0, 10)[1:-1]:
@@ -229,10 +231,30 @@ def generate(
     med_top = tw * rng.uniform(0.06, 0.09)
     med_bottom = tw * rng.uniform(0.05, 0.1)
     right_h = lh * rng.uniform(0.9, 0.97)  # patient's right hemidiaphragm is higher
-    right_poly = rot(_lung_polygon(rng, -1, cx, y_apex + rng.uniform(-0.02, 0.02) * lh, hw * rng.uniform(0.97, 1.03),
-                                   right_h, med_top, med_bottom * rng.uniform(1.0, 1.4)))
-    left_poly = rot(_lung_polygon(rng, +1, cx, y_apex + rng.uniform(-0.02, 0.02) * lh, hw * rng.uniform(0.95, 1.0),
-                                  lh, med_top * rng.uniform(0.9, 1.1), med_bottom))
+    right_poly = rot(
+        _lung_polygon(
+            rng,
+            -1,
+            cx,
+            y_apex + rng.uniform(-0.02, 0.02) * lh,
+            hw * rng.uniform(0.97, 1.03),
+            right_h,
+            med_top,
+            med_bottom * rng.uniform(1.0, 1.4),
+        )
+    )
+    left_poly = rot(
+        _lung_polygon(
+            rng,
+            +1,
+            cx,
+            y_apex + rng.uniform(-0.02, 0.02) * lh,
+            hw * rng.uniform(0.95, 1.0),
+            lh,
+            med_top * rng.uniform(0.9, 1.1),
+            med_bottom,
+        )
+    )
 
     # heart: an ellipse left of the midline (image right), low in the thorax, tilted toward its apex
     h_ax = tw * rng.uniform(0.2, 0.27)
@@ -253,13 +275,24 @@ def generate(
     xo, yo = xx / ws, yy / ws  # original coordinates of work pixels
     bw = hw * rng.uniform(1.15, 1.35)  # body half-width
     body_top = y_apex - lh * rng.uniform(0.02, 0.12)
-    body_poly = rot(np.array([
-        [cx - bw, H * 1.5], [cx - bw * rng.uniform(0.97, 1.05), body_top + 0.25 * lh],
-        [cx - bw * 0.92, body_top + 0.06 * lh], [cx - bw * 0.7, body_top], [cx - tw * 0.14, body_top - 0.03 * lh],
-        [cx - tw * 0.12, -10], [cx + tw * 0.12, -10], [cx + tw * 0.14, body_top - 0.03 * lh],
-        [cx + bw * 0.7, body_top], [cx + bw * 0.92, body_top + 0.06 * lh],
-        [cx + bw * rng.uniform(0.97, 1.05), body_top + 0.25 * lh], [cx + bw, H * 1.5],
-    ]))
+    body_poly = rot(
+        np.array(
+            [
+                [cx - bw, H * 1.5],
+                [cx - bw * rng.uniform(0.97, 1.05), body_top + 0.25 * lh],
+                [cx - bw * 0.92, body_top + 0.06 * lh],
+                [cx - bw * 0.7, body_top],
+                [cx - tw * 0.14, body_top - 0.03 * lh],
+                [cx - tw * 0.12, -10],
+                [cx + tw * 0.12, -10],
+                [cx + tw * 0.14, body_top - 0.03 * lh],
+                [cx + bw * 0.7, body_top],
+                [cx + bw * 0.92, body_top + 0.06 * lh],
+                [cx + bw * rng.uniform(0.97, 1.05), body_top + 0.25 * lh],
+                [cx + bw, H * 1.5],
+            ]
+        )
+    )
     body_poly = _chaikin(body_poly, 3)
     body_w = _fill((wh, ww), [body_poly], ws).astype(np.float32)
     body_w = cv2.GaussianBlur(body_w, (0, 0), max(0.8, 0.004 * tw * ws))
@@ -277,8 +310,13 @@ def generate(
     depth = _blur(lungs_w, 0.05 * tw * ws)
     air = rng.uniform(0.45, 0.68)
     lung_drop = air * (0.55 * lungs_s + 0.45 * depth * lungs_s)
-    hilum_dist = np.minimum(np.hypot(xo - (cx - 0.15 * tw), yo - (y_apex + 0.45 * lh)),
-                            np.hypot(xo - (cx + 0.15 * tw), yo - (y_apex + 0.42 * lh))) / tw
+    hilum_dist = (
+        np.minimum(
+            np.hypot(xo - (cx - 0.15 * tw), yo - (y_apex + 0.45 * lh)),
+            np.hypot(xo - (cx + 0.15 * tw), yo - (y_apex + 0.42 * lh)),
+        )
+        / tw
+    )
     vessels = np.exp(-hilum_dist * rng.uniform(3.0, 5.0)) * rng.uniform(0.1, 0.22)
     texture = _smooth_noise(rng, (wh, ww), int(rng.integers(12, 24))) * rng.uniform(0.015, 0.035)
     texture += _smooth_noise(rng, (wh, ww), int(rng.integers(40, 70))) * rng.uniform(0.008, 0.02)
@@ -287,10 +325,19 @@ def generate(
     # heart, mediastinum, spine
     heart_s = cv2.GaussianBlur(heart_w, (0, 0), edge_sigma)
     dens += heart_s * rng.uniform(0.08, 0.2)
-    med_poly = rot(_chaikin(np.array([
-        [cx - med_top * 1.1, body_top], [cx + med_top * 1.1, body_top],
-        [cx + med_bottom * 1.2, h_cy], [cx - med_bottom * 1.2, h_cy],
-    ]), 2))
+    med_poly = rot(
+        _chaikin(
+            np.array(
+                [
+                    [cx - med_top * 1.1, body_top],
+                    [cx + med_top * 1.1, body_top],
+                    [cx + med_bottom * 1.2, h_cy],
+                    [cx - med_bottom * 1.2, h_cy],
+                ]
+            ),
+            2,
+        )
+    )
     med_w = _blur(_fill((wh, ww), [med_poly], ws).astype(np.float32), 3 * edge_sigma)
     dens += med_w * (1 - lungs_s) * rng.uniform(0.1, 0.25)
     spine_half = tw * rng.uniform(0.035, 0.05)
@@ -311,16 +358,40 @@ def generate(
             y0 = first + i * spacing * (1 + 0.02 * i)
             s = np.linspace(0.0, 1.0, 24)
             x = cx + side * (spine_half + s * (hw * rng.uniform(1.0, 1.1) - spine_half))
-            y = y0 - lh * 0.045 * np.sin(np.pi * s * 0.8) + lh * 0.16 * s**2.2 + rng.uniform(-0.005, 0.005) * lh
+            y = (
+                y0
+                - lh * 0.045 * np.sin(np.pi * s * 0.8)
+                + lh * 0.16 * s**2.2
+                + rng.uniform(-0.005, 0.005) * lh
+            )
             pts = rot(np.stack([x, y], 1))
-            cv2.polylines(bone, [np.round(pts * ws * _SUBPIXEL).astype(np.int32).reshape(-1, 1, 2)], False,
-                          rng.uniform(0.7, 1.0), rib_thick, cv2.LINE_AA, _SUBPIXEL_SHIFT)
+            cv2.polylines(
+                bone,
+                [np.round(pts * ws * _SUBPIXEL).astype(np.int32).reshape(-1, 1, 2)],
+                False,
+                rng.uniform(0.7, 1.0),
+                rib_thick,
+                cv2.LINE_AA,
+                _SUBPIXEL_SHIFT,
+            )
         s = np.linspace(0.0, 1.0, 16)
         x = cx + side * (tw * 0.05 + s * hw * rng.uniform(0.85, 1.0))
-        y = y_apex + lh * rng.uniform(0.0, 0.06) - s * lh * rng.uniform(0.03, 0.09) + lh * 0.03 * np.sin(np.pi * s)
+        y = (
+            y_apex
+            + lh * rng.uniform(0.0, 0.06)
+            - s * lh * rng.uniform(0.03, 0.09)
+            + lh * 0.03 * np.sin(np.pi * s)
+        )
         pts = rot(np.stack([x, y], 1))
-        cv2.polylines(bone, [np.round(pts * ws * _SUBPIXEL).astype(np.int32).reshape(-1, 1, 2)], False,
-                      1.0, max(1, round(rib_thick * 1.3)), cv2.LINE_AA, _SUBPIXEL_SHIFT)
+        cv2.polylines(
+            bone,
+            [np.round(pts * ws * _SUBPIXEL).astype(np.int32).reshape(-1, 1, 2)],
+            False,
+            1.0,
+            max(1, round(rib_thick * 1.3)),
+            cv2.LINE_AA,
+            _SUBPIXEL_SHIFT,
+        )
     bone = cv2.GaussianBlur(bone, (0, 0), max(0.6, rib_thick * 0.25))
     dens += bone * body_w * rng.uniform(0.08, 0.2)
 
@@ -368,25 +439,33 @@ def generate(
             mask = np.zeros((H, W), dtype=bool)
             mask[y0:y1, x0:x1] = inside
             lesions.append(mask)
-            occupied[y0:y1, x0:x1] |= cv2.dilate(inside.astype(np.uint8), np.ones((3, 3), np.uint8),
-                                                 iterations=gap).astype(bool)
+            occupied[y0:y1, x0:x1] |= cv2.dilate(
+                inside.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=gap
+            ).astype(bool)
             ys_m, xs_m = np.nonzero(inside)
-            boxes.append([float(xs_m.min() + x0), float(ys_m.min() + y0),
-                          float(xs_m.max() + 1 + x0), float(ys_m.max() + 1 + y0)])
+            boxes.append(
+                [
+                    float(xs_m.min() + x0),
+                    float(ys_m.min() + y0),
+                    float(xs_m.max() + 1 + x0),
+                    float(ys_m.max() + 1 + y0),
+                ]
+            )
             contrast = rng.uniform(0.14, 0.5) * air / 0.55
             if diameter * model_scale < 30:  # small nodules are usually solid or calcified
                 contrast *= rng.uniform(1.1, 1.5)
             # density on the work grid, in a padded crop
             r_w = diameter / 2 * ws
-            pad = int(math.ceil(3 * max(0.5, 0.4 * r_w))) + 2
+            pad = math.ceil(3 * max(0.5, 0.4 * r_w)) + 2
             wx0, wy0 = max(0, int(x0 * ws) - pad), max(0, int(y0 * ws) - pad)
-            wx1, wy1 = min(ww, int(math.ceil(x1 * ws)) + pad), min(wh, int(math.ceil(y1 * ws)) + pad)
+            wx1, wy1 = min(ww, math.ceil(x1 * ws) + pad), min(wh, math.ceil(y1 * ws) + pad)
             lw = _fill((wy1 - wy0, wx1 - wx0), [poly * ws - (wx0, wy0)], 1.0).astype(np.float32)
             lw *= cv2.GaussianBlur(lungs_w[wy0:wy1, wx0:wx1], (0, 0), 0.5)
             lw_s = cv2.GaussianBlur(lw, (0, 0), max(0.5, min(0.12 * r_w, 3.0)))
             dome_w = cv2.GaussianBlur(lw, (0, 0), max(0.5, 0.4 * r_w))
-            lesion_w[wy0:wy1, wx0:wx1] += contrast * lw_s * (
-                0.65 + 0.35 * dome_w / max(float(dome_w.max()), 1e-6))
+            lesion_w[wy0:wy1, wx0:wx1] += (
+                contrast * lw_s * (0.65 + 0.35 * dome_w / max(float(dome_w.max()), 1e-6))
+            )
         if not lesions:
             label = "normal"
         dens += lesion_w
@@ -408,15 +487,27 @@ def generate(
     if rng.random() < 0.5:  # lead marker ("L"/"R") in an upper corner, near saturation
         mh, mw = max(8, round(0.04 * H)), max(6, round(0.03 * W))
         my = round(rng.uniform(0.02, 0.08) * H)
-        mx = round(rng.uniform(0.03, 0.1) * W) if rng.random() < 0.5 else W - mw - round(rng.uniform(0.03, 0.1) * W)
+        mx = (
+            round(rng.uniform(0.03, 0.1) * W)
+            if rng.random() < 0.5
+            else W - mw - round(rng.uniform(0.03, 0.1) * W)
+        )
         val = rng.uniform(0.92, 1.0) * vmax
         img[my : my + mh, mx : mx + max(2, mw // 3)] = val
         img[my + mh - max(2, mh // 4) : my + mh, mx : mx + mw] = val
     image = np.clip(np.rint(img), 0, vmax).astype(np.uint16)
 
     box_arr = np.array(boxes, dtype=np.float64).reshape(-1, 4)
-    return Phantom(image=image, left_lung=left_lung, right_lung=right_lung, heart=heart, lesions=lesions,
-                   lesion_boxes=box_arr, label=label, bits_stored=bits)
+    return Phantom(
+        image=image,
+        left_lung=left_lung,
+        right_lung=right_lung,
+        heart=heart,
+        lesions=lesions,
+        lesion_boxes=box_arr,
+        label=label,
+        bits_stored=bits,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

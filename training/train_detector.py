@@ -115,6 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--train", type=int, default=4000)
     parser.add_argument("--heldout", type=int, default=400)
     args = parser.parse_args()
@@ -150,7 +151,7 @@ def main() -> None:
 
     model = Detector()
     print(f"detector: {sum(p.numel() for p in model.parameters())} parameters", flush=True)
-    train_s = common.train_loop(model, args.steps, batch_fn, loss_fn, lr=3e-3)
+    train_s = common.train_loop(model, args.steps, batch_fn, loss_fn, lr=args.lr)
     print(f"training took {train_s:.0f}s", flush=True)
 
     common.export_onnx(Serving(model), ONNX_PATH, ["boxes", "scores"])
