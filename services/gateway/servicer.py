@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -27,6 +28,7 @@ from services.triton.client import TritonModels
 
 log = logging.getLogger("medgate.gateway")
 
+ResponseT = TypeVar("ResponseT", pb.ClassifyResponse, pb.DetectResponse, pb.SegmentResponse)
 PROMPT_SEPARATOR = "&"
 STREAM_IN_FLIGHT = 4
 
@@ -398,6 +400,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     # --- RPCs ----------------------------------------------------------------------------------
 
+    @staticmethod
+    def _finish(response: ResponseT, prepared: PreparedImage, clock: Clock, rpc: str) -> ResponseT:
+        """What every single-task answer carries: the transform, what was read, and the stage timings."""
+        response.transform.CopyFrom(transform_proto(prepared.transform))
+        response.image.CopyFrom(image_info_proto(prepared))
+        response.timings.CopyFrom(clock.to_proto())
+        clock.observe(rpc, prepared)
+        return response
+
     @unary_boundary
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         clock = Clock(started=time.perf_counter())
@@ -408,11 +419,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             response.review.extend(
                 await self.router.route(image=request.image, prepared=prepared, classification=response)
             )
-        response.transform.CopyFrom(transform_proto(prepared.transform))
-        response.image.CopyFrom(image_info_proto(prepared))
-        response.timings.CopyFrom(clock.to_proto())
-        clock.observe("Classify", prepared)
-        return response
+        return self._finish(response, prepared, clock, "Classify")
 
     @unary_boundary
     async def Detect(self, request: pb.DetectRequest, context: grpc.aio.ServicerContext) -> pb.DetectResponse:
@@ -424,11 +431,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         )
         if self.router is not None:
             response.review.extend(await self.router.route(image=request.image, prepared=prepared, detection=response))
-        response.transform.CopyFrom(transform_proto(prepared.transform))
-        response.image.CopyFrom(image_info_proto(prepared))
-        response.timings.CopyFrom(clock.to_proto())
-        clock.observe("Detect", prepared)
-        return response
+        return self._finish(response, prepared, clock, "Detect")
 
     @unary_boundary
     async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
@@ -452,11 +455,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             response.review.extend(
                 await self.router.route(image=request.image, prepared=prepared, segmentation=response, masks=masks)
             )
-        response.transform.CopyFrom(transform_proto(prepared.transform))
-        response.image.CopyFrom(image_info_proto(prepared))
-        response.timings.CopyFrom(clock.to_proto())
-        clock.observe("Segment", prepared)
-        return response
+        return self._finish(response, prepared, clock, "Segment")
 
     @unary_boundary
     async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
