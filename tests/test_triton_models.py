@@ -113,7 +113,9 @@ def test_wrong_dtype_and_shape_are_refused_and_the_model_keeps_serving(
         "segmenter_text": [_input("prompts", _prompts(1, "heart"), "BYTES")],
         "segmenter_box": [_input("boxes", np.array([[[100, 100, 400, 400]]], np.float32), "FP32")],
     }.get(model, [])
-    _assert_refused(client, model, [_input("image", np.zeros((1, 1024, 1024), np.float32), "FP32"), *extra], "data-type")
+    _assert_refused(
+        client, model, [_input("image", np.zeros((1, 1024, 1024), np.float32), "FP32"), *extra], "data-type"
+    )
     _assert_refused(client, model, [_input("image", np.zeros((1, 512, 512), np.uint8), "UINT8"), *extra], "shape")
     result = client.infer(model, [_input("image", _images(1), "UINT8"), *extra])
     assert result.get_response() is not None
