@@ -33,6 +33,7 @@ MODELS_DIR = REPO / "triton_models"
 DATA_VERSION = "v1"
 TRAIN_SEED = 1_000_003
 HELDOUT_SEED = 2_000_029  # a different seed: held-out phantoms are never seen in training
+CALIB_SEED = 3_000_017  # a third seed, for fitting score calibration (never the held-out set)
 CHUNK = 200
 WINDOW_MODES = ("minmax", "percentile", "percentile-1-99")
 WINDOW_P = (0.5, 0.25, 0.25)
@@ -112,9 +113,12 @@ def _chunk(args: tuple[int, int, int, bool]) -> dict:
 
 
 def load_split(split: str, n: int, *, workers: int = 2) -> dict[str, np.ndarray]:
-    """``train`` (512 cache) or ``heldout`` (full 1024 images and packed masks), first ``n`` samples."""
-    full = split == "heldout"
-    seed = HELDOUT_SEED if full else TRAIN_SEED
+    """First ``n`` samples of ``train`` (512 cache), ``heldout`` or ``calib`` (full 1024 images, packed masks)."""
+    seeds = {"train": TRAIN_SEED, "heldout": HELDOUT_SEED, "calib": CALIB_SEED}
+    if split not in seeds:
+        raise ValueError(f"unknown split {split!r}")
+    full = split != "train"
+    seed = seeds[split]
     folder = CACHE_DIR / DATA_VERSION
     folder.mkdir(parents=True, exist_ok=True)
     starts = list(range(0, n, CHUNK))
