@@ -1,9 +1,12 @@
 """Gateway overhead and throughput, measured side by side in one run (``make bench``).
 
 1. Overhead ratio: gateway ``Classify`` on an encoded file against a direct tritonclient call of the
-   same model on the same preprocessed tensor, calls interleaved A/B so machine noise hits both;
-   p50 and p99 for a 1024x1024 PNG and for pydicom-data's RG1_UNCI.dcm.
-2. Throughput of the gateway with 1 and 2 worker processes (clients on separate connections).
+   same model on the same preprocessed tensor, calls interleaved so machine noise hits every arm:
+   the gateway as shipped (tensors to Triton through shared memory), the gateway with shared memory
+   off (tensors in the gRPC message), and the direct call; p50 and p99 for a 1024x1024 PNG and for
+   pydicom-data's RG1_UNCI.dcm, with the gateway's own stage timings.
+2. Throughput of the gateway with 1 and 2 worker processes at 1, 4 and 16 concurrent clients (each
+   its own connection, so SO_REUSEPORT spreads them over the workers).
 
 Results go to ``bench/results/gateway.json``. A benchmark, not a test: nothing here asserts.
 """
@@ -59,13 +62,20 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def gateway_process(triton_url: str, port: int, workers: int) -> Iterator[None]:
+def gateway_process(triton_url: str, port: int, workers: int, *, shared_memory: str = "auto") -> Iterator[None]:
     # Review routing off: this measures inference overhead. Metrics on a free port, to never clash.
     env = dict(
-        os.environ, MEDGATE_TRITON_URL=triton_url, MEDGATE_REVIEW_ENABLED="false", MEDGATE_GATEWAY_METRICS_PORT="0"
+        os.environ,
+        MEDGATE_TRITON_URL=triton_url,
+        MEDGATE_TRITON_SHARED_MEMORY=shared_memory,
+        MEDGATE_REVIEW_ENABLED="false",
+        MEDGATE_REPORT_ENABLED="false",
+        MEDGATE_GATEWAY_METRICS_PORT="0",
     )
+    script = Path(sys.executable).parent / "medgate"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "clients.cli"]  # not pip-installed
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "medgate"), "serve", "--port", str(port), "--workers", str(workers)],
+        [*command, "serve", "--port", str(port), "--workers", str(workers)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -105,7 +115,10 @@ def channel(target: str, index: int = 0) -> grpc.Channel:
     )
 
 
-def overhead(name: str, data: bytes, gateway: str, triton_url: str, *, calls: int, warmup: int) -> dict[str, Any]:
+def overhead(
+    name: str, data: bytes, gateways: dict[str, str], triton_url: str, *, calls: int, warmup: int
+) -> dict[str, Any]:
+    """Interleave one call of each arm per round (rotating the order) and compare their percentiles."""
     prepared = prepare(data, limits=IngestLimits())
     tensor = prepared.model_image[None]
     triton = triton_grpc.InferenceServerClient(triton_url)
@@ -113,43 +126,51 @@ def overhead(name: str, data: bytes, gateway: str, triton_url: str, *, calls: in
     image.set_data_from_numpy(tensor)
     request = pb.ClassifyRequest(image=pb.ImageInput(data=data))
     direct_probabilities = triton.infer("classifier", [image]).as_numpy("probabilities")[0]
-    with channel(gateway) as ch:
-        stub = pb_grpc.InferenceStub(ch)
+    channels = {arm: channel(target) for arm, target in gateways.items()}
+    stubs = {arm: pb_grpc.InferenceStub(ch) for arm, ch in channels.items()}
+    for stub in stubs.values():
         answer = stub.Classify(request)
-        labels = {s.label: s.score for s in answer.scores}
-        assert abs(max(labels.values()) - float(direct_probabilities.max())) < 1e-4, "gateway and direct disagree"
-        via_gateway: list[float] = []
-        direct: list[float] = []
-        stages: list[pb.StageTimings] = []
-        for index in range(warmup + calls):
-            first, second = (0, 1) if index % 2 == 0 else (1, 0)
-            for which in (first, second):
-                started = time.perf_counter()
-                if which == 0:
-                    response = stub.Classify(request)
-                else:
-                    triton.infer("classifier", [image])
-                elapsed = time.perf_counter() - started
-                if index >= warmup:
-                    (via_gateway if which == 0 else direct).append(elapsed)
-                    if which == 0:
-                        stages.append(response.timings)
+        top = max(s.score for s in answer.scores)
+        assert abs(top - float(direct_probabilities.max())) < 1e-4, "gateway and direct disagree"
+    arms = [*stubs, "direct_triton"]
+    samples: dict[str, list[float]] = {arm: [] for arm in arms}
+    stages: dict[str, list[pb.StageTimings]] = {arm: [] for arm in stubs}
+    for index in range(warmup + calls):
+        for arm in arms[index % len(arms) :] + arms[: index % len(arms)]:
+            started = time.perf_counter()
+            if arm == "direct_triton":
+                triton.infer("classifier", [image])
+            else:
+                response = stubs[arm].Classify(request)
+            elapsed = time.perf_counter() - started
+            if index >= warmup:
+                samples[arm].append(elapsed)
+                if arm != "direct_triton":
+                    stages[arm].append(response.timings)
     triton.close()
-    gateway_stats = percentiles(via_gateway)
-    direct_stats = percentiles(direct)
-    return {
+    for ch in channels.values():
+        ch.close()
+    stats = {arm: percentiles(values) for arm, values in samples.items()}
+    direct = stats["direct_triton"]
+    result: dict[str, Any] = {
         "input": name,
         "input_bytes": len(data),
         "original_size": [prepared.transform.original_width, prepared.transform.original_height],
-        "gateway": gateway_stats,
-        "direct_triton": direct_stats,
-        "ratio_p50": round(gateway_stats["p50_ms"] / direct_stats["p50_ms"], 3),
-        "ratio_p99": round(gateway_stats["p99_ms"] / direct_stats["p99_ms"], 3),
-        "gateway_stage_p50_ms": {
-            stage: round(float(np.median([getattr(t, stage) for t in stages])), 3)
-            for stage in ("decode_ms", "preprocess_ms", "triton_ms", "encode_ms", "total_ms")
-        },
+        **stats,
     }
+    for arm in stubs:
+        stage_p50 = {
+            stage: round(float(np.median([getattr(t, stage) for t in stages[arm]])), 3)
+            for stage in ("decode_ms", "preprocess_ms", "triton_ms", "encode_ms", "total_ms")
+        }
+        result[arm]["ratio_p50"] = round(stats[arm]["p50_ms"] / direct["p50_ms"], 3)
+        result[arm]["ratio_p99"] = round(stats[arm]["p99_ms"] / direct["p99_ms"], 3)
+        # What the gateway adds besides decoding the file (which the direct call never does).
+        result[arm]["ratio_p50_without_decode"] = round(
+            (stats[arm]["p50_ms"] - stage_p50["decode_ms"]) / direct["p50_ms"], 3
+        )
+        result[arm]["stage_p50_ms"] = stage_p50
+    return result
 
 
 def throughput(target: str, request: pb.ClassifyRequest, *, clients: int, seconds: float) -> dict[str, Any]:
@@ -195,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--triton-url", default="", help="use this Triton (host:port) instead of starting one")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gateway.json")
     args = parser.parse_args(argv)
 
@@ -215,22 +237,36 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run": {"calls": args.calls, "warmup": args.warmup, "seconds": args.seconds, "clients": args.clients},
     }
-    with EmbeddedTriton(triton_settings) as triton:
-        url = triton.settings.grpc_url
-        port = free_port()
-        target = f"127.0.0.1:{port}"
-        with gateway_process(url, port, workers=1):
+    with contextlib.ExitStack() as stack:
+        url = args.triton_url or stack.enter_context(EmbeddedTriton(triton_settings)).settings.grpc_url
+        ports = {"gateway": free_port(), "gateway_wire": free_port()}
+        with (
+            gateway_process(url, ports["gateway"], workers=1),
+            gateway_process(url, ports["gateway_wire"], workers=1, shared_memory="off"),
+        ):
+            targets = {arm: f"127.0.0.1:{port}" for arm, port in ports.items()}
             results["overhead"] = [
-                overhead("png_1024", png, target, url, calls=args.calls, warmup=args.warmup),
-                overhead("RG1_UNCI.dcm", dicom, target, url, calls=args.calls // 2, warmup=args.warmup // 2),
+                overhead("png_1024", png, targets, url, calls=args.calls, warmup=args.warmup),
+                overhead("RG1_UNCI.dcm", dicom, targets, url, calls=args.calls // 2, warmup=args.warmup // 2),
             ]
         request = pb.ClassifyRequest(image=pb.ImageInput(data=png))
+        port = free_port()
+        target = f"127.0.0.1:{port}"
         sweeps: dict[str, Any] = {}
         for workers in (1, 2):
             with gateway_process(url, port, workers=workers):
-                sweeps[f"workers_{workers}"] = throughput(target, request, clients=args.clients, seconds=args.seconds)
-        sweeps["scaling_2_over_1"] = round(sweeps["workers_2"]["rps"] / max(sweeps["workers_1"]["rps"], 1e-9), 3)
+                for clients in args.clients:
+                    point = throughput(target, request, clients=clients, seconds=args.seconds)
+                    sweeps[f"workers_{workers}_clients_{clients}"] = point
+                    print(f"workers {workers} clients {clients}: {point['rps']} rps", flush=True)
+        sweeps["scaling_2_over_1"] = {
+            f"clients_{c}": round(
+                sweeps[f"workers_2_clients_{c}"]["rps"] / max(sweeps[f"workers_1_clients_{c}"]["rps"], 1e-9), 3
+            )
+            for c in args.clients
+        }
         results["throughput_png_1024"] = sweeps
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

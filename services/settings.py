@@ -32,6 +32,14 @@ class TritonSettings:
     python_shm_default_bytes: int = 64 * 1024 * 1024
     python_shm_growth_bytes: int = 64 * 1024 * 1024
     log_verbose: int = 0
+    # Tensors through /dev/shm instead of the gRPC message: "auto" (when Triton is on loopback and can
+    # map the regions), "on" or "off". The bound is per gateway worker.
+    shared_memory: str = "auto"
+    shared_memory_max_bytes: int = 256 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.shared_memory not in {"auto", "on", "off"}:
+            raise ValueError(f"triton.shared_memory must be auto, on or off, not {self.shared_memory!r}")
 
     @property
     def grpc_url(self) -> str:
@@ -82,6 +90,10 @@ class GatewaySettings:
     grace_period_s: float = 5.0
     # Prometheus /metrics (0 = any free port, negative = off); one port for all workers.
     metrics_port: int = 9464
+    # glibc allocator: buffers under this size are reused from the heap rather than mapped and
+    # unmapped per request (glibc's cap is 32 MiB); 0 leaves glibc's defaults. See tune_allocator.
+    malloc_mmap_threshold_bytes: int = 32 * MIB
+    malloc_trim_threshold_bytes: int = 256 * MIB
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
 import os
@@ -42,7 +44,11 @@ class GatewayServer:
         self.serve_metrics = serve_metrics
         self.metrics_port = 0
         self.models = TritonModels(
-            triton_url, settings.models.as_dict(), retry_backoff_s=settings.gateway.triton_retry_backoff_s
+            triton_url,
+            settings.models.as_dict(),
+            retry_backoff_s=settings.gateway.triton_retry_backoff_s,
+            shared_memory=settings.triton.shared_memory,
+            shared_memory_max_bytes=settings.triton.shared_memory_max_bytes,
         )
         self.executor = ThreadPoolExecutor(settings.gateway.cpu_threads, thread_name_prefix="medgate-cpu")
         self.health = health.aio.HealthServicer()
@@ -130,8 +136,32 @@ async def _until_signal() -> None:
     await stop.wait()
 
 
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_allocator(mmap_threshold: int, trim_threshold: int) -> bool:
+    """Keep multi-megabyte buffers in glibc's heap instead of a fresh mmap for each one.
+
+    Every request allocates and frees several buffers of 1-30 MB (the message, decoded pixels,
+    the model square). By default glibc maps each one anew and unmaps it on free, so every request
+    page-faults them in again: measured on RG1_UNCI.dcm (7 MB), decode and letterbox took 35-70 ms
+    instead of 19-22 ms. Returns False where this is not glibc (nothing changes there).
+    """
+    if mmap_threshold <= 0:
+        return False
+    path = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(path or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
 async def serve_worker(settings: Settings, triton_url: str, *, with_review: bool = False, metrics: bool = True) -> None:
     """Run one gateway worker (and, in a single-process stack, the review service) until a signal."""
+    tune_allocator(settings.gateway.malloc_mmap_threshold_bytes, settings.gateway.malloc_trim_threshold_bytes)
     review = ReviewServer(settings.review) if with_review and settings.review.enabled else None
     if review is not None:
         await review.start()

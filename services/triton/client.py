@@ -19,11 +19,14 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from services.metrics import TRITON_SECONDS
+from services.triton.shm import SharedMemoryPool, needed_bytes, remove_stale_regions
 
 log = logging.getLogger("medgate.triton.client")
 
 MODEL_SIZE = 1024
 ANY = -1
+# Tensors at least this big go through shared memory when Triton is on this host (see shm.py).
+SHM_MIN_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -131,12 +134,35 @@ def check_contract(contract: Contract, metadata: dict[str, Any], config: dict[st
 class TritonModels:
     """Async calls to the four model roles on one Triton, with contracts checked by :meth:`connect`."""
 
-    def __init__(self, url: str, model_names: dict[str, str], *, retry_backoff_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        url: str,
+        model_names: dict[str, str],
+        *,
+        retry_backoff_s: float = 0.05,
+        shared_memory: str = "auto",
+        shared_memory_max_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
         self.url = url
         self.model_names = model_names
         self.retry_backoff_s = retry_backoff_s
         self.models: dict[str, ModelInfo] = {}
         self._client: triton_aio.InferenceServerClient | None = None
+        self._shared_memory = shared_memory
+        self._shm_max_bytes = shared_memory_max_bytes
+        self._shm: SharedMemoryPool | None = None
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        return self._shm is not None and self._shm.enabled
+
+    def _wants_shared_memory(self) -> bool:
+        if self._shared_memory == "on":
+            return True
+        if self._shared_memory != "auto":
+            return False
+        host = self.url.rsplit(":", 1)[0].strip("[]").lower()
+        return host in {"127.0.0.1", "localhost", "::1"}
 
     @property
     def client(self) -> triton_aio.InferenceServerClient:
@@ -174,6 +200,9 @@ class TritonModels:
             info.labels = [s.strip() for s in parameters.get("labels", "").split(",") if s.strip()]
             models[role] = info
         self.models = models
+        if self._wants_shared_memory() and self._shm is None:
+            remove_stale_regions()
+            self._shm = SharedMemoryPool(self.client, max_bytes=self._shm_max_bytes)
         if "classifier" in models and not models["classifier"].labels:
             models["classifier"].labels = await self._classifier_labels()
         return models
@@ -183,7 +212,7 @@ class TritonModels:
         info = self.models["classifier"]
         probe = np.zeros((1, MODEL_SIZE, MODEL_SIZE), np.uint8)
         plain = await self._infer(info, [("image", probe)], ["probabilities"], deadline=time.monotonic() + 30)
-        count = int(plain.as_numpy("probabilities").shape[-1])
+        count = int(plain["probabilities"].shape[-1])
         output = triton_grpc.InferRequestedOutput("probabilities", class_count=count)
         inputs = [self._input("image", probe)]
         result = await self.client.infer(info.name, inputs, outputs=[output], client_timeout=30)
@@ -205,18 +234,22 @@ class TritonModels:
         return states
 
     async def close(self) -> None:
+        if self._shm is not None:
+            await self._shm.close()
+            self._shm = None
         if self._client is not None:
             await self._client.close()
             self._client = None
 
     @staticmethod
-    def _input(name: str, array: np.ndarray) -> triton_grpc.InferInput:
-        datatype = "BYTES" if array.dtype == np.object_ else {
-            np.dtype(np.uint8): "UINT8",
-            np.dtype(np.float32): "FP32",
-            np.dtype(np.int32): "INT32",
-        }[array.dtype]
-        tensor = triton_grpc.InferInput(name, list(array.shape), datatype)
+    def _datatype(array: np.ndarray) -> str:
+        if array.dtype == np.object_:
+            return "BYTES"
+        return {np.dtype(np.uint8): "UINT8", np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}[array.dtype]
+
+    @classmethod
+    def _input(cls, name: str, array: np.ndarray) -> triton_grpc.InferInput:
+        tensor = triton_grpc.InferInput(name, list(array.shape), cls._datatype(array))
         tensor.set_data_from_numpy(array)
         return tensor
 
@@ -227,20 +260,35 @@ class TritonModels:
         outputs: list[str],
         *,
         deadline: float,
-    ) -> Any:
-        inputs = [self._input(name, array) for name, array in arrays]
-        requested = [triton_grpc.InferRequestedOutput(name) for name in outputs]
+        sized_outputs: dict[str, tuple[tuple[int, ...], np.dtype[Any]]] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run one request; ``sized_outputs`` (shape, dtype known in advance) may come back through shared memory."""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TritonDeadline(f"deadline exceeded before model {info.name!r} answered")
+            region = await self._region_for(arrays, sized_outputs or {})
             try:
+                inputs, requested, placed = self._request(arrays, outputs, sized_outputs or {}, region)
                 started = time.perf_counter()
                 result = await self.client.infer(info.name, inputs, outputs=requested, client_timeout=remaining)
                 TRITON_SECONDS.labels(model=info.name).observe(time.perf_counter() - started)
-                return result
+                answer: dict[str, np.ndarray] = {}
+                for name in outputs:
+                    if name in placed and region is not None:
+                        shape = tuple(int(n) for n in result.get_output(name).shape)
+                        answer[name] = region.read(placed[name], shape, (sized_outputs or {})[name][1])
+                    else:
+                        answer[name] = np.asarray(result.as_numpy(name))
+                return answer
             except InferenceServerException as exc:
                 status = exc.status() or ""
+                message = exc.message() or ""
+                if region is not None and "shared memory" in message.lower() and self._shm is not None:
+                    # Triton lost our registrations (restarted) or cannot map them: go over the wire.
+                    await self._shm.disable("Triton refused a registered region")
+                    region = None
+                    continue
                 if "DEADLINE_EXCEEDED" in status:
                     raise TritonDeadline(f"deadline exceeded while model {info.name!r} was running") from None
                 if "UNAVAILABLE" in status:
@@ -249,13 +297,53 @@ class TritonModels:
                         await asyncio.sleep(self.retry_backoff_s)
                         continue
                     raise TritonUnavailable(f"model {info.name!r} is unavailable") from None
-                message = exc.message() or ""
                 if "NOT_FOUND" in status or "not found" in message or "not ready" in message:
                     raise TritonUnavailable(f"model {info.name!r} is not loaded or not ready") from None
                 if "INVALID_ARG" in status:
                     raise TritonRejected(f"model {info.name!r} refused the request: {message}") from None
                 log.error("model %s failed with %s: %s", info.name, status, message)
                 raise ModelFailed(f"model {info.name!r} failed while running the request") from None
+            finally:
+                if region is not None and self._shm is not None:
+                    self._shm.release(region)
+
+    async def _region_for(
+        self, arrays: list[tuple[str, np.ndarray]], sized_outputs: dict[str, tuple[tuple[int, ...], np.dtype[Any]]]
+    ) -> Any:
+        if self._shm is None or not self._shm.enabled:
+            return None
+        sizes = [a.nbytes for _, a in arrays if a.dtype != np.object_ and a.nbytes >= SHM_MIN_BYTES]
+        sizes += [int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in sized_outputs.values()]
+        if not sizes:
+            return None
+        return await self._shm.acquire(needed_bytes(sizes))
+
+    def _request(
+        self,
+        arrays: list[tuple[str, np.ndarray]],
+        outputs: list[str],
+        sized_outputs: dict[str, tuple[tuple[int, ...], np.dtype[Any]]],
+        region: Any,
+    ) -> tuple[list[triton_grpc.InferInput], list[triton_grpc.InferRequestedOutput], dict[str, int]]:
+        inputs: list[triton_grpc.InferInput] = []
+        for name, array in arrays:
+            if region is not None and array.dtype != np.object_ and array.nbytes >= SHM_MIN_BYTES:
+                tensor = triton_grpc.InferInput(name, list(array.shape), self._datatype(array))
+                tensor.set_shared_memory(region.name, array.nbytes, offset=region.write(array))
+                inputs.append(tensor)
+            else:
+                inputs.append(self._input(name, array))
+        requested: list[triton_grpc.InferRequestedOutput] = []
+        placed: dict[str, int] = {}
+        for name in outputs:
+            output = triton_grpc.InferRequestedOutput(name)
+            if region is not None and name in sized_outputs:
+                shape, dtype = sized_outputs[name]
+                nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+                placed[name] = region.reserve(nbytes)
+                output.set_shared_memory(region.name, nbytes, offset=placed[name])
+            requested.append(output)
+        return inputs, requested, placed
 
     # --- the four roles ------------------------------------------------------------------------
 
@@ -263,7 +351,7 @@ class TritonModels:
         """Probabilities [C] for one letterboxed uint8 image."""
         info = self.models["classifier"]
         result = await self._infer(info, [("image", image[None])], ["probabilities"], deadline=deadline)
-        return np.asarray(result.as_numpy("probabilities"))[0]
+        return result["probabilities"][0]
 
     async def detect(self, image: np.ndarray, *, deadline: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Boxes [K, 4] (model space), scores [K], label indices [K], highest score first."""
@@ -271,11 +359,8 @@ class TritonModels:
         result = await self._infer(
             info, [("image", image[None])], ["boxes", "scores", "labels", "count"], deadline=deadline
         )
-        count = int(np.asarray(result.as_numpy("count")).reshape(-1)[0])
-        boxes = np.asarray(result.as_numpy("boxes"))[0][:count]
-        scores = np.asarray(result.as_numpy("scores"))[0][:count]
-        labels = np.asarray(result.as_numpy("labels"))[0][:count]
-        return boxes, scores, labels
+        count = int(result["count"].reshape(-1)[0])
+        return result["boxes"][0][:count], result["scores"][0][:count], result["labels"][0][:count]
 
     async def segment_text(
         self, image: np.ndarray, prompts: list[str], *, deadline: float
@@ -284,10 +369,14 @@ class TritonModels:
         info = self.models["segmenter_text"]
         encoded = np.array([[p.encode("utf-8") for p in prompts]], dtype=np.object_)
         result = await self._infer(
-            info, [("image", image[None]), ("prompts", encoded)], ["masks", "scores", "categories"], deadline=deadline
+            info,
+            [("image", image[None]), ("prompts", encoded)],
+            ["masks", "scores", "categories"],
+            deadline=deadline,
+            sized_outputs={"masks": _masks_shape(len(prompts))},
         )
-        categories = [c.decode() if isinstance(c, bytes) else str(c) for c in result.as_numpy("categories")[0]]
-        return np.asarray(result.as_numpy("masks"))[0], np.asarray(result.as_numpy("scores"))[0], categories
+        categories = [c.decode() if isinstance(c, bytes) else str(c) for c in result["categories"][0]]
+        return result["masks"][0], result["scores"][0], categories
 
     async def segment_boxes(
         self, image: np.ndarray, boxes: np.ndarray, *, deadline: float
@@ -299,5 +388,10 @@ class TritonModels:
             [("image", image[None]), ("boxes", boxes.astype(np.float32)[None])],
             ["masks", "scores"],
             deadline=deadline,
+            sized_outputs={"masks": _masks_shape(len(boxes))},
         )
-        return np.asarray(result.as_numpy("masks"))[0], np.asarray(result.as_numpy("scores"))[0]
+        return result["masks"][0], result["scores"][0]
+
+
+def _masks_shape(count: int) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    return (1, count, MODEL_SIZE, MODEL_SIZE), np.dtype(np.uint8)
