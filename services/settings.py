@@ -63,7 +63,8 @@ class ModelNames:
     segmenter_box: str = "segmenter_box"
 
     def as_dict(self) -> dict[str, str]:
-        return {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
+        """Configured roles only: an empty name turns a role off (its RPCs answer UNIMPLEMENTED)."""
+        return {item.name: getattr(self, item.name) for item in dataclasses.fields(self) if getattr(self, item.name)}
 
 
 @dataclass(frozen=True)

@@ -98,3 +98,39 @@ async def test_error_messages_carry_no_patient_data(stub: pb_grpc.InferenceStub)
     details = failure.value.details() or ""
     for secret in (PATIENT_NAME, PATIENT_ID, PATIENT_BIRTH_DATE, "Doe"):
         assert secret not in details
+
+
+async def test_a_role_without_a_model_answers_unimplemented(triton_url: str) -> None:
+    """A deployment with no box segmenter (settings.models.segmenter_box = ""): the other roles serve."""
+    import cv2
+    import numpy as np
+
+    from services.gateway.server import GatewayServer
+    from services.settings import load_settings
+
+    settings = load_settings(
+        gateway={"port": 0, "metrics_port": -1}, review={"enabled": False}, models={"segmenter_box": ""}
+    )
+    server = GatewayServer(settings, triton_url)
+    await server.start(port=0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            pixels = np.random.default_rng(5).integers(0, 255, (256, 256), dtype=np.uint8)
+            image = pb.ImageInput(data=cv2.imencode(".png", pixels)[1].tobytes())
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Segment(pb.SegmentRequest(image=image, boxes=[pb.Box(x0=10, y0=10, x1=90, y1=90)]))
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "segmenter_box" in (refused.value.details() or "")
+            answer = await stub.Segment(pb.SegmentRequest(image=image, prompts="heart"))
+            assert [p.prompt for p in answer.prompts] == ["heart"]
+            assert (await stub.Classify(pb.ClassifyRequest(image=image))).scores
+            health = health_pb2_grpc.HealthStub(channel)
+            assert (
+                await health.Check(health_pb2.HealthCheckRequest(service="medgate.v1.Inference"))
+            ).status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await health.Check(health_pb2.HealthCheckRequest(service="medgate.v1.Inference/segmenter_box"))
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await server.stop()

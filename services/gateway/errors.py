@@ -14,7 +14,7 @@ import grpc
 
 from services.imaging.errors import InvalidImage, LimitExceeded, UnsupportedCodec
 from services.metrics import REQUESTS
-from services.triton.client import ModelFailed, TritonDeadline, TritonRejected, TritonUnavailable
+from services.triton.client import ModelFailed, RoleNotServed, TritonDeadline, TritonRejected, TritonUnavailable
 
 log = logging.getLogger("medgate.gateway")
 
@@ -35,6 +35,7 @@ _STATUS_BY_TYPE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UnsupportedCodec, grpc.StatusCode.FAILED_PRECONDITION),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RoleNotServed, grpc.StatusCode.UNIMPLEMENTED),
     (TritonUnavailable, grpc.StatusCode.UNAVAILABLE),
     (TritonDeadline, grpc.StatusCode.DEADLINE_EXCEEDED),
     (asyncio.TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),

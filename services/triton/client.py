@@ -89,6 +89,10 @@ class ModelFailed(RuntimeError):
     """The model raised while running a valid request (maps to INTERNAL; details go to the log only)."""
 
 
+class RoleNotServed(LookupError):
+    """No model is configured for a role (its name is empty in settings.models); maps to UNIMPLEMENTED."""
+
+
 class TritonDeadline(TimeoutError):
     """The caller's deadline ran out while waiting for Triton (maps to DEADLINE_EXCEEDED)."""
 
@@ -209,7 +213,7 @@ class TritonModels:
 
     async def _classifier_labels(self) -> list[str]:
         """Class names through Triton's classification extension (the model's label_filename)."""
-        info = self.models["classifier"]
+        info = self._role("classifier")
         probe = np.zeros((1, MODEL_SIZE, MODEL_SIZE), np.uint8)
         plain = await self._infer(info, [("image", probe)], ["probabilities"], deadline=time.monotonic() + 30)
         count = int(plain["probabilities"].shape[-1])
@@ -347,15 +351,21 @@ class TritonModels:
 
     # --- the four roles ------------------------------------------------------------------------
 
+    def _role(self, role: str) -> ModelInfo:
+        info = self.models.get(role)
+        if info is None:
+            raise RoleNotServed(f"this server has no {role} model (settings.models.{role} is empty)")
+        return info
+
     async def classify(self, image: np.ndarray, *, deadline: float) -> np.ndarray:
         """Probabilities [C] for one letterboxed uint8 image."""
-        info = self.models["classifier"]
+        info = self._role("classifier")
         result = await self._infer(info, [("image", image[None])], ["probabilities"], deadline=deadline)
         return result["probabilities"][0]
 
     async def detect(self, image: np.ndarray, *, deadline: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Boxes [K, 4] (model space), scores [K], label indices [K], highest score first."""
-        info = self.models["detector"]
+        info = self._role("detector")
         result = await self._infer(
             info, [("image", image[None])], ["boxes", "scores", "labels", "count"], deadline=deadline
         )
@@ -366,7 +376,7 @@ class TritonModels:
         self, image: np.ndarray, prompts: list[str], *, deadline: float
     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Masks [N, 1024, 1024] uint8, scores [N], categories [N] for N text prompts."""
-        info = self.models["segmenter_text"]
+        info = self._role("segmenter_text")
         encoded = np.array([[p.encode("utf-8") for p in prompts]], dtype=np.object_)
         result = await self._infer(
             info,
@@ -382,7 +392,7 @@ class TritonModels:
         self, image: np.ndarray, boxes: np.ndarray, *, deadline: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """Masks [N, 1024, 1024] uint8 and predicted IoU [N] for N model-space boxes."""
-        info = self.models["segmenter_box"]
+        info = self._role("segmenter_box")
         result = await self._infer(
             info,
             [("image", image[None]), ("boxes", boxes.astype(np.float32)[None])],
