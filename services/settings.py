@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from services.imaging.limits import IngestLimits
+from services.report.limits import ReportLimits
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "MEDGATE_"
@@ -122,12 +123,28 @@ class ReviewSettings:
 
 
 @dataclass(frozen=True)
+class ReportSettings(ReportLimits):
+    """The Report service (findings -> impression): its Triton model and per-request limits.
+
+    ``max_findings_chars`` (characters of one findings text; more is RESOURCE_EXHAUSTED),
+    ``default_evidence`` and ``max_evidence`` (nearest training reports returned) come from ReportLimits.
+    """
+
+    # Serve medgate.v1.Report; off (or an empty model) for a Triton without the impression model.
+    enabled: bool = True
+    model: str = "impression"  # the Triton model; point it at your own with the same contract
+    # Stream items answered at once on one ImpressionStream.
+    stream_in_flight: int = 8
+
+
+@dataclass(frozen=True)
 class Settings:
     triton: TritonSettings = field(default_factory=TritonSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     models: ModelNames = field(default_factory=ModelNames)
     ingest: IngestLimits = field(default_factory=IngestLimits)
     review: ReviewSettings = field(default_factory=ReviewSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
 
 
 def _coerce(value: str, like: Any) -> Any:

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from medgate.v1 import inference_pb2_grpc as pb_grpc
+from medgate.v1 import report_pb2_grpc
 from services.gateway.server import GatewayServer
 from services.review.server import ReviewServer
 from services.settings import PROJECT_ROOT, load_settings
@@ -76,3 +77,9 @@ async def channel(gateway: GatewayServer) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture(scope="session")
 def stub(channel: grpc.aio.Channel) -> pb_grpc.InferenceStub:
     return pb_grpc.InferenceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def report_stub(channel: grpc.aio.Channel) -> report_pb2_grpc.ReportStub:
+    """medgate.v1.Report on the same gateway (and so the same Triton) as the Inference tests."""
+    return report_pb2_grpc.ReportStub(channel)

@@ -14,6 +14,7 @@ import grpc
 
 from services.imaging.errors import InvalidImage, LimitExceeded, UnsupportedCodec
 from services.metrics import REQUESTS
+from services.report.limits import FindingsTooLong, InvalidFindings
 from services.triton.client import ModelFailed, RoleNotServed, TritonDeadline, TritonRejected, TritonUnavailable
 
 log = logging.getLogger("medgate.gateway")
@@ -31,10 +32,12 @@ class RequestTooLarge(ValueError):
 _STATUS_BY_TYPE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidImage, grpc.StatusCode.INVALID_ARGUMENT),
     (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidFindings, grpc.StatusCode.INVALID_ARGUMENT),
     (TritonRejected, grpc.StatusCode.INVALID_ARGUMENT),
     (UnsupportedCodec, grpc.StatusCode.FAILED_PRECONDITION),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (FindingsTooLong, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (RoleNotServed, grpc.StatusCode.UNIMPLEMENTED),
     (TritonUnavailable, grpc.StatusCode.UNAVAILABLE),
     (TritonDeadline, grpc.StatusCode.DEADLINE_EXCEEDED),

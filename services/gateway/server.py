@@ -17,7 +17,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
+from medgate.v1 import report_pb2, report_pb2_grpc
 from services.gateway.reflection import enable_reflection
+from services.gateway.report_servicer import ReportServicer
 from services.gateway.routing import ReviewRouter
 from services.gateway.servicer import InferenceServicer
 from services.metrics import cleanup_multiprocess, prepare_multiprocess, serve_metrics
@@ -25,15 +27,19 @@ from services.review.flows import load_flows
 from services.review.server import ReviewServer
 from services.settings import Settings
 from services.triton.client import TritonModels
+from services.triton.impression import ImpressionModel
 
 log = logging.getLogger("medgate.gateway")
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+REPORT_SERVICE = report_pb2.DESCRIPTOR.services_by_name["Report"].full_name
+REPORT_ROLE = "impression"
 
 
 def health_name(role: str) -> str:
     """Health service name of one model role, e.g. ``medgate.v1.Inference/classifier``."""
-    return f"{INFERENCE_SERVICE}/{role}"
+    service = REPORT_SERVICE if role == REPORT_ROLE else INFERENCE_SERVICE
+    return f"{service}/{role}"
 
 
 class GatewayServer:
@@ -73,14 +79,24 @@ class GatewayServer:
         pb_grpc.add_InferenceServicer_to_server(
             InferenceServicer(settings, self.models, self.executor, self.router), self.server
         )
+        self.report_model: ImpressionModel | None = None
+        services = [INFERENCE_SERVICE]
+        if settings.report.enabled and settings.report.model:
+            self.report_model = ImpressionModel(
+                triton_url, settings.report.model, retry_backoff_s=settings.gateway.triton_retry_backoff_s
+            )
+            report_pb2_grpc.add_ReportServicer_to_server(ReportServicer(settings, self.report_model), self.server)
+            services.append(REPORT_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        enable_reflection([INFERENCE_SERVICE, health.SERVICE_NAME], self.server)
+        enable_reflection([*services, health.SERVICE_NAME], self.server)
         self.port = 0
         self._health_task: asyncio.Task[None] | None = None
 
     async def start(self, *, port: int | None = None) -> int:
         """Check every model's contract, then bind and serve; returns the bound port."""
         await self.models.connect()
+        if self.report_model is not None:
+            await self.report_model.connect()
         address = f"{self.settings.gateway.host}:{self.settings.gateway.port if port is None else port}"
         self.port = self.server.add_insecure_port(address)
         if self.port == 0:
@@ -90,7 +106,8 @@ class GatewayServer:
             self.metrics_port = serve_metrics(self.settings.gateway.host, self.settings.gateway.metrics_port)
         await self._update_health()
         self._health_task = asyncio.create_task(self._poll_health())
-        log.info("gateway serving medgate.v1.Inference on %s:%d", self.settings.gateway.host, self.port)
+        served = "medgate.v1.Inference and medgate.v1.Report" if self.report_model else "medgate.v1.Inference"
+        log.info("gateway serving %s on %s:%d", served, self.settings.gateway.host, self.port)
         return self.port
 
     async def _update_health(self) -> None:
@@ -101,6 +118,11 @@ class GatewayServer:
             await self.health.set(health_name(role), serving if ready else not_serving)
         overall = serving if states and all(states.values()) else not_serving
         await self.health.set(INFERENCE_SERVICE, overall)
+        if self.report_model is not None:
+            report = serving if await self.report_model.ready() else not_serving
+            await self.health.set(health_name(REPORT_ROLE), report)
+            await self.health.set(REPORT_SERVICE, report)
+            overall = overall if report == serving else not_serving
         await self.health.set("", overall)
 
     async def _poll_health(self) -> None:
@@ -123,6 +145,8 @@ class GatewayServer:
             await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.gateway.grace_period_s)
         await self.models.close()
+        if self.report_model is not None:
+            await self.report_model.close()
         if self.router is not None:
             await self.router.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,137 @@
+"""The Report servicer: findings text in, impression, score and evidence out; translation only.
+
+Validation and limits live in :mod:`services.report.limits` (no gRPC there); the model call in
+:mod:`services.triton.impression`; every failure becomes a status in :mod:`services.gateway.errors`.
+Findings text is patient data: nothing here logs it or puts it into an error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from medgate.v1 import inference_pb2 as inference_pb
+from medgate.v1 import report_pb2 as pb
+from medgate.v1 import report_pb2_grpc as pb_grpc
+from services.gateway.errors import status_for, stream_boundary, unary_boundary
+from services.metrics import REQUESTS
+from services.report.limits import check_findings, evidence_count
+from services.settings import Settings
+from services.triton.impression import ImpressionAnswer, ImpressionModel
+
+
+def response_proto(answer: ImpressionAnswer, evidence: int) -> pb.ImpressionResponse:
+    return pb.ImpressionResponse(
+        impression=answer.impression,
+        score=answer.score,
+        agreement=answer.agreement,
+        top_similarity=answer.top_similarity,
+        coverage=answer.coverage,
+        evidence=[
+            pb.Evidence(
+                report_id=int(item.get("report_id", 0)),
+                similarity=float(item.get("similarity", 0.0)),
+                findings=str(item.get("findings", "")),
+                impression=str(item.get("impression", "")),
+            )
+            for item in answer.evidence[:evidence]
+        ],
+    )
+
+
+class ReportServicer(pb_grpc.ReportServicer):
+    """medgate.v1.Report on one Triton model (``settings.report.model``)."""
+
+    def __init__(self, settings: Settings, model: ImpressionModel) -> None:
+        self.settings = settings
+        self.model = model
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
+        budget = self.settings.gateway.default_deadline_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            budget = min(budget, remaining)
+        return time.monotonic() + budget
+
+    async def _impression(
+        self, request: pb.ImpressionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ImpressionResponse:
+        started = time.perf_counter()
+        limits = self.settings.report
+        findings = check_findings(request.findings, limits)
+        evidence = evidence_count(request.max_evidence, limits)
+        validated = time.perf_counter()
+        (answer,) = await self.model.predict([findings], deadline=self._deadline(context))
+        answered = time.perf_counter()
+        response = response_proto(answer, evidence)
+        response.request_id = request.request_id
+        if self.model.info is not None:
+            response.model.CopyFrom(inference_pb.ModelRef(name=self.model.info.name, version=self.model.info.version))
+        response.timings.CopyFrom(
+            pb.ReportTimings(
+                validate_ms=(validated - started) * 1000.0,
+                triton_ms=(answered - validated) * 1000.0,
+                total_ms=(time.perf_counter() - started) * 1000.0,
+            )
+        )
+        return response
+
+    @unary_boundary
+    async def Impression(
+        self, request: pb.ImpressionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ImpressionResponse:
+        return await self._impression(request, context)
+
+    @stream_boundary
+    async def ImpressionStream(
+        self, request_iterator: AsyncIterator[pb.ImpressionRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ImpressionStreamResponse]:
+        """Up to ``report.stream_in_flight`` items at once; answers as they finish; a failed item ends nothing."""
+        results: asyncio.Queue[pb.ImpressionStreamResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(max(1, self.settings.report.stream_in_flight))
+        running: set[asyncio.Task[None]] = set()
+
+        async def run_one(item: pb.ImpressionRequest) -> None:
+            try:
+                answer = pb.ImpressionStreamResponse(request_id=item.request_id)
+                try:
+                    answer.response.CopyFrom(await self._impression(item, context))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    code, message = status_for(exc)
+                    answer.error.CopyFrom(
+                        inference_pb.ItemError(code=code.value[0], code_name=code.name, message=message)
+                    )
+                REQUESTS.labels(rpc="ImpressionStream.item", code=answer.error.code_name or "OK").inc()
+                await results.put(answer)
+            finally:
+                slots.release()
+
+        async def read_all() -> None:
+            try:
+                async for item in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(run_one(item))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.gather(*list(running), return_exceptions=True)
+            finally:
+                await results.put(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (answer := await results.get()) is not None:
+                yield answer
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader

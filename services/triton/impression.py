@@ -1,0 +1,146 @@
+"""The gateway's view of the ``impression`` model: its contract, readiness and typed, deadline-bound calls.
+
+Kept apart from :class:`services.triton.client.TritonModels` (the image roles) so the Report service has
+its own channel and lifecycle; the error classes and the retry rule are the same: retried only while
+Triton answers UNAVAILABLE and the caller's deadline allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as triton_grpc
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from services.metrics import TRITON_SECONDS
+from services.triton.client import (
+    Contract,
+    ModelFailed,
+    ModelInfo,
+    TensorSpec,
+    TritonDeadline,
+    TritonRejected,
+    TritonUnavailable,
+    check_contract,
+)
+
+log = logging.getLogger("medgate.triton.impression")
+
+ROLE = "impression"
+CONTRACT = Contract(
+    ROLE,
+    (TensorSpec("findings", "BYTES", (1,)),),
+    (TensorSpec("impression", "BYTES", (1,)), TensorSpec("score", "FP32", (1,)), TensorSpec("evidence", "BYTES", (1,))),
+)
+
+
+@dataclass(frozen=True)
+class ImpressionAnswer:
+    """One report's answer; ``evidence`` holds the nearest training reports, nearest first."""
+
+    impression: str
+    score: float
+    agreement: float
+    top_similarity: float
+    coverage: float
+    evidence: list[dict[str, Any]] = field(default_factory=list)
+
+
+def parse_answer(impression: bytes, score: float, evidence: bytes) -> ImpressionAnswer:
+    details = json.loads(evidence.decode("utf-8")) if evidence else {}
+    return ImpressionAnswer(
+        impression=impression.decode("utf-8"),
+        score=float(score),
+        agreement=float(details.get("agreement", 0.0)),
+        top_similarity=float(details.get("top_similarity", 0.0)),
+        coverage=float(details.get("coverage", 0.0)),
+        evidence=list(details.get("neighbours", [])),
+    )
+
+
+class ImpressionModel:
+    """Calls to one Triton model with the impression contract, checked by :meth:`connect`."""
+
+    def __init__(self, url: str, name: str = ROLE, *, retry_backoff_s: float = 0.05) -> None:
+        self.url = url
+        self.name = name
+        self.retry_backoff_s = retry_backoff_s
+        self.info: ModelInfo | None = None
+        self._client: triton_aio.InferenceServerClient | None = None
+
+    @property
+    def client(self) -> triton_aio.InferenceServerClient:
+        if self._client is None:
+            self._client = triton_aio.InferenceServerClient(self.url)
+        return self._client
+
+    async def connect(self, *, timeout_s: float = 30.0) -> ModelInfo:
+        """Check the model's metadata against the contract; raises ContractError or TritonUnavailable."""
+        try:
+            metadata = await self.client.get_model_metadata(self.name, as_json=True, client_timeout=timeout_s)
+            config = (await self.client.get_model_config(self.name, as_json=True, client_timeout=timeout_s))["config"]
+        except InferenceServerException as exc:
+            raise TritonUnavailable(f"Triton at {self.url}: model {self.name!r} ({ROLE}): {exc.message()}") from None
+        check_contract(CONTRACT, metadata, config)
+        versions = metadata.get("versions") or ["1"]
+        self.info = ModelInfo(
+            role=ROLE,
+            name=self.name,
+            version=str(max(versions, key=lambda v: int(v) if str(v).isdigit() else 0)),
+            max_batch_size=int(config.get("max_batch_size", 0)),
+        )
+        return self.info
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self.client.is_model_ready(self.name, client_timeout=2.0))
+        except InferenceServerException:
+            return False
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    async def predict(self, findings: list[str], *, deadline: float) -> list[ImpressionAnswer]:
+        """One answer per findings text, in order; all texts go to Triton as one request."""
+        data = np.array([[text.encode("utf-8")] for text in findings], dtype=np.object_)
+        tensor = triton_grpc.InferInput("findings", list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        outputs = [triton_grpc.InferRequestedOutput(n) for n in ("impression", "score", "evidence")]
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TritonDeadline(f"deadline exceeded before model {self.name!r} answered")
+            try:
+                started = time.perf_counter()
+                result = await self.client.infer(self.name, [tensor], outputs=outputs, client_timeout=remaining)
+                TRITON_SECONDS.labels(model=self.name).observe(time.perf_counter() - started)
+                break
+            except InferenceServerException as exc:
+                status, message = exc.status() or "", exc.message() or ""
+                if "DEADLINE_EXCEEDED" in status:
+                    raise TritonDeadline(f"deadline exceeded while model {self.name!r} was running") from None
+                if "UNAVAILABLE" in status:
+                    if deadline - time.monotonic() > self.retry_backoff_s:
+                        await asyncio.sleep(self.retry_backoff_s)
+                        continue
+                    raise TritonUnavailable(f"model {self.name!r} is unavailable") from None
+                if "NOT_FOUND" in status or "not found" in message or "not ready" in message:
+                    raise TritonUnavailable(f"model {self.name!r} is not loaded or not ready") from None
+                if "INVALID_ARG" in status:
+                    # The model's messages name positions and sizes, never the text.
+                    raise TritonRejected(f"model {self.name!r} refused the request: {message}") from None
+                log.error("model %s failed with %s", self.name, status)
+                raise ModelFailed(f"model {self.name!r} failed while running the request") from None
+        impressions = result.as_numpy("impression").reshape(-1)
+        scores = result.as_numpy("score").reshape(-1)
+        evidence = result.as_numpy("evidence").reshape(-1)
+        return [parse_answer(i, s, e) for i, s, e in zip(impressions, scores, evidence, strict=True)]
