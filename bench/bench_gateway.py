@@ -45,6 +45,9 @@ from services.settings import load_settings  # noqa: E402
 from services.triton.embedded import EmbeddedTriton  # noqa: E402
 
 
+VERBOSE = os.environ.get("MEDGATE_BENCH_VERBOSE", "") not in {"", "0"}  # the gateways' logs on our stderr
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -77,8 +80,8 @@ def gateway_process(triton_url: str, port: int, workers: int, *, shared_memory: 
     process = subprocess.Popen(
         [*command, "serve", "--port", str(port), "--workers", str(workers)],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=None if VERBOSE else subprocess.DEVNULL,
+        stderr=None if VERBOSE else subprocess.DEVNULL,
     )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--dicom", type=Path, help="RG1_UNCI.dcm from elsewhere (default: pydicom-data's copy)")
     parser.add_argument("--triton-url", default="", help="use this Triton (host:port) instead of starting one")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gateway.json")
     args = parser.parse_args(argv)
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.phantoms import generate, model_space
 
     png = cv2.imencode(".png", model_space(generate(np.random.default_rng(4242)))["image"])[1].tobytes()
-    dicom = Path(str(get_testdata_file("RG1_UNCI.dcm"))).read_bytes()
+    dicom = (args.dicom or Path(str(get_testdata_file("RG1_UNCI.dcm")))).read_bytes()
 
     settings = load_settings()
     triton_settings = dataclasses.replace(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import logging
 import os
 import signal
@@ -33,12 +34,15 @@ class TritonStartError(RuntimeError):
 
 
 def pytriton_server_dir() -> Path:
-    """The folder of the wheel's tritonserver build (bin/, backends/, python_backend_stubs/)."""
-    try:
-        import pytriton
-    except ImportError as exc:  # pragma: no cover - install problem
-        raise TritonStartError("nvidia-pytriton is not installed; run `make setup`") from exc
-    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+    """The folder of the wheel's tritonserver build (bin/, backends/, python_backend_stubs/).
+
+    Found without importing pytriton: its __init__ pulls in its whole client (gevent, ...), which
+    we never use.
+    """
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonStartError("nvidia-pytriton is not installed; run `make setup`")
+    return Path(next(iter(spec.submodule_search_locations))).resolve() / "tritonserver"
 
 
 def prepare_backend_dir(cache_dir: Path) -> Path:
