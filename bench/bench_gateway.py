@@ -44,7 +44,6 @@ from services.imaging.prepare import prepare  # noqa: E402
 from services.settings import load_settings  # noqa: E402
 from services.triton.embedded import EmbeddedTriton  # noqa: E402
 
-
 VERBOSE = os.environ.get("MEDGATE_BENCH_VERBOSE", "") not in {"", "0"}  # the gateways' logs on our stderr
 
 
