@@ -15,6 +15,7 @@ container), the pool turns itself off and calls go over the wire as before.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -31,6 +32,8 @@ PREFIX = "medgate_shm"
 _ALIGN = 1 << 20  # regions are whole MiB, so a few sizes serve every call
 _DEV_SHM = Path("/dev/shm")
 _STALE = re.compile(rf"^{PREFIX}_(\d+)_\d+$")
+# One sequence per process: several pools (one per TritonModels) live in one process in tests.
+_NEXT_NUMBER = itertools.count(1)
 
 
 @dataclass
@@ -103,7 +106,6 @@ class SharedMemoryPool:
         self.enabled = True
         self._free: list[Region] = []
         self._all: list[Region] = []
-        self._counter = 0
 
     @property
     def held_bytes(self) -> int:
@@ -148,12 +150,16 @@ class SharedMemoryPool:
         self._free.clear()
 
     async def _create(self, size: int) -> Region | None:
-        self._counter += 1
-        name = f"{PREFIX}_{os.getpid()}_{self._counter}"
-        try:
-            handle = triton_shm.create_shared_memory_region(name, "/" + name, size, create_only=True)
-        except Exception as exc:  # no /dev/shm, or it is full: the wire still works
-            await self.disable(f"cannot create a region ({type(exc).__name__})")
+        handle = None
+        for _attempt in range(3):  # a name can be taken by a region a dead process of our pid left
+            name = f"{PREFIX}_{os.getpid()}_{next(_NEXT_NUMBER)}"
+            try:
+                handle = triton_shm.create_shared_memory_region(name, "/" + name, size, create_only=True)
+                break
+            except Exception as exc:  # no /dev/shm, or it is full: the wire still works
+                problem = type(exc).__name__
+        if handle is None:
+            await self.disable(f"cannot create a region ({problem})")
             return None
         region = Region(name=name, key="/" + name, size=size, handle=handle)
         try:
