@@ -14,10 +14,9 @@ from services.settings import load_settings
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from services.logs import configure_logging
+
+    configure_logging(load_settings().gateway.log_format, level=logging.DEBUG if verbose else logging.INFO)
 
 
 def _wait_for_signal() -> None:

@@ -192,7 +192,10 @@ def run(args: argparse.Namespace, target: str) -> int:
         try:
             response = stub.Analyze(request, timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            trailers = dict(exc.trailing_metadata() or ())
+            request_id = trailers.get("x-request-id", "")
+            suffix = f" (request_id {request_id})" if request_id else ""
+            print(f"error: {exc.code().name}: {exc.details()}{suffix}", file=sys.stderr)
             return 2
     if args.json:
         print(json_format.MessageToJson(response, preserving_proto_field_name=True))

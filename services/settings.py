@@ -96,6 +96,12 @@ class GatewaySettings:
     # unmapped per request (glibc's cap is 32 MiB); 0 leaves glibc's defaults. See tune_allocator.
     malloc_mmap_threshold_bytes: int = 32 * MIB
     malloc_trim_threshold_bytes: int = 256 * MIB
+    # "text" for a terminal, "json" (one object a line, with request_id, rpc, code, timings) for a pipeline.
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.log_format not in {"text", "json"}:
+            raise ValueError(f"gateway.log_format must be text or json, not {self.log_format!r}")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
+import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -66,6 +68,41 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 ResponseT = TypeVar("ResponseT")
 
+# A caller's own id (a PACS accession workflow id, a load-test id) is echoed back and logged;
+# anything else gets a fresh one. Both travel as trailing metadata of every answer.
+REQUEST_ID_KEY = "x-request-id"
+_CALLER_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_STAGES = ("decode_ms", "preprocess_ms", "triton_ms", "encode_ms")
+
+
+def request_id_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's ``x-request-id`` if it is a plain token (never free text), else a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _CALLER_ID.match(value):
+            return value
+    return uuid.uuid4().hex[:16]
+
+
+def _access_log(rpc: str, code: str, request_id: str, started: float, message: str = "", response: Any = None) -> None:
+    """One line per call: identifiers, status and timings only."""
+    REQUESTS.labels(rpc=rpc, code=code).inc()
+    fields: dict[str, Any] = {
+        "event": "rpc",
+        "rpc": rpc,
+        "code": code,
+        "request_id": request_id,
+        "duration_ms": round((time.perf_counter() - started) * 1000.0, 2),
+    }
+    timings = getattr(response, "timings", None)
+    if timings is not None:
+        for stage in _STAGES:
+            fields[stage] = round(float(getattr(timings, stage, 0.0)), 2)
+    text = f"{rpc} {code} {fields['duration_ms']:.1f} ms request_id={request_id}"
+    if message:
+        fields["error"] = message
+        text += f": {message}"
+    log.info(text, extra=fields)
+
 
 def unary_boundary(
     method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[ResponseT]],
@@ -74,18 +111,21 @@ def unary_boundary(
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> ResponseT:
+        started = time.perf_counter()
+        request_id = request_id_of(context)
+        trailer = ((REQUEST_ID_KEY, request_id),)
         try:
             response = await method(self, request, context)
         except asyncio.CancelledError:
-            REQUESTS.labels(rpc=method.__name__, code="CANCELLED").inc()
+            _access_log(method.__name__, "CANCELLED", request_id, started)
             raise
         except Exception as exc:
             code, message = status_for(exc)
-            REQUESTS.labels(rpc=method.__name__, code=code.name).inc()
-            log.info("%s -> %s: %s", method.__name__, code.name, message)
-            await context.abort(code, message)
+            _access_log(method.__name__, code.name, request_id, started, message)
+            await context.abort(code, message, trailing_metadata=trailer)
             raise AssertionError("unreachable: context.abort raises") from None
-        REQUESTS.labels(rpc=method.__name__, code="OK").inc()
+        context.set_trailing_metadata(trailer)
+        _access_log(method.__name__, "OK", request_id, started, response=response)
         return response
 
     return wrapper
@@ -98,18 +138,21 @@ def stream_boundary(
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[ResponseT]:
+        started = time.perf_counter()
+        request_id = request_id_of(context)
+        trailer = ((REQUEST_ID_KEY, request_id),)
         try:
             async for item in method(self, request, context):
                 yield item
         except asyncio.CancelledError:
-            REQUESTS.labels(rpc=method.__name__, code="CANCELLED").inc()
+            _access_log(method.__name__, "CANCELLED", request_id, started)
             raise
         except Exception as exc:
             code, message = status_for(exc)
-            REQUESTS.labels(rpc=method.__name__, code=code.name).inc()
-            log.info("%s -> %s: %s", method.__name__, code.name, message)
-            await context.abort(code, message)
+            _access_log(method.__name__, code.name, request_id, started, message)
+            await context.abort(code, message, trailing_metadata=trailer)
         else:
-            REQUESTS.labels(rpc=method.__name__, code="OK").inc()
+            context.set_trailing_metadata(trailer)
+            _access_log(method.__name__, "OK", request_id, started)
 
     return wrapper

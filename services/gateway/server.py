@@ -22,6 +22,7 @@ from services.gateway.reflection import enable_reflection
 from services.gateway.report_servicer import ReportServicer
 from services.gateway.routing import ReviewRouter
 from services.gateway.servicer import InferenceServicer
+from services.logs import configure_logging
 from services.metrics import cleanup_multiprocess, prepare_multiprocess, serve_metrics
 from services.review.flows import load_flows
 from services.review.server import ReviewServer
@@ -210,17 +211,17 @@ async def serve_review(settings: Settings) -> None:
         await review.stop()
 
 
-def _configure_child_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+def _configure_child_logging(settings: Settings) -> None:
+    configure_logging(settings.gateway.log_format)
 
 
 def _worker_main(settings: Settings, triton_url: str) -> None:
-    _configure_child_logging()
+    _configure_child_logging(settings)
     asyncio.run(serve_worker(settings, triton_url, metrics=False))
 
 
 def _review_main(settings: Settings) -> None:
-    _configure_child_logging()
+    _configure_child_logging(settings)
     asyncio.run(serve_review(settings))
 
 
