@@ -24,7 +24,7 @@ STAGES = ("decode", "preprocess", "triton", "encode", "total")
 STAGE_SECONDS = Histogram(
     "medgate_stage_seconds",
     "Time per request and stage on the gateway (decode, preprocess, triton, encode, total).",
-    ["rpc", "stage", "input_kind"],
+    ["rpc", "model", "stage", "input_kind"],
     buckets=_LATENCY_BUCKETS,
 )
 TRITON_SECONDS = Histogram(
@@ -43,9 +43,10 @@ REVIEW_QUEUE_DEPTH = Gauge(
 )
 
 
-def observe_stages(rpc: str, input_kind: str, seconds: dict[str, float]) -> None:
+def observe_stages(rpc: str, model: str, input_kind: str, seconds: dict[str, float]) -> None:
+    """``model``: the Triton models the request used, sorted and joined by '+' (e.g. classifier+detector)."""
     for stage, value in seconds.items():
-        STAGE_SECONDS.labels(rpc=rpc, stage=stage, input_kind=input_kind).observe(value)
+        STAGE_SECONDS.labels(rpc=rpc, model=model, stage=stage, input_kind=input_kind).observe(value)
 
 
 def prepare_multiprocess() -> Path:

@@ -368,7 +368,8 @@ async def test_metrics_endpoint_has_stage_histograms_and_status_codes(
         return float(lines[0].rsplit(" ", 1)[1])
 
     for stage in ("decode", "preprocess", "triton", "encode", "total"):
-        assert value(f'medgate_stage_seconds_count{{input_kind="png",rpc="Classify",stage="{stage}"}}') >= 1
+        labels = f'input_kind="png",model="classifier",rpc="Classify",stage="{stage}"'
+        assert value(f"medgate_stage_seconds_count{{{labels}}}") >= 1
     assert value('medgate_requests_total{code="OK",rpc="Classify"}') >= 1
     assert value('medgate_requests_total{code="INVALID_ARGUMENT",rpc="Classify"}') >= 1
     assert value('medgate_triton_request_seconds_count{model="classifier"}') >= 1

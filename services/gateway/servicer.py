@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
@@ -42,6 +42,7 @@ class Clock:
     preprocess_ms: float = 0.0
     triton_ms: float = 0.0
     encode_ms: float = 0.0
+    models: set[str] = field(default_factory=set)  # the Triton models this request used
 
     def observe(self, rpc: str, prepared: PreparedImage) -> None:
         """Record this request's stages in the Prometheus histograms."""
@@ -53,7 +54,7 @@ class Clock:
             "encode": self.encode_ms / 1000.0,
             "total": total,
         }
-        observe_stages(rpc, prepared.decoded.kind.value, stages)
+        observe_stages(rpc, "+".join(sorted(self.models)) or "none", prepared.decoded.kind.value, stages)
 
     def to_proto(self) -> pb.StageTimings:
         return pb.StageTimings(
@@ -221,6 +222,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         probabilities = await self.models.classify(prepared.model_image, deadline=deadline)
         clock.triton_ms += (time.perf_counter() - started) * 1000.0
         info = self.models.models["classifier"]
+        clock.models.add(info.name)
         labels = info.labels or [f"class_{i}" for i in range(len(probabilities))]
         order = np.argsort(-probabilities, kind="stable")
         scores = [pb.ClassScore(label=labels[i], score=float(probabilities[i])) for i in order]
@@ -238,6 +240,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         boxes, scores, labels = await self.models.detect(prepared.model_image, deadline=deadline)
         clock.triton_ms += (time.perf_counter() - started) * 1000.0
         info = self.models.models["detector"]
+        clock.models.add(info.name)
         keep = scores >= min_score
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         if max_detections > 0:
@@ -287,6 +290,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if text_task is not None:
             text_masks, text_scores, categories = text_task.result()
             info = self.models.models["segmenter_text"]
+            clock.models.add(info.name)
             models.append(pb.ModelRef(name=info.name, version=info.version))
             for i, prompt in enumerate(prompts):
                 masks.append(text_masks[i])
@@ -303,6 +307,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if box_task is not None:
             box_masks, box_scores = box_task.result()
             info = self.models.models["segmenter_box"]
+            clock.models.add(info.name)
             models.append(pb.ModelRef(name=info.name, version=info.version))
             for i in range(len(boxes)):
                 masks.append(box_masks[i])
