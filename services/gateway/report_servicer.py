@@ -8,7 +8,6 @@ Findings text is patient data: nothing here logs it or puts it into an error mes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -18,6 +17,7 @@ from medgate.v1 import inference_pb2 as inference_pb
 from medgate.v1 import report_pb2 as pb
 from medgate.v1 import report_pb2_grpc as pb_grpc
 from services.gateway.errors import status_for, stream_boundary, unary_boundary
+from services.gateway.streams import answer_concurrently
 from services.metrics import REQUESTS
 from services.report.limits import check_findings, evidence_count
 from services.settings import Settings
@@ -91,47 +91,19 @@ class ReportServicer(pb_grpc.ReportServicer):
         self, request_iterator: AsyncIterator[pb.ImpressionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ImpressionStreamResponse]:
         """Up to ``report.stream_in_flight`` items at once; answers as they finish; a failed item ends nothing."""
-        results: asyncio.Queue[pb.ImpressionStreamResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(max(1, self.settings.report.stream_in_flight))
-        running: set[asyncio.Task[None]] = set()
 
-        async def run_one(item: pb.ImpressionRequest) -> None:
+        async def one(item: pb.ImpressionRequest) -> pb.ImpressionStreamResponse:
+            answer = pb.ImpressionStreamResponse(request_id=item.request_id)
             try:
-                answer = pb.ImpressionStreamResponse(request_id=item.request_id)
-                try:
-                    answer.response.CopyFrom(await self._impression(item, context))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    code, message = status_for(exc)
-                    answer.error.CopyFrom(
-                        inference_pb.ItemError(code=code.value[0], code_name=code.name, message=message)
-                    )
-                REQUESTS.labels(rpc="ImpressionStream.item", code=answer.error.code_name or "OK").inc()
-                await results.put(answer)
-            finally:
-                slots.release()
+                answer.response.CopyFrom(await self._impression(item, context))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                code, message = status_for(exc)
+                answer.error.CopyFrom(inference_pb.ItemError(code=code.value[0], code_name=code.name, message=message))
+            REQUESTS.labels(rpc="ImpressionStream.item", code=answer.error.code_name or "OK").inc()
+            return answer
 
-        async def read_all() -> None:
-            try:
-                async for item in request_iterator:
-                    await slots.acquire()
-                    task = asyncio.create_task(run_one(item))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                while running:
-                    await asyncio.gather(*list(running), return_exceptions=True)
-            finally:
-                await results.put(None)
-
-        reader = asyncio.create_task(read_all())
-        try:
-            while (answer := await results.get()) is not None:
-                yield answer
-            await reader
-        finally:
-            reader.cancel()
-            for task in list(running):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+        in_flight = self.settings.report.stream_in_flight
+        async for answer in answer_concurrently(request_iterator, one, in_flight=in_flight):
+            yield answer

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
 from services.gateway.errors import BadRequest, RequestTooLarge, status_for, stream_boundary, unary_boundary
 from services.gateway.routing import ReviewRouter
+from services.gateway.streams import answer_concurrently
 from services.imaging.arrays import decode_array, encode_array
 from services.imaging.ingest import InputKind
 from services.imaging.prepare import PreparedImage, prepare
@@ -471,45 +471,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request_iterator: AsyncIterator[pb.AnalyzeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AnalyzeStreamResponse]:
         """Up to STREAM_IN_FLIGHT items at once; answers as they finish; a failed item does not end the stream."""
-        results: asyncio.Queue[pb.AnalyzeStreamResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
-        running: set[asyncio.Task[None]] = set()
 
-        async def run_one(item: pb.AnalyzeRequest) -> None:
+        async def one(item: pb.AnalyzeRequest) -> pb.AnalyzeStreamResponse:
+            answer = pb.AnalyzeStreamResponse(request_id=item.request_id)
             try:
-                answer = pb.AnalyzeStreamResponse(request_id=item.request_id)
-                try:
-                    answer.response.CopyFrom(await self._analyze(item, context))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    code, message = status_for(exc)
-                    answer.error.CopyFrom(pb.ItemError(code=code.value[0], code_name=code.name, message=message))
-                REQUESTS.labels(rpc="AnalyzeStream.item", code=answer.error.code_name or "OK").inc()
-                await results.put(answer)
-            finally:
-                slots.release()
+                answer.response.CopyFrom(await self._analyze(item, context))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                code, message = status_for(exc)
+                answer.error.CopyFrom(pb.ItemError(code=code.value[0], code_name=code.name, message=message))
+            REQUESTS.labels(rpc="AnalyzeStream.item", code=answer.error.code_name or "OK").inc()
+            return answer
 
-        async def read_all() -> None:
-            try:
-                async for item in request_iterator:
-                    await slots.acquire()
-                    task = asyncio.create_task(run_one(item))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                while running:
-                    await asyncio.gather(*list(running), return_exceptions=True)
-            finally:
-                await results.put(None)
-
-        reader = asyncio.create_task(read_all())
-        try:
-            while (answer := await results.get()) is not None:
-                yield answer
-            await reader
-        finally:
-            reader.cancel()
-            for task in list(running):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+        async for answer in answer_concurrently(request_iterator, one, in_flight=STREAM_IN_FLIGHT):
+            yield answer
