@@ -97,6 +97,25 @@ class TritonDeadline(TimeoutError):
     """The caller's deadline ran out while waiting for Triton (maps to DEADLINE_EXCEEDED)."""
 
 
+def domain_error(exc: InferenceServerException, model: str) -> Exception | None:
+    """The domain error for a failed Triton call, or None when Triton was UNAVAILABLE (worth a retry).
+
+    Model messages for INVALID_ARG name positions and sizes, never image content or report text,
+    so they pass through; any other failure is logged and answered without details.
+    """
+    status, message = exc.status() or "", exc.message() or ""
+    if "UNAVAILABLE" in status:
+        return None
+    if "DEADLINE_EXCEEDED" in status:
+        return TritonDeadline(f"deadline exceeded while model {model!r} was running")
+    if "NOT_FOUND" in status or "not found" in message or "not ready" in message:
+        return TritonUnavailable(f"model {model!r} is not loaded or not ready")
+    if "INVALID_ARG" in status:
+        return TritonRejected(f"model {model!r} refused the request: {message}")
+    log.error("model %s failed with %s", model, status)
+    return ModelFailed(f"model {model!r} failed while running the request")
+
+
 @dataclass
 class ModelInfo:
     role: str
@@ -286,27 +305,18 @@ class TritonModels:
                         answer[name] = np.asarray(result.as_numpy(name))
                 return answer
             except InferenceServerException as exc:
-                status = exc.status() or ""
-                message = exc.message() or ""
-                if region is not None and "shared memory" in message.lower() and self._shm is not None:
+                if region is not None and "shared memory" in (exc.message() or "").lower() and self._shm is not None:
                     # Triton lost our registrations (restarted) or cannot map them: go over the wire.
                     await self._shm.disable("Triton refused a registered region")
                     region = None
                     continue
-                if "DEADLINE_EXCEEDED" in status:
-                    raise TritonDeadline(f"deadline exceeded while model {info.name!r} was running") from None
-                if "UNAVAILABLE" in status:
-                    if deadline - time.monotonic() > self.retry_backoff_s:
-                        log.warning("Triton unavailable for %s; retrying within the deadline", info.name)
-                        await asyncio.sleep(self.retry_backoff_s)
-                        continue
+                error = domain_error(exc, info.name)
+                if error is not None:
+                    raise error from None
+                if deadline - time.monotonic() <= self.retry_backoff_s:
                     raise TritonUnavailable(f"model {info.name!r} is unavailable") from None
-                if "NOT_FOUND" in status or "not found" in message or "not ready" in message:
-                    raise TritonUnavailable(f"model {info.name!r} is not loaded or not ready") from None
-                if "INVALID_ARG" in status:
-                    raise TritonRejected(f"model {info.name!r} refused the request: {message}") from None
-                log.error("model %s failed with %s: %s", info.name, status, message)
-                raise ModelFailed(f"model {info.name!r} failed while running the request") from None
+                log.warning("Triton unavailable for %s; retrying within the deadline", info.name)
+                await asyncio.sleep(self.retry_backoff_s)
             finally:
                 if region is not None and self._shm is not None:
                     self._shm.release(region)

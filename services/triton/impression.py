@@ -22,13 +22,12 @@ from tritonclient.utils import InferenceServerException
 from services.metrics import TRITON_SECONDS
 from services.triton.client import (
     Contract,
-    ModelFailed,
     ModelInfo,
     TensorSpec,
     TritonDeadline,
-    TritonRejected,
     TritonUnavailable,
     check_contract,
+    domain_error,
 )
 
 log = logging.getLogger("medgate.triton.impression")
@@ -125,21 +124,12 @@ class ImpressionModel:
                 TRITON_SECONDS.labels(model=self.name).observe(time.perf_counter() - started)
                 break
             except InferenceServerException as exc:
-                status, message = exc.status() or "", exc.message() or ""
-                if "DEADLINE_EXCEEDED" in status:
-                    raise TritonDeadline(f"deadline exceeded while model {self.name!r} was running") from None
-                if "UNAVAILABLE" in status:
-                    if deadline - time.monotonic() > self.retry_backoff_s:
-                        await asyncio.sleep(self.retry_backoff_s)
-                        continue
+                error = domain_error(exc, self.name)
+                if error is not None:
+                    raise error from None
+                if deadline - time.monotonic() <= self.retry_backoff_s:
                     raise TritonUnavailable(f"model {self.name!r} is unavailable") from None
-                if "NOT_FOUND" in status or "not found" in message or "not ready" in message:
-                    raise TritonUnavailable(f"model {self.name!r} is not loaded or not ready") from None
-                if "INVALID_ARG" in status:
-                    # The model's messages name positions and sizes, never the text.
-                    raise TritonRejected(f"model {self.name!r} refused the request: {message}") from None
-                log.error("model %s failed with %s", self.name, status)
-                raise ModelFailed(f"model {self.name!r} failed while running the request") from None
+                await asyncio.sleep(self.retry_backoff_s)
         impressions = result.as_numpy("impression").reshape(-1)
         scores = result.as_numpy("score").reshape(-1)
         evidence = result.as_numpy("evidence").reshape(-1)
