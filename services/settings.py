@@ -33,6 +33,8 @@ class TritonSettings:
     python_shm_default_bytes: int = 64 * 1024 * 1024
     python_shm_growth_bytes: int = 64 * 1024 * 1024
     log_verbose: int = 0
+    # More tritonserver flags for the embedded server, as one shell-quoted string.
+    extra_args: str = ""
     # Tensors through /dev/shm instead of the gRPC message: "auto" (when Triton is on loopback and can
     # map the regions), "on" or "off". The bound is per gateway worker.
     shared_memory: str = "auto"

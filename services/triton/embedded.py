@@ -12,6 +12,7 @@ import ctypes
 import importlib.util
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -97,6 +98,7 @@ class EmbeddedTriton:
             f"--backend-config=python,shm-growth-byte-size={s.python_shm_growth_bytes}",
             f"--log-verbose={s.log_verbose}",
             "--exit-timeout-secs=5",
+            *shlex.split(s.extra_args),
         ]
 
     def start(self) -> None:
