@@ -48,7 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"port": args.port, "workers": args.workers, "host": args.host}.items() if v}
     if overrides:
         settings = dataclasses.replace(settings, gateway=dataclasses.replace(settings.gateway, **overrides))
-    with triton_for(settings.triton) as url:
+    needed = [*settings.models.as_dict().values(), *([settings.report.model] if settings.report.enabled else [])]
+    with triton_for(settings.triton, needed) as url:
         run_gateway(settings, url)
     return 0
 
@@ -202,7 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
-    return int(args.func(args))
+    from services.triton.client import ContractError, TritonUnavailable
+    from services.triton.embedded import TritonStartError
+
+    try:
+        return int(args.func(args))
+    except (TritonStartError, ContractError, TritonUnavailable) as exc:
+        # Start-up problems a user fixes by configuration: say which, without a traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

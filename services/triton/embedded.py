@@ -188,28 +188,40 @@ def wait_until_ready(
     *,
     deadline: float,
     alive: object = None,
+    report_every_s: float = 10.0,
 ) -> list[str] | None:
     """Poll Triton over gRPC until it and ``models`` (default: all in its repository) are READY.
 
     Returns the ready model names, or None when the deadline passes or ``alive()`` turns false.
+    Says what it is waiting for when that changes and every ``report_every_s``; raises
+    TritonStartError at once when a model has failed to load (Triton will not retry it).
     """
     import tritonclient.grpc as triton_grpc
 
     client = triton_grpc.InferenceServerClient(grpc_url)
+    said, said_at = "", 0.0
     try:
         while time.monotonic() < deadline:
             if callable(alive) and not alive():
                 return None
+            waiting, failure = "server not reachable yet", ""
             with contextlib.suppress(Exception):
                 if client.is_server_live():
                     index = client.get_model_repository_index(as_json=True).get("models", [])
                     names = models or [entry["name"] for entry in index]
-                    states = {entry["name"]: entry.get("state", "") for entry in index}
-                    failed = [name for name in names if states.get(name) == "UNAVAILABLE"]
-                    if failed and client.is_server_live():
-                        log.error("models failed to load: %s", ", ".join(failed))
-                    if names and all(client.is_model_ready(name) for name in names):
+                    entries = {entry["name"]: entry for entry in index}
+                    failed = [n for n in names if entries.get(n, {}).get("state") == "UNAVAILABLE"]
+                    if failed:
+                        failure = "; ".join(f"{n}: {entries[n].get('reason', '') or 'no reason given'}" for n in failed)
+                    pending = [n for n in names if not client.is_model_ready(n)]
+                    if names and not pending:
                         return names
+                    waiting = f"models not ready yet: {', '.join(pending) or 'none in the repository'}"
+            if failure:
+                raise TritonStartError(f"Triton at {grpc_url}: models failed to load: {failure}")
+            if waiting != said or time.monotonic() - said_at >= report_every_s:
+                log.info("waiting for Triton at %s: %s", grpc_url, waiting)
+                said, said_at = waiting, time.monotonic()
             time.sleep(0.25)
     finally:
         client.close()
@@ -217,12 +229,20 @@ def wait_until_ready(
 
 
 @contextlib.contextmanager
-def triton_for(settings: TritonSettings) -> Iterator[str]:
-    """Yield a ready Triton gRPC URL: the embedded server (started and stopped here) or the external one."""
+def triton_for(settings: TritonSettings, models: list[str] | None = None) -> Iterator[str]:
+    """Yield a ready Triton gRPC URL: the embedded server (started and stopped here) or the external one.
+
+    ``models``: the ones we need READY on an external Triton (default: every model in its
+    repository); an external server may hold many more, unloaded ones included.
+    """
     if settings.embedded:
         with EmbeddedTriton(settings):
             yield settings.grpc_url
         return
-    if wait_until_ready(settings.grpc_url, None, deadline=time.monotonic() + settings.startup_timeout_s) is None:
-        raise TritonStartError(f"external Triton at {settings.grpc_url} is not ready")
+    log.info("using the external Triton at %s", settings.grpc_url)
+    deadline = time.monotonic() + settings.startup_timeout_s
+    if wait_until_ready(settings.grpc_url, models, deadline=deadline) is None:
+        raise TritonStartError(
+            f"external Triton at {settings.grpc_url} was not ready within {settings.startup_timeout_s:.0f} s"
+        )
     yield settings.grpc_url
