@@ -400,7 +400,7 @@ def ok_record(item: Item, response: pb.AnalyzeResponse, outputs: list[str]) -> d
     record = record_for(item)
     classification = response.classification if response.HasField("classification") else None
     detection = response.detection if response.HasField("detection") else None
-    flows = sorted({r.flow_definition for r in response.review if r.routed})
+    flows = sorted({r.flow_definition for r in response.review if r.routed or r.queued})
     record.update(
         status="ok",
         top_label=classification.top_label if classification else "",

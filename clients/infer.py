@@ -93,6 +93,12 @@ def summary(response: pb.AnalyzeResponse) -> str:
         lines.append(f"segmentation: masks {list(masks.shape)} {masks.dtype}")
         for p in s.prompts:
             lines.append(f"  {p.prompt!r} -> {p.category}, score {p.score:.3f}, {p.area_pixels} px ({p.model})")
+    for routing in response.review:
+        state = "not routed"
+        if routing.routed or routing.queued:
+            state = "sent to review" if routing.routed else "kept for review (service away)"
+        lines.append(f"review: {state}, flow {routing.flow_definition}, loop {routing.human_loop_name}")
+        lines.append(f"  because {'; '.join(routing.reasons)}")
     tm = response.timings
     lines.append(
         f"timings ms: decode {tm.decode_ms:.1f}, preprocess {tm.preprocess_ms:.1f}, triton {tm.triton_ms:.1f},"

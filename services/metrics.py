@@ -35,6 +35,11 @@ TRITON_SECONDS = Histogram(
 )
 REQUESTS = Counter("medgate_requests", "Finished RPCs (and stream items) by status code.", ["rpc", "code"])
 REVIEW_ROUTED = Counter("medgate_review_routed", "Answers routed to human review, per flow.", ["flow"])
+REVIEW_OUTBOX_PENDING = Gauge(
+    "medgate_review_outbox_pending",
+    "Cases kept on the gateway's disk because the review service could not be reached.",
+    multiprocess_mode="livemax",
+)
 REVIEW_QUEUE_DEPTH = Gauge(
     "medgate_review_queue_depth",
     "Reviewer slots waiting for a lease, per flow.",

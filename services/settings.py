@@ -123,6 +123,11 @@ class ReviewSettings:
     max_in_flight_per_reviewer: int = 10
     # Routing a case to review must not hold up the inference answer for longer than this.
     route_timeout_s: float = 5.0
+    # Cases the gateway could not hand to the review service wait here, sent again every
+    # outbox_retry_interval_s; past outbox_max_bytes a case is answered unrouted (and logged).
+    outbox_dir: Path = PROJECT_ROOT / "var" / "review-outbox"
+    outbox_retry_interval_s: float = 2.0
+    outbox_max_bytes: int = 4 * 1024 * MIB
     grace_period_s: float = 5.0
 
     @property

@@ -57,9 +57,13 @@ async def review_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
 
 
 @pytest.fixture(scope="session")
-async def gateway(triton_url: str, review_server: ReviewServer) -> AsyncIterator[GatewayServer]:
+async def gateway(
+    triton_url: str, review_server: ReviewServer, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[GatewayServer]:
+    outbox = tmp_path_factory.mktemp("review-outbox")
     settings = load_settings(
-        gateway={"port": 0, "max_prompts": 8, "metrics_port": 0}, review={"url": f"127.0.0.1:{review_server.port}"}
+        gateway={"port": 0, "max_prompts": 8, "metrics_port": 0},
+        review={"url": f"127.0.0.1:{review_server.port}", "outbox_dir": outbox},
     )
     server = GatewayServer(settings, triton_url)
     await server.start(port=0)

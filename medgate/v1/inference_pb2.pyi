@@ -178,16 +178,18 @@ class StageTimings(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., triton_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class ReviewRouting(_message.Message):
-    __slots__ = ("routed", "human_loop_name", "flow_definition", "reasons")
+    __slots__ = ("routed", "human_loop_name", "flow_definition", "reasons", "queued")
     ROUTED_FIELD_NUMBER: _ClassVar[int]
     HUMAN_LOOP_NAME_FIELD_NUMBER: _ClassVar[int]
     FLOW_DEFINITION_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
     routed: bool
     human_loop_name: str
     flow_definition: str
     reasons: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, routed: _Optional[bool] = ..., human_loop_name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ...) -> None: ...
+    queued: bool
+    def __init__(self, routed: _Optional[bool] = ..., human_loop_name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., queued: _Optional[bool] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
     __slots__ = ("image",)

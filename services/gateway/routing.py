@@ -1,13 +1,15 @@
 """Route unsure answers to human review: evaluate each flow's activation conditions, start its loop over gRPC.
 
 The loop name is derived from (flow, input hash), so sending the same image twice never opens a
-second loop. A review service that cannot be reached does not fail the inference answer: the
-routing entry says so (routed=false with the reason) and the error is logged.
+second loop. A review service that cannot be reached does not fail the inference answer and does
+not lose the case: the request goes to the on-disk outbox (``services/review/outbox.py``), the
+routing entry says ``queued``, and a background task sends it again until the service takes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,12 +26,16 @@ from medgate.v1 import review_pb2 as rpb
 from medgate.v1 import review_pb2_grpc as rpb_grpc
 from services.imaging.arrays import encode_array
 from services.imaging.prepare import PreparedImage
-from services.metrics import REVIEW_ROUTED
+from services.metrics import REVIEW_OUTBOX_PENDING, REVIEW_ROUTED
 from services.review.flows import FlowDefinition, TaskType, summarize
+from services.review.outbox import Outbox, OutboxFull
 from services.review.servicer import IMAGE_NAME
 from services.review.store import auto_loop_name
 
 log = logging.getLogger("medgate.gateway.routing")
+
+# The service may take these later; anything else it will refuse however often it is asked.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 def input_hash(image: pb.ImageInput) -> str:
@@ -51,12 +57,67 @@ def _as_dict(message: Any) -> dict[str, Any]:
 class ReviewRouter:
     """Starts human loops on the review service for results that a flow's conditions select."""
 
-    def __init__(self, flows: dict[str, FlowDefinition], target: str, executor: Executor, *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        flows: dict[str, FlowDefinition],
+        target: str,
+        executor: Executor,
+        *,
+        timeout_s: float,
+        outbox: Outbox,
+        retry_interval_s: float = 2.0,
+    ) -> None:
         self.flows = flows
         self.target = target
         self.executor = executor
         self.timeout_s = timeout_s
+        self.outbox = outbox
+        self.retry_interval_s = retry_interval_s
         self._channel: grpc.aio.Channel | None = None
+        self._retrying: asyncio.Task[None] | None = None
+
+    def start_retrying(self) -> None:
+        """Send what the outbox holds (from this run or an earlier one) until the service takes it."""
+        if self._retrying is None:
+            self._retrying = asyncio.create_task(self._retry_forever(), name="review-outbox")
+
+    async def _retry_forever(self) -> None:
+        while True:
+            try:
+                await self.flush_outbox()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a disk or programming error must not end the retries
+                log.exception("review outbox: a retry round failed")
+            await asyncio.sleep(self.retry_interval_s)
+
+    async def flush_outbox(self) -> int:
+        """One round over the outbox; returns how many cases the service took."""
+        loop = asyncio.get_running_loop()
+        entries = await loop.run_in_executor(self.executor, self.outbox.pending)
+        REVIEW_OUTBOX_PENDING.set(len(entries))
+        taken = 0
+        for entry in entries:
+            payload = await loop.run_in_executor(self.executor, self.outbox.read, entry)
+            if payload is None:
+                continue  # another worker sent it
+            request = rpb.StartHumanLoopRequest.FromString(payload)
+            try:
+                await self.stub.StartHumanLoop(request, timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in _RETRYABLE:
+                    return taken  # still away: try again next round
+                if exc.code() is not grpc.StatusCode.ALREADY_EXISTS:
+                    log.error("review outbox: %s refused for good (%s); kept in %s", entry.name, exc.code().name,
+                              self.outbox.refused_dir)
+                    await loop.run_in_executor(self.executor, self.outbox.refuse, entry)
+                    continue
+            await loop.run_in_executor(self.executor, self.outbox.done, entry)
+            REVIEW_ROUTED.labels(flow=request.flow_definition).inc()
+            log.info("review outbox: %s delivered", entry.name)
+            taken += 1
+        REVIEW_OUTBOX_PENDING.set(len(entries) - taken)
+        return taken
 
     @property
     def stub(self) -> rpb_grpc.ReviewStub:
@@ -67,6 +128,11 @@ class ReviewRouter:
         return rpb_grpc.ReviewStub(self._channel)
 
     async def close(self) -> None:
+        if self._retrying is not None:
+            self._retrying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retrying
+            self._retrying = None
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
@@ -179,9 +245,29 @@ class ReviewRouter:
             routing.routed = True
             REVIEW_ROUTED.labels(flow=flow.name).inc()
         except grpc.aio.AioRpcError as exc:
-            log.warning("could not start human loop %s on %s: %s", name, self.target, exc.code().name)
-            routing.reasons.append(f"review service: {exc.code().name}")
+            code = exc.code()
+            if code is grpc.StatusCode.ALREADY_EXISTS:
+                # This image is in review already (another request id, say): that loop covers it.
+                routing.routed = True
+                routing.reasons.append("already in review")
+            elif code in _RETRYABLE:
+                await self._keep(request, routing, code)
+            else:
+                log.warning("review service refused human loop %s: %s", name, code.name)
+                routing.reasons.append(f"review service refused it: {code.name}")
         return routing
+
+    async def _keep(self, request: rpb.StartHumanLoopRequest, routing: pb.ReviewRouting, code: grpc.StatusCode) -> None:
+        payload = request.SerializeToString()
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.outbox.put, request.name, payload)
+        except (OutboxFull, OSError) as exc:
+            log.error("review service %s and the outbox cannot keep %s: %s", code.name, request.name, exc)
+            routing.reasons.append(f"review service: {code.name}; outbox: {type(exc).__name__}")
+            return
+        log.warning("review service %s: %s kept in the outbox, will be sent again", code.name, request.name)
+        routing.queued = True
+        routing.reasons.append(f"review service: {code.name}; queued")
 
 
 def _png(image: np.ndarray) -> bytes:

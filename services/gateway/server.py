@@ -25,6 +25,7 @@ from services.gateway.servicer import InferenceServicer
 from services.logs import configure_logging
 from services.metrics import cleanup_multiprocess, prepare_multiprocess, serve_metrics
 from services.review.flows import load_flows
+from services.review.outbox import Outbox
 from services.review.server import ReviewServer
 from services.settings import Settings
 from services.triton.client import TritonModels
@@ -76,6 +77,8 @@ class GatewayServer:
                 settings.review.target,
                 self.executor,
                 timeout_s=settings.review.route_timeout_s,
+                outbox=Outbox(settings.review.outbox_dir, max_bytes=settings.review.outbox_max_bytes),
+                retry_interval_s=settings.review.outbox_retry_interval_s,
             )
         pb_grpc.add_InferenceServicer_to_server(
             InferenceServicer(settings, self.models, self.executor, self.router), self.server
@@ -107,6 +110,8 @@ class GatewayServer:
             self.metrics_port = serve_metrics(self.settings.gateway.host, self.settings.gateway.metrics_port)
         await self._update_health()
         self._health_task = asyncio.create_task(self._poll_health())
+        if self.router is not None:
+            self.router.start_retrying()
         served = "medgate.v1.Inference and medgate.v1.Report" if self.report_model else "medgate.v1.Inference"
         log.info("gateway serving %s on %s:%d", served, self.settings.gateway.host, self.port)
         return self.port
