@@ -10,6 +10,15 @@ next to this file are built by ``make models`` (``python -m training.export_meds
 Contract (see config.pbtxt): image uint8 [B,1024,1024], boxes fp32 [B,N,4] -> masks uint8 [B,N,1024,1024],
 scores fp32 [B,N].  Every request gets exactly one response; a bad request gets an error response naming
 the problem (never image content) and the rest of the batch is still served.
+
+Small boxes (longest side <= ``roi_max_side``, lesions rather than organs) are segmented on a zoomed
+region of interest: a square window ``roi_factor`` times the box (at least ``roi_min_side``) is cut
+out, contrast-stretched to its own min-max (LiteMedSAM's own normalisation, per crop), scaled to the
+encoder's input and encoded on its own, and the low-resolution mask is scaled back into place.
+LiteMedSAM sees a 1024 image at 256x256, so a 20-pixel lesion is 5 pixels to it; zoomed, it is 20-30.
+With ``roi_flip`` the window is also encoded mirrored and the two views' logits are averaged. On 40
+lesions of calibration phantoms (seed 3_000_017, never the held-out set) Dice went from 0.78 (whole
+image) to 0.91 (zoomed) and 0.92 (zoomed and mirrored); each view costs one more encoder pass.
 """
 
 from __future__ import annotations
@@ -40,6 +49,10 @@ class TritonPythonModel:
         threads = int(params.get("intra_op_threads", "2") or 2)
         self.max_boxes = int(params.get("max_boxes_per_image", "64") or 64)
         self.decoder_chunk = max(1, int(params.get("decoder_chunk", "16") or 16))
+        self.roi_max_side = float(params.get("roi_max_side", "192") or 0)  # 0 turns zooming off
+        self.roi_factor = float(params.get("roi_factor", "3.0") or 3.0)
+        self.roi_min_side = int(params.get("roi_min_side", "192") or 192)
+        self.roi_flip = (params.get("roi_flip", "true") or "true").lower() == "true"
 
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         if not os.path.isdir(version_dir):
@@ -81,8 +94,8 @@ class TritonPythonModel:
             problems.append("encoder.onnx has no uint8 input 'image'")
         if not {"embedding", "boxes"} <= set(dec_in):
             problems.append("decoder.onnx lacks inputs 'embedding' and 'boxes'")
-        if not {"masks", "iou_predictions"} <= dec_out:
-            problems.append("decoder.onnx lacks outputs 'masks' and 'iou_predictions'")
+        if not {"masks", "iou_predictions", "low_res_logits"} <= dec_out:
+            problems.append("decoder.onnx lacks outputs 'masks', 'iou_predictions' and 'low_res_logits'")
         if problems:
             raise RuntimeError(
                 f"{self.name}: unexpected ONNX graphs ({'; '.join(problems)}); "
@@ -151,6 +164,51 @@ class TritonPythonModel:
         np.clip(scores, 0.0, 1.0, out=scores)
         return masks, scores
 
+    def _zoomed(self, image, boxes):
+        """ROI masks [M,1024,1024] and predicted IoU [M] for small ``boxes`` [M,4] of one image."""
+        # One view per small box, plus its mirror image when roi_flip is on (logits averaged).
+        views = []  # (box index, mirrored, zoomed uint8 crop, zoomed box)
+        windows = []
+        for j, box in enumerate(boxes):
+            wx, wy, side = _window(box, self.roi_factor, self.roi_min_side)
+            windows.append((wx, wy, side))
+            crop = image[wy : wy + side, wx : wx + side].astype(np.float32)
+            low, high = float(crop.min()), float(crop.max())
+            crop = (crop - low) * (255.0 / max(high - low, 1.0))
+            zoomed = np.clip(_resize_bilinear(crop, MODEL_SIZE, MODEL_SIZE) + 0.5, 0, 255).astype(np.uint8)
+            x0, y0, x1, y1 = ((box - [wx, wy, wx, wy]) * (MODEL_SIZE / side)).tolist()
+            views.append((j, False, zoomed, np.array([[x0, y0, x1, y1]], np.float32)))
+            if self.roi_flip:
+                mirrored_box = np.array([[MODEL_SIZE - x1, y0, MODEL_SIZE - x0, y1]], np.float32)
+                views.append((j, True, np.ascontiguousarray(zoomed[:, ::-1]), mirrored_box))
+        logit_sums: list = [0.0 for _ in boxes]  # low-resolution logits, summed over the views
+        iou_sums = np.zeros((len(boxes),), np.float32)
+        for s in range(0, len(views), ENCODER_MAX_BATCH):
+            part = views[s : s + ENCODER_MAX_BATCH]
+            batch = np.stack([zoomed for _, _, zoomed, _ in part])[:, None]
+            embeddings = self.encoder.run([self.embedding_name], {"image": batch})[0]
+            for (j, mirrored, _, zoomed_box), embedding in zip(part, embeddings, strict=True):
+                logits, iou = self.decoder.run(
+                    ["low_res_logits", "iou_predictions"], {"embedding": embedding[None], "boxes": zoomed_box}
+                )
+                logit_sums[j] = logit_sums[j] + (logits[0, 0][:, ::-1] if mirrored else logits[0, 0])
+                iou_sums[j] += float(iou.reshape(-1)[0])
+        masks = np.zeros((len(boxes), MODEL_SIZE, MODEL_SIZE), np.uint8)
+        for j, (wx, wy, side) in enumerate(windows):
+            masks[j, wy : wy + side, wx : wx + side] = _resize_bilinear(logit_sums[j], side, side) > 0
+        scores = np.clip(iou_sums / (2.0 if self.roi_flip else 1.0), 0.0, 1.0).astype(np.float32)
+        return masks, scores
+
+    def _segment(self, image, embedding, boxes):
+        """Masks and scores for one image's boxes: the whole-image embedding, small boxes zoomed."""
+        masks, scores = self._decode(embedding, boxes)
+        if self.roi_max_side > 0:
+            sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+            small = np.flatnonzero(sides <= self.roi_max_side)
+            if len(small):
+                masks[small], scores[small] = self._zoomed(image, boxes[small])
+        return masks, scores
+
     def execute(self, requests):
         responses = [None] * len(requests)
         parsed = []  # (index, image [b,H,W], boxes [b,N,4])
@@ -183,7 +241,7 @@ class TritonPythonModel:
             for (i, k), emb in zip(part, out, strict=True):
                 embeddings.setdefault(i, {})[k] = emb[None]
 
-        for i, _image, boxes in parsed:
+        for i, image, boxes in parsed:
             if i in failed:
                 responses[i] = _error(failed[i])
                 continue
@@ -192,7 +250,7 @@ class TritonPythonModel:
                 masks = np.empty((b, n, MODEL_SIZE, MODEL_SIZE), np.uint8)
                 scores = np.empty((b, n), np.float32)
                 for k in range(b):
-                    masks[k], scores[k] = self._decode(embeddings[i][k], boxes[k])
+                    masks[k], scores[k] = self._segment(image[k], embeddings[i][k], boxes[k])
                 responses[i] = pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor("masks", masks), pb_utils.Tensor("scores", scores)]
                 )
@@ -203,6 +261,32 @@ class TritonPythonModel:
     def finalize(self):
         self.encoder = None
         self.decoder = None
+
+
+def _window(box, factor: float, min_side: int):
+    """A square window (x, y, side) around ``box``: ``factor`` times its longest side, inside the image."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = int(np.ceil(min(MODEL_SIZE, max(min_side, factor * max(x1 - x0, y1 - y0)))))
+    x = int(np.clip(round((x0 + x1) / 2 - side / 2), 0, MODEL_SIZE - side))
+    y = int(np.clip(round((y0 + y1) / 2 - side / 2), 0, MODEL_SIZE - side))
+    return x, y, side
+
+
+def _axis(n_in: int, n_out: int):
+    """Source indices and weights for linear resampling along one axis (pixel centres, as OpenCV)."""
+    src = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+    lower = np.floor(src).astype(np.int64)
+    upper = np.minimum(lower + 1, n_in - 1)
+    return lower, upper, (src - lower).astype(np.float32)
+
+
+def _resize_bilinear(a, out_h: int, out_w: int):
+    """Bilinear resize of a 2-D array to float32 [out_h, out_w] (no OpenCV in this model's environment)."""
+    a = np.asarray(a, dtype=np.float32)
+    y0, y1, wy = _axis(a.shape[0], out_h)
+    x0, x1, wx = _axis(a.shape[1], out_w)
+    rows = a[y0] * (1.0 - wy)[:, None] + a[y1] * wy[:, None]
+    return rows[:, x0] * (1.0 - wx) + rows[:, x1] * wx
 
 
 def _fmt(box) -> str:
