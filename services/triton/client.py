@@ -179,6 +179,10 @@ class TritonModels:
     def uses_shared_memory(self) -> bool:
         return self._shm is not None and self._shm.enabled
 
+    @property
+    def shared_memory_regions(self) -> list[str]:
+        return self._shm.names if self._shm is not None else []
+
     def _wants_shared_memory(self) -> bool:
         if self._shared_memory == "on":
             return True

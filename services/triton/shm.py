@@ -108,6 +108,11 @@ class SharedMemoryPool:
         self._all: list[Region] = []
 
     @property
+    def names(self) -> list[str]:
+        """The regions this pool has registered with Triton."""
+        return [r.name for r in self._all]
+
+    @property
     def held_bytes(self) -> int:
         return sum(r.size for r in self._all)
 
