@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from medgate.v1 import inference_pb2 as inference_pb
 from services.imaging.errors import InvalidImage, LimitExceeded, UnsupportedCodec
 from services.metrics import REQUESTS
 from services.report.limits import FindingsTooLong, InvalidFindings
@@ -129,6 +130,27 @@ def unary_boundary(
         return response
 
     return wrapper
+
+
+AnswerT = TypeVar("AnswerT")
+
+
+async def answer_item(answer: AnswerT, work: Awaitable[Any], rpc: str) -> AnswerT:
+    """One item of a batch stream: ``answer.response`` from ``work``, or ``answer.error`` with its code.
+
+    The same mapping as a unary call, but a failed item becomes an answer and the stream goes on.
+    """
+    try:
+        answer.response.CopyFrom(await work)  # type: ignore[attr-defined]
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        code, message = status_for(exc)
+        answer.error.CopyFrom(  # type: ignore[attr-defined]
+            inference_pb.ItemError(code=code.value[0], code_name=code.name, message=message)
+        )
+    REQUESTS.labels(rpc=f"{rpc}.item", code=answer.error.code_name or "OK").inc()  # type: ignore[attr-defined]
+    return answer
 
 
 def stream_boundary(

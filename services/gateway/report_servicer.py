@@ -7,7 +7,6 @@ Findings text is patient data: nothing here logs it or puts it into an error mes
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -16,9 +15,8 @@ import grpc
 from medgate.v1 import inference_pb2 as inference_pb
 from medgate.v1 import report_pb2 as pb
 from medgate.v1 import report_pb2_grpc as pb_grpc
-from services.gateway.errors import status_for, stream_boundary, unary_boundary
+from services.gateway.errors import answer_item, stream_boundary, unary_boundary
 from services.gateway.streams import answer_concurrently
-from services.metrics import REQUESTS
 from services.report.limits import check_findings, evidence_count
 from services.settings import Settings
 from services.triton.impression import ImpressionAnswer, ImpressionModel
@@ -94,15 +92,7 @@ class ReportServicer(pb_grpc.ReportServicer):
 
         async def one(item: pb.ImpressionRequest) -> pb.ImpressionStreamResponse:
             answer = pb.ImpressionStreamResponse(request_id=item.request_id)
-            try:
-                answer.response.CopyFrom(await self._impression(item, context))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                code, message = status_for(exc)
-                answer.error.CopyFrom(inference_pb.ItemError(code=code.value[0], code_name=code.name, message=message))
-            REQUESTS.labels(rpc="ImpressionStream.item", code=answer.error.code_name or "OK").inc()
-            return answer
+            return await answer_item(answer, self._impression(item, context), "ImpressionStream")
 
         in_flight = self.settings.report.stream_in_flight
         async for answer in answer_concurrently(request_iterator, one, in_flight=in_flight):

@@ -15,14 +15,20 @@ import numpy as np
 
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
-from services.gateway.errors import BadRequest, RequestTooLarge, status_for, stream_boundary, unary_boundary
+from services.gateway.errors import (
+    BadRequest,
+    RequestTooLarge,
+    answer_item,
+    stream_boundary,
+    unary_boundary,
+)
 from services.gateway.routing import ReviewRouter
 from services.gateway.streams import answer_concurrently
 from services.imaging.arrays import decode_array, encode_array
 from services.imaging.ingest import InputKind
 from services.imaging.prepare import PreparedImage, prepare
 from services.imaging.preprocess import Letterbox
-from services.metrics import REQUESTS, observe_stages
+from services.metrics import observe_stages
 from services.settings import Settings
 from services.triton.client import TritonModels
 
@@ -474,15 +480,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
         async def one(item: pb.AnalyzeRequest) -> pb.AnalyzeStreamResponse:
             answer = pb.AnalyzeStreamResponse(request_id=item.request_id)
-            try:
-                answer.response.CopyFrom(await self._analyze(item, context))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                code, message = status_for(exc)
-                answer.error.CopyFrom(pb.ItemError(code=code.value[0], code_name=code.name, message=message))
-            REQUESTS.labels(rpc="AnalyzeStream.item", code=answer.error.code_name or "OK").inc()
-            return answer
+            return await answer_item(answer, self._analyze(item, context), "AnalyzeStream")
 
         async for answer in answer_concurrently(request_iterator, one, in_flight=STREAM_IN_FLIGHT):
             yield answer
