@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 BOX_ONNX := triton_models/segmenter_box/1/encoder.onnx triton_models/segmenter_box/1/decoder.onnx
 IMPRESSION_INDEX := triton_models/impression/1/index.npz triton_models/impression/1/index.json
 
-.PHONY: setup run test lint models models-train models-box models-impression eval-models eval-report clean proto \
+.PHONY: setup run test test-fast lint models models-train models-box models-impression eval-models eval-report clean proto \
 	protoset bench bench-review ghz-fixtures loadtest
 
 setup: $(STAMP) $(BOX_ONNX) $(IMPRESSION_INDEX)
@@ -50,6 +50,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The pure-module tests only (seconds): no tritonserver, no gateway. conftest.py marks every test that needs one.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not triton"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

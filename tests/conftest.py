@@ -16,6 +16,16 @@ from services.review.server import ReviewServer
 from services.settings import PROJECT_ROOT, load_settings
 from services.triton.embedded import EmbeddedTriton
 
+# Fixtures that start the real tritonserver (directly or through one they request). A test that uses any of
+# them, however indirectly, gets the `triton` marker here, so `make test-fast` (-m "not triton") cannot start one.
+TRITON_FIXTURES = frozenset({"triton_server"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRITON_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.triton)
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

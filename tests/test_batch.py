@@ -131,7 +131,6 @@ async def run_batch(server: GatewayServer, *argv: str) -> tuple[int, str]:
     return code, stdout.getvalue()
 
 
-@pytest.mark.triton
 async def test_batch_writes_every_output_reports_the_corrupt_file_and_resumes(
     gateway: GatewayServer,
     inputs: Path,
@@ -214,7 +213,6 @@ async def test_batch_writes_every_output_reports_the_corrupt_file_and_resumes(
     assert read_summary(out) == rows
 
 
-@pytest.mark.triton
 async def test_an_interrupted_batch_resumes_to_completion(gateway: GatewayServer, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()

@@ -21,8 +21,6 @@ from services.review.server import ReviewServer
 from tests.fixtures import dicom_bytes, phantom, png_bytes, pydicom_data_file
 from training.phantoms import model_space
 
-pytestmark = pytest.mark.triton
-
 
 async def test_health_reports_every_model_serving(channel: grpc.aio.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)

@@ -13,8 +13,6 @@ from medgate.v1 import inference_pb2_grpc as pb_grpc
 from services.logs import JsonFormatter
 from tests.fixtures import PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME, dicom_bytes, phantom
 
-pytestmark = pytest.mark.triton
-
 
 def _rpc_records(caplog: pytest.LogCaptureFixture, request_id: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if getattr(r, "event", "") == "rpc" and r.__dict__["request_id"] == request_id]

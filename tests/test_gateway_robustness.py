@@ -15,8 +15,6 @@ from medgate.v1 import inference_pb2_grpc as pb_grpc
 from services.imaging.errors import InvalidImage, LimitExceeded, UnsupportedCodec
 from tests.test_ingest import CORPUS, _deflate_zeros, _dicom_bytes, _expected, _key, _png, _small_image
 
-pytestmark = pytest.mark.triton
-
 CODE_OF = {
     InvalidImage: grpc.StatusCode.INVALID_ARGUMENT,
     UnsupportedCodec: grpc.StatusCode.FAILED_PRECONDITION,

@@ -72,7 +72,6 @@ def fixture_configs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return configs
 
 
-@pytest.mark.triton
 async def test_every_config_runs_against_the_gateway_without_errors(
     gateway: GatewayServer, fixture_configs: list[Path]
 ) -> None:
@@ -91,7 +90,6 @@ async def test_every_config_runs_against_the_gateway_without_errors(
         assert text.count(field) >= len(configs), field
 
 
-@pytest.mark.triton
 async def test_command_line_runs_for_a_duration_and_writes_json(gateway: GatewayServer, tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     argv = [

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 from training.evaluate_report import METRICS, SEED_004, rouge, table
 from training.evaluate_report import evaluate as evaluate_report
-
-pytestmark = pytest.mark.triton
 
 
 def test_rouge_is_the_stemmed_f1_of_rouge_score() -> None:

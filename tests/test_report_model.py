@@ -14,7 +14,6 @@ from services.triton.client import check_contract
 from services.triton.impression import CONTRACT, parse_answer
 from training.build_impression import MODEL_DIR, load_engine
 
-pytestmark = pytest.mark.triton
 NORMAL = "The heart is normal in size. The mediastinum is unremarkable. The lungs are clear."
 GARBAGE = [
     "qzxv wplk jjjrt vbnmq",

@@ -17,7 +17,6 @@ from medgate.v1 import report_pb2 as pb
 from medgate.v1 import report_pb2_grpc as pb_grpc
 from services.gateway.server import GatewayServer
 
-pytestmark = pytest.mark.triton
 NORMAL = "The heart is normal in size. The mediastinum is unremarkable. The lungs are clear."
 EFFUSION = "The heart is enlarged. There are small bilateral pleural effusions. No pneumothorax."
 # A marker that must never reach a log line or an error message.

@@ -55,7 +55,6 @@ def test_outbox_keeps_replaces_and_sets_aside(tmp_path: Path) -> None:
     assert (tmp_path / "outbox" / "refused" / b.path.name).read_bytes() == b"second"
 
 
-@pytest.mark.triton
 @pytest.mark.asyncio(loop_scope="session")
 async def test_a_case_routed_while_review_is_down_reaches_it_when_it_is_back(
     triton_url: str, tmp_path: Path

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import tritonclient.grpc as triton_grpc
 
 from training.phantoms import generate, model_space
-
-pytestmark = pytest.mark.triton
 
 # Phantoms (not the held-out seeds) with lesions 15-20 pixels across in the 1024 model space:
 # at LiteMedSAM's 256x256 view of the whole image these are 4-5 pixels, where it often found nothing.

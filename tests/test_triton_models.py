@@ -14,7 +14,6 @@ from tests.fixtures import phantom
 from training.evaluate import evaluate
 from training.phantoms import model_space
 
-pytestmark = pytest.mark.triton
 MODELS = ["classifier", "detector", "segmenter_text", "segmenter_box"]
 
 
