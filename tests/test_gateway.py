@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
+import time
+import urllib.request
 from collections.abc import AsyncIterator
 
 import grpc
@@ -273,11 +277,50 @@ async def test_every_method_resolves_through_reflection_as_ghz_asks(channel: grp
     assert missing[0].HasField("error_response")
 
 
-async def test_deadline_is_honoured(stub: pb_grpc.InferenceStub) -> None:
-    data = pydicom_data_file("RG1_UNCI.dcm").read_bytes()
+def _requests_total(gateway: GatewayServer, rpc: str, code: str) -> float:
+    """The server's own count of finished calls (``medgate_requests_total``) from its /metrics page."""
+    url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    wanted = f'medgate_requests_total{{code="{code}",rpc="{rpc}"}} '
+    return sum(float(line[len(wanted) :]) for line in text.splitlines() if line.startswith(wanted))
+
+
+async def test_deadline_is_honoured(
+    stub: pb_grpc.InferenceStub, gateway: GatewayServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past its deadline a call stops on the server too: its access-log line and the request count say
+    DEADLINE_EXCEEDED after about the deadline, where a server that ignored it would finish the work and log OK.
+    (The caller's DEADLINE_EXCEEDED alone proves nothing: the client raises it by itself.)"""
+    caplog.set_level(logging.INFO)  # the access log's logger name is not part of the contract; its fields are
+    data = pydicom_data_file("RG1_UNCI.dcm").read_bytes()  # 1955x1841: decode, three prompts, LiteMedSAM
+    request = pb.SegmentRequest(image=pb.ImageInput(data=data), prompts="heart & left lung & right lung")
+    started = time.perf_counter()
+    await stub.Segment(request, timeout=120)  # warm, and the time the whole work takes on this machine
+    full_s = time.perf_counter() - started
+    before = _requests_total(gateway, "Segment", "DEADLINE_EXCEEDED")
+
+    # A quarter of the work: long enough for the request to reach the handler, far short of the answer.
+    deadline_s = full_s / 4
     with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await stub.Segment(pb.SegmentRequest(image=pb.ImageInput(data=data), prompts="heart"), timeout=0.005)
+        await stub.Segment(request, timeout=deadline_s, metadata=(("x-request-id", "deadline-check"),))
     assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    records: list[logging.LogRecord] = []
+    for _ in range(100):  # the server writes its line when its handler ends, which may be after the client gave up
+        records = [r for r in caplog.records if getattr(r, "request_id", None) == "deadline-check"]
+        if records:
+            break
+        await asyncio.sleep(0.05)
+    (record,) = records
+    assert record.__dict__["code"] == "DEADLINE_EXCEEDED", record.getMessage()
+    assert "DEADLINE_EXCEEDED" in record.getMessage()
+    # It stopped at the deadline, not when the work would have been done.
+    assert record.__dict__["duration_ms"] < (deadline_s + 0.5 * (full_s - deadline_s)) * 1000.0, (deadline_s, full_s)
+    assert _requests_total(gateway, "Segment", "DEADLINE_EXCEEDED") == before + 1
+
+    answered = time.perf_counter()  # and the server is free: the next call takes the usual time
+    await stub.Segment(request, timeout=120)
+    assert time.perf_counter() - answered < 2 * full_s + 1.0
 
 
 async def test_unsure_detection_is_routed_to_review_and_a_sure_one_is_not(
