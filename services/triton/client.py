@@ -19,14 +19,15 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from services.metrics import TRITON_SECONDS
+from services.settings import Settings, TritonSettings
 from services.triton.shm import SharedMemoryPool, needed_bytes, remove_stale_regions
 
 log = logging.getLogger("medgate.triton.client")
 
 MODEL_SIZE = 1024
 ANY = -1
-# Tensors at least this big go through shared memory when Triton is on this host (see shm.py).
-SHM_MIN_BYTES = 64 * 1024
+# Defaults of the keyword arguments below; a server passes its own settings (TritonModels.from_settings).
+_DEFAULTS = TritonSettings()
 
 
 @dataclass(frozen=True)
@@ -163,17 +164,44 @@ class TritonModels:
         model_names: dict[str, str],
         *,
         retry_backoff_s: float = 0.05,
-        shared_memory: str = "auto",
-        shared_memory_max_bytes: int = 256 * 1024 * 1024,
+        shared_memory: str = _DEFAULTS.shared_memory,
+        shared_memory_max_bytes: int = _DEFAULTS.shared_memory_max_bytes,
+        shared_memory_min_tensor_bytes: int = _DEFAULTS.shared_memory_min_tensor_bytes,
+        connect_timeout_s: float = _DEFAULTS.connect_timeout_s,
+        ready_timeout_s: float = _DEFAULTS.ready_timeout_s,
+        warmup_timeout_s: float = _DEFAULTS.warmup_timeout_s,
+        keepalive_time_ms: int = _DEFAULTS.keepalive_time_ms,
     ) -> None:
         self.url = url
         self.model_names = model_names
         self.retry_backoff_s = retry_backoff_s
+        self.connect_timeout_s = connect_timeout_s
+        self.ready_timeout_s = ready_timeout_s
+        self.warmup_timeout_s = warmup_timeout_s
+        self.keepalive_time_ms = keepalive_time_ms
+        self._shm_min_bytes = shared_memory_min_tensor_bytes
         self.models: dict[str, ModelInfo] = {}
         self._client: triton_aio.InferenceServerClient | None = None
         self._shared_memory = shared_memory
         self._shm_max_bytes = shared_memory_max_bytes
         self._shm: SharedMemoryPool | None = None
+
+    @classmethod
+    def from_settings(cls, url: str, settings: Settings) -> TritonModels:
+        """The image roles of ``settings.models`` on the Triton at ``url``, with every Triton limit from settings."""
+        triton = settings.triton
+        return cls(
+            url,
+            settings.models.as_dict(),
+            retry_backoff_s=settings.gateway.triton_retry_backoff_s,
+            shared_memory=triton.shared_memory,
+            shared_memory_max_bytes=triton.shared_memory_max_bytes,
+            shared_memory_min_tensor_bytes=triton.shared_memory_min_tensor_bytes,
+            connect_timeout_s=triton.connect_timeout_s,
+            ready_timeout_s=triton.ready_timeout_s,
+            warmup_timeout_s=triton.warmup_timeout_s,
+            keepalive_time_ms=triton.keepalive_time_ms,
+        )
 
     @property
     def uses_shared_memory(self) -> bool:
@@ -199,13 +227,17 @@ class TritonModels:
                 channel_args=[
                     ("grpc.max_send_message_length", -1),
                     ("grpc.max_receive_message_length", -1),
-                    ("grpc.keepalive_time_ms", 30_000),
+                    ("grpc.keepalive_time_ms", self.keepalive_time_ms),
                 ],
             )
         return self._client
 
-    async def connect(self, *, timeout_s: float = 30.0) -> dict[str, ModelInfo]:
-        """Load each role's metadata and config and check its contract; raises ContractError or TritonUnavailable."""
+    async def connect(self, *, timeout_s: float | None = None) -> dict[str, ModelInfo]:
+        """Load each role's metadata and config and check its contract; raises ContractError or TritonUnavailable.
+
+        ``timeout_s`` bounds each call (default: ``connect_timeout_s``).
+        """
+        timeout_s = self.connect_timeout_s if timeout_s is None else timeout_s
         models: dict[str, ModelInfo] = {}
         for role, name in self.model_names.items():
             contract = CONTRACTS[role]
@@ -238,11 +270,12 @@ class TritonModels:
         """Class names through Triton's classification extension (the model's label_filename)."""
         info = self._role("classifier")
         probe = np.zeros((1, MODEL_SIZE, MODEL_SIZE), np.uint8)
-        plain = await self._infer(info, [("image", probe)], ["probabilities"], deadline=time.monotonic() + 30)
+        deadline = time.monotonic() + self.warmup_timeout_s
+        plain = await self._infer(info, [("image", probe)], ["probabilities"], deadline=deadline)
         count = int(plain["probabilities"].shape[-1])
         output = triton_grpc.InferRequestedOutput("probabilities", class_count=count)
         inputs = [self._input("image", probe)]
-        result = await self.client.infer(info.name, inputs, outputs=[output], client_timeout=30)
+        result = await self.client.infer(info.name, inputs, outputs=[output], client_timeout=self.warmup_timeout_s)
         labels = [""] * count
         for entry in result.as_numpy("probabilities").reshape(-1):
             parts = entry.decode().split(":", 2)
@@ -255,7 +288,7 @@ class TritonModels:
         states: dict[str, bool] = {}
         for role, name in self.model_names.items():
             try:
-                states[role] = bool(await self.client.is_model_ready(name, client_timeout=2.0))
+                states[role] = bool(await self.client.is_model_ready(name, client_timeout=self.ready_timeout_s))
             except InferenceServerException:
                 states[role] = False
         return states
@@ -330,7 +363,7 @@ class TritonModels:
     ) -> Any:
         if self._shm is None or not self._shm.enabled:
             return None
-        sizes = [a.nbytes for _, a in arrays if a.dtype != np.object_ and a.nbytes >= SHM_MIN_BYTES]
+        sizes = [a.nbytes for _, a in arrays if a.dtype != np.object_ and a.nbytes >= self._shm_min_bytes]
         sizes += [int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in sized_outputs.values()]
         if not sizes:
             return None
@@ -345,7 +378,7 @@ class TritonModels:
     ) -> tuple[list[triton_grpc.InferInput], list[triton_grpc.InferRequestedOutput], dict[str, int]]:
         inputs: list[triton_grpc.InferInput] = []
         for name, array in arrays:
-            if region is not None and array.dtype != np.object_ and array.nbytes >= SHM_MIN_BYTES:
+            if region is not None and array.dtype != np.object_ and array.nbytes >= self._shm_min_bytes:
                 tensor = triton_grpc.InferInput(name, list(array.shape), self._datatype(array))
                 tensor.set_shared_memory(region.name, array.nbytes, offset=region.write(array))
                 inputs.append(tensor)

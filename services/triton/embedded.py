@@ -97,7 +97,7 @@ class EmbeddedTriton:
             f"--backend-config=python,shm-default-byte-size={s.python_shm_default_bytes}",
             f"--backend-config=python,shm-growth-byte-size={s.python_shm_growth_bytes}",
             f"--log-verbose={s.log_verbose}",
-            "--exit-timeout-secs=5",
+            f"--exit-timeout-secs={s.exit_timeout_s}",
             *shlex.split(s.extra_args),
         ]
 
@@ -145,6 +145,7 @@ class EmbeddedTriton:
             models,
             deadline=deadline,
             alive=lambda: self.running,
+            call_timeout_s=self.settings.ready_timeout_s,
         )
         if ready is None:
             code = self._process.poll() if self._process else None
@@ -189,10 +190,13 @@ def wait_until_ready(
     deadline: float,
     alive: object = None,
     report_every_s: float = 10.0,
+    call_timeout_s: float = TritonSettings.ready_timeout_s,
 ) -> list[str] | None:
     """Poll Triton over gRPC until it and ``models`` (default: all in its repository) are READY.
 
     Returns the ready model names, or None when the deadline passes or ``alive()`` turns false.
+    Each call is bounded by ``call_timeout_s`` (triton.ready_timeout_s), so a server that accepts the
+    connection and never answers cannot hold the loop past the deadline.
     Says what it is waiting for when that changes and every ``report_every_s``; raises
     TritonStartError at once when a model has failed to load (Triton will not retry it).
     """
@@ -206,14 +210,15 @@ def wait_until_ready(
                 return None
             waiting, failure = "server not reachable yet", ""
             with contextlib.suppress(Exception):
-                if client.is_server_live():
-                    index = client.get_model_repository_index(as_json=True).get("models", [])
+                if client.is_server_live(client_timeout=call_timeout_s):
+                    index = client.get_model_repository_index(as_json=True, client_timeout=call_timeout_s)
+                    index = index.get("models", [])
                     names = models or [entry["name"] for entry in index]
                     entries = {entry["name"]: entry for entry in index}
                     failed = [n for n in names if entries.get(n, {}).get("state") == "UNAVAILABLE"]
                     if failed:
                         failure = "; ".join(f"{n}: {entries[n].get('reason', '') or 'no reason given'}" for n in failed)
-                    pending = [n for n in names if not client.is_model_ready(n)]
+                    pending = [n for n in names if not client.is_model_ready(n, client_timeout=call_timeout_s)]
                     if names and not pending:
                         return names
                     waiting = f"models not ready yet: {', '.join(pending) or 'none in the repository'}"
@@ -241,7 +246,7 @@ def triton_for(settings: TritonSettings, models: list[str] | None = None) -> Ite
         return
     log.info("using the external Triton at %s", settings.grpc_url)
     deadline = time.monotonic() + settings.startup_timeout_s
-    if wait_until_ready(settings.grpc_url, models, deadline=deadline) is None:
+    if wait_until_ready(settings.grpc_url, models, deadline=deadline, call_timeout_s=settings.ready_timeout_s) is None:
         raise TritonStartError(
             f"external Triton at {settings.grpc_url} was not ready within {settings.startup_timeout_s:.0f} s"
         )

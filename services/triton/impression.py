@@ -20,6 +20,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from services.metrics import TRITON_SECONDS
+from services.settings import Settings, TritonSettings
 from services.triton.client import (
     Contract,
     ModelInfo,
@@ -31,6 +32,9 @@ from services.triton.client import (
 )
 
 log = logging.getLogger("medgate.triton.impression")
+
+# Defaults of the keyword arguments below; a server passes its own settings (ImpressionModel.from_settings).
+_DEFAULTS = TritonSettings()
 
 ROLE = "impression"
 CONTRACT = Contract(
@@ -67,12 +71,33 @@ def parse_answer(impression: bytes, score: float, evidence: bytes) -> Impression
 class ImpressionModel:
     """Calls to one Triton model with the impression contract, checked by :meth:`connect`."""
 
-    def __init__(self, url: str, name: str = ROLE, *, retry_backoff_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        url: str,
+        name: str = ROLE,
+        *,
+        retry_backoff_s: float = 0.05,
+        connect_timeout_s: float = _DEFAULTS.connect_timeout_s,
+        ready_timeout_s: float = _DEFAULTS.ready_timeout_s,
+    ) -> None:
         self.url = url
         self.name = name
         self.retry_backoff_s = retry_backoff_s
+        self.connect_timeout_s = connect_timeout_s
+        self.ready_timeout_s = ready_timeout_s
         self.info: ModelInfo | None = None
         self._client: triton_aio.InferenceServerClient | None = None
+
+    @classmethod
+    def from_settings(cls, url: str, settings: Settings) -> ImpressionModel:
+        """``settings.report.model`` on the Triton at ``url``, with the Triton timeouts from settings."""
+        return cls(
+            url,
+            settings.report.model,
+            retry_backoff_s=settings.gateway.triton_retry_backoff_s,
+            connect_timeout_s=settings.triton.connect_timeout_s,
+            ready_timeout_s=settings.triton.ready_timeout_s,
+        )
 
     @property
     def client(self) -> triton_aio.InferenceServerClient:
@@ -80,8 +105,12 @@ class ImpressionModel:
             self._client = triton_aio.InferenceServerClient(self.url)
         return self._client
 
-    async def connect(self, *, timeout_s: float = 30.0) -> ModelInfo:
-        """Check the model's metadata against the contract; raises ContractError or TritonUnavailable."""
+    async def connect(self, *, timeout_s: float | None = None) -> ModelInfo:
+        """Check the model's metadata against the contract; raises ContractError or TritonUnavailable.
+
+        ``timeout_s`` bounds each call (default: ``connect_timeout_s``).
+        """
+        timeout_s = self.connect_timeout_s if timeout_s is None else timeout_s
         try:
             metadata = await self.client.get_model_metadata(self.name, as_json=True, client_timeout=timeout_s)
             config = (await self.client.get_model_config(self.name, as_json=True, client_timeout=timeout_s))["config"]
@@ -99,7 +128,7 @@ class ImpressionModel:
 
     async def ready(self) -> bool:
         try:
-            return bool(await self.client.is_model_ready(self.name, client_timeout=2.0))
+            return bool(await self.client.is_model_ready(self.name, client_timeout=self.ready_timeout_s))
         except InferenceServerException:
             return False
 
