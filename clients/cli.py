@@ -202,12 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    from services.settings import SettingsError
     from services.triton.client import ContractError, TritonUnavailable
     from services.triton.embedded import TritonStartError
 
     try:
+        _configure_logging(args.verbose)  # the first to read the settings
         return int(args.func(args))
+    except SettingsError as exc:
+        # Unknown setting names or unusable values: every one on one line, like a usage error.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (TritonStartError, ContractError, TritonUnavailable) as exc:
         # Start-up problems a user fixes by configuration: say which, without a traceback.
         print(f"error: {exc}", file=sys.stderr)
