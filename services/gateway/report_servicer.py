@@ -1,7 +1,7 @@
 """The Report servicer: findings text in, impression, score and evidence out; translation only.
 
 Validation and limits live in :mod:`services.report.limits` (no gRPC there); the model call in
-:mod:`services.triton.impression`; every failure becomes a status in :mod:`services.gateway.errors`.
+:mod:`services.triton.impression`; every failure becomes a status in the RPC layer (:mod:`services.rpc`).
 Findings text is patient data: nothing here logs it or puts it into an error message.
 """
 
@@ -15,9 +15,9 @@ import grpc
 from medgate.v1 import inference_pb2 as inference_pb
 from medgate.v1 import report_pb2 as pb
 from medgate.v1 import report_pb2_grpc as pb_grpc
-from services.gateway.errors import answer_item, stream_boundary, unary_boundary
-from services.gateway.streams import answer_concurrently
 from services.report.limits import check_findings, evidence_count
+from services.rpc.call import request_deadline
+from services.rpc.streams import answer_concurrently, answer_item
 from services.settings import Settings
 from services.triton.impression import ImpressionAnswer, ImpressionModel
 
@@ -48,22 +48,15 @@ class ReportServicer(pb_grpc.ReportServicer):
         self.settings = settings
         self.model = model
 
-    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
-        budget = self.settings.gateway.default_deadline_s
-        remaining = context.time_remaining()
-        if remaining is not None:
-            budget = min(budget, remaining)
-        return time.monotonic() + budget
-
-    async def _impression(
-        self, request: pb.ImpressionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ImpressionResponse:
+    async def _impression(self, request: pb.ImpressionRequest) -> pb.ImpressionResponse:
         started = time.perf_counter()
         limits = self.settings.report
         findings = check_findings(request.findings, limits)
         evidence = evidence_count(request.max_evidence, limits)
         validated = time.perf_counter()
-        (answer,) = await self.model.predict([findings], deadline=self._deadline(context))
+        (answer,) = await self.model.predict(
+            [findings], deadline=request_deadline(self.settings.gateway.default_deadline_s)
+        )
         answered = time.perf_counter()
         response = response_proto(answer, evidence)
         response.request_id = request.request_id
@@ -78,21 +71,19 @@ class ReportServicer(pb_grpc.ReportServicer):
         )
         return response
 
-    @unary_boundary
     async def Impression(
         self, request: pb.ImpressionRequest, context: grpc.aio.ServicerContext
     ) -> pb.ImpressionResponse:
-        return await self._impression(request, context)
+        return await self._impression(request)
 
-    @stream_boundary
     async def ImpressionStream(
         self, request_iterator: AsyncIterator[pb.ImpressionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ImpressionStreamResponse]:
         """Up to ``report.stream_in_flight`` items at once; answers as they finish; a failed item ends nothing."""
 
         async def one(item: pb.ImpressionRequest) -> pb.ImpressionStreamResponse:
-            answer = pb.ImpressionStreamResponse(request_id=item.request_id)
-            return await answer_item(answer, self._impression(item, context), "ImpressionStream")
+            answer = pb.ImpressionStreamResponse(request_id=getattr(item, "request_id", ""))
+            return await answer_item(answer, item, self._impression, rpc="ImpressionStream")
 
         in_flight = self.settings.report.stream_in_flight
         async for answer in answer_concurrently(request_iterator, one, in_flight=in_flight):

@@ -24,7 +24,7 @@ from google.protobuf import json_format
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import review_pb2 as rpb
 from medgate.v1 import review_pb2_grpc as rpb_grpc
-from services.imaging.arrays import encode_array
+from services.imaging.arrays import WireArray, encode_array
 from services.imaging.prepare import PreparedImage
 from services.metrics import REVIEW_OUTBOX_PENDING, REVIEW_ROUTED
 from services.review.flows import FlowDefinition, TaskType, summarize
@@ -66,6 +66,7 @@ class ReviewRouter:
         timeout_s: float,
         outbox: Outbox,
         retry_interval_s: float = 2.0,
+        max_message_bytes: int = 64 << 20,
     ) -> None:
         self.flows = flows
         self.target = target
@@ -73,6 +74,7 @@ class ReviewRouter:
         self.timeout_s = timeout_s
         self.outbox = outbox
         self.retry_interval_s = retry_interval_s
+        self.max_message_bytes = max_message_bytes
         self._channel: grpc.aio.Channel | None = None
         self._retrying: asyncio.Task[None] | None = None
 
@@ -108,8 +110,12 @@ class ReviewRouter:
                 if exc.code() in _RETRYABLE:
                     return taken  # still away: try again next round
                 if exc.code() is not grpc.StatusCode.ALREADY_EXISTS:
-                    log.error("review outbox: %s refused for good (%s); kept in %s", entry.name, exc.code().name,
-                              self.outbox.refused_dir)
+                    log.error(
+                        "review outbox: %s refused for good (%s); kept in %s",
+                        entry.name,
+                        exc.code().name,
+                        self.outbox.refused_dir,
+                    )
                     await loop.run_in_executor(self.executor, self.outbox.refuse, entry)
                     continue
             await loop.run_in_executor(self.executor, self.outbox.done, entry)
@@ -123,7 +129,7 @@ class ReviewRouter:
     def stub(self) -> rpb_grpc.ReviewStub:
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(
-                self.target, options=[("grpc.max_send_message_length", 64 << 20)]
+                self.target, options=[("grpc.max_send_message_length", self.max_message_bytes)]
             )
         return rpb_grpc.ReviewStub(self._channel)
 
@@ -149,7 +155,8 @@ class ReviewRouter:
         request_id: str = "",
     ) -> list[pb.ReviewRouting]:
         """One routing entry per flow whose conditions matched (routed, or not with the reason)."""
-        digest = input_hash(image)
+        loop = asyncio.get_running_loop()
+        digest = await loop.run_in_executor(self.executor, input_hash, image)  # up to 64 MiB of input
         matched: list[tuple[FlowDefinition, tuple[str, ...]]] = []
         for flow in self.flows.values():
             if flow.task_type is TaskType.CLASSIFICATION and classification is not None:
@@ -165,7 +172,10 @@ class ReviewRouter:
                 matched.append((flow, activation.reasons))
         if not matched:
             return []
-        png = await asyncio.get_running_loop().run_in_executor(self.executor, _png, prepared.model_image)
+        png = await loop.run_in_executor(self.executor, _png, prepared.model_image)
+        packed = None
+        if masks is not None and any(flow.task_type is TaskType.SEGMENTATION for flow, _ in matched):
+            packed = await loop.run_in_executor(self.executor, lambda: encode_array(masks, packbits=True))
         routings = await asyncio.gather(
             *(
                 self._start(
@@ -177,7 +187,7 @@ class ReviewRouter:
                     classification=classification,
                     detection=detection,
                     segmentation=segmentation,
-                    masks=masks,
+                    masks=packed,
                     request_id=request_id,
                 )
                 for flow, reasons in matched
@@ -196,7 +206,7 @@ class ReviewRouter:
         classification: pb.ClassifyResponse | None,
         detection: pb.DetectResponse | None,
         segmentation: pb.SegmentResponse | None,
-        masks: np.ndarray | None,
+        masks: WireArray | None,
         request_id: str,
     ) -> pb.ReviewRouting:
         name = auto_loop_name(flow.name, digest)
@@ -230,9 +240,8 @@ class ReviewRouter:
         if flow.task_type is TaskType.SEGMENTATION and segmentation is not None:
             content["segmentation"] = {"prompts": [_as_dict(p) for p in segmentation.prompts]}
             if masks is not None:
-                wire = encode_array(masks, packbits=True)
-                content["masksShape"] = list(wire.shape)
-                masks_packbits = wire.data
+                content["masksShape"] = list(masks.shape)
+                masks_packbits = masks.data
         request = rpb.StartHumanLoopRequest(
             name=name,
             flow_definition=flow.name,

@@ -1,4 +1,4 @@
-"""Gateway lifecycle: one grpc.aio server per worker process with health, reflection and graceful stop."""
+"""Gateway lifecycle: one RPC server (services.rpc) per worker process, model health, graceful stop."""
 
 from __future__ import annotations
 
@@ -12,13 +12,9 @@ import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
 from medgate.v1 import report_pb2, report_pb2_grpc
-from services.gateway.reflection import enable_reflection
 from services.gateway.report_servicer import ReportServicer
 from services.gateway.routing import ReviewRouter
 from services.gateway.servicer import InferenceServicer
@@ -27,6 +23,7 @@ from services.metrics import cleanup_multiprocess, prepare_multiprocess, serve_m
 from services.review.flows import load_flows
 from services.review.outbox import Outbox
 from services.review.server import ReviewServer
+from services.rpc.server import RpcServer
 from services.settings import Settings
 from services.triton.client import TritonModels
 from services.triton.impression import ImpressionModel
@@ -59,9 +56,13 @@ class GatewayServer:
             shared_memory_max_bytes=settings.triton.shared_memory_max_bytes,
         )
         self.executor = ThreadPoolExecutor(settings.gateway.cpu_threads, thread_name_prefix="medgate-cpu")
-        self.health = health.aio.HealthServicer()
         gateway = settings.gateway
-        self.server = grpc.aio.server(
+        self.rpc = RpcServer(
+            host=gateway.host,
+            port=gateway.port,
+            logger="medgate.gateway",
+            default_deadline_s=gateway.default_deadline_s,
+            grace_period_s=gateway.grace_period_s,
             options=[
                 ("grpc.max_receive_message_length", gateway.max_receive_message_bytes),
                 ("grpc.max_send_message_length", gateway.max_send_message_bytes),
@@ -79,20 +80,23 @@ class GatewayServer:
                 timeout_s=settings.review.route_timeout_s,
                 outbox=Outbox(settings.review.outbox_dir, max_bytes=settings.review.outbox_max_bytes),
                 retry_interval_s=settings.review.outbox_retry_interval_s,
+                max_message_bytes=settings.review.route_max_message_bytes,
             )
-        pb_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(settings, self.models, self.executor, self.router), self.server
+        self.rpc.add(
+            INFERENCE_SERVICE,
+            pb_grpc.add_InferenceServicer_to_server,
+            InferenceServicer(settings, self.models, self.executor, self.router),
         )
         self.report_model: ImpressionModel | None = None
-        services = [INFERENCE_SERVICE]
         if settings.report.enabled and settings.report.model:
             self.report_model = ImpressionModel(
                 triton_url, settings.report.model, retry_backoff_s=settings.gateway.triton_retry_backoff_s
             )
-            report_pb2_grpc.add_ReportServicer_to_server(ReportServicer(settings, self.report_model), self.server)
-            services.append(REPORT_SERVICE)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        enable_reflection([*services, health.SERVICE_NAME], self.server)
+            self.rpc.add(
+                REPORT_SERVICE,
+                report_pb2_grpc.add_ReportServicer_to_server,
+                ReportServicer(settings, self.report_model),
+            )
         self.port = 0
         self._health_task: asyncio.Task[None] | None = None
 
@@ -101,11 +105,7 @@ class GatewayServer:
         await self.models.connect()
         if self.report_model is not None:
             await self.report_model.connect()
-        address = f"{self.settings.gateway.host}:{self.settings.gateway.port if port is None else port}"
-        self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise RuntimeError(f"could not bind the gateway to {address}")
-        await self.server.start()
+        self.port = await self.rpc.start(port=port)
         if self.serve_metrics:
             self.metrics_port = serve_metrics(self.settings.gateway.host, self.settings.gateway.metrics_port)
         await self._update_health()
@@ -118,18 +118,16 @@ class GatewayServer:
 
     async def _update_health(self) -> None:
         states = await self.models.ready()
-        serving = health_pb2.HealthCheckResponse.SERVING
-        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         for role, ready in states.items():
-            await self.health.set(health_name(role), serving if ready else not_serving)
-        overall = serving if states and all(states.values()) else not_serving
-        await self.health.set(INFERENCE_SERVICE, overall)
+            await self.rpc.set_health(health_name(role), ready)
+        overall = bool(states) and all(states.values())
+        await self.rpc.set_health(INFERENCE_SERVICE, overall)
         if self.report_model is not None:
-            report = serving if await self.report_model.ready() else not_serving
-            await self.health.set(health_name(REPORT_ROLE), report)
-            await self.health.set(REPORT_SERVICE, report)
-            overall = overall if report == serving else not_serving
-        await self.health.set("", overall)
+            report = await self.report_model.ready()
+            await self.rpc.set_health(health_name(REPORT_ROLE), report)
+            await self.rpc.set_health(REPORT_SERVICE, report)
+            overall = overall and report
+        await self.rpc.set_health("", overall)
 
     async def _poll_health(self) -> None:
         while True:
@@ -140,16 +138,14 @@ class GatewayServer:
                 log.warning("health poll failed", exc_info=True)
 
     async def wait(self) -> None:
-        await self.server.wait_for_termination()
+        await self.rpc.wait()
 
     async def stop(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
-        with contextlib.suppress(Exception):
-            await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.gateway.grace_period_s)
+        await self.rpc.stop()
         await self.models.close()
         if self.report_model is not None:
             await self.report_model.close()

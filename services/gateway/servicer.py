@@ -1,9 +1,14 @@
-"""The Inference servicer: translate protobuf to the pure pipeline and Triton calls, and back. No pixel work here."""
+"""The Inference servicer: translate protobuf to the pure pipeline and Triton calls, and back.
+
+Cross-cutting work (request ids, access log, status codes, deadlines, field validation) is done by
+the interceptors in :mod:`services.rpc`; pixel work runs on ``executor``. What is left here is what
+only this service knows: which limits a request must fit, and how the answers are put together.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
@@ -15,28 +20,29 @@ import numpy as np
 
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
-from services.gateway.errors import (
-    BadRequest,
-    RequestTooLarge,
-    answer_item,
-    stream_boundary,
-    unary_boundary,
+from services.gateway.convert import (
+    box_proto,
+    box_tuple,
+    image_info_proto,
+    input_kind,
+    ndarray_proto,
+    prompt_result,
+    request_array,
+    transform_proto,
 )
 from services.gateway.routing import ReviewRouter
-from services.gateway.streams import answer_concurrently
-from services.imaging.arrays import decode_array, encode_array
-from services.imaging.ingest import InputKind
+from services.imaging.masks import EncodedMasks, encode_masks
 from services.imaging.prepare import PreparedImage, prepare
 from services.imaging.preprocess import Letterbox
 from services.metrics import observe_stages
+from services.rpc.call import request_deadline
+from services.rpc.errors import BadRequest, RequestTooLarge
+from services.rpc.streams import answer_concurrently, answer_item
 from services.settings import Settings
 from services.triton.client import TritonModels
 
-log = logging.getLogger("medgate.gateway")
-
 ResponseT = TypeVar("ResponseT", pb.ClassifyResponse, pb.DetectResponse, pb.SegmentResponse)
 PROMPT_SEPARATOR = "&"
-STREAM_IN_FLIGHT = 4
 
 
 @dataclass
@@ -79,60 +85,11 @@ class Tasks:
     segment: bool
 
 
-def _box_tuple(box: pb.Box) -> tuple[float, float, float, float]:
-    return (box.x0, box.y0, box.x1, box.y1)
-
-
-def _box_proto(values: np.ndarray) -> pb.Box:
-    x0, y0, x1, y1 = (float(v) for v in values)
-    return pb.Box(x0=x0, y0=y0, x1=x1, y1=y1)
-
-
-def transform_proto(transform: Letterbox) -> pb.Transform:
-    return pb.Transform(
-        original_width=transform.original_width,
-        original_height=transform.original_height,
-        scale=transform.scale,
-        pad_left=transform.pad_left,
-        pad_top=transform.pad_top,
-        resized_width=transform.resized_width,
-        resized_height=transform.resized_height,
-        model_size=transform.size,
-    )
-
-
-def image_info_proto(prepared: PreparedImage) -> pb.ImageInfo:
-    decoded = prepared.decoded
-    info = pb.ImageInfo(
-        kind=pb.InputKind.Value(f"INPUT_KIND_{decoded.kind.name}"),  # the two enums share their names
-        width=decoded.width,
-        height=decoded.height,
-        frames=decoded.frames,
-        frame=decoded.frame,
-        photometric_interpretation=decoded.photometric or "",
-        transfer_syntax=decoded.transfer_syntax or "",
-        modality=str(decoded.metadata.get("Modality", "") or ""),
-    )
-    if decoded.window_used is not None:
-        info.window.CopyFrom(pb.Window(center=decoded.window_used.center, width=decoded.window_used.width))
-    uids = decoded.uids or {}
-    info.sop_instance_uid = uids.get("SOPInstanceUID", "")
-    info.series_instance_uid = uids.get("SeriesInstanceUID", "")
-    info.study_instance_uid = uids.get("StudyInstanceUID", "")
-    return info
-
-
-def ndarray_proto(array: np.ndarray, encoding: pb.ArrayEncoding) -> pb.NDArray:
-    wire = encode_array(array, packbits=encoding == pb.ARRAY_ENCODING_PACKBITS)
-    return pb.NDArray(data=wire.data, shape=list(wire.shape), dtype=wire.dtype, encoding=encoding)
-
-
-def _mask_box(mask: np.ndarray, transform: Letterbox) -> pb.Box:
-    ys, xs = np.nonzero(mask)
-    if xs.size == 0:
-        return pb.Box()
-    model_box = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=np.float64)
-    return _box_proto(transform.boxes_to_original(model_box)[0])
+def _detection_limits(min_score: float, max_detections: int) -> None:
+    if not 0.0 <= min_score <= 1.0:
+        raise BadRequest(f"min_score must be between 0 and 1, got {min_score:g}")
+    if max_detections < 0:
+        raise BadRequest(f"max_detections must be 0 (no limit) or more, got {max_detections}")
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -148,14 +105,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     # --- request parsing -----------------------------------------------------------------------
 
-    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
-        budget = self.settings.gateway.default_deadline_s
-        remaining = context.time_remaining()
-        if remaining is not None:
-            budget = min(budget, remaining)
-        return time.monotonic() + budget
+    def _deadline(self) -> float:
+        return request_deadline(self.settings.gateway.default_deadline_s)
 
     def _prompts(self, text: str) -> list[str]:
+        """The ``&``-separated prompts; errors name a prompt by its position, never by its text."""
         if not text.strip():
             return []
         prompts = [p.strip() for p in text.split(PROMPT_SEPARATOR)]
@@ -175,8 +129,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise RequestTooLarge(f"{len(boxes)} box prompts exceed the limit of {limit}")
         width, height = transform.original_width, transform.original_height
         for index, box in enumerate(boxes, start=1):
-            x0, y0, x1, y1 = _box_tuple(box)
-            if not all(np.isfinite([x0, y0, x1, y1])):
+            x0, y0, x1, y1 = box_tuple(box)
+            if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
                 raise BadRequest(f"box {index} has a non-finite coordinate")
             if x1 <= x0 or y1 <= y0:
                 raise BadRequest(f"box {index} is empty or inverted (x0={x0:g}, y0={y0:g}, x1={x1:g}, y1={y1:g})")
@@ -184,7 +138,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise BadRequest(
                     f"box {index} (x0={x0:g}, y0={y0:g}, x1={x1:g}, y1={y1:g}) is outside the {width}x{height} image"
                 )
-        original = np.array([_box_tuple(b) for b in boxes], dtype=np.float64).reshape(-1, 4)
+        original = np.array([box_tuple(b) for b in boxes], dtype=np.float64).reshape(-1, 4)
         return transform.boxes_to_model(original).astype(np.float32)
 
     async def _prepare(self, image: pb.ImageInput, clock: Clock) -> PreparedImage:
@@ -192,30 +146,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         window: tuple[float, float] | None = None
         if image.HasField("window"):
             if not image.window.width > 0:
-                raise BadRequest(f"window width must be positive, got {image.window.width:g}")
+                raise BadRequest(f"image.window.width must be positive, got {image.window.width:g}")
             window = (image.window.center, image.window.width)
         frame = image.frame if image.HasField("frame") else None
         array: np.ndarray | None = None
         data: bytes | None = None
         if source == "array":
-            try:
-                array = decode_array(
-                    image.array.data,
-                    tuple(image.array.shape),
-                    image.array.dtype,
-                    packbits=image.array.encoding == pb.ARRAY_ENCODING_PACKBITS,
-                )
-            except ValueError as exc:
-                raise BadRequest(f"image.array: {exc}") from None
+            array = request_array(image.array)
         elif source == "data" and image.data:
             data = image.data
         else:
             raise BadRequest("no image: set image.data (DICOM, PNG, JPEG, NIfTI bytes) or image.array")
-        kind = InputKind[pb.InputKind.Name(image.kind).removeprefix("INPUT_KIND_")]
-        loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(
+        kind = input_kind(image.kind)
+        limits = self.settings.ingest
+        prepared = await asyncio.get_running_loop().run_in_executor(
             self.executor,
-            lambda: prepare(data, array=array, kind=kind, frame=frame, window=window, limits=self.settings.ingest),
+            lambda: prepare(data, array=array, kind=kind, frame=frame, window=window, limits=limits),
         )
         clock.decode_ms += prepared.decode_ms
         clock.preprocess_ms += prepared.preprocess_ms
@@ -255,8 +201,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         names = info.labels
         detections = [
             pb.Detection(
-                box=_box_proto(original[i]),
-                model_box=_box_proto(boxes[i]),
+                box=box_proto(original[i]),
+                model_box=box_proto(boxes[i]),
                 label=names[int(labels[i])] if 0 <= int(labels[i]) < len(names) else f"class_{int(labels[i])}",
                 score=float(scores[i]),
             )
@@ -279,9 +225,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if not prompts and len(boxes) == 0:
             raise BadRequest("segmentation needs at least one text prompt or box prompt")
         started = time.perf_counter()
-        text_call = (
-            self.models.segment_text(prepared.model_image, prompts, deadline=deadline) if prompts else None
-        )
+        text_call = self.models.segment_text(prepared.model_image, prompts, deadline=deadline) if prompts else None
         box_call = self.models.segment_boxes(prepared.model_image, boxes, deadline=deadline) if len(boxes) else None
         async with asyncio.TaskGroup() as group:
             text_task = group.create_task(text_call) if text_call else None
@@ -290,88 +234,96 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
         encode_started = time.perf_counter()
         masks: list[np.ndarray] = []
-        prompt_results: list[pb.PromptResult] = []
+        categories: list[str] = []
+        scores: list[float] = []
         models: list[pb.ModelRef] = []
-        transform = prepared.transform
         if text_task is not None:
-            text_masks, text_scores, categories = text_task.result()
-            info = self.models.models["segmenter_text"]
-            clock.models.add(info.name)
-            models.append(pb.ModelRef(name=info.name, version=info.version))
-            for i, prompt in enumerate(prompts):
-                masks.append(text_masks[i])
-                prompt_results.append(
-                    pb.PromptResult(
-                        prompt=prompt,
-                        category=categories[i],
-                        score=float(text_scores[i]),
-                        area_pixels=int(np.count_nonzero(text_masks[i])),
-                        mask_box=_mask_box(text_masks[i], transform),
-                        model=info.name,
-                    )
-                )
+            text_masks, text_scores, text_categories = text_task.result()
+            masks.extend(text_masks[: len(prompts)])
+            categories.extend(text_categories[: len(prompts)])
+            scores.extend(float(s) for s in text_scores[: len(prompts)])
+            text_info = self.models.models["segmenter_text"]
+            clock.models.add(text_info.name)
+            models.append(pb.ModelRef(name=text_info.name, version=text_info.version))
         if box_task is not None:
             box_masks, box_scores = box_task.result()
-            info = self.models.models["segmenter_box"]
-            clock.models.add(info.name)
-            models.append(pb.ModelRef(name=info.name, version=info.version))
-            for i in range(len(boxes)):
-                masks.append(box_masks[i])
-                prompt_results.append(
-                    pb.PromptResult(
-                        prompt="box",
-                        category="other",
-                        score=float(box_scores[i]),
-                        box=original_boxes[i],
-                        area_pixels=int(np.count_nonzero(box_masks[i])),
-                        mask_box=_mask_box(box_masks[i], transform),
-                        model=info.name,
-                    )
-                )
-        stacked = np.stack(masks).astype(np.uint8, copy=False)
-        response = pb.SegmentResponse(
-            text_features=[p.category for p in prompt_results], prompts=prompt_results, models=models
+            masks.extend(box_masks[: len(boxes)])
+            categories.extend("other" for _ in range(len(boxes)))
+            scores.extend(float(s) for s in box_scores[: len(boxes)])
+            box_info = self.models.models["segmenter_box"]
+            clock.models.add(box_info.name)
+            models.append(pb.ModelRef(name=box_info.name, version=box_info.version))
+        space = output.mask_space
+        encoded: EncodedMasks = await asyncio.get_running_loop().run_in_executor(
+            self.executor,
+            lambda: encode_masks(
+                masks,
+                prepared.transform,
+                model_space=space in (pb.MASK_SPACE_MODEL, pb.MASK_SPACE_BOTH),
+                original_space=space in (pb.MASK_SPACE_ORIGINAL, pb.MASK_SPACE_BOTH),
+                packbits=output.mask_encoding == pb.ARRAY_ENCODING_PACKBITS,
+            ),
         )
-        if output.mask_space in (pb.MASK_SPACE_MODEL, pb.MASK_SPACE_BOTH):
-            response.image_features.CopyFrom(ndarray_proto(stacked, output.mask_encoding))
-        if output.mask_space in (pb.MASK_SPACE_ORIGINAL, pb.MASK_SPACE_BOTH):
-            response.original_masks.CopyFrom(ndarray_proto(transform.mask_to_original(stacked), output.mask_encoding))
-        clock.encode_ms += (time.perf_counter() - encode_started) * 1000.0
-        return response, stacked
-
-    async def _analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
-        clock = Clock(started=time.perf_counter())
-        deadline = self._deadline(context)
-        prompts = self._prompts(request.prompts)
-        requested = set(request.tasks) - {pb.TASK_UNSPECIFIED}
-        wants_segment = bool(prompts or request.boxes)
-        tasks = (
-            Tasks(
-                classify=pb.TASK_CLASSIFY in requested,
-                detect=pb.TASK_DETECT in requested,
-                segment=pb.TASK_SEGMENT in requested,
+        results = [
+            prompt_result(
+                prompt=prompts[i],
+                category=categories[i],
+                score=scores[i],
+                summary=encoded.summaries[i],
+                model=models[0].name,
             )
-            if requested
-            else Tasks(classify=True, detect=True, segment=wants_segment)
+            for i in range(len(prompts))
+        ] + [
+            prompt_result(
+                prompt="box",
+                category="other",
+                score=scores[len(prompts) + j],
+                summary=encoded.summaries[len(prompts) + j],
+                model=models[-1].name,
+                box=original_boxes[j],
+            )
+            for j in range(len(boxes))
+        ]
+        response = pb.SegmentResponse(text_features=[p.category for p in results], prompts=results, models=models)
+        if encoded.model_space is not None:
+            response.image_features.CopyFrom(ndarray_proto(encoded.model_space))
+        if encoded.original_space is not None:
+            response.original_masks.CopyFrom(ndarray_proto(encoded.original_space))
+        clock.encode_ms += (time.perf_counter() - encode_started) * 1000.0
+        return response, encoded.stacked
+
+    def _tasks(self, request: pb.AnalyzeRequest, wants_segment: bool) -> Tasks:
+        requested = set(request.tasks) - {pb.TASK_UNSPECIFIED}
+        if not requested:
+            return Tasks(classify=True, detect=True, segment=wants_segment)
+        return Tasks(
+            classify=pb.TASK_CLASSIFY in requested,
+            detect=pb.TASK_DETECT in requested,
+            segment=pb.TASK_SEGMENT in requested,
         )
+
+    async def _analyze(self, request: pb.AnalyzeRequest) -> pb.AnalyzeResponse:
+        clock = Clock(started=time.perf_counter())
+        deadline = self._deadline()
+        prompts = self._prompts(request.prompts)
+        tasks = self._tasks(request, wants_segment=bool(prompts or request.boxes))
+        if tasks.detect:
+            _detection_limits(request.min_score, request.max_detections)
         prepared = await self._prepare(request.image, clock)
         boxes = self._boxes(list(request.boxes), prepared.transform)
-        calls: dict[str, asyncio.Future[object] | asyncio.Task[object]] = {}
         async with asyncio.TaskGroup() as group:
-            if tasks.classify:
-                calls["classification"] = group.create_task(self._classify(prepared, deadline, clock))
-            if tasks.detect:
-                calls["detection"] = group.create_task(
+            classify = group.create_task(self._classify(prepared, deadline, clock)) if tasks.classify else None
+            detect = (
+                group.create_task(
                     self._detect(
-                        prepared,
-                        deadline,
-                        clock,
-                        min_score=request.min_score,
-                        max_detections=request.max_detections,
+                        prepared, deadline, clock, min_score=request.min_score, max_detections=request.max_detections
                     )
                 )
-            if tasks.segment:
-                calls["segmentation"] = group.create_task(
+                if tasks.detect
+                else None
+            )
+            segment = (
+                group.create_task(
                     self._segment(
                         prepared,
                         deadline,
@@ -382,25 +334,30 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         output=request.output,
                     )
                 )
+                if tasks.segment
+                else None
+            )
         response = pb.AnalyzeResponse(
             transform=transform_proto(prepared.transform),
             image=image_info_proto(prepared),
             request_id=request.request_id,
         )
         masks: np.ndarray | None = None
-        for field_name, call in calls.items():
-            result = call.result()
-            if field_name == "segmentation":
-                result, masks = result  # type: ignore[misc]
-            getattr(response, field_name).CopyFrom(result)
+        if classify is not None:
+            response.classification.CopyFrom(classify.result())
+        if detect is not None:
+            response.detection.CopyFrom(detect.result())
+        if segment is not None:
+            segmentation, masks = segment.result()
+            response.segmentation.CopyFrom(segmentation)
         if self.router is not None:
             response.review.extend(
                 await self.router.route(
                     image=request.image,
                     prepared=prepared,
-                    classification=response.classification if tasks.classify else None,
-                    detection=response.detection if tasks.detect else None,
-                    segmentation=response.segmentation if tasks.segment else None,
+                    classification=response.classification if classify else None,
+                    detection=response.detection if detect else None,
+                    segmentation=response.segmentation if segment else None,
                     masks=masks,
                     request_id=request.request_id,
                 )
@@ -420,10 +377,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         clock.observe(rpc, prepared)
         return response
 
-    @unary_boundary
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         clock = Clock(started=time.perf_counter())
-        deadline = self._deadline(context)
+        deadline = self._deadline()
         prepared = await self._prepare(request.image, clock)
         response = await self._classify(prepared, deadline, clock)
         if self.router is not None:
@@ -432,10 +388,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
         return self._finish(response, prepared, clock, "Classify")
 
-    @unary_boundary
     async def Detect(self, request: pb.DetectRequest, context: grpc.aio.ServicerContext) -> pb.DetectResponse:
         clock = Clock(started=time.perf_counter())
-        deadline = self._deadline(context)
+        deadline = self._deadline()
+        _detection_limits(request.min_score, request.max_detections)
         prepared = await self._prepare(request.image, clock)
         response = await self._detect(
             prepared, deadline, clock, min_score=request.min_score, max_detections=request.max_detections
@@ -444,10 +400,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             response.review.extend(await self.router.route(image=request.image, prepared=prepared, detection=response))
         return self._finish(response, prepared, clock, "Detect")
 
-    @unary_boundary
     async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
         clock = Clock(started=time.perf_counter())
-        deadline = self._deadline(context)
+        deadline = self._deadline()
         prompts = self._prompts(request.prompts)
         if not prompts and not request.boxes:
             raise BadRequest("segmentation needs at least one text prompt or box prompt")
@@ -468,19 +423,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
         return self._finish(response, prepared, clock, "Segment")
 
-    @unary_boundary
     async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
-        return await self._analyze(request, context)
+        return await self._analyze(request)
 
-    @stream_boundary
     async def AnalyzeStream(
         self, request_iterator: AsyncIterator[pb.AnalyzeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AnalyzeStreamResponse]:
-        """Up to STREAM_IN_FLIGHT items at once; answers as they finish; a failed item does not end the stream."""
+        """Up to ``gateway.stream_in_flight`` items at once; answers as they finish; a bad item ends nothing."""
 
         async def one(item: pb.AnalyzeRequest) -> pb.AnalyzeStreamResponse:
-            answer = pb.AnalyzeStreamResponse(request_id=item.request_id)
-            return await answer_item(answer, self._analyze(item, context), "AnalyzeStream")
+            answer = pb.AnalyzeStreamResponse(request_id=getattr(item, "request_id", ""))
+            return await answer_item(answer, item, self._analyze, rpc="AnalyzeStream")
 
-        async for answer in answer_concurrently(request_iterator, one, in_flight=STREAM_IN_FLIGHT):
+        in_flight = self.settings.gateway.stream_in_flight
+        async for answer in answer_concurrently(request_iterator, one, in_flight=in_flight):
             yield answer

@@ -5,7 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from medgate.v1.inference_pb2 import ItemError
+from services.metrics import REQUESTS
+from services.rpc.interceptors.validation import check_request
+from services.rpc.status import status_for
 
 Item = TypeVar("Item")
 Answer = TypeVar("Answer")
@@ -53,3 +58,26 @@ async def answer_concurrently(
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await reader
+
+
+AnswerT = TypeVar("AnswerT")
+
+
+async def answer_item(answer: AnswerT, item: Any, work: Callable[[Any], Awaitable[Any]], *, rpc: str) -> AnswerT:
+    """One item of a batch stream: ``answer.response`` from ``work(item)``, or ``answer.error`` with its code.
+
+    The item is validated as a unary request would be, and its failure is mapped by the same status
+    table, but it becomes an answer and the stream goes on.
+    """
+    try:
+        check_request(item)
+        answer.response.CopyFrom(await work(item))  # type: ignore[attr-defined]
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        code, message = status_for(exc)
+        answer.error.CopyFrom(  # type: ignore[attr-defined]
+            ItemError(code=code.value[0], code_name=code.name, message=message)
+        )
+    REQUESTS.labels(rpc=f"{rpc}.item", code=answer.error.code_name or "OK").inc()  # type: ignore[attr-defined]
+    return answer

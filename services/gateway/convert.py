@@ -1,0 +1,94 @@
+"""Protobuf <-> domain values for the Inference service: the one module that builds its messages.
+
+Pure translation: no pixel loops here (those run on the executor in :mod:`services.imaging.masks`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medgate.v1 import inference_pb2 as pb
+from services.imaging.arrays import WireArray, decode_array
+from services.imaging.ingest import InputKind
+from services.imaging.masks import Box, MaskSummary
+from services.imaging.prepare import PreparedImage
+from services.imaging.preprocess import Letterbox
+from services.rpc.errors import BadRequest
+
+
+def box_tuple(box: pb.Box) -> Box:
+    return (box.x0, box.y0, box.x1, box.y1)
+
+
+def box_proto(values: Box | np.ndarray) -> pb.Box:
+    x0, y0, x1, y1 = (float(v) for v in values)
+    return pb.Box(x0=x0, y0=y0, x1=x1, y1=y1)
+
+
+def input_kind(kind: int) -> InputKind:
+    """The proto enum to ingest's (the two share their names); unknown numbers never get here (validation)."""
+    return InputKind[pb.InputKind.Name(kind).removeprefix("INPUT_KIND_")]
+
+
+def request_array(array: pb.NDArray) -> np.ndarray:
+    try:
+        return decode_array(
+            array.data, tuple(array.shape), array.dtype, packbits=array.encoding == pb.ARRAY_ENCODING_PACKBITS
+        )
+    except ValueError as exc:
+        raise BadRequest(f"image.array: {exc}") from None
+
+
+def transform_proto(transform: Letterbox) -> pb.Transform:
+    return pb.Transform(
+        original_width=transform.original_width,
+        original_height=transform.original_height,
+        scale=transform.scale,
+        pad_left=transform.pad_left,
+        pad_top=transform.pad_top,
+        resized_width=transform.resized_width,
+        resized_height=transform.resized_height,
+        model_size=transform.size,
+    )
+
+
+def image_info_proto(prepared: PreparedImage) -> pb.ImageInfo:
+    decoded = prepared.decoded
+    info = pb.ImageInfo(
+        kind=pb.InputKind.Value(f"INPUT_KIND_{decoded.kind.name}"),  # the two enums share their names
+        width=decoded.width,
+        height=decoded.height,
+        frames=decoded.frames,
+        frame=decoded.frame,
+        photometric_interpretation=decoded.photometric or "",
+        transfer_syntax=decoded.transfer_syntax or "",
+        modality=str(decoded.metadata.get("Modality", "") or ""),
+    )
+    if decoded.window_used is not None:
+        info.window.CopyFrom(pb.Window(center=decoded.window_used.center, width=decoded.window_used.width))
+    uids = decoded.uids or {}
+    info.sop_instance_uid = uids.get("SOPInstanceUID", "")
+    info.series_instance_uid = uids.get("SeriesInstanceUID", "")
+    info.study_instance_uid = uids.get("StudyInstanceUID", "")
+    return info
+
+
+def ndarray_proto(wire: WireArray) -> pb.NDArray:
+    encoding = pb.ARRAY_ENCODING_PACKBITS if wire.packbits else pb.ARRAY_ENCODING_RAW
+    return pb.NDArray(data=wire.data, shape=list(wire.shape), dtype=wire.dtype, encoding=encoding)
+
+
+def prompt_result(
+    *, prompt: str, category: str, score: float, summary: MaskSummary, model: str, box: pb.Box | None = None
+) -> pb.PromptResult:
+    result = pb.PromptResult(
+        prompt=prompt,
+        category=category,
+        score=score,
+        area_pixels=summary.area_pixels,
+        mask_box=box_proto(summary.original_box) if summary.original_box else pb.Box(),
+        model=model,
+    )
+    if box is not None:
+        result.box.CopyFrom(box)
+    return result
