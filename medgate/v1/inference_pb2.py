@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amedgate/v1/inference.proto\x12\nmedgate.v1\"b\n\x07NDArray\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12+\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x19.medgate.v1.ArrayEncoding\"\'\n\x06Window\x12\x0e\n\x06\x63\x65nter\x18\x01 \x01(\x01\x12\r\n\x05width\x18\x02 \x01(\x01\"\xb3\x01\n\nImageInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12$\n\x05\x61rray\x18\x02 \x01(\x0b\x32\x13.medgate.v1.NDArrayH\x00\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.medgate.v1.InputKind\x12\x12\n\x05\x66rame\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\"\n\x06window\x18\x05 \x01(\x0b\x32\x12.medgate.v1.WindowB\x08\n\x06sourceB\x08\n\x06_frame\"l\n\rOutputOptions\x12)\n\nmask_space\x18\x01 \x01(\x0e\x32\x15.medgate.v1.MaskSpace\x12\x30\n\rmask_encoding\x18\x02 \x01(\x0e\x32\x19.medgate.v1.ArrayEncoding\"\xb1\x01\n\tTransform\x12\x16\n\x0eoriginal_width\x18\x01 \x01(\x05\x12\x17\n\x0foriginal_height\x18\x02 \x01(\x05\x12\r\n\x05scale\x18\x03 \x01(\x01\x12\x10\n\x08pad_left\x18\x04 \x01(\x05\x12\x0f\n\x07pad_top\x18\x05 \x01(\x05\x12\x15\n\rresized_width\x18\x06 \x01(\x05\x12\x16\n\x0eresized_height\x18\x07 \x01(\x05\x12\x12\n\nmodel_size\x18\x08 \x01(\x05\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x02\x12\n\n\x02y0\x18\x02 \x01(\x02\x12\n\n\x02x1\x18\x03 \x01(\x02\x12\n\n\x02y1\x18\x04 \x01(\x02\"\xb4\x02\n\tImageInfo\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.medgate.v1.InputKind\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x05\x12\r\n\x05\x66rame\x18\x05 \x01(\x05\x12\"\n\x1aphotometric_interpretation\x18\x06 \x01(\t\x12\x17\n\x0ftransfer_syntax\x18\x07 \x01(\t\x12\x10\n\x08modality\x18\x08 \x01(\t\x12\"\n\x06window\x18\t \x01(\x0b\x32\x12.medgate.v1.Window\x12\x18\n\x10sop_instance_uid\x18\n \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x0b \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x0c \x01(\t\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"p\n\x0cStageTimings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x11\n\ttriton_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"r\n\rReviewRouting\x12\x0e\n\x06routed\x18\x01 \x01(\x08\x12\x17\n\x0fhuman_loop_name\x18\x02 \x01(\t\x12\x17\n\x0f\x66low_definition\x18\x03 \x01(\t\x12\x0f\n\x07reasons\x18\x04 \x03(\t\x12\x0e\n\x06queued\x18\x05 \x01(\x08\"8\n\x0f\x43lassifyRequest\x12%\n\x05image\x18\x01 \x01(\x0b\x32\x16.medgate.v1.ImageInput\"*\n\nClassScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\xab\x02\n\x10\x43lassifyResponse\x12&\n\x06scores\x18\x01 \x03(\x0b\x32\x16.medgate.v1.ClassScore\x12\x11\n\ttop_label\x18\x02 \x01(\t\x12\x11\n\ttop_score\x18\x03 \x01(\x02\x12#\n\x05model\x18\x04 \x01(\x0b\x32\x14.medgate.v1.ModelRef\x12(\n\ttransform\x18\x05 \x01(\x0b\x32\x15.medgate.v1.Transform\x12$\n\x05image\x18\x06 \x01(\x0b\x32\x15.medgate.v1.ImageInfo\x12)\n\x07timings\x18\x07 \x01(\x0b\x32\x18.medgate.v1.StageTimings\x12)\n\x06review\x18\x08 \x03(\x0b\x32\x19.medgate.v1.ReviewRouting\"a\n\rDetectRequest\x12%\n\x05image\x18\x01 \x01(\x0b\x32\x16.medgate.v1.ImageInput\x12\x11\n\tmin_score\x18\x02 \x01(\x02\x12\x16\n\x0emax_detections\x18\x03 \x01(\x05\"k\n\tDetection\x12\x1c\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x0f.medgate.v1.Box\x12\"\n\tmodel_box\x18\x02 \x01(\x0b\x32\x0f.medgate.v1.Box\x12\r\n\x05label\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"\x86\x02\n\x0e\x44\x65tectResponse\x12)\n\ndetections\x18\x01 \x03(\x0b\x32\x15.medgate.v1.Detection\x12#\n\x05model\x18\x02 \x01(\x0b\x32\x14.medgate.v1.ModelRef\x12(\n\ttransform\x18\x03 \x01(\x0b\x32\x15.medgate.v1.Transform\x12$\n\x05image\x18\x04 \x01(\x0b\x32\x15.medgate.v1.ImageInfo\x12)\n\x07timings\x18\x05 \x01(\x0b\x32\x18.medgate.v1.StageTimings\x12)\n\x06review\x18\x06 \x03(\x0b\x32\x19.medgate.v1.ReviewRouting\"\x93\x01\n\x0eSegmentRequest\x12%\n\x05image\x18\x01 \x01(\x0b\x32\x16.medgate.v1.ImageInput\x12\x0f\n\x07prompts\x18\x02 \x01(\t\x12\x1e\n\x05\x62oxes\x18\x03 \x03(\x0b\x32\x0f.medgate.v1.Box\x12)\n\x06output\x18\x04 \x01(\x0b\x32\x19.medgate.v1.OutputOptions\"\xa4\x01\n\x0cPromptResult\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x1c\n\x03\x62ox\x18\x04 \x01(\x0b\x32\x0f.medgate.v1.Box\x12\x13\n\x0b\x61rea_pixels\x18\x05 \x01(\x03\x12!\n\x08mask_box\x18\x06 \x01(\x0b\x32\x0f.medgate.v1.Box\x12\r\n\x05model\x18\x07 \x01(\t\"\xf9\x02\n\x0fSegmentResponse\x12+\n\x0eimage_features\x18\x01 \x01(\x0b\x32\x13.medgate.v1.NDArray\x12\x15\n\rtext_features\x18\x02 \x03(\t\x12+\n\x0eoriginal_masks\x18\x03 \x01(\x0b\x32\x13.medgate.v1.NDArray\x12)\n\x07prompts\x18\x04 \x03(\x0b\x32\x18.medgate.v1.PromptResult\x12$\n\x06models\x18\x05 \x03(\x0b\x32\x14.medgate.v1.ModelRef\x12(\n\ttransform\x18\x06 \x01(\x0b\x32\x15.medgate.v1.Transform\x12$\n\x05image\x18\x07 \x01(\x0b\x32\x15.medgate.v1.ImageInfo\x12)\n\x07timings\x18\x08 \x01(\x0b\x32\x18.medgate.v1.StageTimings\x12)\n\x06review\x18\t \x03(\x0b\x32\x19.medgate.v1.ReviewRouting\"\xf3\x01\n\x0e\x41nalyzeRequest\x12%\n\x05image\x18\x01 \x01(\x0b\x32\x16.medgate.v1.ImageInput\x12\x1f\n\x05tasks\x18\x02 \x03(\x0e\x32\x10.medgate.v1.Task\x12\x0f\n\x07prompts\x18\x03 \x01(\t\x12\x1e\n\x05\x62oxes\x18\x04 \x03(\x0b\x32\x0f.medgate.v1.Box\x12)\n\x06output\x18\x05 \x01(\x0b\x32\x19.medgate.v1.OutputOptions\x12\x11\n\tmin_score\x18\x06 \x01(\x02\x12\x16\n\x0emax_detections\x18\x07 \x01(\x05\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\xe3\x02\n\x0f\x41nalyzeResponse\x12\x34\n\x0e\x63lassification\x18\x01 \x01(\x0b\x32\x1c.medgate.v1.ClassifyResponse\x12-\n\tdetection\x18\x02 \x01(\x0b\x32\x1a.medgate.v1.DetectResponse\x12\x31\n\x0csegmentation\x18\x03 \x01(\x0b\x32\x1b.medgate.v1.SegmentResponse\x12(\n\ttransform\x18\x04 \x01(\x0b\x32\x15.medgate.v1.Transform\x12$\n\x05image\x18\x05 \x01(\x0b\x32\x15.medgate.v1.ImageInfo\x12)\n\x07timings\x18\x06 \x01(\x0b\x32\x18.medgate.v1.StageTimings\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12)\n\x06review\x18\x08 \x03(\x0b\x32\x19.medgate.v1.ReviewRouting\"=\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8e\x01\n\x15\x41nalyzeStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.medgate.v1.AnalyzeResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.medgate.v1.ItemErrorH\x00\x42\x08\n\x06result*D\n\rArrayEncoding\x12\x16\n\x12\x41RRAY_ENCODING_RAW\x10\x00\x12\x1b\n\x17\x41RRAY_ENCODING_PACKBITS\x10\x01*\xb4\x01\n\tInputKind\x12\x13\n\x0fINPUT_KIND_AUTO\x10\x00\x12\x14\n\x10INPUT_KIND_DICOM\x10\x01\x12\x12\n\x0eINPUT_KIND_PNG\x10\x02\x12\x13\n\x0fINPUT_KIND_JPEG\x10\x03\x12\x14\n\x10INPUT_KIND_NIFTI\x10\x04\x12\x12\n\x0eINPUT_KIND_MHA\x10\x05\x12\x13\n\x0fINPUT_KIND_NRRD\x10\x06\x12\x14\n\x10INPUT_KIND_ARRAY\x10\x07*O\n\tMaskSpace\x12\x14\n\x10MASK_SPACE_MODEL\x10\x00\x12\x17\n\x13MASK_SPACE_ORIGINAL\x10\x01\x12\x13\n\x0fMASK_SPACE_BOTH\x10\x02*R\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x11\n\rTASK_CLASSIFY\x10\x01\x12\x0f\n\x0bTASK_DETECT\x10\x02\x12\x10\n\x0cTASK_SEGMENT\x10\x03\x32\xef\x02\n\tInference\x12\x45\n\x08\x43lassify\x12\x1b.medgate.v1.ClassifyRequest\x1a\x1c.medgate.v1.ClassifyResponse\x12?\n\x06\x44\x65tect\x12\x19.medgate.v1.DetectRequest\x1a\x1a.medgate.v1.DetectResponse\x12\x42\n\x07Segment\x12\x1a.medgate.v1.SegmentRequest\x1a\x1b.medgate.v1.SegmentResponse\x12\x42\n\x07\x41nalyze\x12\x1a.medgate.v1.AnalyzeRequest\x1a\x1b.medgate.v1.AnalyzeResponse\x12R\n\rAnalyzeStream\x12\x1a.medgate.v1.AnalyzeRequest\x1a!.medgate.v1.AnalyzeStreamResponse(\x01\x30\x01\x42J\n\x0eorg.medgate.v1P\x01Z6github.com/medgate/medgate/gen/go/medgate/v1;medgatev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amedgate/v1/inference.proto\x12\nmedgate.v1\"b\n\x07NDArray\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12+\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x19.medgate.v1.ArrayEncoding\"\'\n\x06Window\x12\x0e\n\x06\x63\x65nter\x18\x01 \x01(\x01\x12\r\n\x05width\x18\x02 \x01(\x01\"\xb3\x01\n\nImageInput\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12$\n\x05\x61rray\x18\x02 \x01(\x0b\x32\x13.medgate.v1.NDArrayH\x00\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.medgate.v1.InputKind\x12\x12\n\x05\x66rame\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\"\n\x06window\x18\x05 \x01(\x0b\x32\x12.medgate.v1.WindowB\x08\n\x06sourceB\x08\n\x06_frame\"l\n\rOutputOptions\x12)\n\nmask_space\x18\x01 \x01(\x0e\x32\x15.medgate.v1.MaskSpace\x12\x30\n\rmask_encoding\x18\x02 \x01(\x0e\x32\x19.medgate.v1.ArrayEncoding\"\xb1\x01\n\tTransform\x12\x16\n\x0eoriginal_width\x18\x01 \x01(\x05\x12\x17\n\x0foriginal_height\x18\x02 \x01(\x05\x12\r\n\x05scale\x18\x03 \x01(\x01\x12\x10\n\x08pad_left\x18\x04 \x01(\x05\x12\x0f\n\x07pad_top\x18\x05 \x01(\x05\x12\x15\n\rresized_width\x18\x06 \x01(\x05\x12\x16\n\x0eresized_height\x18\x07 \x01(\x05\x12\x12\n\nmodel_size\x18\x08 \x01(\x05\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x02\x12\n\n\x02y0\x18\x02 \x01(\x02\x12\n\n\x02x1\x18\x03 \x01(\x02\x12\n\n\x02y1\x18\x04 \x01(\x02\"\xb9\x03\n\tImageInfo\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.medgate.v1.InputKind\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x05\x12\r\n\x05\x66rame\x18\x05 \x01(\x05\x12\"\n\x1aphotometric_interpretation\x18\x06 \x01(\t\x12\x17\n\x0ftransfer_syntax\x18\x07 \x01(\t\x12\x10\n\x08modality\x18\x08 \x01(\t\x12\"\n\x06window\x18\t \x01(\x0b\x32\x12.medgate.v1.Window\x12\x18\n\x10sop_instance_uid\x18\n \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x0b \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x0c \x01(\t\x12\x15\n\rsop_class_uid\x18\r \x01(\t\x12\x1e\n\x16\x66rame_of_reference_uid\x18\x0e \x01(\t\x12/\n\rpixel_spacing\x18\x0f \x01(\x0b\x32\x18.medgate.v1.PixelSpacing\x12\x1b\n\x13transfer_syntax_uid\x18\x10 \x01(\t\"a\n\x0cPixelSpacing\x12\x0e\n\x06row_mm\x18\x01 \x01(\x01\x12\x11\n\tcolumn_mm\x18\x02 \x01(\x01\x12.\n\x06source\x18\x03 \x01(\x0e\x32\x1e.medgate.v1.PixelSpacingSource\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"p\n\x0cStageTimings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x11\n\ttriton_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"r\n\rReviewRouting\x12\x0e\n\x06routed\x18\x01 \x01(\x08\x12\x17\n\x0fhuman_loop_name\x18\x02 \x01(\t\x12\x17\n\x0f\x66low_definition\x18\x03 \x01(\t\x12\x0f\n\x07reasons\x18\x04 \x03(\t\x12\x0e\n\x06queued\x18\x05 \x01(\x08\"8\n\x0f\x43lassifyRequest\x12%\n\x05image\x18\x01 \x01(\x0b\x32\x16.medgate.v1.ImageInput\"*\n\nClassScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\xab\x02\n\x10\x43lassifyResponse\x12&\n\x06scores\x18\x01 \x03(\x0b\x32\x16.medgate.v1.ClassScore\x12\x11\n\ttop_label\x18\x02 \x01(\t\x12\x11\n\ttop_score\x18\x03 \x01(\x02\x12#\n\x05model\x18\x04 \x01(\x0b\x32\x14.medgate.v1.ModelRef\x12(\n\ttransform\x18\x05 \x01(\x0b\x32\x15.medgate.v1.Transform\x12$\n\x05image\x18\x06 \x01(\x0b\x32\x15.medgate.v1.ImageInfo\x12)\n\x07timings\x18\x07 \x01(\x0b\x32\x18.medgate.v1.StageTimings\x12)\n\x06review\x18\x08 \x03(\x0b\x32\x19.medgate.v1.ReviewRouting\"a\n\rDetectRequest\x12%\n\x05image\x18\x01 \x01(\x0b\x32\x16.medgate.v1.ImageInput\x12\x11\n\tmin_score\x18\x02 \x01(\x02\x12\x16\n\x0emax_detections\x18\x03 \x01(\x05\"k\n\tDetection\x12\x1c\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x0f.medgate.v1.Box\x12\"\n\tmodel_box\x18\x02 \x01(\x0b\x32\x0f.medgate.v1.Box\x12\r\n\x05label\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"\x86\x02\n\x0e\x44\x65tectResponse\x12)\n\ndetections\x18\x01 \x03(\x0b\x32\x15.medgate.v1.Detection\x12#\n\x05model\x18\x02 \x01(\x0b\x32\x14.medgate.v1.ModelRef\x12(\n\ttransform\x18\x03 \x01(\x0b\x32\x15.medgate.v1.Transform\x12$\n\x05image\x18\x04 \x01(\x0b\x32\x15.medgate.v1.ImageInfo\x12)\n\x07timings\x18\x05 \x01(\x0b\x32\x18.medgate.v1.StageTimings\x12)\n\x06review\x18\x06 \x03(\x0b\x32\x19.medgate.v1.ReviewRouting\"\x93\x01\n\x0eSegmentRequest\x12%\n\x05image\x18\x01 \x01(\x0b\x32\x16.medgate.v1.ImageInput\x12\x0f\n\x07prompts\x18\x02 \x01(\t\x12\x1e\n\x05\x62oxes\x18\x03 \x03(\x0b\x32\x0f.medgate.v1.Box\x12)\n\x06output\x18\x04 \x01(\x0b\x32\x19.medgate.v1.OutputOptions\"\xa4\x01\n\x0cPromptResult\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x1c\n\x03\x62ox\x18\x04 \x01(\x0b\x32\x0f.medgate.v1.Box\x12\x13\n\x0b\x61rea_pixels\x18\x05 \x01(\x03\x12!\n\x08mask_box\x18\x06 \x01(\x0b\x32\x0f.medgate.v1.Box\x12\r\n\x05model\x18\x07 \x01(\t\"\xf9\x02\n\x0fSegmentResponse\x12+\n\x0eimage_features\x18\x01 \x01(\x0b\x32\x13.medgate.v1.NDArray\x12\x15\n\rtext_features\x18\x02 \x03(\t\x12+\n\x0eoriginal_masks\x18\x03 \x01(\x0b\x32\x13.medgate.v1.NDArray\x12)\n\x07prompts\x18\x04 \x03(\x0b\x32\x18.medgate.v1.PromptResult\x12$\n\x06models\x18\x05 \x03(\x0b\x32\x14.medgate.v1.ModelRef\x12(\n\ttransform\x18\x06 \x01(\x0b\x32\x15.medgate.v1.Transform\x12$\n\x05image\x18\x07 \x01(\x0b\x32\x15.medgate.v1.ImageInfo\x12)\n\x07timings\x18\x08 \x01(\x0b\x32\x18.medgate.v1.StageTimings\x12)\n\x06review\x18\t \x03(\x0b\x32\x19.medgate.v1.ReviewRouting\"\xf3\x01\n\x0e\x41nalyzeRequest\x12%\n\x05image\x18\x01 \x01(\x0b\x32\x16.medgate.v1.ImageInput\x12\x1f\n\x05tasks\x18\x02 \x03(\x0e\x32\x10.medgate.v1.Task\x12\x0f\n\x07prompts\x18\x03 \x01(\t\x12\x1e\n\x05\x62oxes\x18\x04 \x03(\x0b\x32\x0f.medgate.v1.Box\x12)\n\x06output\x18\x05 \x01(\x0b\x32\x19.medgate.v1.OutputOptions\x12\x11\n\tmin_score\x18\x06 \x01(\x02\x12\x16\n\x0emax_detections\x18\x07 \x01(\x05\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\xe3\x02\n\x0f\x41nalyzeResponse\x12\x34\n\x0e\x63lassification\x18\x01 \x01(\x0b\x32\x1c.medgate.v1.ClassifyResponse\x12-\n\tdetection\x18\x02 \x01(\x0b\x32\x1a.medgate.v1.DetectResponse\x12\x31\n\x0csegmentation\x18\x03 \x01(\x0b\x32\x1b.medgate.v1.SegmentResponse\x12(\n\ttransform\x18\x04 \x01(\x0b\x32\x15.medgate.v1.Transform\x12$\n\x05image\x18\x05 \x01(\x0b\x32\x15.medgate.v1.ImageInfo\x12)\n\x07timings\x18\x06 \x01(\x0b\x32\x18.medgate.v1.StageTimings\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12)\n\x06review\x18\x08 \x03(\x0b\x32\x19.medgate.v1.ReviewRouting\"=\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8e\x01\n\x15\x41nalyzeStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08response\x18\x02 \x01(\x0b\x32\x1b.medgate.v1.AnalyzeResponseH\x00\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x15.medgate.v1.ItemErrorH\x00\x42\x08\n\x06result*D\n\rArrayEncoding\x12\x16\n\x12\x41RRAY_ENCODING_RAW\x10\x00\x12\x1b\n\x17\x41RRAY_ENCODING_PACKBITS\x10\x01*\xb4\x01\n\tInputKind\x12\x13\n\x0fINPUT_KIND_AUTO\x10\x00\x12\x14\n\x10INPUT_KIND_DICOM\x10\x01\x12\x12\n\x0eINPUT_KIND_PNG\x10\x02\x12\x13\n\x0fINPUT_KIND_JPEG\x10\x03\x12\x14\n\x10INPUT_KIND_NIFTI\x10\x04\x12\x12\n\x0eINPUT_KIND_MHA\x10\x05\x12\x13\n\x0fINPUT_KIND_NRRD\x10\x06\x12\x14\n\x10INPUT_KIND_ARRAY\x10\x07*O\n\tMaskSpace\x12\x14\n\x10MASK_SPACE_MODEL\x10\x00\x12\x17\n\x13MASK_SPACE_ORIGINAL\x10\x01\x12\x13\n\x0fMASK_SPACE_BOTH\x10\x02*\xe2\x01\n\x12PixelSpacingSource\x12$\n PIXEL_SPACING_SOURCE_UNSPECIFIED\x10\x00\x12\'\n#PIXEL_SPACING_SOURCE_PIXEL_MEASURES\x10\x01\x12&\n\"PIXEL_SPACING_SOURCE_PIXEL_SPACING\x10\x02\x12-\n)PIXEL_SPACING_SOURCE_IMAGER_PIXEL_SPACING\x10\x03\x12&\n\"PIXEL_SPACING_SOURCE_VOLUME_HEADER\x10\x04*R\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x11\n\rTASK_CLASSIFY\x10\x01\x12\x0f\n\x0bTASK_DETECT\x10\x02\x12\x10\n\x0cTASK_SEGMENT\x10\x03\x32\xef\x02\n\tInference\x12\x45\n\x08\x43lassify\x12\x1b.medgate.v1.ClassifyRequest\x1a\x1c.medgate.v1.ClassifyResponse\x12?\n\x06\x44\x65tect\x12\x19.medgate.v1.DetectRequest\x1a\x1a.medgate.v1.DetectResponse\x12\x42\n\x07Segment\x12\x1a.medgate.v1.SegmentRequest\x1a\x1b.medgate.v1.SegmentResponse\x12\x42\n\x07\x41nalyze\x12\x1a.medgate.v1.AnalyzeRequest\x1a\x1b.medgate.v1.AnalyzeResponse\x12R\n\rAnalyzeStream\x12\x1a.medgate.v1.AnalyzeRequest\x1a!.medgate.v1.AnalyzeStreamResponse(\x01\x30\x01\x42J\n\x0eorg.medgate.v1P\x01Z6github.com/medgate/medgate/gen/go/medgate/v1;medgatev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,14 +32,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'medgate.v1.inference_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016org.medgate.v1P\001Z6github.com/medgate/medgate/gen/go/medgate/v1;medgatev1'
-  _globals['_ARRAYENCODING']._serialized_start=3680
-  _globals['_ARRAYENCODING']._serialized_end=3748
-  _globals['_INPUTKIND']._serialized_start=3751
-  _globals['_INPUTKIND']._serialized_end=3931
-  _globals['_MASKSPACE']._serialized_start=3933
-  _globals['_MASKSPACE']._serialized_end=4012
-  _globals['_TASK']._serialized_start=4014
-  _globals['_TASK']._serialized_end=4096
+  _globals['_ARRAYENCODING']._serialized_start=3912
+  _globals['_ARRAYENCODING']._serialized_end=3980
+  _globals['_INPUTKIND']._serialized_start=3983
+  _globals['_INPUTKIND']._serialized_end=4163
+  _globals['_MASKSPACE']._serialized_start=4165
+  _globals['_MASKSPACE']._serialized_end=4244
+  _globals['_PIXELSPACINGSOURCE']._serialized_start=4247
+  _globals['_PIXELSPACINGSOURCE']._serialized_end=4473
+  _globals['_TASK']._serialized_start=4475
+  _globals['_TASK']._serialized_end=4557
   _globals['_NDARRAY']._serialized_start=42
   _globals['_NDARRAY']._serialized_end=140
   _globals['_WINDOW']._serialized_start=142
@@ -53,39 +55,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BOX']._serialized_start=655
   _globals['_BOX']._serialized_end=708
   _globals['_IMAGEINFO']._serialized_start=711
-  _globals['_IMAGEINFO']._serialized_end=1019
-  _globals['_MODELREF']._serialized_start=1021
-  _globals['_MODELREF']._serialized_end=1062
-  _globals['_STAGETIMINGS']._serialized_start=1064
-  _globals['_STAGETIMINGS']._serialized_end=1176
-  _globals['_REVIEWROUTING']._serialized_start=1178
-  _globals['_REVIEWROUTING']._serialized_end=1292
-  _globals['_CLASSIFYREQUEST']._serialized_start=1294
-  _globals['_CLASSIFYREQUEST']._serialized_end=1350
-  _globals['_CLASSSCORE']._serialized_start=1352
-  _globals['_CLASSSCORE']._serialized_end=1394
-  _globals['_CLASSIFYRESPONSE']._serialized_start=1397
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1696
-  _globals['_DETECTREQUEST']._serialized_start=1698
-  _globals['_DETECTREQUEST']._serialized_end=1795
-  _globals['_DETECTION']._serialized_start=1797
-  _globals['_DETECTION']._serialized_end=1904
-  _globals['_DETECTRESPONSE']._serialized_start=1907
-  _globals['_DETECTRESPONSE']._serialized_end=2169
-  _globals['_SEGMENTREQUEST']._serialized_start=2172
-  _globals['_SEGMENTREQUEST']._serialized_end=2319
-  _globals['_PROMPTRESULT']._serialized_start=2322
-  _globals['_PROMPTRESULT']._serialized_end=2486
-  _globals['_SEGMENTRESPONSE']._serialized_start=2489
-  _globals['_SEGMENTRESPONSE']._serialized_end=2866
-  _globals['_ANALYZEREQUEST']._serialized_start=2869
-  _globals['_ANALYZEREQUEST']._serialized_end=3112
-  _globals['_ANALYZERESPONSE']._serialized_start=3115
-  _globals['_ANALYZERESPONSE']._serialized_end=3470
-  _globals['_ITEMERROR']._serialized_start=3472
-  _globals['_ITEMERROR']._serialized_end=3533
-  _globals['_ANALYZESTREAMRESPONSE']._serialized_start=3536
-  _globals['_ANALYZESTREAMRESPONSE']._serialized_end=3678
-  _globals['_INFERENCE']._serialized_start=4099
-  _globals['_INFERENCE']._serialized_end=4466
+  _globals['_IMAGEINFO']._serialized_end=1152
+  _globals['_PIXELSPACING']._serialized_start=1154
+  _globals['_PIXELSPACING']._serialized_end=1251
+  _globals['_MODELREF']._serialized_start=1253
+  _globals['_MODELREF']._serialized_end=1294
+  _globals['_STAGETIMINGS']._serialized_start=1296
+  _globals['_STAGETIMINGS']._serialized_end=1408
+  _globals['_REVIEWROUTING']._serialized_start=1410
+  _globals['_REVIEWROUTING']._serialized_end=1524
+  _globals['_CLASSIFYREQUEST']._serialized_start=1526
+  _globals['_CLASSIFYREQUEST']._serialized_end=1582
+  _globals['_CLASSSCORE']._serialized_start=1584
+  _globals['_CLASSSCORE']._serialized_end=1626
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1629
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1928
+  _globals['_DETECTREQUEST']._serialized_start=1930
+  _globals['_DETECTREQUEST']._serialized_end=2027
+  _globals['_DETECTION']._serialized_start=2029
+  _globals['_DETECTION']._serialized_end=2136
+  _globals['_DETECTRESPONSE']._serialized_start=2139
+  _globals['_DETECTRESPONSE']._serialized_end=2401
+  _globals['_SEGMENTREQUEST']._serialized_start=2404
+  _globals['_SEGMENTREQUEST']._serialized_end=2551
+  _globals['_PROMPTRESULT']._serialized_start=2554
+  _globals['_PROMPTRESULT']._serialized_end=2718
+  _globals['_SEGMENTRESPONSE']._serialized_start=2721
+  _globals['_SEGMENTRESPONSE']._serialized_end=3098
+  _globals['_ANALYZEREQUEST']._serialized_start=3101
+  _globals['_ANALYZEREQUEST']._serialized_end=3344
+  _globals['_ANALYZERESPONSE']._serialized_start=3347
+  _globals['_ANALYZERESPONSE']._serialized_end=3702
+  _globals['_ITEMERROR']._serialized_start=3704
+  _globals['_ITEMERROR']._serialized_end=3765
+  _globals['_ANALYZESTREAMRESPONSE']._serialized_start=3768
+  _globals['_ANALYZESTREAMRESPONSE']._serialized_end=3910
+  _globals['_INFERENCE']._serialized_start=4560
+  _globals['_INFERENCE']._serialized_end=4927
 # @@protoc_insertion_point(module_scope)

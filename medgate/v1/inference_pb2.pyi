@@ -29,6 +29,14 @@ class MaskSpace(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MASK_SPACE_ORIGINAL: _ClassVar[MaskSpace]
     MASK_SPACE_BOTH: _ClassVar[MaskSpace]
 
+class PixelSpacingSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PIXEL_SPACING_SOURCE_UNSPECIFIED: _ClassVar[PixelSpacingSource]
+    PIXEL_SPACING_SOURCE_PIXEL_MEASURES: _ClassVar[PixelSpacingSource]
+    PIXEL_SPACING_SOURCE_PIXEL_SPACING: _ClassVar[PixelSpacingSource]
+    PIXEL_SPACING_SOURCE_IMAGER_PIXEL_SPACING: _ClassVar[PixelSpacingSource]
+    PIXEL_SPACING_SOURCE_VOLUME_HEADER: _ClassVar[PixelSpacingSource]
+
 class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TASK_UNSPECIFIED: _ClassVar[Task]
@@ -48,6 +56,11 @@ INPUT_KIND_ARRAY: InputKind
 MASK_SPACE_MODEL: MaskSpace
 MASK_SPACE_ORIGINAL: MaskSpace
 MASK_SPACE_BOTH: MaskSpace
+PIXEL_SPACING_SOURCE_UNSPECIFIED: PixelSpacingSource
+PIXEL_SPACING_SOURCE_PIXEL_MEASURES: PixelSpacingSource
+PIXEL_SPACING_SOURCE_PIXEL_SPACING: PixelSpacingSource
+PIXEL_SPACING_SOURCE_IMAGER_PIXEL_SPACING: PixelSpacingSource
+PIXEL_SPACING_SOURCE_VOLUME_HEADER: PixelSpacingSource
 TASK_UNSPECIFIED: Task
 TASK_CLASSIFY: Task
 TASK_DETECT: Task
@@ -128,7 +141,7 @@ class Box(_message.Message):
     def __init__(self, x0: _Optional[float] = ..., y0: _Optional[float] = ..., x1: _Optional[float] = ..., y1: _Optional[float] = ...) -> None: ...
 
 class ImageInfo(_message.Message):
-    __slots__ = ("kind", "width", "height", "frames", "frame", "photometric_interpretation", "transfer_syntax", "modality", "window", "sop_instance_uid", "series_instance_uid", "study_instance_uid")
+    __slots__ = ("kind", "width", "height", "frames", "frame", "photometric_interpretation", "transfer_syntax", "modality", "window", "sop_instance_uid", "series_instance_uid", "study_instance_uid", "sop_class_uid", "frame_of_reference_uid", "pixel_spacing", "transfer_syntax_uid")
     KIND_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +154,10 @@ class ImageInfo(_message.Message):
     SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
     SERIES_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
     STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    SOP_CLASS_UID_FIELD_NUMBER: _ClassVar[int]
+    FRAME_OF_REFERENCE_UID_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_SPACING_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_SYNTAX_UID_FIELD_NUMBER: _ClassVar[int]
     kind: InputKind
     width: int
     height: int
@@ -153,7 +170,21 @@ class ImageInfo(_message.Message):
     sop_instance_uid: str
     series_instance_uid: str
     study_instance_uid: str
-    def __init__(self, kind: _Optional[_Union[InputKind, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., frame: _Optional[int] = ..., photometric_interpretation: _Optional[str] = ..., transfer_syntax: _Optional[str] = ..., modality: _Optional[str] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., sop_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., study_instance_uid: _Optional[str] = ...) -> None: ...
+    sop_class_uid: str
+    frame_of_reference_uid: str
+    pixel_spacing: PixelSpacing
+    transfer_syntax_uid: str
+    def __init__(self, kind: _Optional[_Union[InputKind, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., frame: _Optional[int] = ..., photometric_interpretation: _Optional[str] = ..., transfer_syntax: _Optional[str] = ..., modality: _Optional[str] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., sop_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., study_instance_uid: _Optional[str] = ..., sop_class_uid: _Optional[str] = ..., frame_of_reference_uid: _Optional[str] = ..., pixel_spacing: _Optional[_Union[PixelSpacing, _Mapping]] = ..., transfer_syntax_uid: _Optional[str] = ...) -> None: ...
+
+class PixelSpacing(_message.Message):
+    __slots__ = ("row_mm", "column_mm", "source")
+    ROW_MM_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_MM_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    row_mm: float
+    column_mm: float
+    source: PixelSpacingSource
+    def __init__(self, row_mm: _Optional[float] = ..., column_mm: _Optional[float] = ..., source: _Optional[_Union[PixelSpacingSource, str]] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version")
