@@ -71,7 +71,9 @@ test-fast: setup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy services clients training
+	$(VENV)/bin/mypy services clients training triton_models/medgate_model_base.py
+	# Each Triton model's files are top-level modules (model, engine) in a folder named 1: one mypy run per model.
+	for version in triton_models/*/1; do $(VENV)/bin/mypy $$version/*.py || exit 1; done
 
 eval-models: setup
 	$(PY) -m training.evaluate --out bench/results/models.json
@@ -96,17 +98,17 @@ build/medgate.protoset: $(PROTOS) $(STAMP)
 
 # Benchmarks (not tests): ratios measured side by side in one run; results in bench/results/.
 bench: setup
-	$(PY) bench/bench_gateway.py
+	$(PY) -m bench.bench_gateway
 
 bench-review: setup
-	$(PY) bench/bench_review.py
+	$(PY) -m bench.bench_review
 
 # ghz inputs in bench/ghz/fixtures/ (git-ignored): serialized requests (-B) around a 1024x1024 phantom PNG and
 # RG1_UNCI.dcm with their configs, and a reflection twin (no protoset) of every config.
 GHZ_FIXTURES := bench/ghz/fixtures/.built
 ghz-fixtures: $(GHZ_FIXTURES) build/medgate.protoset
 $(GHZ_FIXTURES): bench/ghz/make_fixtures.py $(wildcard bench/ghz/*.json) $(STAMP)
-	$(PY) bench/ghz/make_fixtures.py
+	$(PY) -m bench.ghz.make_fixtures
 	touch $@
 
 # Load test of a RUNNING stack: needs `make run` up on 127.0.0.1:50051 (another shell); it starts nothing.
@@ -120,5 +122,5 @@ loadtest: ghz-fixtures
 		done; \
 	else \
 		echo "ghz is not on PATH: running the Python load generator (bench/loadgen.py) instead"; \
-		$(PY) bench/loadgen.py bench/ghz/*.json bench/ghz/fixtures/*.json --json bench/results/loadtest.json; \
+		$(PY) -m bench.loadgen bench/ghz/*.json bench/ghz/fixtures/*.json --json bench/results/loadtest.json; \
 	fi

@@ -34,15 +34,14 @@ import numpy as np
 import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from medgate.v1 import inference_pb2 as pb
+from medgate.v1 import inference_pb2_grpc as pb_grpc
+from services.imaging.limits import IngestLimits
+from services.imaging.prepare import prepare
+from services.settings import load_settings
+from services.triton.embedded import EmbeddedTriton
 
-from medgate.v1 import inference_pb2 as pb  # noqa: E402
-from medgate.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
-from services.imaging.limits import IngestLimits  # noqa: E402
-from services.imaging.prepare import prepare  # noqa: E402
-from services.settings import load_settings  # noqa: E402
-from services.triton.embedded import EmbeddedTriton  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 VERBOSE = os.environ.get("MEDGATE_BENCH_VERBOSE", "") not in {"", "0"}  # the gateways' logs on our stderr
 

@@ -24,11 +24,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from medgate.v1 import review_pb2 as pb
+from medgate.v1 import review_pb2_grpc as pb_grpc
 
-from medgate.v1 import review_pb2 as pb  # noqa: E402
-from medgate.v1 import review_pb2_grpc as pb_grpc  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 FLOWS = """
 [[flows]]

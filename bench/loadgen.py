@@ -13,7 +13,7 @@ Differences from ghz: unary methods only; ``proto``/``protoset`` are not read (t
 flight are awaited (ghz's ``duration-stop: wait``) rather than cancelled. As with ghz, paths are
 relative to the working directory: run from the repository root.
 
-    python bench/loadgen.py bench/ghz/classify.json bench/ghz/fixtures/classify-dicom.json --json out.json
+    python -m bench.loadgen bench/ghz/classify.json bench/ghz/fixtures/classify-dicom.json --json out.json
 """
 
 from __future__ import annotations
@@ -35,10 +35,7 @@ import numpy as np
 from google.protobuf import descriptor_pool, json_format
 from google.protobuf.message_factory import GetMessageClass
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from medgate.v1 import inference_pb2  # noqa: E402, F401  (registers medgate.v1 in the default pool)
+from medgate.v1 import inference_pb2  # noqa: F401  (registers medgate.v1 in the default pool)
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 PERCENTAGES = (10, 25, 50, 75, 90, 95, 99)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from bench import loadgen
+from bench.ghz import make_fixtures
 from services.gateway.server import GatewayServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,19 +30,6 @@ SUMMARY_FIELDS = (
     "Status code distribution:",
     "[OK]",
 )
-
-
-def load_module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-loadgen = load_module(ROOT / "bench" / "loadgen.py")
-make_fixtures = load_module(GHZ / "make_fixtures.py")
 
 
 def test_committed_configs_are_complete_ghz_configs() -> None:

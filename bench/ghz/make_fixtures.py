@@ -30,12 +30,10 @@ import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from medgate.v1 import inference_pb2 as pb
+from training.phantoms import auto_window, generate
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from medgate.v1 import inference_pb2 as pb  # noqa: E402
-from training.phantoms import auto_window, generate  # noqa: E402
-
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures"
 SERVICE = "medgate.v1.Inference"

@@ -1,0 +1,1 @@
+"""ghz configs and the fixtures they read (python -m bench.ghz.make_fixtures)."""
