@@ -36,7 +36,15 @@ from pydicom.uid import (
 
 import services.imaging  # noqa: F401  (sets OPENCV_IO_MAX_IMAGE_PIXELS)
 from services.imaging.errors import IngestError, InvalidImage, LimitExceeded, UnsupportedCodec
-from services.imaging.ingest import DICOM_DECODER_PLUGINS, DecodedImage, InputKind, decode, decode_array
+from services.imaging.ingest import (
+    DICOM_DECODER_PLUGINS,
+    DecodedImage,
+    InputKind,
+    PixelSpacing,
+    SpacingSource,
+    decode,
+    decode_array,
+)
 from services.imaging.limits import IngestLimits
 
 LIMITS = IngestLimits()
@@ -152,7 +160,7 @@ def _decode_file(path: Path) -> tuple[str, str] | IngestError:
         return exc
     _check_image(image)
     assert image.kind is InputKind.DICOM
-    assert (image.height, image.width) == (image.metadata["rows"], image.metadata["columns"])
+    assert (image.height, image.width) == (image.info.rows, image.info.columns)
     return image.transfer_syntax, image.photometric
 
 
@@ -245,9 +253,9 @@ def test_modality_lut_window_and_metadata() -> None:
     assert (ct.window_used.low, ct.window_used.high) == (-160.0, 240.0)
     raw = pydicom.dcmread(_testdata("CT_small.dcm")).pixel_array
     assert np.array_equal(ct.source, raw.astype(np.int32) - 1024)  # RescaleIntercept -1024
-    assert ct.metadata["modality"] == "CT"
-    assert ct.metadata["pixel_spacing_mm"] == pytest.approx([0.661468, 0.661468])
-    assert set(ct.uids) == {"study_instance_uid", "series_instance_uid", "sop_instance_uid", "sop_class_uid"}
+    assert ct.info.identity.modality == "CT"
+    assert ct.info.pixel_spacing == PixelSpacing(0.661468, 0.661468, SpacingSource.PIXEL_SPACING)
+    assert all((ct.info.identity.study_instance_uid, ct.info.identity.sop_instance_uid))
     auto = decode(_read("CT_small.dcm"), limits=LIMITS)
     assert auto.window_used.source == "auto"  # CT_small has no window; its padding (-2000) is excluded
     assert auto.window_used.low > -1100
@@ -785,8 +793,7 @@ def test_no_patient_data_in_errors_logs_or_warnings(
         said = f"{exc} {exc!r}"
     else:
         assert variant == "decodes"
-        assert not {"patient_name", "patient_id", "patient_birth_date"} & set(image.metadata)
-        said = repr(image.metadata) + repr(image.uids)
+        said = repr(image.info)
     captured = capsys.readouterr()
     _assert_clean(said, caplog.text, captured.out, captured.err, *(str(w.message) for w in recwarn.list))
 
