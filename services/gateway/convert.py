@@ -53,24 +53,36 @@ def transform_proto(transform: Letterbox) -> pb.Transform:
 
 
 def image_info_proto(prepared: PreparedImage) -> pb.ImageInfo:
-    decoded = prepared.decoded
-    info = pb.ImageInfo(
-        kind=pb.InputKind.Value(f"INPUT_KIND_{decoded.kind.name}"),  # the two enums share their names
-        width=decoded.width,
-        height=decoded.height,
-        frames=decoded.frames,
-        frame=decoded.frame,
-        photometric_interpretation=decoded.photometric or "",
-        transfer_syntax=decoded.transfer_syntax or "",
-        modality=str(decoded.metadata.get("Modality", "") or ""),
+    """Every field from ingest's typed record; the enums share their names with ingest's."""
+    info = prepared.decoded.info
+    identity = info.identity
+    message = pb.ImageInfo(
+        kind=pb.InputKind.Value(f"INPUT_KIND_{info.kind.name}"),
+        width=info.columns,
+        height=info.rows,
+        frames=info.frames,
+        frame=info.frame,
+        photometric_interpretation=info.photometric_interpretation,
+        transfer_syntax=info.transfer_syntax,
+        transfer_syntax_uid=info.transfer_syntax_uid,
+        modality=identity.modality,
+        window=pb.Window(center=info.window.center, width=info.window.width),
+        sop_class_uid=identity.sop_class_uid,
+        sop_instance_uid=identity.sop_instance_uid,
+        series_instance_uid=identity.series_instance_uid,
+        study_instance_uid=identity.study_instance_uid,
+        frame_of_reference_uid=identity.frame_of_reference_uid,
     )
-    if decoded.window_used is not None:
-        info.window.CopyFrom(pb.Window(center=decoded.window_used.center, width=decoded.window_used.width))
-    uids = decoded.uids or {}
-    info.sop_instance_uid = uids.get("SOPInstanceUID", "")
-    info.series_instance_uid = uids.get("SeriesInstanceUID", "")
-    info.study_instance_uid = uids.get("StudyInstanceUID", "")
-    return info
+    spacing = info.pixel_spacing
+    if spacing is not None:
+        message.pixel_spacing.CopyFrom(
+            pb.PixelSpacing(
+                row_mm=spacing.row_mm,
+                column_mm=spacing.column_mm,
+                source=pb.PixelSpacingSource.Value(f"PIXEL_SPACING_SOURCE_{spacing.source.name}"),
+            )
+        )
+    return message
 
 
 def ndarray_proto(wire: WireArray) -> pb.NDArray:
