@@ -17,7 +17,7 @@ from medgate.v1 import report_pb2 as pb
 from medgate.v1 import report_pb2_grpc as pb_grpc
 from services.report.limits import check_findings, evidence_count
 from services.rpc.call import request_deadline
-from services.rpc.streams import answer_concurrently, answer_item
+from services.rpc.streams import answer_each
 from services.settings import Settings
 from services.triton.impression import ImpressionAnswer, ImpressionModel
 
@@ -80,11 +80,12 @@ class ReportServicer(pb_grpc.ReportServicer):
         self, request_iterator: AsyncIterator[pb.ImpressionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ImpressionStreamResponse]:
         """Up to ``report.stream_in_flight`` items at once; answers as they finish; a failed item ends nothing."""
-
-        async def one(item: pb.ImpressionRequest) -> pb.ImpressionStreamResponse:
-            answer = pb.ImpressionStreamResponse(request_id=getattr(item, "request_id", ""))
-            return await answer_item(answer, item, self._impression, rpc="ImpressionStream")
-
-        in_flight = self.settings.report.stream_in_flight
-        async for answer in answer_concurrently(request_iterator, one, in_flight=in_flight):
+        answers = answer_each(
+            request_iterator,
+            pb.ImpressionStreamResponse,
+            self._impression,
+            rpc="ImpressionStream",
+            in_flight=self.settings.report.stream_in_flight,
+        )
+        async for answer in answers:
             yield answer

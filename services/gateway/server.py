@@ -48,13 +48,7 @@ class GatewayServer:
         self.settings = settings
         self.serve_metrics = serve_metrics
         self.metrics_port = 0
-        self.models = TritonModels(
-            triton_url,
-            settings.models.as_dict(),
-            retry_backoff_s=settings.gateway.triton_retry_backoff_s,
-            shared_memory=settings.triton.shared_memory,
-            shared_memory_max_bytes=settings.triton.shared_memory_max_bytes,
-        )
+        self.models = TritonModels.from_settings(triton_url, settings)
         self.executor = ThreadPoolExecutor(settings.gateway.cpu_threads, thread_name_prefix="medgate-cpu")
         gateway = settings.gateway
         self.rpc = RpcServer(
@@ -89,9 +83,7 @@ class GatewayServer:
         )
         self.report_model: ImpressionModel | None = None
         if settings.report.enabled and settings.report.model:
-            self.report_model = ImpressionModel(
-                triton_url, settings.report.model, retry_backoff_s=settings.gateway.triton_retry_backoff_s
-            )
+            self.report_model = ImpressionModel.from_settings(triton_url, settings)
             self.rpc.add(
                 REPORT_SERVICE,
                 report_pb2_grpc.add_ReportServicer_to_server,

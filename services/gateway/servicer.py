@@ -37,7 +37,7 @@ from services.imaging.preprocess import Letterbox
 from services.metrics import observe_stages
 from services.rpc.call import request_deadline
 from services.rpc.errors import BadRequest, RequestTooLarge
-from services.rpc.streams import answer_concurrently, answer_item
+from services.rpc.streams import answer_each
 from services.settings import Settings
 from services.triton.client import TritonModels
 
@@ -215,13 +215,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         prepared: PreparedImage,
         deadline: float,
         clock: Clock,
+        request: pb.SegmentRequest | pb.AnalyzeRequest,
         *,
         prompts: list[str],
         boxes: np.ndarray,
-        original_boxes: list[pb.Box],
-        output: pb.OutputOptions,
     ) -> tuple[pb.SegmentResponse, np.ndarray]:
-        """The response and the model-space masks [N, 1024, 1024] (kept for review routing)."""
+        """The response and the model-space masks [N, 1024, 1024] (kept for review routing).
+
+        ``prompts`` and ``boxes`` (in model space) are the request's, already checked against the limits.
+        """
+        output = request.output
         if not prompts and len(boxes) == 0:
             raise BadRequest("segmentation needs at least one text prompt or box prompt")
         started = time.perf_counter()
@@ -280,7 +283,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 score=scores[len(prompts) + j],
                 summary=encoded.summaries[len(prompts) + j],
                 model=models[-1].name,
-                box=original_boxes[j],
+                box=request.boxes[j],
             )
             for j in range(len(boxes))
         ]
@@ -323,17 +326,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 else None
             )
             segment = (
-                group.create_task(
-                    self._segment(
-                        prepared,
-                        deadline,
-                        clock,
-                        prompts=prompts,
-                        boxes=boxes,
-                        original_boxes=list(request.boxes),
-                        output=request.output,
-                    )
-                )
+                group.create_task(self._segment(prepared, deadline, clock, request, prompts=prompts, boxes=boxes))
                 if tasks.segment
                 else None
             )
@@ -408,15 +401,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise BadRequest("segmentation needs at least one text prompt or box prompt")
         prepared = await self._prepare(request.image, clock)
         boxes = self._boxes(list(request.boxes), prepared.transform)
-        response, masks = await self._segment(
-            prepared,
-            deadline,
-            clock,
-            prompts=prompts,
-            boxes=boxes,
-            original_boxes=list(request.boxes),
-            output=request.output,
-        )
+        response, masks = await self._segment(prepared, deadline, clock, request, prompts=prompts, boxes=boxes)
         if self.router is not None:
             response.review.extend(
                 await self.router.route(image=request.image, prepared=prepared, segmentation=response, masks=masks)
@@ -430,11 +415,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self, request_iterator: AsyncIterator[pb.AnalyzeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AnalyzeStreamResponse]:
         """Up to ``gateway.stream_in_flight`` items at once; answers as they finish; a bad item ends nothing."""
-
-        async def one(item: pb.AnalyzeRequest) -> pb.AnalyzeStreamResponse:
-            answer = pb.AnalyzeStreamResponse(request_id=getattr(item, "request_id", ""))
-            return await answer_item(answer, item, self._analyze, rpc="AnalyzeStream")
-
-        in_flight = self.settings.gateway.stream_in_flight
-        async for answer in answer_concurrently(request_iterator, one, in_flight=in_flight):
+        answers = answer_each(
+            request_iterator,
+            pb.AnalyzeStreamResponse,
+            self._analyze,
+            rpc="AnalyzeStream",
+            in_flight=self.settings.gateway.stream_in_flight,
+        )
+        async for answer in answers:
             yield answer

@@ -29,7 +29,7 @@ class ReviewServer:
         self.settings = settings
         settings.store_path.parent.mkdir(parents=True, exist_ok=True)
         self.flows = load_flows(settings.flows_file)
-        self.store = ReviewStore(settings.store_path)
+        self.store = ReviewStore(settings.store_path, busy_timeout_s=settings.store_busy_timeout_s)
         self.executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="medgate-review")
         self.servicer = ReviewServicer(
             self.store, self.flows, self.executor, max_in_flight_per_reviewer=settings.max_in_flight_per_reviewer
@@ -44,9 +44,9 @@ class ReviewServer:
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 # Reviewer streams idle for long stretches; keepalive pings find dead peers.
-                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
                 ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", settings.min_ping_interval_ms),
             ],
         )
         self.rpc.add(REVIEW_SERVICE, pb_grpc.add_ReviewServicer_to_server, self.servicer)

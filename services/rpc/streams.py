@@ -81,3 +81,20 @@ async def answer_item(answer: AnswerT, item: Any, work: Callable[[Any], Awaitabl
         )
     REQUESTS.labels(rpc=f"{rpc}.item", code=answer.error.code_name or "OK").inc()  # type: ignore[attr-defined]
     return answer
+
+
+async def answer_each(
+    items: AsyncIterator[Any],
+    answer_type: Callable[..., AnswerT],
+    work: Callable[[Any], Awaitable[Any]],
+    *,
+    rpc: str,
+    in_flight: int,
+) -> AsyncIterator[AnswerT]:
+    """A batch stream: ``answer_type(request_id=...)`` for every item, each filled by :func:`answer_item`."""
+
+    async def one(item: Any) -> AnswerT:
+        return await answer_item(answer_type(request_id=getattr(item, "request_id", "")), item, work, rpc=rpc)
+
+    async for answer in answer_concurrently(items, one, in_flight=in_flight):
+        yield answer

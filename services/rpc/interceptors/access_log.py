@@ -7,9 +7,10 @@ still counted in ``medgate_requests_total``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -64,31 +65,31 @@ class AccessLogInterceptor(RpcInterceptor):
             text += f": {call.message}"
         self.log.info(text, extra=fields)
 
-    async def unary(
-        self, full_method: str, behavior: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext
-    ) -> Any:
+    @contextlib.contextmanager
+    def _logged(self, full_method: str) -> Iterator[None]:
+        """Write the line when the call ends, however it ends."""
         failure: BaseException | None = None
         try:
-            response = await behavior(request, context)
-            call = current_call()
-            if call is not None:
-                call.response = response
-            return response
+            yield
         except BaseException as exc:
             failure = exc
             raise
         finally:
             self._write(_ended(current_call(), full_method, failure))
 
+    async def unary(
+        self, full_method: str, behavior: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext
+    ) -> Any:
+        with self._logged(full_method):
+            response = await behavior(request, context)
+            call = current_call()
+            if call is not None:
+                call.response = response
+            return response
+
     async def stream(
         self, full_method: str, behavior: StreamBehavior, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        failure: BaseException | None = None
-        try:
+        with self._logged(full_method):
             async for item in iterate(behavior, request, context):
                 yield item
-        except BaseException as exc:
-            failure = exc
-            raise
-        finally:
-            self._write(_ended(current_call(), full_method, failure))
