@@ -314,3 +314,30 @@ def test_image_info_proto_fills_every_field_from_the_typed_record() -> None:
         "",
         "",
     )
+
+
+PROCESS_CHECK = """
+import sys
+import numpy as np
+from services.imaging.ingest import decode
+from services.imaging.limits import IngestLimits
+data = open(sys.argv[1], "rb").read()
+info = decode(data, limits=IngestLimits()).info
+print(info.kind.name, info.rows, info.columns, "grpc" in sys.modules, "SimpleITK" in sys.modules)
+"""
+
+
+def test_the_package_is_pure_and_itk_stays_in_the_child(tmp_path: Path) -> None:
+    """No gRPC import in ingest, and SimpleITK never loaded into the caller's process."""
+    import subprocess
+    import sys
+
+    sitk = pytest.importorskip("SimpleITK")
+    path = tmp_path / "v.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5), np.int16)), str(path))
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", PROCESS_CHECK, str(path)], capture_output=True, text=True, timeout=120, cwd=root
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["NIFTI", "4", "5", "False", "False"]
