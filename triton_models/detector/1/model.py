@@ -1,8 +1,9 @@
 """Triton Python-backend model ``detector``: CenterNet-style lesion detection with ONNX Runtime.
 
-Self-contained: numpy, onnxruntime and the standard library only.  ``model.onnx`` next to this file
-is built by ``python -m training.train_detector``: uint8 image [B,1,1024,1024] -> boxes [B,32,4]
-(x0,y0,x1,y1, 1024 model space) and scores [B,32], the top-32 heatmap peaks sorted by score.
+Self-contained: numpy, onnxruntime, the standard library and ``medgate_model_base.py`` at the repository root.
+``model.onnx`` next to this file is built by ``python -m training.train_detector``: uint8 image
+[B,1,1024,1024] -> boxes [B,32,4] (x0,y0,x1,y1, 1024 model space) and scores [B,32], the top-32
+heatmap peaks sorted by score.
 
 Contract (see config.pbtxt): image uint8 [B,1024,1024] -> boxes fp32 [B,32,4], scores fp32 [B,32],
 labels int32 [B,32], count int32 [B,1].  Here: drop scores below ``min_score``, non-maximum
@@ -14,30 +15,21 @@ content) and the rest are still served.
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-MODEL_SIZE = 1024
-ONNX_FILE = "model.onnx"
+# The shared base sits at the repository root, which the stub does not put on sys.path; a __pycache__ folder
+# there would be a model Triton cannot load (see medgate_model_base's docstring).
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
+from medgate_model_base import MODEL_SIZE, ImageBatchModel, Outputs, check_images, input_array  # noqa: E402
+
 MAX_DETECTIONS = 32
 
-
-class RequestError(ValueError):
-    """A problem with one request; answered with an error response for that request only."""
-
-
-def _param(params: dict, key: str, default: float, low: float, high: float) -> float:
-    raw = params.get(key, "")
-    try:
-        value = float(raw) if raw != "" else default
-    except ValueError:
-        raise RuntimeError(f"detector: parameter {key}={raw!r} is not a number") from None
-    if not (low <= value <= high):
-        raise RuntimeError(f"detector: parameter {key}={value} must be within [{low}, {high}]")
-    return value
+Detections = tuple[np.ndarray, np.ndarray, np.ndarray, int]  # boxes [32,4], scores [32], labels [32], count
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
@@ -61,61 +53,23 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.array(keep, dtype=np.int64)
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        import onnxruntime as ort
+class TritonPythonModel(ImageBatchModel[None, Detections]):
+    default_name = "detector"
+    graph_outputs = ("boxes", "scores")
+    rebuild = "python -m training.train_detector"
 
-        self.name = args.get("model_name", "detector")
-        config = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        threads = int(params.get("intra_op_threads", "2") or 2)
-        self.iou_threshold = _param(params, "nms_iou_threshold", 0.5, 0.0, 1.0)
-        self.min_score = _param(params, "min_score", 0.05, 0.0, 1.0)
-        self.max_batch = max(1, int(config.get("max_batch_size", 8) or 8))
+    def setup(self, args: dict[str, str]) -> None:
+        self.iou_threshold = self.float_param("nms_iou_threshold", 0.5, 0.0, 1.0)
+        self.min_score = self.float_param("min_score", 0.05, 0.0, 1.0)
+        super().setup(args)
 
-        version_dir = os.path.join(args["model_repository"], args["model_version"])
-        if not os.path.isdir(version_dir):
-            version_dir = os.path.dirname(os.path.abspath(__file__))
-        path = os.path.join(version_dir, ONNX_FILE)
-        if not os.path.isfile(path):
-            raise RuntimeError(f"{self.name}: missing {path}; run `python -m training.train_detector`")
+    def details(self) -> str:
+        return f", min_score {self.min_score}, NMS IoU {self.iou_threshold}"
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers: list = ["CPUExecutionProvider"]
-        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-            device_id = int(args.get("model_instance_device_id", 0) or 0)
-            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(path, opts, providers=providers)
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
-        if "image" not in inputs or inputs["image"].type != "tensor(uint8)" or not {"boxes", "scores"} <= outputs:
-            raise RuntimeError(
-                f"{self.name}: {path} must take uint8 'image' and give 'boxes' and 'scores'; "
-                "re-run `python -m training.train_detector`"
-            )
-        pb_utils.Logger.log_info(
-            f"{self.name}: loaded {path} with {self.session.get_providers()[0]}, {threads} intra-op threads, "
-            f"min_score {self.min_score}, NMS IoU {self.iou_threshold}"
-        )
+    def parse(self, request: pb_utils.InferenceRequest) -> tuple[np.ndarray, None]:
+        return check_images(input_array(request, "image")), None
 
-    def _parse(self, request) -> np.ndarray:
-        tensor = pb_utils.get_input_tensor_by_name(request, "image")
-        if tensor is None:
-            raise RequestError("missing input 'image'")
-        image = tensor.as_numpy()
-        if image.dtype != np.uint8:
-            raise RequestError(f"input 'image' must be UINT8, got {image.dtype}")
-        if image.ndim != 3 or image.shape[1:] != (MODEL_SIZE, MODEL_SIZE) or image.shape[0] < 1:
-            raise RequestError(
-                f"input 'image' must have shape [batch, {MODEL_SIZE}, {MODEL_SIZE}], got {list(image.shape)}"
-            )
-        return image
-
-    def _postprocess(self, boxes: np.ndarray, scores: np.ndarray):
+    def _postprocess(self, boxes: np.ndarray, scores: np.ndarray) -> Detections:
         out_boxes = np.zeros((MAX_DETECTIONS, 4), np.float32)
         out_scores = np.zeros((MAX_DETECTIONS,), np.float32)
         out_labels = np.zeros((MAX_DETECTIONS,), np.int32)
@@ -127,63 +81,15 @@ class TritonPythonModel:
         out_scores[:n] = scores[keep]
         return out_boxes, out_scores, out_labels, n
 
-    def execute(self, requests):
-        responses = [None] * len(requests)
-        parsed = []  # (request index, image [b,1024,1024])
-        for i, request in enumerate(requests):
-            try:
-                if hasattr(request, "is_cancelled") and request.is_cancelled():
-                    responses[i] = _error(f"{self.name}: request cancelled", cancelled=True)
-                    continue
-                parsed.append((i, self._parse(request)))
-            except RequestError as exc:
-                responses[i] = _error(f"{self.name}: {exc}", invalid=True)
-            except Exception as exc:  # never let one request take the batch down
-                responses[i] = _error(f"{self.name}: could not read the request ({type(exc).__name__})")
+    def run_images(self, images: np.ndarray, rows: list[tuple[None, int]]) -> list[Detections]:
+        assert self.session is not None
+        boxes, scores = self.session.run(["boxes", "scores"], {"image": images})
+        return [self._postprocess(b, s) for b, s in zip(boxes, scores, strict=True)]
 
-        flat = [(i, k) for i, image in parsed for k in range(image.shape[0])]
-        images = dict(parsed)
-        results: dict[int, list] = {i: [None] * image.shape[0] for i, image in parsed}
-        failed: dict[int, str] = {}
-        for s in range(0, len(flat), self.max_batch):
-            part = flat[s : s + self.max_batch]
-            try:
-                if len(part) == 1:
-                    i, k = part[0]
-                    batch = images[i][k : k + 1, None]
-                else:
-                    batch = np.stack([images[i][k] for i, k in part])[:, None]
-                boxes, scores = self.session.run(["boxes", "scores"], {"image": np.ascontiguousarray(batch)})
-                for (i, k), b, sc in zip(part, boxes, scores, strict=True):
-                    results[i][k] = self._postprocess(b, sc)
-            except Exception as exc:
-                for i, _ in part:
-                    failed[i] = f"{self.name}: inference failed ({type(exc).__name__})"
-
-        for i, _image in parsed:
-            if i in failed:
-                responses[i] = _error(failed[i])
-                continue
-            rows = results[i]
-            responses[i] = pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor("boxes", np.stack([r[0] for r in rows])),
-                    pb_utils.Tensor("scores", np.stack([r[1] for r in rows])),
-                    pb_utils.Tensor("labels", np.stack([r[2] for r in rows])),
-                    pb_utils.Tensor("count", np.array([[r[3]] for r in rows], dtype=np.int32)),
-                ]
-            )
-        return responses
-
-    def finalize(self):
-        self.session = None
-
-
-def _error(message: str, invalid: bool = False, cancelled: bool = False):
-    code = None
-    if invalid:
-        code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    elif cancelled:
-        code = getattr(pb_utils.TritonError, "CANCELLED", None)
-    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    return pb_utils.InferenceResponse(error=error)
+    def respond(self, extra: None, results: list[Detections]) -> Outputs:
+        return [
+            pb_utils.Tensor("boxes", np.stack([r[0] for r in results])),
+            pb_utils.Tensor("scores", np.stack([r[1] for r in results])),
+            pb_utils.Tensor("labels", np.stack([r[2] for r in results])),
+            pb_utils.Tensor("count", np.array([[r[3]] for r in results], dtype=np.int32)),
+        ]

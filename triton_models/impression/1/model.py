@@ -1,9 +1,9 @@
 """Triton Python-backend model ``impression``: radiology findings -> impression, score and evidence.
 
-Self-contained: numpy and the standard library (``engine.py`` beside this file holds the method).
-``index.npz`` and ``index.json`` beside it are built from the training split of the Indiana
-University reports by ``python -m training.build_impression`` (CC BY-NC-ND 4.0 data: built at
-set-up, never committed).
+Self-contained: numpy, the standard library and ``medgate_model_base.py`` at the repository root
+(``engine.py`` beside this file holds the method).  ``index.npz`` and ``index.json`` beside it are
+built from the training split of the Indiana University reports by ``python -m training.build_impression``
+(CC BY-NC-ND 4.0 data: built at set-up, never committed).
 
 Contract (see config.pbtxt): findings BYTES [B,1] -> impression BYTES [B,1], score FP32 [B,1],
 evidence BYTES [B,1] (JSON). Every request gets exactly one response; a bad request gets an error
@@ -16,46 +16,47 @@ import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+# The shared base sits at the repository root, which the stub does not put on sys.path; a __pycache__ folder
+# there would be a model Triton cannot load (see medgate_model_base's docstring).
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
+from medgate_model_base import Failed, Outputs, RequestError, TritonModel, input_array  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class RequestError(ValueError):
-    """A problem with one request; answered with an error response for that request only."""
-
-
-def _load_engine(folder):
-    """engine.py from the version folder, by path: Triton does not put model folders on sys.path."""
+def _load_engine(folder: str) -> ModuleType:
+    """engine.py from the version folder, by path, under a name of its own (the builder loads it the same way)."""
     spec = importlib.util.spec_from_file_location("medgate_impression_engine", os.path.join(folder, "engine.py"))
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {os.path.join(folder, 'engine.py')}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        self.name = args.get("model_name", "impression")
-        config = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        self.evidence_count = int(params.get("evidence_count", "10") or 10)
-        self.max_chars = int(params.get("max_findings_chars", "20000") or 20000)
+class TritonPythonModel(TritonModel[list[str]]):
+    default_name = "impression"
+    default_max_batch = 16
 
-        version_dir = os.path.join(args["model_repository"], args["model_version"])
-        if not os.path.isdir(version_dir):
-            version_dir = HERE
+    index: Any
+
+    def setup(self, args: dict[str, str]) -> None:
+        self.evidence_count = self.int_param("evidence_count", 10)
+        self.max_chars = self.int_param("max_findings_chars", 20000)
+        version_dir = self.version_dir
         engine = _load_engine(version_dir if os.path.isfile(os.path.join(version_dir, "engine.py")) else HERE)
-        for required in (engine.INDEX_ARRAYS, engine.INDEX_META):
-            if not os.path.isfile(os.path.join(version_dir, required)):
-                raise RuntimeError(
-                    f"{self.name}: missing {os.path.join(version_dir, required)}; "
-                    "run `python -m training.build_impression` (make setup does)"
-                )
-        from pathlib import Path
-
+        self.require_files(
+            [engine.INDEX_ARRAYS, engine.INDEX_META], "run `python -m training.build_impression` (make setup does)"
+        )
         self.index = engine.ImpressionIndex.load(Path(version_dir))
         info = self.index.info
         pb_utils.Logger.log_info(
@@ -63,11 +64,8 @@ class TritonPythonModel:
             f"(split: {info.get('split', '?')}), k={self.index.params.k}"
         )
 
-    def _parse(self, request):
-        tensor = pb_utils.get_input_tensor_by_name(request, "findings")
-        if tensor is None:
-            raise RequestError("missing input 'findings'")
-        values = tensor.as_numpy().reshape(-1)
+    def parse(self, request: pb_utils.InferenceRequest) -> list[str]:
+        values = input_array(request, "findings").reshape(-1)
         if values.size < 1:
             raise RequestError("input 'findings' has no elements")
         texts = []
@@ -80,7 +78,7 @@ class TritonPythonModel:
             texts.append(text)
         return texts
 
-    def _answer(self, text):
+    def _answer(self, text: str) -> tuple[str, float, str]:
         answer = self.index.answer(text)
         evidence = {
             "agreement": round(answer.agreement, 4),
@@ -91,48 +89,25 @@ class TritonPythonModel:
         }
         return answer.impression, answer.score, json.dumps(evidence, ensure_ascii=False)
 
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                if hasattr(request, "is_cancelled") and request.is_cancelled():
-                    responses.append(_error(f"{self.name}: request cancelled", cancelled=True))
-                    continue
-                texts = self._parse(request)
-            except RequestError as exc:
-                responses.append(_error(f"{self.name}: {exc}", invalid=True))
-                continue
-            except Exception as exc:  # never let one request take the batch down
-                responses.append(_error(f"{self.name}: could not read the request ({type(exc).__name__})"))
-                continue
+    def infer(self, batch: list[list[str]]) -> list[Outputs | Failed]:
+        results: list[Outputs | Failed] = []
+        for texts in batch:
             try:
                 answers = [self._answer(text) for text in texts]
             except Exception as exc:
-                responses.append(_error(f"{self.name}: inference failed ({type(exc).__name__})"))
+                results.append(Failed(f"inference failed ({type(exc).__name__})"))
                 continue
             impressions = np.array([[a[0].encode("utf-8")] for a in answers], dtype=np.object_)
             scores = np.array([[a[1]] for a in answers], dtype=np.float32)
             evidence = np.array([[a[2].encode("utf-8")] for a in answers], dtype=np.object_)
-            responses.append(
-                pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor("impression", impressions),
-                        pb_utils.Tensor("score", scores),
-                        pb_utils.Tensor("evidence", evidence),
-                    ]
-                )
+            results.append(
+                [
+                    pb_utils.Tensor("impression", impressions),
+                    pb_utils.Tensor("score", scores),
+                    pb_utils.Tensor("evidence", evidence),
+                ]
             )
-        return responses
+        return results
 
-    def finalize(self):
+    def finalize(self) -> None:
         self.index = None
-
-
-def _error(message, invalid=False, cancelled=False):
-    code = None
-    if invalid:
-        code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    elif cancelled:
-        code = getattr(pb_utils.TritonError, "CANCELLED", None)
-    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    return pb_utils.InferenceResponse(error=error)

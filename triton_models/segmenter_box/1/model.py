@@ -1,7 +1,8 @@
 """Triton Python-backend model ``segmenter_box``: LiteMedSAM box-prompt segmentation with ONNX Runtime.
 
-Self-contained: numpy, onnxruntime and the standard library only (no torch, no opencv).  The two ONNX graphs
-next to this file are built by ``make models`` (``python -m training.export_medsam``):
+Self-contained: numpy, onnxruntime, the standard library and ``medgate_model_base.py`` at the repository root
+(no torch, no opencv).  The two ONNX graphs next to this file are built by ``make models``
+(``python -m training.export_medsam``):
 
 * ``encoder.onnx``: uint8 [B,1,1024,1024] -> embedding [B,256,64,64] (resize/normalise inside the graph)
 * ``decoder.onnx``: embedding [1,256,64,64] + boxes [N,4] (1024 space)
@@ -32,70 +33,60 @@ Anatomy boxes (60, same phantoms): 0.924 on the whole image, 0.937 with boxes <=
 from __future__ import annotations
 
 import functools
-import json
 import os
+import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-MODEL_SIZE = 1024
+# The shared base sits at the repository root, which the stub does not put on sys.path; a __pycache__ folder
+# there would be a model Triton cannot load (see medgate_model_base's docstring).
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
+from medgate_model_base import (  # noqa: E402
+    MODEL_SIZE,
+    Failed,
+    Outputs,
+    RequestError,
+    TritonModel,
+    check_images,
+    chunks,
+    input_array,
+    onnx_session,
+)
+
 EMBED_INPUT = 256  # LiteMedSAM's encoder input: the graph averages 4x4 blocks of the 1024 image
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 ENCODER_MAX_BATCH = 4
 
 
-class RequestError(ValueError):
-    """A problem with one request; answered with an error response for that request only."""
+class TritonPythonModel(TritonModel[tuple[np.ndarray, np.ndarray]]):
+    default_name = "segmenter_box"
+    default_max_batch = 4
 
+    def setup(self, args: dict[str, str]) -> None:
+        threads = self.int_param("intra_op_threads", 2)
+        self.max_boxes = self.int_param("max_boxes_per_image", 64)
+        self.decoder_chunk = max(1, self.int_param("decoder_chunk", 16))
+        self.roi_max_side = float(self.params.get("roi_max_side", "400") or 0)  # 0 turns zooming off
+        self.roi_factor = self.float_param("roi_factor", 2.5)
+        self.roi_min_side = self.int_param("roi_min_side", 256)
+        self.roi_flip = (self.params.get("roi_flip", "false") or "false").lower() == "true"
 
-class TritonPythonModel:
-    def initialize(self, args):
-        import onnxruntime as ort
-
-        self.name = args.get("model_name", "segmenter_box")
-        config = json.loads(args["model_config"])
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        threads = int(params.get("intra_op_threads", "2") or 2)
-        self.max_boxes = int(params.get("max_boxes_per_image", "64") or 64)
-        self.decoder_chunk = max(1, int(params.get("decoder_chunk", "16") or 16))
-        self.roi_max_side = float(params.get("roi_max_side", "400") or 0)  # 0 turns zooming off
-        self.roi_factor = float(params.get("roi_factor", "2.5") or 2.5)
-        self.roi_min_side = int(params.get("roi_min_side", "256") or 256)
-        self.roi_flip = (params.get("roi_flip", "false") or "false").lower() == "true"
-
-        version_dir = os.path.join(args["model_repository"], args["model_version"])
-        if not os.path.isdir(version_dir):
-            version_dir = os.path.dirname(os.path.abspath(__file__))
-        paths = {name: os.path.join(version_dir, name) for name in (ENCODER_FILE, DECODER_FILE)}
-        missing = [p for p in paths.values() if not os.path.isfile(p)]
-        if missing:
-            raise RuntimeError(
-                f"{self.name}: missing ONNX file(s) {', '.join(missing)}; "
-                "run `make models` (python -m training.export_medsam) to export LiteMedSAM first"
-            )
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers: list = ["CPUExecutionProvider"]
-        if (
-            args.get("model_instance_kind") == "GPU"
-            and "CUDAExecutionProvider" in ort.get_available_providers()
-        ):
-            device_id = int(args.get("model_instance_device_id", 0) or 0)
-            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-        self.encoder = ort.InferenceSession(paths[ENCODER_FILE], opts, providers=providers)
-        self.decoder = ort.InferenceSession(paths[DECODER_FILE], opts, providers=providers)
+        encoder, decoder = self.require_files(
+            [ENCODER_FILE, DECODER_FILE],
+            "run `make models` (python -m training.export_medsam) to export LiteMedSAM first",
+        )
+        self.encoder = onnx_session(encoder, args, threads=threads)
+        self.decoder = onnx_session(decoder, args, threads=threads)
         self._check_graphs()
         pb_utils.Logger.log_info(
-            f"{self.name}: LiteMedSAM loaded from {version_dir} with {self.encoder.get_providers()[0]}, "
+            f"{self.name}: LiteMedSAM loaded from {self.version_dir} with {self.encoder.get_providers()[0]}, "
             f"{threads} intra-op threads, max {self.max_boxes} boxes per image"
         )
 
-    def _check_graphs(self):
+    def _check_graphs(self) -> None:
         enc_in = {i.name: i for i in self.encoder.get_inputs()}
         dec_in = {i.name: i for i in self.decoder.get_inputs()}
         dec_out = {o.name for o in self.decoder.get_outputs()}
@@ -113,22 +104,10 @@ class TritonPythonModel:
             )
         self.embedding_name = self.encoder.get_outputs()[0].name
 
-    # ------------------------------------------------------------------------------------------------
-    def _parse(self, request):
-        image_t = pb_utils.get_input_tensor_by_name(request, "image")
-        boxes_t = pb_utils.get_input_tensor_by_name(request, "boxes")
-        if image_t is None:
-            raise RequestError("missing input 'image'")
-        if boxes_t is None:
-            raise RequestError("missing input 'boxes'")
-        image = image_t.as_numpy()
-        boxes = boxes_t.as_numpy()
-        if image.dtype != np.uint8:
-            raise RequestError(f"input 'image' must be UINT8, got {image.dtype}")
-        if image.ndim != 3 or image.shape[1:] != (MODEL_SIZE, MODEL_SIZE) or image.shape[0] < 1:
-            raise RequestError(
-                f"input 'image' must have shape [batch, {MODEL_SIZE}, {MODEL_SIZE}], got {list(image.shape)}"
-            )
+    def parse(self, request: pb_utils.InferenceRequest) -> tuple[np.ndarray, np.ndarray]:
+        image = input_array(request, "image")
+        boxes = input_array(request, "boxes")
+        check_images(image)
         if boxes.dtype != np.float32:
             raise RequestError(f"input 'boxes' must be FP32, got {boxes.dtype}")
         if boxes.ndim != 3 or boxes.shape[2] != 4:
@@ -222,63 +201,46 @@ class TritonPythonModel:
             masks[small], scores[small] = self._zoomed(image, boxes[small])
         return masks, scores
 
-    def execute(self, requests):
-        responses = [None] * len(requests)
-        parsed = []  # (index, image [b,H,W], boxes [b,N,4])
-        for i, request in enumerate(requests):
-            try:
-                if hasattr(request, "is_cancelled") and request.is_cancelled():
-                    responses[i] = _error(f"{self.name}: request cancelled", cancelled=True)
-                    continue
-                image, boxes = self._parse(request)
-                parsed.append((i, image, boxes))
-            except RequestError as exc:
-                responses[i] = _error(f"{self.name}: {exc}", invalid=True)
-            except Exception as exc:  # never let one request take the batch down
-                responses[i] = _error(f"{self.name}: could not read the request ({type(exc).__name__})")
-
+    def infer(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> list[Outputs | Failed]:
         # Encoder: the whole image, a few at a time, for every image that has a box too large to zoom on
         # (an image whose boxes are all small is only encoded per box, in _zoomed).
-        embeddings: dict[int, dict[int, np.ndarray | None]] = {}
+        embeddings: list[dict[int, np.ndarray | None]] = [{} for _ in batch]
         flat = []
-        for i, image, boxes in parsed:
+        for n, (image, boxes) in enumerate(batch):
             for k in range(image.shape[0]):
                 if self._small(boxes[k]).all():
-                    embeddings.setdefault(i, {})[k] = None
+                    embeddings[n][k] = None
                 else:
-                    flat.append((i, k))
-        images = {i: image for i, image, _ in parsed}
+                    flat.append((n, k))
         failed: dict[int, str] = {}
-        for s in range(0, len(flat), ENCODER_MAX_BATCH):
-            part = flat[s : s + ENCODER_MAX_BATCH]
+        for part in chunks(flat, ENCODER_MAX_BATCH):
             try:
-                batch = np.stack([images[i][k] for i, k in part])[:, None]
-                out = self.encoder.run([self.embedding_name], {"image": batch})[0]
+                images = np.stack([batch[n][0][k] for n, k in part])[:, None]
+                out = self.encoder.run([self.embedding_name], {"image": images})[0]
             except Exception as exc:
-                for i, _ in part:
-                    failed[i] = f"{self.name}: image encoder failed ({type(exc).__name__})"
+                for n, _ in part:
+                    failed[n] = f"image encoder failed ({type(exc).__name__})"
                 continue
-            for (i, k), emb in zip(part, out, strict=True):
-                embeddings.setdefault(i, {})[k] = emb[None]
+            for (n, k), emb in zip(part, out, strict=True):
+                embeddings[n][k] = emb[None]
 
-        for i, image, boxes in parsed:
-            if i in failed:
-                responses[i] = _error(failed[i])
+        answers: list[Outputs | Failed] = []
+        for n, (image, boxes) in enumerate(batch):
+            if n in failed:
+                answers.append(Failed(failed[n]))
                 continue
             try:
-                b, n = boxes.shape[:2]
-                masks = np.empty((b, n, MODEL_SIZE, MODEL_SIZE), np.uint8)
-                scores = np.empty((b, n), np.float32)
+                b, count = boxes.shape[:2]
+                masks = np.empty((b, count, MODEL_SIZE, MODEL_SIZE), np.uint8)
+                scores = np.empty((b, count), np.float32)
                 for k in range(b):
-                    masks[k], scores[k] = self._segment(image[k], embeddings[i][k], boxes[k])
-                responses[i] = pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor("masks", masks), pb_utils.Tensor("scores", scores)]
-                )
+                    masks[k], scores[k] = self._segment(image[k], embeddings[n][k], boxes[k])
+                answers.append([pb_utils.Tensor("masks", masks), pb_utils.Tensor("scores", scores)])
             except Exception as exc:
-                responses[i] = _error(f"{self.name}: mask decoder failed ({type(exc).__name__})")
-        return responses
+                answers.append(Failed(f"mask decoder failed ({type(exc).__name__})"))
+        return answers
 
-    def finalize(self):
+    def finalize(self) -> None:
         self.encoder = None
         self.decoder = None
 
@@ -337,13 +299,3 @@ def _resize_bilinear(a, out_h: int, out_w: int):
 
 def _fmt(box) -> str:
     return "[" + ", ".join(f"{float(v):.1f}" for v in box) + "]"
-
-
-def _error(message: str, invalid: bool = False, cancelled: bool = False):
-    code = None
-    if invalid:
-        code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    elif cancelled:
-        code = getattr(pb_utils.TritonError, "CANCELLED", None)
-    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    return pb_utils.InferenceResponse(error=error)

@@ -1,0 +1,300 @@
+"""One base for medgate's Triton Python-backend models: ONNX Runtime set-up, the batched execute loop, errors.
+
+Where it lives, and why there: at the root of the model repository, as a plain file.  Triton loads every
+*folder* at the root as a model and skips plain files, so this file travels with ``triton_models/`` into a
+stock NGC Triton container (mount or copy the folder as it is) and into the embedded tritonserver
+(``services/triton/embedded.py``: no explicit model control, so every folder there must be a model).  The
+Python-backend stub puts only a model's own folder and its version folder on ``sys.path`` (and ignores
+``PYTHONPATH``), so each ``model.py`` adds the repository root itself, from its real path so that a model
+folder symlinked into another repository (``training/evaluate_report.py`` does that) still finds this file.
+A repository on cloud storage is fetched model by model: there, copy this file into each model's folder,
+which is on ``sys.path`` already.  Installing it with the ``medgate`` package would not do: a stock
+container has only what the repository holds.
+
+Checked with the wheel's Triton 2.51: a ``__pycache__/`` folder at the repository root is a "model" that fails
+to load and stops the server, so ``model.py`` turns off bytecode writing before importing this module.  The
+same build's ``pb_utils.InferenceRequest`` has ``is_cancelled()`` and ``TritonError`` has ``CANCELLED`` and
+``INVALID_ARG``; older backends lack them and are still served (no cancellation check, plain errors).
+
+Only numpy and the standard library at import time; ONNX Runtime is imported when a session is made.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+# The square model space (pixels) of every image model; services/imaging/preprocess.py letterboxes into the
+# same size (the services cannot be imported here, so tests/test_triton_model_base.py checks the two agree).
+MODEL_SIZE = 1024
+
+P = TypeVar("P")  # one request, as a model's parse() reads it
+E = TypeVar("E")  # what an image model's request carries beside its images
+R = TypeVar("R")  # an image model's result for one image
+
+# A string: the stub attaches Tensor, TritonError, InferenceResponse, ... to pb_utils only after it has imported
+# model.py (checked with 2.51), so this module may use them inside functions only.
+Outputs = Sequence["pb_utils.Tensor"]
+
+
+class RequestError(ValueError):
+    """A problem with one request; answered with an INVALID_ARG error for that request only."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A valid request that could not be computed; ``reason`` names the stage and the exception type, no data."""
+
+    reason: str
+
+
+def error_response(message: str, *, invalid: bool = False, cancelled: bool = False) -> pb_utils.InferenceResponse:
+    """An error response with Triton's INVALID_ARG or CANCELLED code where this backend has them."""
+    code = None
+    if invalid:
+        code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    elif cancelled:
+        code = getattr(pb_utils.TritonError, "CANCELLED", None)
+    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(error=error)
+
+
+def is_cancelled(request: pb_utils.InferenceRequest) -> bool:
+    """Whether the client gave up on ``request`` (Python backend 23.10 and later); False where it cannot tell."""
+    check = getattr(request, "is_cancelled", None)
+    return bool(check()) if check is not None else False
+
+
+def input_array(request: pb_utils.InferenceRequest, name: str) -> np.ndarray:
+    """Input ``name`` of ``request`` as numpy; RequestError when the request lacks it."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise RequestError(f"missing input {name!r}")
+    return tensor.as_numpy()
+
+
+def check_images(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """``image`` if it is uint8 [batch, MODEL_SIZE, MODEL_SIZE] with batch >= 1; RequestError saying what is wrong."""
+    if image.dtype != np.uint8:
+        raise RequestError(f"input {name!r} must be UINT8, got {image.dtype}")
+    if image.ndim != 3 or image.shape[1:] != (MODEL_SIZE, MODEL_SIZE) or image.shape[0] < 1:
+        raise RequestError(
+            f"input {name!r} must have shape [batch, {MODEL_SIZE}, {MODEL_SIZE}], got {list(image.shape)}"
+        )
+    return image
+
+
+def chunks(items: Sequence[P], size: int) -> Iterator[Sequence[P]]:
+    """``items`` in consecutive slices of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def onnx_session(path: str, args: Mapping[str, str], *, threads: int) -> ort.InferenceSession:
+    """An ONNX Runtime session for ``path``: CUDA on a GPU instance when this onnxruntime has it, else CPU."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
+        device_id = int(args.get("model_instance_device_id", 0) or 0)
+        providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+    return ort.InferenceSession(path, opts, providers=providers)
+
+
+class TritonModel(Generic[P]):
+    """A Python-backend model: ``initialize`` reads the configuration, ``execute`` answers every request once.
+
+    A subclass supplies ``setup`` (load what it serves), ``parse`` (one request -> its inputs, RequestError when
+    they are wrong) and ``infer`` (all parsed requests of a batch at once -> one answer each).  ``execute``
+    answers a cancelled request with CANCELLED without computing it, a bad one with INVALID_ARG naming the
+    problem (never image or text content), and serves the rest of the batch together.
+    """
+
+    default_name: ClassVar[str] = "model"
+    default_max_batch: ClassVar[int] = 8
+
+    name: str
+    config: dict[str, Any]
+    params: dict[str, str]
+    version_dir: str
+    max_batch: int
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.name = args.get("model_name", self.default_name)
+        self.config = json.loads(args["model_config"])
+        self.params = {k: v.get("string_value", "") for k, v in self.config.get("parameters", {}).items()}
+        self.max_batch = max(1, int(self.config.get("max_batch_size") or self.default_max_batch))
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        if not os.path.isdir(version_dir):
+            version_dir = os.path.dirname(os.path.abspath(inspect.getfile(type(self))))
+        self.version_dir = version_dir
+        self.setup(args)
+
+    def setup(self, args: dict[str, str]) -> None:
+        """Load what the model serves (``self.params`` and ``self.version_dir`` are set)."""
+
+    def int_param(self, key: str, default: int) -> int:
+        """Parameter ``key`` of config.pbtxt as an int; ``default`` when absent or empty."""
+        raw = self.params.get(key, "")
+        try:
+            return int(raw or default)
+        except ValueError:
+            raise RuntimeError(f"{self.name}: parameter {key}={raw!r} is not an integer") from None
+
+    def float_param(self, key: str, default: float, low: float = -np.inf, high: float = np.inf) -> float:
+        """Parameter ``key`` as a float within [low, high]; ``default`` when absent or empty."""
+        raw = self.params.get(key, "")
+        try:
+            value = float(raw) if raw != "" else default
+        except ValueError:
+            raise RuntimeError(f"{self.name}: parameter {key}={raw!r} is not a number") from None
+        if not (low <= value <= high):
+            raise RuntimeError(f"{self.name}: parameter {key}={value} must be within [{low}, {high}]")
+        return value
+
+    def require_files(self, names: Sequence[str], remedy: str) -> list[str]:
+        """Paths of ``names`` in the version folder; RuntimeError naming the missing ones and ``remedy``."""
+        paths = [os.path.join(self.version_dir, name) for name in names]
+        missing = [path for path in paths if not os.path.isfile(path)]
+        if missing:
+            raise RuntimeError(f"{self.name}: missing {', '.join(missing)}; {remedy}")
+        return paths
+
+    def cancelled(self, request: pb_utils.InferenceRequest) -> bool:
+        """The cancellation check made before a request is computed."""
+        return is_cancelled(request)
+
+    def parse(self, request: pb_utils.InferenceRequest) -> P:
+        raise NotImplementedError
+
+    def infer(self, batch: list[P]) -> list[Outputs | Failed]:
+        """One answer per parsed request, in order: its output tensors or why it failed."""
+        raise NotImplementedError
+
+    def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:
+        responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
+        parsed: list[tuple[int, P]] = []
+        for i, request in enumerate(requests):
+            try:
+                if self.cancelled(request):
+                    responses[i] = error_response(f"{self.name}: request cancelled", cancelled=True)
+                    continue
+                parsed.append((i, self.parse(request)))
+            except RequestError as exc:
+                responses[i] = error_response(f"{self.name}: {exc}", invalid=True)
+            except Exception as exc:  # never let one request take the batch down
+                responses[i] = error_response(f"{self.name}: could not read the request ({type(exc).__name__})")
+        if parsed:
+            for (i, _), answer in zip(parsed, self._infer([p for _, p in parsed]), strict=True):
+                if isinstance(answer, Failed):
+                    responses[i] = error_response(f"{self.name}: {answer.reason}")
+                else:
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=list(answer))
+        return [r if r is not None else error_response(f"{self.name}: no answer") for r in responses]
+
+    def _infer(self, batch: list[P]) -> list[Outputs | Failed]:
+        """``infer``, with a failure of the whole call answered per request instead of failing the batch."""
+        try:
+            answers = self.infer(batch)
+            if len(answers) != len(batch):
+                raise RuntimeError(f"{len(answers)} answers for {len(batch)} requests")
+            return answers
+        except Exception as exc:
+            return [Failed(f"inference failed ({type(exc).__name__})")] * len(batch)
+
+    def finalize(self) -> None:
+        """Drop what ``setup`` loaded."""
+
+
+class ImageBatchModel(TritonModel[tuple[np.ndarray, E]], Generic[E, R]):
+    """A model with one ONNX graph from uint8 ``image`` [B,1,MODEL_SIZE,MODEL_SIZE] to ``graph_outputs``.
+
+    Every image of every valid request of a batch goes through the graph in one ONNX Runtime call (calls of at
+    most ``max_batch_size`` images, should Triton ever hand more); a failed call fails the requests that had an
+    image in it.  A subclass supplies ``parse`` (-> the images and what else the request carries), ``run_images``
+    (one call) and ``respond`` (one request's results -> its output tensors).
+    """
+
+    onnx_file: ClassVar[str] = "model.onnx"
+    graph_outputs: ClassVar[tuple[str, ...]] = ()
+    rebuild: ClassVar[str] = ""  # the command that builds the graph, named when it is missing or wrong
+
+    session: ort.InferenceSession | None
+
+    def setup(self, args: dict[str, str]) -> None:
+        threads = self.int_param("intra_op_threads", 2)
+        (path,) = self.require_files([self.onnx_file], f"run `{self.rebuild}`")
+        self.session = onnx_session(path, args, threads=threads)
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if "image" not in inputs or inputs["image"].type != "tensor(uint8)" or not set(self.graph_outputs) <= outputs:
+            raise RuntimeError(
+                f"{self.name}: {path} must take uint8 'image' and give "
+                + " and ".join(repr(name) for name in self.graph_outputs)
+                + f"; re-run `{self.rebuild}`"
+            )
+        pb_utils.Logger.log_info(
+            f"{self.name}: loaded {path} with {self.session.get_providers()[0]}, {threads} intra-op threads"
+            + self.details()
+        )
+
+    def details(self) -> str:
+        """More for the load log line (``, name value`` pieces)."""
+        return ""
+
+    def run_images(self, images: np.ndarray, rows: list[tuple[E, int]]) -> Sequence[R]:
+        """One ONNX Runtime call on ``images`` [n,1,S,S]; ``rows`` says whose each is (extra, index in request)."""
+        raise NotImplementedError
+
+    def respond(self, extra: E, results: list[R]) -> Outputs:
+        """The output tensors of one request from its images' results, in order."""
+        raise NotImplementedError
+
+    def infer(self, batch: list[tuple[np.ndarray, E]]) -> list[Outputs | Failed]:
+        rows = [(n, k) for n, (image, _) in enumerate(batch) for k in range(image.shape[0])]
+        results: list[list[R]] = [[] for _ in batch]
+        failed: dict[int, str] = {}
+        for part in chunks(rows, self.max_batch):
+            try:
+                if len(part) == 1:
+                    n, k = part[0]
+                    images = batch[n][0][k : k + 1, None]
+                else:
+                    images = np.stack([batch[n][0][k] for n, k in part])[:, None]
+                out = self.run_images(np.ascontiguousarray(images), [(batch[n][1], k) for n, k in part])
+                if len(out) != len(part):
+                    raise RuntimeError(f"{len(out)} results for {len(part)} images")
+            except Exception as exc:
+                for n, _ in part:
+                    failed[n] = f"inference failed ({type(exc).__name__})"
+                continue
+            for (n, _), result in zip(part, out, strict=True):
+                results[n].append(result)  # rows are in request order, then image order
+        answers: list[Outputs | Failed] = []
+        for n, (_, extra) in enumerate(batch):
+            if n in failed:
+                answers.append(Failed(failed[n]))
+                continue
+            try:
+                answers.append(self.respond(extra, results[n]))
+            except Exception as exc:
+                answers.append(Failed(f"could not build the response ({type(exc).__name__})"))
+        return answers
+
+    def finalize(self) -> None:
+        self.session = None
