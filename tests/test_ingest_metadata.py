@@ -34,6 +34,7 @@ from services.imaging.ingest import (
     sniff,
     volume_child,
 )
+from services.imaging.ingest.sniff import SNIFFERS
 from services.imaging.limits import IngestLimits
 
 LIMITS = IngestLimits()
@@ -231,8 +232,9 @@ def test_sniff_and_the_format_table_agree() -> None:
     assert sniff(jpeg.tobytes()[:HEAD_BYTES]) is InputKind.JPEG
     assert sniff(b"hello, world") is None
     assert may_be_bare_dicom(b"\x08\x00\x05\x00CS\x0a\x00")
+    assert list(FORMATS) == list(SNIFFERS)  # one order for sniff() and the table
     for kind, entry in FORMATS.items():
-        assert entry.sniff is not None and callable(entry.decode), kind
+        assert entry.sniff is SNIFFERS[kind] and callable(entry.decode), kind
     assert FORMATS[InputKind.PNG].sniff(png.tobytes())
 
 

@@ -80,7 +80,7 @@ class Format(NamedTuple):
     decode: Decoder
 
 
-# Tried in this order by sniff(); a new format is a module with these two functions and a row here.
+# In sniff()'s order: a new format is a module with a decoder, its magic-number test in sniff.SNIFFERS and a row here.
 FORMATS: dict[InputKind, Format] = {
     InputKind.DICOM: Format(SNIFFERS[InputKind.DICOM], dicom.decode_dicom),
     InputKind.PNG: Format(SNIFFERS[InputKind.PNG], raster.decode_png),
