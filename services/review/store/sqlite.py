@@ -1,244 +1,47 @@
-"""The review store: human loops, leased deliveries and idempotent decisions in SQLite (WAL, synchronous=FULL)."""
+"""The SQLite review store: one file in WAL mode with synchronous=FULL, owned by one process."""
 
 from __future__ import annotations
 
-import base64
 import builtins
 import hashlib
 import json
 import logging
-import re
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from services.review.flows import (
-    MAX_NAME_CHARS,
-    FlowDefinition,
-    InvalidArgument,
-    ResultSummary,
-    ReviewError,
-    TaskType,
-    check_name,
+from services.review.flows import FlowDefinition, InvalidArgument, ReviewError, check_name
+from services.review.store.base import ReviewStoreBase
+from services.review.store.keys import IMAGE_NAME, canonical, check_id, decode_token, encode_token, sha256
+from services.review.store.model import (
+    FAILURE_EXPIRED,
+    MAX_LIST_RESULTS,
+    OPEN_STATUSES,
+    AlreadyExists,
+    Decision,
+    Delivery,
+    ExpiryReport,
+    InvalidState,
+    Loop,
+    LoopStatus,
+    NotFound,
+    parse_status,
 )
+from services.review.store.schema import migrate, row_decision, row_loop
 
 logger = logging.getLogger("medgate.review.store")
 
-SCHEMA_VERSION = 1
-MAX_LIST_RESULTS = 100
-MAX_ID_CHARS = 128
-FAILURE_EXPIRED = "Expired"
-ACTIVATION_REASONS_KEY = "humanLoopActivationReasons"
-_IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
-_SCHEMA = """
-CREATE TABLE loops (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,     -- creation order; never reused, so page tokens stay valid
-    name TEXT NOT NULL UNIQUE,
-    flow TEXT NOT NULL,
-    task_type TEXT NOT NULL,
-    status TEXT NOT NULL,
-    failure_code TEXT,
-    failure_reason TEXT,
-    input_json TEXT NOT NULL,                  -- canonical JSON (sorted keys)
-    input_hash TEXT NOT NULL,
-    input_digest TEXT NOT NULL,                -- SHA-256 of flow, input, input hash and images: the idempotency check
-    image_names TEXT NOT NULL,                 -- JSON list, in attachment order
-    task_count INTEGER NOT NULL CHECK (task_count BETWEEN 1 AND 3),
-    task_time_limit_s REAL NOT NULL,
-    answers INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    ended_at REAL,
-    output_path TEXT                           -- set once output.json is written
-);
-CREATE INDEX loops_by_queue ON loops (status, flow, seq);
-CREATE INDEX loops_by_expiry ON loops (status, expires_at);
-CREATE INDEX loops_by_created ON loops (created_at, seq);
-
-CREATE TABLE images (
-    loop_seq INTEGER NOT NULL REFERENCES loops (seq) ON DELETE CASCADE,
-    position INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (loop_seq, position)
-);
-
-CREATE TABLE deliveries (
-    id TEXT PRIMARY KEY,
-    loop_seq INTEGER NOT NULL REFERENCES loops (seq) ON DELETE CASCADE,
-    reviewer TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('leased', 'answered', 'released', 'expired', 'cancelled')),
-    leased_at REAL NOT NULL,
-    lease_expires_at REAL NOT NULL,
-    ended_at REAL
-);
-CREATE INDEX deliveries_by_state ON deliveries (state, lease_expires_at);
-CREATE INDEX deliveries_by_loop ON deliveries (loop_seq, reviewer, state);
-CREATE INDEX deliveries_by_reviewer ON deliveries (reviewer, state);
-
-CREATE TABLE decisions (
-    id TEXT PRIMARY KEY,                       -- the client's decision id
-    loop_seq INTEGER NOT NULL REFERENCES loops (seq) ON DELETE CASCADE,
-    reviewer TEXT NOT NULL,
-    delivery_id TEXT,
-    answer_json TEXT NOT NULL,
-    payload_digest TEXT NOT NULL,              -- SHA-256 of loop name, reviewer and answer
-    accepted_at REAL NOT NULL,                 -- when the reviewer's lease began (A2I's acceptanceTime)
-    submitted_at REAL NOT NULL,
-    UNIQUE (loop_seq, reviewer)                -- one answer per reviewer per loop
-);
-"""
-
-
-class NotFound(ReviewError, LookupError):
-    """No such loop, or no such delivery for this reviewer (maps to NOT_FOUND)."""
-
-
-class AlreadyExists(ReviewError):
-    """A loop name or decision id reused with different content, or a second answer (ALREADY_EXISTS)."""
-
-
-class InvalidState(ReviewError):
-    """The loop's status does not allow the operation (maps to FAILED_PRECONDITION)."""
-
-
-class LoopStatus(StrEnum):
-    IN_PROGRESS = "InProgress"
-    COMPLETED = "Completed"
-    FAILED = "Failed"
-    STOPPED = "Stopped"
-    STOPPING = "Stopping"
-
-
-_OPEN_STATUSES = (LoopStatus.IN_PROGRESS, LoopStatus.STOPPING)
-
-
-@dataclass(frozen=True)
-class Loop:
-    """A human loop as DescribeHumanLoop would show it, plus its queue counters."""
-
-    name: str
-    flow: str
-    task_type: TaskType
-    status: LoopStatus
-    input_content: dict[str, Any]
-    input_hash: str
-    image_names: tuple[str, ...]
-    task_count: int
-    answers: int
-    task_time_limit_s: float
-    created_at: float
-    expires_at: float
-    ended_at: float | None
-    failure_code: str | None
-    failure_reason: str | None
-    output_path: str | None
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One lease of a loop to a reviewer; answer it with ``submit(..., delivery_id=...)``."""
-
-    delivery_id: str
-    reviewer_id: str
-    loop: Loop
-    leased_at: float
-    lease_expires_at: float
-
-
-@dataclass(frozen=True)
-class Decision:
-    """A recorded answer; ``loop_status`` is the loop's status after it (Completed for the last one)."""
-
-    decision_id: str
-    loop_name: str
-    reviewer_id: str
-    delivery_id: str | None
-    answer: dict[str, Any]
-    accepted_at: float
-    submitted_at: float
-    loop_status: LoopStatus
-    replayed: bool = False
-
-    @property
-    def time_spent_s(self) -> float:
-        return max(0.0, self.submitted_at - self.accepted_at)
-
-
-@dataclass(frozen=True)
-class ExpiryReport:
-    failed_loops: tuple[str, ...]
-    expired_leases: int
-
-
-def _canonical(value: Any, what: str) -> str:
-    try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(f"{what} is not plain JSON: {exc}") from None
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _check_id(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS or not value.isprintable():
-        raise InvalidArgument(f"{what} must be 1-{MAX_ID_CHARS} printable characters")
-    return value
-
-
-def auto_loop_name(flow_name: str, input_hash: str) -> str:
-    """A deterministic loop name per (flow, input), so re-running inference never opens a second loop."""
-    suffix = hashlib.sha256(f"{flow_name}\0{input_hash}".encode()).hexdigest()[:24]
-    prefix = flow_name[: MAX_NAME_CHARS - len(suffix) - 1].rstrip("-")
-    return f"{prefix}-{suffix}"
-
-
-class ReviewStore:
+class ReviewStore(ReviewStoreBase):
     """Human loops, deliveries and decisions in one SQLite file; thread-safe; ``now`` is injectable.
 
-    Semantics, where A2I leaves us free:
-
-    * **Loops.** The loop name is the idempotency key. ``start_loop`` with a known name and the same
-      input (flow, input content, input hash and image bytes) returns the existing loop, whatever its
-      status; a different input raises :class:`AlreadyExists`. Flow limits (task count, lifetime, time
-      limit) are copied into the loop when it starts, so editing a flow file never changes running loops.
-    * **Statuses.** ``InProgress`` until ``task_count`` decisions (``Completed``), ``stop`` (``Stopped``,
-      at once: there is no asynchronous worker, so ``Stopping`` is never stored), or expiry after
-      ``task_availability_lifetime_s`` (``Failed``, ``FailureCode="Expired"``). Decisions already made
-      on a stopped or failed loop are kept. ``delete`` is allowed for Completed, Failed and Stopped loops
-      only (as A2I) and removes the loop's images, deliveries and decisions.
-    * **Delivery.** A lease lasts the loop's ``task_time_limit_s``. A reviewer never holds two leases
-      on one loop and never gets a loop it answered or released (release means "not for me"); a lease
-      that expired may come back to the same reviewer (at-least-once). Expired leases return to the
-      queue on every write and on :meth:`ReviewStore.expire`; leases still open when a store is opened
-      were lost with the previous process and go back to the queue at once.
-    * **Decisions.** Idempotent by decision id: the same id with the same (loop, reviewer, answer)
-      returns the recorded decision (``replayed=True``), even after the loop completed; the same id with
-      anything else raises :class:`AlreadyExists`. The delivery id is not part of the payload, so a client
-      that re-received a case after a restart may resend its decision under the new delivery. A late
-      decision (lease expired or released) is accepted while the loop is open and the reviewer has not
-      answered it, rather than throwing a radiologist's work away; when the last needed answer arrives,
-      other open leases on the loop are cancelled. ``submit`` returns only after the transaction is
-      committed with ``synchronous=FULL``: an acknowledged decision is on disk.
-    * **Images** (e.g. PNG bytes of the letterboxed image) live in a BLOB table in the same database, so a
-      loop and its images are created, backed up and deleted atomically.
-    * **Waiting.** :attr:`ReviewStore.work_version` grows whenever deliverable work may have appeared
-      (a loop started, a lease released or expired). Block on :meth:`ReviewStore.wait_for_work` from a
-      thread, or bridge to asyncio with ``store.subscribe(lambda v: loop.call_soon_threadsafe(event.set))``;
-      :meth:`ReviewStore.next_deadline` says when to call :meth:`ReviewStore.expire` next.
-
-    One process owns a database file (the connection is shared by threads under a lock); several
-    gateway replicas need the PostgreSQL store instead.
+    The semantics are :class:`ReviewStoreBase`'s. One process owns a database file (the connection is
+    shared by threads under a lock); several gateway replicas need the PostgreSQL store instead.
     """
 
     def __init__(
@@ -251,12 +54,10 @@ class ReviewStore:
     ) -> None:
         """``owner=False`` opens the file beside a running review service (exports, reports) without
         taking over its leases."""
+        super().__init__()
         self.path = Path(path)
         self._now = now
         self._lock = threading.RLock()
-        self._changed = threading.Condition()
-        self._work_version = 0
-        self._listeners: builtins.list[Callable[[int], object]] = []
         self._conn = sqlite3.connect(
             str(self.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
         )
@@ -288,19 +89,8 @@ class ReviewStore:
         self.close()
 
     def _migrate(self) -> None:
-        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == SCHEMA_VERSION:
-            return
-        if version != 0:
-            raise ReviewError(f"{self.path.name}: schema version {version}, this code knows {SCHEMA_VERSION}")
         with self._lock:
-            try:
-                # One script in one transaction: a crash leaves either no schema or all of it.
-                self._conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA};PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
+            migrate(self._conn, self.path.name)
 
     def _requeue_abandoned(self) -> int:
         """Leases open at start-up belonged to a process that is gone: nobody will answer them."""
@@ -336,45 +126,6 @@ class ReviewStore:
 
     # -- waiting for work ---------------------------------------------------------------------
 
-    @property
-    def work_version(self) -> int:
-        with self._changed:
-            return self._work_version
-
-    def wait_for_work(self, since: int, timeout_s: float | None = None) -> int:
-        """Block until :attr:`work_version` exceeds ``since`` (or the timeout); return the version."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._work_version > since, timeout_s)
-            return self._work_version
-
-    def subscribe(self, callback: Callable[[int], object]) -> Callable[[], None]:
-        """Call ``callback(version)`` after each commit that may have added work; returns unsubscribe.
-
-        The callback runs on the committing thread and must be quick and never raise (an asyncio
-        server passes ``loop.call_soon_threadsafe``-based callbacks).
-        """
-        with self._changed:
-            self._listeners.append(callback)
-
-        def unsubscribe() -> None:
-            with self._changed:
-                if callback in self._listeners:
-                    self._listeners.remove(callback)
-
-        return unsubscribe
-
-    def _notify_work(self) -> None:
-        with self._changed:
-            self._work_version += 1
-            version = self._work_version
-            listeners = builtins.list(self._listeners)
-            self._changed.notify_all()
-        for callback in listeners:
-            try:
-                callback(version)
-            except Exception:
-                logger.exception("review store listener failed")
-
     def next_deadline(self) -> float | None:
         """The earliest lease or loop expiry, so a server knows when :meth:`expire` has work to do."""
         with self._reading() as conn:
@@ -398,18 +149,18 @@ class ReviewStore:
     ) -> Loop:
         """Start a loop, or return the one already started under this name with the same input."""
         check_name(name, "human loop name")
-        _check_id(input_hash, "input_hash")
+        check_id(input_hash, "input_hash")
         if not isinstance(input_content, Mapping):
             raise InvalidArgument("input_content must be a JSON object")
-        content_json = _canonical(input_content, "input_content")
+        content_json = canonical(input_content, "input_content")
         attached = dict(images or {})
         for image_name, data in attached.items():
-            if not isinstance(image_name, str) or not _IMAGE_NAME.match(image_name):
+            if not isinstance(image_name, str) or not IMAGE_NAME.match(image_name):
                 raise InvalidArgument(f"image name {image_name!r} must be a plain file name")
             if not isinstance(data, bytes | bytearray | memoryview) or not len(data):
                 raise InvalidArgument(f"image {image_name} must be non-empty bytes")
-        digest = _sha256(
-            _canonical(
+        digest = sha256(
+            canonical(
                 {
                     "flow": flow.name,
                     "input": input_content,
@@ -457,36 +208,6 @@ class ReviewStore:
             self._notify_work()
         return loop
 
-    def start_if_activated(
-        self,
-        flow: FlowDefinition,
-        summary: ResultSummary,
-        input_content: Mapping[str, Any],
-        *,
-        images: Mapping[str, bytes] | None = None,
-        name: str | None = None,
-    ) -> Loop | None:
-        """Start a loop when the flow's conditions match the result; ``None`` when they do not.
-
-        The matched conditions are recorded in the input as ``humanLoopActivationReasons``. Without a
-        name the loop is named by (flow, input hash), and an existing loop for the same input is
-        returned even if the result changed since (one review per image per flow).
-        """
-        activation = flow.activation(summary)
-        if not activation.matched:
-            return None
-        content = dict(input_content)
-        content.setdefault(ACTIVATION_REASONS_KEY, builtins.list(activation.reasons))
-        loop_name = name or auto_loop_name(flow.name, summary.input_hash)
-        try:
-            return self.start_loop(flow, loop_name, content, summary.input_hash, images=images)
-        except AlreadyExists:
-            if name is None:
-                existing = self.describe(loop_name)
-                if existing.flow == flow.name and existing.input_hash == summary.input_hash:
-                    return existing
-            raise
-
     def describe(self, name: str) -> Loop:
         self._sweep_if_due()
         with self._reading() as conn:
@@ -517,8 +238,8 @@ class ReviewStore:
         """
         if isinstance(max_results, bool) or not isinstance(max_results, int) or not 0 < max_results <= MAX_LIST_RESULTS:
             raise InvalidArgument(f"max_results must be 1-{MAX_LIST_RESULTS}")
-        status_value = None if status is None else str(_status(status))
-        query_key = _sha256(_canonical([flow, status_value, created_after, created_before, ascending], "query"))[:16]
+        status_value = None if status is None else str(parse_status(status))
+        query_key = sha256(canonical([flow, status_value, created_after, created_before, ascending], "query"))[:16]
         where: builtins.list[str] = ["1 = 1"]
         params: builtins.list[Any] = []
         if flow is not None:
@@ -534,7 +255,7 @@ class ReviewStore:
             where.append("created_at < ?")
             params.append(float(created_before))
         if next_token is not None:
-            created_at, seq = _decode_token(next_token, query_key)
+            created_at, seq = decode_token(next_token, query_key)
             where.append("(created_at, seq) > (?, ?)" if ascending else "(created_at, seq) < (?, ?)")
             params.extend([created_at, seq])
         order = "ASC" if ascending else "DESC"
@@ -548,8 +269,8 @@ class ReviewStore:
         token = None
         if len(rows) > max_results:
             last = page[-1]
-            token = _encode_token(last["created_at"], last["seq"], query_key)
-        return [_row_loop(row) for row in page], token
+            token = encode_token(last["created_at"], last["seq"], query_key)
+        return [row_loop(row) for row in page], token
 
     def stop(self, name: str) -> Loop:
         """StopHumanLoop: no more deliveries; open leases are cancelled. Stopping a stopped loop is a no-op."""
@@ -572,7 +293,7 @@ class ReviewStore:
         with self._transaction() as conn:
             self._expire_in(conn, self._now())
             loop = self._loop(conn, name)
-            if loop.status in _OPEN_STATUSES:
+            if loop.status in OPEN_STATUSES:
                 raise InvalidState(f"human loop {name} is {loop.status}; stop it before deleting it")
             conn.execute("DELETE FROM loops WHERE name = ?", (name,))
 
@@ -587,7 +308,7 @@ class ReviewStore:
         count: int = 1,
     ) -> builtins.list[Delivery]:
         """Lease up to ``count`` cases (oldest first) without exceeding ``max_in_flight`` open leases."""
-        _check_id(reviewer_id, "reviewer_id")
+        check_id(reviewer_id, "reviewer_id")
         if isinstance(flows, str) or not flows:
             raise InvalidArgument("flows must be a non-empty list of flow names")
         if max_in_flight < 1 or count < 1:
@@ -622,7 +343,7 @@ class ReviewStore:
                         " VALUES (?, ?, ?, 'leased', ?, ?)",
                         (delivery_id, row["seq"], reviewer_id, now, expires),
                     )
-                    deliveries.append(Delivery(delivery_id, reviewer_id, _row_loop(row), now, expires))
+                    deliveries.append(Delivery(delivery_id, reviewer_id, row_loop(row), now, expires))
         if requeued:
             self._notify_work()
         return deliveries
@@ -651,11 +372,11 @@ class ReviewStore:
         loop_name: str | None = None,
     ) -> Decision:
         """Record a reviewer's answer for a delivery (or a loop by name); durable when it returns."""
-        _check_id(decision_id, "decision_id")
-        _check_id(reviewer_id, "reviewer_id")
+        check_id(decision_id, "decision_id")
+        check_id(reviewer_id, "reviewer_id")
         if not isinstance(answer, Mapping):
             raise InvalidArgument("an answer must be a JSON object")
-        answer_json = _canonical(answer, "answer")
+        answer_json = canonical(answer, "answer")
         if delivery_id is None and loop_name is None:
             raise InvalidArgument("submit needs a delivery_id or a loop_name")
         now = self._now()
@@ -676,13 +397,13 @@ class ReviewStore:
             if loop_name is None:  # unreachable: checked above; narrows the type
                 raise InvalidArgument("submit needs a delivery_id or a loop_name")
             loop_row = self._loop_row(conn, loop_name)
-            payload = _sha256(_canonical({"loop": loop_name, "reviewer": reviewer_id, "answer": answer}, "decision"))
+            payload = sha256(canonical({"loop": loop_name, "reviewer": reviewer_id, "answer": answer}, "decision"))
             existing = conn.execute("SELECT * FROM decisions WHERE id = ?", (decision_id,)).fetchone()
             if existing is not None:
                 if existing["payload_digest"] != payload:
                     raise AlreadyExists(f"decision {decision_id} was already recorded with a different payload")
-                return _row_decision(existing, loop_name, _status(loop_row["status"]), replayed=True)
-            loop = _row_loop(loop_row)
+                return row_decision(existing, loop_name, parse_status(loop_row["status"]), replayed=True)
+            loop = row_loop(loop_row)
             if loop.status is not LoopStatus.IN_PROGRESS:
                 raise InvalidState(f"human loop {loop_name} is {loop.status}; it takes no more answers")
             previous = conn.execute(
@@ -728,7 +449,7 @@ class ReviewStore:
             rows = conn.execute(
                 "SELECT * FROM decisions WHERE loop_seq = ? ORDER BY submitted_at, id", (row["seq"],)
             ).fetchall()
-            return [_row_decision(r, name, _status(row["status"])) for r in rows]
+            return [row_decision(r, name, parse_status(row["status"])) for r in rows]
 
     def expire(self) -> ExpiryReport:
         """Fail loops past their availability lifetime and requeue leases past their time limit."""
@@ -759,7 +480,7 @@ class ReviewStore:
             ).fetchone()
         if row is None:
             raise NotFound(f"delivery {delivery_id} not found")
-        return _row_loop(row)
+        return row_loop(row)
 
     def open_deliveries(self, reviewer_id: str) -> builtins.list[Delivery]:
         """The reviewer's leases that are still open, oldest first: re-sent when a reviewer reconnects."""
@@ -773,7 +494,7 @@ class ReviewStore:
                 (reviewer_id, now),
             ).fetchall()
         return [
-            Delivery(row["delivery_id"], reviewer_id, _row_loop(row), row["leased_at"], row["lease_expires_at"])
+            Delivery(row["delivery_id"], reviewer_id, row_loop(row), row["leased_at"], row["lease_expires_at"])
             for row in rows
         ]
 
@@ -796,7 +517,7 @@ class ReviewStore:
                 f"SELECT * FROM loops WHERE status = 'Completed' AND output_path IS NULL{flow_filter} ORDER BY seq",
                 () if flow is None else (flow,),
             ).fetchall()
-        return [_row_loop(row) for row in rows]
+        return [row_loop(row) for row in rows]
 
     def mark_output(self, name: str, output_path: str) -> None:
         with self._transaction() as conn:
@@ -855,66 +576,7 @@ class ReviewStore:
         return row
 
     def _loop(self, conn: sqlite3.Connection, name: str) -> Loop:
-        return _row_loop(self._loop_row(conn, name))
+        return row_loop(self._loop_row(conn, name))
 
     def _seq(self, conn: sqlite3.Connection, name: str) -> int:
         return int(self._loop_row(conn, name)["seq"])
-
-
-def _status(value: LoopStatus | str) -> LoopStatus:
-    try:
-        return LoopStatus(value)
-    except ValueError:
-        raise InvalidArgument(f"status {value!r} must be one of {', '.join(s.value for s in LoopStatus)}") from None
-
-
-def _row_loop(row: sqlite3.Row) -> Loop:
-    return Loop(
-        name=row["name"],
-        flow=row["flow"],
-        task_type=TaskType(row["task_type"]),
-        status=LoopStatus(row["status"]),
-        input_content=json.loads(row["input_json"]),
-        input_hash=row["input_hash"],
-        image_names=tuple(json.loads(row["image_names"])),
-        task_count=row["task_count"],
-        answers=row["answers"],
-        task_time_limit_s=row["task_time_limit_s"],
-        created_at=row["created_at"],
-        expires_at=row["expires_at"],
-        ended_at=row["ended_at"],
-        failure_code=row["failure_code"],
-        failure_reason=row["failure_reason"],
-        output_path=row["output_path"],
-    )
-
-
-def _row_decision(row: sqlite3.Row, loop_name: str, status: LoopStatus, *, replayed: bool = False) -> Decision:
-    return Decision(
-        decision_id=row["id"],
-        loop_name=loop_name,
-        reviewer_id=row["reviewer"],
-        delivery_id=row["delivery_id"],
-        answer=json.loads(row["answer_json"]),
-        accepted_at=row["accepted_at"],
-        submitted_at=row["submitted_at"],
-        loop_status=status,
-        replayed=replayed,
-    )
-
-
-def _encode_token(created_at: float, seq: int, query_key: str) -> str:
-    raw = json.dumps({"c": created_at, "s": seq, "q": query_key}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_token(token: str, query_key: str) -> tuple[float, int]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        data = json.loads(raw)
-        created_at, seq, key = float(data["c"]), int(data["s"]), str(data["q"])
-    except (ValueError, TypeError, KeyError):
-        raise InvalidArgument("next_token is not a token this store issued") from None
-    if key != query_key:
-        raise InvalidArgument("next_token was issued for a different query (filters or sort order changed)")
-    return created_at, seq

@@ -1,0 +1,102 @@
+"""The review store's records, statuses and errors: what every store backend returns and raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from services.review.flows import InvalidArgument, ReviewError, TaskType
+
+MAX_LIST_RESULTS = 100
+MAX_ID_CHARS = 128
+FAILURE_EXPIRED = "Expired"
+ACTIVATION_REASONS_KEY = "humanLoopActivationReasons"
+
+
+class NotFound(ReviewError, LookupError):
+    """No such loop, or no such delivery for this reviewer (maps to NOT_FOUND)."""
+
+
+class AlreadyExists(ReviewError):
+    """A loop name or decision id reused with different content, or a second answer (ALREADY_EXISTS)."""
+
+
+class InvalidState(ReviewError):
+    """The loop's status does not allow the operation (maps to FAILED_PRECONDITION)."""
+
+
+class LoopStatus(StrEnum):
+    IN_PROGRESS = "InProgress"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    STOPPED = "Stopped"
+    STOPPING = "Stopping"
+
+
+OPEN_STATUSES = (LoopStatus.IN_PROGRESS, LoopStatus.STOPPING)
+
+
+@dataclass(frozen=True)
+class Loop:
+    """A human loop as DescribeHumanLoop would show it, plus its queue counters."""
+
+    name: str
+    flow: str
+    task_type: TaskType
+    status: LoopStatus
+    input_content: dict[str, Any]
+    input_hash: str
+    image_names: tuple[str, ...]
+    task_count: int
+    answers: int
+    task_time_limit_s: float
+    created_at: float
+    expires_at: float
+    ended_at: float | None
+    failure_code: str | None
+    failure_reason: str | None
+    output_path: str | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One lease of a loop to a reviewer; answer it with ``submit(..., delivery_id=...)``."""
+
+    delivery_id: str
+    reviewer_id: str
+    loop: Loop
+    leased_at: float
+    lease_expires_at: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A recorded answer; ``loop_status`` is the loop's status after it (Completed for the last one)."""
+
+    decision_id: str
+    loop_name: str
+    reviewer_id: str
+    delivery_id: str | None
+    answer: dict[str, Any]
+    accepted_at: float
+    submitted_at: float
+    loop_status: LoopStatus
+    replayed: bool = False
+
+    @property
+    def time_spent_s(self) -> float:
+        return max(0.0, self.submitted_at - self.accepted_at)
+
+
+@dataclass(frozen=True)
+class ExpiryReport:
+    failed_loops: tuple[str, ...]
+    expired_leases: int
+
+
+def parse_status(value: LoopStatus | str) -> LoopStatus:
+    try:
+        return LoopStatus(value)
+    except ValueError:
+        raise InvalidArgument(f"status {value!r} must be one of {', '.join(s.value for s in LoopStatus)}") from None

@@ -1,0 +1,122 @@
+"""The SQLite store's schema: DDL, migration (``PRAGMA user_version``) and rows back to records."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from services.review.flows import ReviewError, TaskType
+from services.review.store.model import Decision, Loop, LoopStatus
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE loops (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,     -- creation order; never reused, so page tokens stay valid
+    name TEXT NOT NULL UNIQUE,
+    flow TEXT NOT NULL,
+    task_type TEXT NOT NULL,
+    status TEXT NOT NULL,
+    failure_code TEXT,
+    failure_reason TEXT,
+    input_json TEXT NOT NULL,                  -- canonical JSON (sorted keys)
+    input_hash TEXT NOT NULL,
+    input_digest TEXT NOT NULL,                -- SHA-256 of flow, input, input hash and images: the idempotency check
+    image_names TEXT NOT NULL,                 -- JSON list, in attachment order
+    task_count INTEGER NOT NULL CHECK (task_count BETWEEN 1 AND 3),
+    task_time_limit_s REAL NOT NULL,
+    answers INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    ended_at REAL,
+    output_path TEXT                           -- set once output.json is written
+);
+CREATE INDEX loops_by_queue ON loops (status, flow, seq);
+CREATE INDEX loops_by_expiry ON loops (status, expires_at);
+CREATE INDEX loops_by_created ON loops (created_at, seq);
+
+CREATE TABLE images (
+    loop_seq INTEGER NOT NULL REFERENCES loops (seq) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (loop_seq, position)
+);
+
+CREATE TABLE deliveries (
+    id TEXT PRIMARY KEY,
+    loop_seq INTEGER NOT NULL REFERENCES loops (seq) ON DELETE CASCADE,
+    reviewer TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('leased', 'answered', 'released', 'expired', 'cancelled')),
+    leased_at REAL NOT NULL,
+    lease_expires_at REAL NOT NULL,
+    ended_at REAL
+);
+CREATE INDEX deliveries_by_state ON deliveries (state, lease_expires_at);
+CREATE INDEX deliveries_by_loop ON deliveries (loop_seq, reviewer, state);
+CREATE INDEX deliveries_by_reviewer ON deliveries (reviewer, state);
+
+CREATE TABLE decisions (
+    id TEXT PRIMARY KEY,                       -- the client's decision id
+    loop_seq INTEGER NOT NULL REFERENCES loops (seq) ON DELETE CASCADE,
+    reviewer TEXT NOT NULL,
+    delivery_id TEXT,
+    answer_json TEXT NOT NULL,
+    payload_digest TEXT NOT NULL,              -- SHA-256 of loop name, reviewer and answer
+    accepted_at REAL NOT NULL,                 -- when the reviewer's lease began (A2I's acceptanceTime)
+    submitted_at REAL NOT NULL,
+    UNIQUE (loop_seq, reviewer)                -- one answer per reviewer per loop
+);
+"""
+
+
+def migrate(conn: sqlite3.Connection, label: str) -> None:
+    """Create the schema in an empty database; refuse a database of another schema version."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == SCHEMA_VERSION:
+        return
+    if version != 0:
+        raise ReviewError(f"{label}: schema version {version}, this code knows {SCHEMA_VERSION}")
+    try:
+        # One script in one transaction: a crash leaves either no schema or all of it.
+        conn.executescript(f"BEGIN IMMEDIATE;{SCHEMA};PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def row_loop(row: sqlite3.Row) -> Loop:
+    """A ``loops`` row as a record."""
+    return Loop(
+        name=row["name"],
+        flow=row["flow"],
+        task_type=TaskType(row["task_type"]),
+        status=LoopStatus(row["status"]),
+        input_content=json.loads(row["input_json"]),
+        input_hash=row["input_hash"],
+        image_names=tuple(json.loads(row["image_names"])),
+        task_count=row["task_count"],
+        answers=row["answers"],
+        task_time_limit_s=row["task_time_limit_s"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        ended_at=row["ended_at"],
+        failure_code=row["failure_code"],
+        failure_reason=row["failure_reason"],
+        output_path=row["output_path"],
+    )
+
+
+def row_decision(row: sqlite3.Row, loop_name: str, status: LoopStatus, *, replayed: bool = False) -> Decision:
+    return Decision(
+        decision_id=row["id"],
+        loop_name=loop_name,
+        reviewer_id=row["reviewer"],
+        delivery_id=row["delivery_id"],
+        answer=json.loads(row["answer_json"]),
+        accepted_at=row["accepted_at"],
+        submitted_at=row["submitted_at"],
+        loop_status=status,
+        replayed=replayed,
+    )
