@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-MODEL_SIZE = 1024  # the model space the service letterboxes into
+from services.imaging.preprocess import MODEL_SIZE  # the model space the service letterboxes into
+
 EMBED_INPUT = 256  # LiteMedSAM's image encoder input size
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"

@@ -18,13 +18,13 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from services.imaging.preprocess import MODEL_SIZE
 from services.metrics import TRITON_SECONDS
 from services.settings import Settings, TritonSettings
 from services.triton.shm import SharedMemoryPool, needed_bytes, remove_stale_regions
 
 log = logging.getLogger("medgate.triton.client")
 
-MODEL_SIZE = 1024
 ANY = -1
 # Defaults of the keyword arguments below; a server passes its own settings (TritonModels.from_settings).
 _DEFAULTS = TritonSettings()
