@@ -20,7 +20,7 @@ from tests import fake_triton_python_backend_utils as fake_pb
 
 REPOSITORY = PROJECT_ROOT / "triton_models"
 MODELS = ("classifier", "detector", "segmenter_text", "segmenter_box", "impression")
-S = 1024
+S = preprocess.MODEL_SIZE
 
 
 @pytest.fixture
@@ -87,7 +87,9 @@ class _NotCancellable:
 def _toy(base: ModuleType, fail_when: int | None = None) -> Any:
     """An image model whose "graph" gives each image's first pixel; it records every call's batch size."""
 
-    class Toy(base.ImageBatchModel):
+    image_model: Any = base.ImageBatchModel  # imported at run time, under the fake
+
+    class Toy(image_model):
         default_name = "toy"
 
         def setup(self, args: dict[str, str]) -> None:
@@ -197,7 +199,9 @@ def test_backends_without_cancellation_or_error_codes_are_still_served(
 
 
 def test_parameters_and_version_folder(base: ModuleType, tmp_path: Any) -> None:
-    class Plain(base.TritonModel):
+    triton_model: Any = base.TritonModel
+
+    class Plain(triton_model):
         def setup(self, args: dict[str, str]) -> None:
             pass
 
