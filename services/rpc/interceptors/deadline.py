@@ -31,6 +31,7 @@ def _record(context: grpc.aio.ServicerContext) -> float | None:
 
 class DeadlineInterceptor(RpcInterceptor):
     def __init__(self, default_s: float | None) -> None:
+        super().__init__()
         self.default_s = default_s
 
     async def unary(
