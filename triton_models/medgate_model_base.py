@@ -1,22 +1,13 @@
 """One base for medgate's Triton Python-backend models: ONNX Runtime set-up, the batched execute loop, errors.
 
-Where it lives, and why there: at the root of the model repository, as a plain file.  Triton loads every
-*folder* at the root as a model and skips plain files, so this file travels with ``triton_models/`` into a
-stock NGC Triton container (mount or copy the folder as it is) and into the embedded tritonserver
-(``services/triton/embedded.py``: no explicit model control, so every folder there must be a model).  The
-Python-backend stub puts only a model's own folder and its version folder on ``sys.path`` (and ignores
-``PYTHONPATH``), so each ``model.py`` adds the repository root itself, from its real path so that a model
-folder symlinked into another repository (``training/evaluate_report.py`` does that) still finds this file.
-A repository on cloud storage is fetched model by model: there, copy this file into each model's folder,
-which is on ``sys.path`` already.  Installing it with the ``medgate`` package would not do: a stock
-container has only what the repository holds.
-
-Checked with the wheel's Triton 2.51: a ``__pycache__/`` folder at the repository root is a "model" that fails
-to load and stops the server, so ``model.py`` turns off bytecode writing before importing this module.  The
-same build's ``pb_utils.InferenceRequest`` has ``is_cancelled()`` and ``TritonError`` has ``CANCELLED`` and
-``INVALID_ARG``; older backends lack them and are still served (no cancellation check, plain errors).
-
-Only numpy and the standard library at import time; ONNX Runtime is imported when a session is made.
+A plain file at the root of the model repository, because Triton takes every *folder* there for a model and
+skips files (checked with the wheel's Triton 2.51, which medgate embeds without explicit model control): it
+travels with ``triton_models/`` into the embedded server and into a stock NGC container, which has nothing the
+``medgate`` package could install.  The stub puts only a model's folder and version folder on ``sys.path`` and
+ignores ``PYTHONPATH``, so each ``model.py`` adds the root, from its real path (a model folder symlinked into
+another repository, as ``training/evaluate_report.py`` does, still finds this file), and turns bytecode writing
+off first: a ``__pycache__/`` at the root is a model that fails to load and stops the server.  Where Triton
+fetches a repository model by model (cloud storage; not checked here), copy this file into each model folder.
 """
 
 from __future__ import annotations
