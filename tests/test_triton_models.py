@@ -122,7 +122,7 @@ def test_wrong_dtype_and_shape_are_refused_and_the_model_keeps_serving(
 
 @pytest.mark.parametrize(
     ("prompts", "fragment"),
-    [(("",), "empty"), (("  ",), "empty"), (("heart", "spleen"), "spleen")],
+    [(("",), "empty"), (("  ",), "empty"), (("heart", "spleen"), "unknown prompt at prompts[0][1]")],
 )
 def test_text_segmenter_refuses_bad_prompts(
     client: triton_grpc.InferenceServerClient, prompts: tuple[str, ...], fragment: str

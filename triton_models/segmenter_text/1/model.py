@@ -70,10 +70,6 @@ def normalise_prompt(raw: object) -> str:
     return " ".join(str(raw).split()).lower()
 
 
-def _show(prompt: str) -> str:
-    return repr(prompt if len(prompt) <= 64 else prompt[:61] + "...")
-
-
 class TritonPythonModel(ImageBatchModel[Plan, Masks]):
     default_name = "segmenter_text"
     default_max_batch = 4
@@ -111,7 +107,7 @@ class TritonPythonModel(ImageBatchModel[Plan, Masks]):
                 entry = VOCABULARY.get(text)
                 if entry is None:
                     raise RequestError(
-                        f"unknown prompt {_show(text)} at prompts[{k}][{j}]; known prompts: "
+                        f"unknown prompt at prompts[{k}][{j}] (prompts are free text and never quoted back); known prompts: "
                         + ", ".join(sorted(VOCABULARY))
                     )
                 row.append(entry)
