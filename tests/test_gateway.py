@@ -191,7 +191,7 @@ async def test_stream_answers_every_item_and_survives_a_bad_one(stub: pb_grpc.In
         (
             lambda: pb.SegmentRequest(image=pb.ImageInput(data=png_bytes(phantom(1).image)), prompts="spleen"),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "spleen",
+            "unknown prompt at prompts[0][0]",  # by position: prompts are free text, never quoted back
         ),
         (
             lambda: pb.SegmentRequest(
@@ -288,19 +288,25 @@ def _requests_total(gateway: GatewayServer, rpc: str, code: str) -> float:
 async def test_deadline_is_honoured(
     stub: pb_grpc.InferenceStub, gateway: GatewayServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Past its deadline a call stops on the server too: its access-log line and the request count say
-    DEADLINE_EXCEEDED after about the deadline, where a server that ignored it would finish the work and log OK.
-    (The caller's DEADLINE_EXCEEDED alone proves nothing: the client raises it by itself.)"""
+    """Past its deadline a call stops on the server too: its access-log line and the request count end it at about
+    the deadline, where a server that ignored the deadline would finish the work and log OK. (The caller's
+    DEADLINE_EXCEEDED alone proves nothing: the client raises it by itself.)"""
     caplog.set_level(logging.INFO)  # the access log's logger name is not part of the contract; its fields are
     data = pydicom_data_file("RG1_UNCI.dcm").read_bytes()  # 1955x1841: decode, three prompts, LiteMedSAM
     request = pb.SegmentRequest(image=pb.ImageInput(data=data), prompts="heart & left lung & right lung")
-    started = time.perf_counter()
-    await stub.Segment(request, timeout=120)  # warm, and the time the whole work takes on this machine
-    full_s = time.perf_counter() - started
-    before = _requests_total(gateway, "Segment", "DEADLINE_EXCEEDED")
+    full_s = 120.0
+    for _ in range(2):  # warm, and the time the whole work takes here (the faster of two, so noise cannot inflate it)
+        started = time.perf_counter()
+        await stub.Segment(request, timeout=120)
+        full_s = min(full_s, time.perf_counter() - started)
+    # The caller's own cancellation at its deadline can reach the server a moment before the server's copy of
+    # the deadline passes (it was set when the headers arrived): the server then logs CANCELLED, not
+    # DEADLINE_EXCEEDED. Either is a call that stopped; OK is one that ran to the end.
+    stopped = ("DEADLINE_EXCEEDED", "CANCELLED")
+    before = sum(_requests_total(gateway, "Segment", code) for code in stopped)
 
-    # A quarter of the work: long enough for the request to reach the handler, far short of the answer.
-    deadline_s = full_s / 4
+    # A third of the work: long enough for the request to reach the handler, well short of the answer.
+    deadline_s = full_s / 3
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await stub.Segment(request, timeout=deadline_s, metadata=(("x-request-id", "deadline-check"),))
     assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -312,11 +318,10 @@ async def test_deadline_is_honoured(
             break
         await asyncio.sleep(0.05)
     (record,) = records
-    assert record.__dict__["code"] == "DEADLINE_EXCEEDED", record.getMessage()
-    assert "DEADLINE_EXCEEDED" in record.getMessage()
+    assert record.__dict__["code"] in stopped and record.__dict__["code"] in record.getMessage(), record.getMessage()
     # It stopped at the deadline, not when the work would have been done.
-    assert record.__dict__["duration_ms"] < (deadline_s + 0.5 * (full_s - deadline_s)) * 1000.0, (deadline_s, full_s)
-    assert _requests_total(gateway, "Segment", "DEADLINE_EXCEEDED") == before + 1
+    assert record.__dict__["duration_ms"] < (deadline_s + full_s / 3) * 1000.0, (deadline_s, full_s)
+    assert sum(_requests_total(gateway, "Segment", code) for code in stopped) == before + 1
 
     answered = time.perf_counter()  # and the server is free: the next call takes the usual time
     await stub.Segment(request, timeout=120)
