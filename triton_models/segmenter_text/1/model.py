@@ -107,7 +107,8 @@ class TritonPythonModel(ImageBatchModel[Plan, Masks]):
                 entry = VOCABULARY.get(text)
                 if entry is None:
                     raise RequestError(
-                        f"unknown prompt at prompts[{k}][{j}] (prompts are free text and never quoted back); known prompts: "
+                        f"unknown prompt at prompts[{k}][{j}] (prompts are free text and never quoted back); "
+                        "known prompts: "
                         + ", ".join(sorted(VOCABULARY))
                     )
                 row.append(entry)
