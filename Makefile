@@ -66,7 +66,8 @@ test: setup
 	$(PY) -m pytest -q
 
 # The pure-module tests only (seconds): no tritonserver, no gateway. conftest.py marks every test that needs one.
-test-fast: setup
+# Of the models only the impression index (seconds to build) is read; the LiteMedSAM export is left to make setup.
+test-fast: $(STAMP) $(IMPRESSION_INDEX)
 	$(PY) -m pytest -q -m "not triton"
 
 lint: $(STAMP)
