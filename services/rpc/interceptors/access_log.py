@@ -21,6 +21,9 @@ from services.rpc.interceptor import RpcInterceptor, StreamBehavior, UnaryBehavi
 
 QUIET_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
 _STAGES = ("decode_ms", "preprocess_ms", "triton_ms", "encode_ms")
+# The server learns the caller's deadline when the headers arrive, so its copy runs a little late: the
+# caller's own cancellation at its deadline can reach us first. A cancel this close to the deadline is it.
+_DEADLINE_SLACK_S = 0.1
 
 
 def _ended(call: Call | None, full_method: str, exc: BaseException | None) -> Call:
@@ -29,7 +32,7 @@ def _ended(call: Call | None, full_method: str, exc: BaseException | None) -> Ca
         service, method = split_method(full_method)
         call = Call(service=service, method=method)
     if isinstance(exc, asyncio.CancelledError):
-        late = call.caller_deadline is not None and time.monotonic() >= call.caller_deadline
+        late = call.caller_deadline is not None and time.monotonic() >= call.caller_deadline - _DEADLINE_SLACK_S
         call.code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
     elif exc is not None and call.code is grpc.StatusCode.OK:
         call.code = grpc.StatusCode.INTERNAL  # an exception no status interceptor mapped
