@@ -8,7 +8,7 @@ BOX_ONNX := triton_models/segmenter_box/1/encoder.onnx triton_models/segmenter_b
 IMPRESSION_INDEX := triton_models/impression/1/index.npz triton_models/impression/1/index.json
 
 .PHONY: setup lock run test test-fast lint models models-train models-box models-impression eval-models eval-report clean proto \
-	protoset bench bench-review ghz-fixtures loadtest
+	protoset bench bench-review bench-rpc ghz-fixtures loadtest
 
 setup: $(STAMP) $(BOX_ONNX) $(IMPRESSION_INDEX)
 
@@ -103,6 +103,10 @@ bench: setup
 
 bench-review: setup
 	$(PY) -m bench.bench_review
+
+# What the RPC layer's interceptor chain costs a call: the same servicer with and without it (bench/results/rpc.json).
+bench-rpc: setup
+	$(PY) -m bench.bench_rpc
 
 # ghz inputs in bench/ghz/fixtures/ (git-ignored): serialized requests (-B) around a 1024x1024 phantom PNG and
 # RG1_UNCI.dcm with their configs, and a reflection twin (no protoset) of every config.
