@@ -1,4 +1,4 @@
-"""Protobuf <-> domain values for the Inference service: the one module that builds its messages.
+"""Protobuf <-> domain values for the Inference and Report services: the one module that builds their messages.
 
 Pure translation: no pixel loops here (those run on the executor in :mod:`services.imaging.masks`).
 """
@@ -8,12 +8,14 @@ from __future__ import annotations
 import numpy as np
 
 from medgate.v1 import inference_pb2 as pb
+from medgate.v1 import report_pb2
 from services.imaging.arrays import WireArray, decode_array
 from services.imaging.ingest import InputKind
 from services.imaging.masks import Box, MaskSummary
 from services.imaging.prepare import PreparedImage
 from services.imaging.preprocess import Letterbox
 from services.rpc.errors import BadRequest
+from services.triton.impression import ImpressionAnswer
 
 
 def box_tuple(box: pb.Box) -> Box:
@@ -104,3 +106,22 @@ def prompt_result(
     if box is not None:
         result.box.CopyFrom(box)
     return result
+
+
+def impression_proto(answer: ImpressionAnswer, evidence: int) -> report_pb2.ImpressionResponse:
+    return report_pb2.ImpressionResponse(
+        impression=answer.impression,
+        score=answer.score,
+        agreement=answer.agreement,
+        top_similarity=answer.top_similarity,
+        coverage=answer.coverage,
+        evidence=[
+            report_pb2.Evidence(
+                report_id=int(item.get("report_id", 0)),
+                similarity=float(item.get("similarity", 0.0)),
+                findings=str(item.get("findings", "")),
+                impression=str(item.get("impression", "")),
+            )
+            for item in answer.evidence[:evidence]
+        ],
+    )

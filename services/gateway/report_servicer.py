@@ -15,30 +15,12 @@ import grpc
 from medgate.v1 import inference_pb2 as inference_pb
 from medgate.v1 import report_pb2 as pb
 from medgate.v1 import report_pb2_grpc as pb_grpc
+from services.gateway.convert import impression_proto
 from services.report.limits import check_findings, evidence_count
 from services.rpc.call import request_deadline
 from services.rpc.streams import answer_each
 from services.settings import Settings
-from services.triton.impression import ImpressionAnswer, ImpressionModel
-
-
-def response_proto(answer: ImpressionAnswer, evidence: int) -> pb.ImpressionResponse:
-    return pb.ImpressionResponse(
-        impression=answer.impression,
-        score=answer.score,
-        agreement=answer.agreement,
-        top_similarity=answer.top_similarity,
-        coverage=answer.coverage,
-        evidence=[
-            pb.Evidence(
-                report_id=int(item.get("report_id", 0)),
-                similarity=float(item.get("similarity", 0.0)),
-                findings=str(item.get("findings", "")),
-                impression=str(item.get("impression", "")),
-            )
-            for item in answer.evidence[:evidence]
-        ],
-    )
+from services.triton.impression import ImpressionModel
 
 
 class ReportServicer(pb_grpc.ReportServicer):
@@ -58,7 +40,7 @@ class ReportServicer(pb_grpc.ReportServicer):
             [findings], deadline=request_deadline(self.settings.gateway.default_deadline_s)
         )
         answered = time.perf_counter()
-        response = response_proto(answer, evidence)
+        response = impression_proto(answer, evidence)
         response.request_id = request.request_id
         if self.model.info is not None:
             response.model.CopyFrom(inference_pb.ModelRef(name=self.model.info.name, version=self.model.info.version))
