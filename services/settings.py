@@ -189,6 +189,62 @@ class ReportSettings(ReportLimits):
 
 
 @dataclass(frozen=True)
+class SecuritySettings:
+    """TLS on every listener, bearer tokens with roles on every RPC, and the audit trail.
+
+    The embedded default (``make run``) keeps its development CA, certificates, signing key (JWKS)
+    and one token per role in ``credentials_dir``, created once by ``medgate credentials``; a
+    hospital points the files at its own CA and ``oidc_issuer`` at its identity provider.
+    """
+
+    # TLS: server certificate chain and key (PEM), re-read when they change on disk. Empty = plaintext,
+    # allowed only on loopback unless allow_plaintext_on_network says otherwise.
+    tls: bool = True
+    cert_file: Path = PROJECT_ROOT / "var" / "credentials" / "server.pem"
+    key_file: Path = PROJECT_ROOT / "var" / "credentials" / "server.key"
+    # Mutual TLS: clients must present a certificate signed by this CA; its subject is the node identity.
+    client_ca_file: Path = PROJECT_ROOT / "var" / "credentials" / "ca.pem"
+    require_client_cert: bool = False
+    # Plaintext on a non-loopback address is refused unless this is set: patient images in clear text.
+    allow_plaintext_on_network: bool = False
+    # Bearer tokens (JWT) on every RPC but health (and reflection unless reflection_requires_token).
+    auth: bool = True
+    # Where signing keys come from: an OIDC issuer's discovery document and JWKS (fetched off the event
+    # loop, cached, refetched on an unknown key id), else a local JWKS file.
+    oidc_issuer: str = ""
+    jwks_file: Path = PROJECT_ROOT / "var" / "credentials" / "jwks.json"
+    # The issuer and audience every token must carry (the embedded default's own, or the IdP's).
+    issuer: str = "https://medgate.invalid/dev"
+    audience: str = "medgate"
+    # Accepted signature algorithms, comma-separated: asymmetric only, never what the token names.
+    algorithms: str = "ES256,RS256"
+    # Dotted path of the roles claim in the token (Keycloak's realm roles by default).
+    roles_claim: str = "realm_access.roles"
+    # exp/nbf/iat tolerance for clocks that disagree.
+    clock_skew_s: float = 30.0
+    # How long fetched JWKS keys are trusted before they are fetched again.
+    jwks_cache_s: float = 300.0
+    reflection_requires_token: bool = False
+    # The development credentials of the embedded default (CA, certificates, signing key, tokens).
+    credentials_dir: Path = PROJECT_ROOT / "var" / "credentials"
+    # The token the gateway presents to the review service when it routes a case (role "router").
+    router_token_file: Path = PROJECT_ROOT / "var" / "credentials" / "router.token"
+    # The audit trail: append-only JSON lines, fsynced; optionally also RFC 5424 to syslog (host:port).
+    audit_dir: Path = PROJECT_ROOT / "var" / "audit"
+    audit_syslog: str = ""
+
+    def __post_init__(self) -> None:
+        allowed = {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
+        names = self.algorithm_list
+        if not names or any(name not in allowed for name in names):
+            raise ValueError(f"security.algorithms must list asymmetric JWT algorithms from {sorted(allowed)}")
+
+    @property
+    def algorithm_list(self) -> list[str]:
+        return [name.strip() for name in self.algorithms.split(",") if name.strip()]
+
+
+@dataclass(frozen=True)
 class Settings:
     triton: TritonSettings = field(default_factory=TritonSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
@@ -196,6 +252,7 @@ class Settings:
     ingest: IngestLimits = field(default_factory=IngestLimits)
     review: ReviewSettings = field(default_factory=ReviewSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
 
 class SettingsError(ValueError):
