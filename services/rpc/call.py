@@ -13,6 +13,8 @@ from typing import Any
 
 import grpc
 
+from services.security.identity import Identity
+
 # A caller's own id (a PACS accession workflow id, a load-test id) is echoed back and logged;
 # anything else gets a fresh one. Both travel as trailing metadata of every answer.
 REQUEST_ID_KEY = "x-request-id"
@@ -31,6 +33,8 @@ class Call:
     code: grpc.StatusCode = grpc.StatusCode.OK
     message: str = ""  # the caller-safe error message, when the call failed
     response: Any = None  # a unary answer, for the access log's stage timings
+    identity: Identity | None = None  # the verified caller (None with security.auth off)
+    peer: str = ""  # the transport address gRPC reports
 
     @property
     def trailer(self) -> tuple[tuple[str, str], ...]:

@@ -16,30 +16,41 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.rpc.interceptors.access_log import AccessLogInterceptor
+from services.rpc.interceptors.auth import AuthInterceptor
 from services.rpc.interceptors.deadline import DeadlineInterceptor
 from services.rpc.interceptors.request_id import RequestIdInterceptor
 from services.rpc.interceptors.status import StatusInterceptor
 from services.rpc.interceptors.validation import ValidationInterceptor
 from services.rpc.reflection import enable_reflection
+from services.rpc.tls import check_plaintext_allowed, server_credentials
+from services.security.tokens import TokenVerifier
+from services.settings import SecuritySettings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def default_interceptors(*, logger: str, default_deadline_s: float | None) -> list[grpc.aio.ServerInterceptor]:
+def default_interceptors(
+    *, logger: str, default_deadline_s: float | None, security: SecuritySettings | None = None
+) -> list[grpc.aio.ServerInterceptor]:
     """The chain every call goes through, outermost first.
 
     The request id opens the call record; the access log sees the final code; the status boundary
-    turns any exception into that code; the deadline and validation run closest to the servicer, so
-    their failures are mapped and logged like any other.
+    turns any exception into that code; authentication runs before anything reads the request; the
+    deadline and validation run closest to the servicer, so their failures are mapped and logged
+    like any other.
     """
-    return [
+    chain: list[grpc.aio.ServerInterceptor] = [
         RequestIdInterceptor(),
         AccessLogInterceptor(logger),
         StatusInterceptor(),
-        DeadlineInterceptor(default_deadline_s),
-        ValidationInterceptor(),
     ]
+    if security is not None and security.auth:
+        chain.append(
+            AuthInterceptor(TokenVerifier(security), reflection_requires_token=security.reflection_requires_token)
+        )
+    chain += [DeadlineInterceptor(default_deadline_s), ValidationInterceptor()]
+    return chain
 
 
 class RpcServer:
@@ -55,14 +66,17 @@ class RpcServer:
         grace_period_s: float,
         options: Sequence[tuple[str, Any]] = (),
         maximum_concurrent_rpcs: int | None = None,
+        security: SecuritySettings | None = None,
     ) -> None:
+        """``security`` None: plaintext and no tokens (loopback tools and benchmarks only)."""
         self.host = host
+        self.security = security
         self.port = port
         self.grace_period_s = grace_period_s
         self.log = logging.getLogger(logger)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=default_interceptors(logger=logger, default_deadline_s=default_deadline_s),
+            interceptors=default_interceptors(logger=logger, default_deadline_s=default_deadline_s, security=security),
             options=list(options),
             maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         )
@@ -78,7 +92,11 @@ class RpcServer:
         """Bind ``host:port`` (0 = a free port), start serving, and return the bound port."""
         enable_reflection([*self.services, health.SERVICE_NAME], self.server)
         address = f"{self.host}:{self.port if port is None else port}"
-        bound = self.server.add_insecure_port(address)
+        if self.security is not None and self.security.tls:
+            bound = self.server.add_secure_port(address, server_credentials(self.security))
+        else:
+            check_plaintext_allowed(self.host, self.security or SecuritySettings(tls=False))
+            bound = self.server.add_insecure_port(address)
         if bound == 0:
             raise RuntimeError(f"could not bind {', '.join(self.services)} to {address}")
         self.port = bound

@@ -19,12 +19,15 @@ from services.report.limits import FindingsTooLong, InvalidFindings
 from services.review.flows import InvalidArgument as ReviewInvalidArgument
 from services.review.store import AlreadyExists, InvalidState, NotFound
 from services.rpc.errors import BadRequest, RequestTooLarge
+from services.security.errors import PermissionDenied, Unauthenticated
 from services.triton.client import ModelFailed, RoleNotServed, TritonDeadline, TritonRejected, TritonUnavailable
 
 log = logging.getLogger("medgate.rpc")
 
 # Order matters only for subclasses.
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (InvalidImage, grpc.StatusCode.INVALID_ARGUMENT),
     (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (ReviewInvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
