@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 
@@ -15,6 +16,11 @@ from services.gateway.server import GatewayServer
 from services.review.server import ReviewServer
 from services.settings import PROJECT_ROOT, load_settings
 from services.triton.embedded import EmbeddedTriton
+
+# Servers a test builds from plain settings run on loopback without TLS and tokens; fixtures and tests that
+# exercise security pass security={...} explicitly (explicit settings win over the environment).
+os.environ.setdefault("MEDGATE_SECURITY_TLS", "false")
+os.environ.setdefault("MEDGATE_SECURITY_AUTH", "false")
 
 # Fixtures that start the real tritonserver (directly or through one they request). A test that uses any of
 # them, however indirectly, gets the `triton` marker here, so `make test-fast` (-m "not triton") cannot start one.

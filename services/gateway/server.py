@@ -64,6 +64,7 @@ class GatewayServer:
                 ("grpc.so_reuseport", 1),
             ],
             maximum_concurrent_rpcs=gateway.max_concurrent_rpcs,
+            security=settings.security,
         )
         self.router: ReviewRouter | None = None
         if settings.review.enabled:
@@ -180,7 +181,7 @@ def tune_allocator(mmap_threshold: int, trim_threshold: int) -> bool:
 async def serve_worker(settings: Settings, triton_url: str, *, with_review: bool = False, metrics: bool = True) -> None:
     """Run one gateway worker (and, in a single-process stack, the review service) until a signal."""
     tune_allocator(settings.gateway.malloc_mmap_threshold_bytes, settings.gateway.malloc_trim_threshold_bytes)
-    review = ReviewServer(settings.review) if with_review and settings.review.enabled else None
+    review = ReviewServer(settings.review, settings.security) if with_review and settings.review.enabled else None
     if review is not None:
         await review.start()
     server = GatewayServer(settings, triton_url, serve_metrics=metrics)
@@ -196,7 +197,7 @@ async def serve_worker(settings: Settings, triton_url: str, *, with_review: bool
 
 
 async def serve_review(settings: Settings) -> None:
-    review = ReviewServer(settings.review)
+    review = ReviewServer(settings.review, settings.security)
     await review.start()
     try:
         await _until_signal()

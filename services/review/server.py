@@ -15,7 +15,7 @@ from services.review.output import flush_outputs
 from services.review.servicer import ReviewServicer
 from services.review.store import ReviewStore
 from services.rpc.server import RpcServer
-from services.settings import ReviewSettings
+from services.settings import ReviewSettings, SecuritySettings
 
 log = logging.getLogger("medgate.review")
 
@@ -25,7 +25,8 @@ REVIEW_SERVICE = pb.DESCRIPTOR.services_by_name["Review"].full_name
 class ReviewServer:
     """One review server per store file (SQLite's leases assume a single owner process)."""
 
-    def __init__(self, settings: ReviewSettings) -> None:
+    def __init__(self, settings: ReviewSettings, security: SecuritySettings | None = None) -> None:
+        """``security`` None: plaintext, no tokens (loopback tools and tests that do not exercise security)."""
         self.settings = settings
         settings.store_path.parent.mkdir(parents=True, exist_ok=True)
         self.flows = load_flows(settings.flows_file)
@@ -48,6 +49,7 @@ class ReviewServer:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", settings.min_ping_interval_ms),
             ],
+            security=security,
         )
         self.rpc.add(REVIEW_SERVICE, pb_grpc.add_ReviewServicer_to_server, self.servicer)
         self.port = 0
