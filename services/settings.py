@@ -224,6 +224,9 @@ class SecuritySettings:
     clock_skew_s: float = 30.0
     # How long fetched JWKS keys are trusted before they are fetched again.
     jwks_cache_s: float = 300.0
+    # An unknown key id fetches the keys again (the IdP rotated), at most this often: a flood of forged
+    # key ids cannot turn into a flood of requests to the identity provider.
+    jwks_min_refetch_s: float = 10.0
     reflection_requires_token: bool = False
     # The development credentials of the embedded default (CA, certificates, signing key, tokens).
     credentials_dir: Path = PROJECT_ROOT / "var" / "credentials"

@@ -4,7 +4,7 @@ Only the asymmetric algorithms named in the settings are accepted, never the one
 (``alg: none`` and HMAC with a public key as secret are the classic forgeries); ``iss``, ``aud``,
 ``exp``, ``nbf`` and ``iat`` are required and checked with a small clock skew. Keys are cached;
 an unknown key id triggers one refetch (an identity provider rotating its keys), at most once per
-``min_refetch_s`` so a flood of forged key ids cannot hammer it. Fetching happens in
+``security.jwks_min_refetch_s`` so a flood of forged key ids cannot hammer it. Fetching happens in
 :meth:`TokenVerifier.verify_async` on an executor thread, never on the event loop. Pure: no gRPC.
 """
 
@@ -104,8 +104,8 @@ class JwksFile(KeySource):
 class OidcIssuer(KeySource):
     """An identity provider (Keycloak, Entra ID, ...): its discovery document names the JWKS URI."""
 
-    def __init__(self, issuer: str, *, cache_s: float) -> None:
-        super().__init__(cache_s=cache_s)
+    def __init__(self, issuer: str, *, cache_s: float, min_refetch_s: float = 10.0) -> None:
+        super().__init__(cache_s=cache_s, min_refetch_s=min_refetch_s)
         self.issuer = issuer.rstrip("/")
         self._jwks_uri = ""
 
@@ -142,7 +142,9 @@ class TokenVerifier:
         self.issuer = settings.oidc_issuer.rstrip("/") or settings.issuer
         if keys is None:
             keys = (
-                OidcIssuer(settings.oidc_issuer, cache_s=settings.jwks_cache_s)
+                OidcIssuer(
+                    settings.oidc_issuer, cache_s=settings.jwks_cache_s, min_refetch_s=settings.jwks_min_refetch_s
+                )
                 if settings.oidc_issuer
                 else JwksFile(settings.jwks_file, cache_s=settings.jwks_cache_s)
             )
