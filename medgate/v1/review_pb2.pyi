@@ -175,7 +175,7 @@ class StreamCasesRequest(_message.Message):
     def __init__(self, reviewer_id: _Optional[str] = ..., flow_definitions: _Optional[_Iterable[str]] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
 
 class ReviewCase(_message.Message):
-    __slots__ = ("delivery_id", "human_loop_name", "flow_definition", "task_type", "categories", "lease_expires", "image_png", "original_width", "original_height", "scores", "detections", "prompts", "masks", "input_content_json")
+    __slots__ = ("delivery_id", "human_loop_name", "flow_definition", "task_type", "categories", "lease_expires", "image_png", "original_width", "original_height", "scores", "detections", "prompts", "masks", "input_content_json", "reviewer_id")
     DELIVERY_ID_FIELD_NUMBER: _ClassVar[int]
     HUMAN_LOOP_NAME_FIELD_NUMBER: _ClassVar[int]
     FLOW_DEFINITION_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +190,7 @@ class ReviewCase(_message.Message):
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
     INPUT_CONTENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    REVIEWER_ID_FIELD_NUMBER: _ClassVar[int]
     delivery_id: str
     human_loop_name: str
     flow_definition: str
@@ -204,7 +205,8 @@ class ReviewCase(_message.Message):
     prompts: _containers.RepeatedCompositeFieldContainer[_inference_pb2.PromptResult]
     masks: _inference_pb2.NDArray
     input_content_json: str
-    def __init__(self, delivery_id: _Optional[str] = ..., human_loop_name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., task_type: _Optional[_Union[TaskType, str]] = ..., categories: _Optional[_Iterable[str]] = ..., lease_expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., image_png: _Optional[bytes] = ..., original_width: _Optional[int] = ..., original_height: _Optional[int] = ..., scores: _Optional[_Iterable[_Union[_inference_pb2.ClassScore, _Mapping]]] = ..., detections: _Optional[_Iterable[_Union[_inference_pb2.Detection, _Mapping]]] = ..., prompts: _Optional[_Iterable[_Union[_inference_pb2.PromptResult, _Mapping]]] = ..., masks: _Optional[_Union[_inference_pb2.NDArray, _Mapping]] = ..., input_content_json: _Optional[str] = ...) -> None: ...
+    reviewer_id: str
+    def __init__(self, delivery_id: _Optional[str] = ..., human_loop_name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., task_type: _Optional[_Union[TaskType, str]] = ..., categories: _Optional[_Iterable[str]] = ..., lease_expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., image_png: _Optional[bytes] = ..., original_width: _Optional[int] = ..., original_height: _Optional[int] = ..., scores: _Optional[_Iterable[_Union[_inference_pb2.ClassScore, _Mapping]]] = ..., detections: _Optional[_Iterable[_Union[_inference_pb2.Detection, _Mapping]]] = ..., prompts: _Optional[_Iterable[_Union[_inference_pb2.PromptResult, _Mapping]]] = ..., masks: _Optional[_Union[_inference_pb2.NDArray, _Mapping]] = ..., input_content_json: _Optional[str] = ..., reviewer_id: _Optional[str] = ...) -> None: ...
 
 class ReviewAnswer(_message.Message):
     __slots__ = ("accept", "reject_reason", "label", "boxes", "mask", "comment")

@@ -141,7 +141,7 @@ class ReviewServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitReview(self, request, context):
-        """The reviewer's answer; decision_id makes it idempotent.
+        """The reviewer's answer; decision_id makes it idempotent. Another reviewer's case: PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
