@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import multiprocess as prometheus_multiprocess
@@ -65,18 +66,33 @@ def cleanup_multiprocess(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def serve_metrics(host: str, port: int, *, multiprocess_dir: Path | None = None) -> int:
-    """Serve /metrics over HTTP on ``host:port`` (0 = any free port, negative = disabled); returns the port."""
+def serve_metrics(
+    host: str,
+    port: int,
+    *,
+    multiprocess_dir: Path | None = None,
+    tls: tuple[Path, Path] | None = None,
+    client_ca: Path | None = None,
+) -> int:
+    """Serve /metrics on ``host:port`` (0 = any free port, negative = disabled); returns the port.
+
+    ``tls`` (certificate chain, key) serves HTTPS like every other listener; ``client_ca`` then also
+    asks scrapers for a certificate from that CA (mutual TLS).
+    """
     if port < 0:
         return 0
-    registry = None
+    registry: CollectorRegistry | None = None
     if multiprocess_dir is not None:
         registry = CollectorRegistry()
         prometheus_multiprocess.MultiProcessCollector(registry, path=str(multiprocess_dir))
+    options: dict[str, Any] = {}
+    if tls is not None:
+        options = {"certfile": str(tls[0]), "keyfile": str(tls[1])}
+        if client_ca is not None:
+            options.update(client_cafile=str(client_ca), client_auth_required=True)
     if registry is not None:
-        server, _thread = start_http_server(port, addr=host, registry=registry)
-    else:
-        server, _thread = start_http_server(port, addr=host)
+        options["registry"] = registry
+    server, _thread = start_http_server(port, addr=host, **options)
     bound = int(server.server_address[1])
-    log.info("metrics on http://%s:%d/metrics", host, bound)
+    log.info("metrics on %s://%s:%d/metrics", "https" if tls else "http", host, bound)
     return bound

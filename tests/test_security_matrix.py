@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import http.client
+import ssl
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -77,7 +81,7 @@ async def stack(triton_url: str, tmp_path_factory: pytest.TempPathFactory) -> As
     )
     settings = load_settings(
         security=security_values,
-        gateway={"port": 0, "metrics_port": -1},
+        gateway={"port": 0, "metrics_port": 0},
         review={
             "store_path": root / "review.sqlite3",
             "flows_file": flows,
@@ -91,7 +95,8 @@ async def stack(triton_url: str, tmp_path_factory: pytest.TempPathFactory) -> As
     gateway = GatewayServer(settings, triton_url)
     await gateway.start(port=0)
     try:
-        yield Stack(credentials, settings.security, {"gateway": gateway.port, "review": review.port})
+        ports = {"gateway": gateway.port, "review": review.port, "metrics": gateway.metrics_port}
+        yield Stack(credentials, settings.security, ports)
     finally:
         await gateway.stop()
         await review.stop()
@@ -219,3 +224,12 @@ async def test_a_client_that_trusts_another_ca_is_refused(stack: Stack, tmp_path
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_metrics_endpoint_is_served_over_tls_only(stack: Stack) -> None:
+    url = f"https://localhost:{stack.ports['metrics']}/metrics"
+    context = ssl.create_default_context(cafile=str(stack.credentials.ca_cert))
+    with urllib.request.urlopen(url, context=context, timeout=10) as response:
+        assert b"medgate_requests_total" in response.read()
+    with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+        urllib.request.urlopen(f"http://127.0.0.1:{stack.ports['metrics']}/metrics", timeout=5).read()

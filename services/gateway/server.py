@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
@@ -24,6 +25,7 @@ from services.review.flows import load_flows
 from services.review.outbox import Outbox
 from services.review.server import ReviewServer
 from services.rpc.server import RpcServer
+from services.rpc.tls import check_plaintext_allowed
 from services.settings import Settings
 from services.triton.client import TritonModels
 from services.triton.impression import ImpressionModel
@@ -33,6 +35,16 @@ log = logging.getLogger("medgate.gateway")
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 REPORT_SERVICE = report_pb2.DESCRIPTOR.services_by_name["Report"].full_name
 REPORT_ROLE = "impression"
+
+
+def metrics_tls(settings: Settings) -> dict[str, Any]:
+    """The metrics endpoint is a listener too: the same certificate as gRPC, and mutual TLS when it is on."""
+    security = settings.security
+    if not security.tls:
+        check_plaintext_allowed(settings.gateway.host, security)
+        return {}
+    client_ca = security.client_ca_file if security.require_client_cert else None
+    return {"tls": (security.cert_file, security.key_file), "client_ca": client_ca}
 
 
 def health_name(role: str) -> str:
@@ -100,7 +112,9 @@ class GatewayServer:
             await self.report_model.connect()
         self.port = await self.rpc.start(port=port)
         if self.serve_metrics:
-            self.metrics_port = serve_metrics(self.settings.gateway.host, self.settings.gateway.metrics_port)
+            self.metrics_port = serve_metrics(
+                self.settings.gateway.host, self.settings.gateway.metrics_port, **metrics_tls(self.settings)
+            )
         await self._update_health()
         self._health_task = asyncio.create_task(self._poll_health())
         if self.router is not None:
@@ -232,7 +246,9 @@ def run_gateway(settings: Settings, triton_url: str) -> None:
     if settings.gateway.port == 0:
         raise ValueError("several gateway workers need a fixed port (MEDGATE_GATEWAY_PORT)")
     metrics_dir = prepare_multiprocess()  # before the workers start: they write their samples there
-    serve_metrics(settings.gateway.host, settings.gateway.metrics_port, multiprocess_dir=metrics_dir)
+    serve_metrics(
+        settings.gateway.host, settings.gateway.metrics_port, multiprocess_dir=metrics_dir, **metrics_tls(settings)
+    )
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(target=_worker_main, args=(settings, triton_url), name=f"medgate-gateway-{i}", daemon=False)
