@@ -128,10 +128,11 @@ async def test_case_is_pushed_answered_and_written_where_a2i_would(
             )
         )
     assert failure.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    output = Path(result.human_loop.output_path)
-    assert output.is_file() and output.name == "output.json"
-    relative = output.relative_to(tmp_path / "out" / "single")
-    assert len(relative.parts) == 8 and relative.parts[6] == "case-a"  # YYYY/MM/DD/hh/mm/ss/<loop>/output.json
+    key = Path(result.human_loop.output_path)  # A2I's key under the flow's output folder, never a server path
+    assert not key.is_absolute() and key.parts[0] == "single" and key.name == "output.json"
+    assert len(key.parts) == 9 and key.parts[7] == "case-a"  # <flow>/YYYY/MM/DD/hh/mm/ss/<loop>/output.json
+    output = tmp_path / "out" / key
+    assert output.is_file()
     document = json.loads(output.read_text())
     assert document["humanLoopName"] == "case-a"
     assert document["humanAnswers"][0]["answerContent"] == {"label": "normal", "comment": "no nodule"}

@@ -22,6 +22,7 @@ from services.review.store import (
     InvalidState,
     LoopStatus,
     NotFound,
+    NotYourLease,
     ReviewStore,
     auto_loop_name,
 )
@@ -206,8 +207,10 @@ def test_late_answer_after_expiry_is_kept_and_closes_the_other_lease(store: Revi
 def test_release_gives_the_case_to_someone_else(store: ReviewStore) -> None:
     start(store, "case-1")
     (delivery,) = store.lease("r1", ["chest"])
-    with pytest.raises(NotFound):
+    with pytest.raises(NotYourLease):
         store.release(delivery.delivery_id, "r2")
+    with pytest.raises(NotFound):
+        store.release("no-such-delivery", "r1")
     version = store.work_version
     store.release(delivery.delivery_id, "r1")
     store.release(delivery.delivery_id, "r1")  # idempotent
@@ -249,7 +252,7 @@ def test_submit_checks_the_delivery_owner_and_loop(store: ReviewStore) -> None:
     start(store, "case-1")
     start(store, "case-2")
     (delivery,) = store.lease("r1", ["chest"])
-    with pytest.raises(NotFound):
+    with pytest.raises(NotYourLease, match="another reviewer"):
         store.submit("d1", "r2", ANSWER, delivery_id=delivery.delivery_id)
     with pytest.raises(NotFound):
         store.submit("d1", "r1", ANSWER, delivery_id="no-such-delivery")

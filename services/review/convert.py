@@ -18,6 +18,7 @@ from medgate.v1 import inference_pb2 as ipb
 from medgate.v1 import review_pb2 as pb
 from services.imaging.preprocess import MODEL_SIZE
 from services.review.flows import FlowDefinition, InvalidArgument, TaskType, conditions_to_json, validate_answer
+from services.review.output import output_key
 from services.review.store import Delivery, Loop, LoopStatus
 
 _STATUS = {
@@ -43,6 +44,7 @@ def _timestamp(seconds: float) -> Timestamp:
 
 
 def loop_proto(loop: Loop) -> pb.HumanLoop:
+    """A loop as A2I describes it; ``output_path`` is the output.json's key under its flow's output folder."""
     return pb.HumanLoop(
         name=loop.name,
         flow_definition=loop.flow,
@@ -50,13 +52,14 @@ def loop_proto(loop: Loop) -> pb.HumanLoop:
         creation_time=_timestamp(loop.created_at),
         failure_code=loop.failure_code or "",
         failure_reason=loop.failure_reason or "",
-        output_path=loop.output_path or "",
+        output_path=str(output_key(loop)) if loop.output_path else "",
         answers=loop.answers,
         task_count=loop.task_count,
     )
 
 
 def flow_proto(flow: FlowDefinition) -> pb.FlowDefinition:
+    """A flow as A2I describes it; ``output_path`` names the output folder without saying where it is."""
     conditions = flow.activation_conditions
     return pb.FlowDefinition(
         name=flow.name,
@@ -66,7 +69,7 @@ def flow_proto(flow: FlowDefinition) -> pb.FlowDefinition:
         task_availability_lifetime_seconds=int(flow.task_availability_lifetime_s),
         task_time_limit_seconds=int(flow.task_time_limit_s),
         activation_conditions_json=json.dumps(conditions_to_json(conditions)) if conditions else "",
-        output_path=str(flow.output_dir or ""),
+        output_path=flow.output_dir.name if flow.output_dir is not None else "",
     )
 
 
@@ -174,6 +177,7 @@ def case_proto(delivery: Delivery, flow: FlowDefinition | None, images: Mapping[
         original_width=int(content.get("transform", {}).get("originalWidth", 0)),
         original_height=int(content.get("transform", {}).get("originalHeight", 0)),
         input_content_json=json.dumps(content, sort_keys=True),
+        reviewer_id=delivery.reviewer_id,
     )
     with contextlib.suppress(json_format.ParseError):
         for score in content.get("classification", {}).get("scores", []):

@@ -9,7 +9,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from services.review.flows import FlowDefinition, InvalidArgument, TaskType
@@ -24,6 +24,8 @@ TYPE_CLASSIFICATION = "groundtruth/image-classification"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG colour type -> channels (grey, -, RGB, palette, grey+alpha, -, RGBA).
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+# A2I's identityProviderType for a private workforce is "Cognito"; ours are OIDC issuers.
+IDENTITY_PROVIDER_TYPE = "OIDC"
 
 
 def iso_time(epoch_s: float) -> str:
@@ -37,35 +39,51 @@ def flow_definition_arn(flow_name: str) -> str:
     return f"medgate:flow-definition/{flow_name}"
 
 
+def output_key(loop: Loop) -> PurePosixPath:
+    """A loop's output.json relative to its flow's output directory, as A2I lays keys out under S3OutputPath.
+
+    ``<flow>/YYYY/MM/DD/hh/mm/ss/<loop>/output.json`` (UTC, the loop's creation time). This, never the
+    server's own path, is what HumanLoop.output_path answers.
+    """
+    created = datetime.fromtimestamp(loop.created_at, UTC)
+    return PurePosixPath(loop.flow, created.strftime("%Y/%m/%d/%H/%M/%S"), loop.name, OUTPUT_FILE)
+
+
 def output_path(output_dir: Path, loop: Loop) -> Path:
-    """Where A2I would put a loop's output.json.
-
-    Layout, as A2I writes it (UTC, the loop's creation time)::
-
-        <output_dir>/<flow>/YYYY/MM/DD/hh/mm/ss/<loop>/output.json
+    """Where A2I would put a loop's output.json: ``<output_dir>/`` + :func:`output_key`.
 
     Every file is written atomically (temporary file, fsync, rename), so a reader or a crash never sees
     half a file. :func:`flush_outputs` is the outbox: it writes every Completed loop whose output is not
     yet recorded, so a crash between a decision and its output.json only delays the file.
     """
-    created = datetime.fromtimestamp(loop.created_at, UTC)
-    return Path(output_dir, loop.flow, created.strftime("%Y/%m/%d/%H/%M/%S"), loop.name, OUTPUT_FILE)
+    return Path(output_dir, *output_key(loop).parts)
+
+
+def human_answer(decision: Decision) -> dict[str, Any]:
+    """One entry of A2I's humanAnswers; a reviewer verified by a token has A2I's workerMetadata too."""
+    answer: dict[str, Any] = {
+        "acceptanceTime": iso_time(decision.accepted_at),
+        "answerContent": decision.answer,
+        "submissionTime": iso_time(decision.submitted_at),
+        "timeSpentInSeconds": round(decision.time_spent_s),
+        "workerId": decision.worker_id,
+    }
+    if decision.issuer is not None and decision.subject is not None:
+        answer["workerMetadata"] = {
+            "identityData": {
+                "identityProviderType": IDENTITY_PROVIDER_TYPE,
+                "issuer": decision.issuer,
+                "sub": decision.subject,
+            }
+        }
+    return answer
 
 
 def output_document(loop: Loop, decisions: Sequence[Decision]) -> dict[str, Any]:
     """The output.json object for a loop and its decisions (in submission order)."""
     return {
         "flowDefinitionArn": flow_definition_arn(loop.flow),
-        "humanAnswers": [
-            {
-                "acceptanceTime": iso_time(decision.accepted_at),
-                "answerContent": decision.answer,
-                "submissionTime": iso_time(decision.submitted_at),
-                "timeSpentInSeconds": round(decision.time_spent_s),
-                "workerId": decision.reviewer_id,
-            }
-            for decision in decisions
-        ],
+        "humanAnswers": [human_answer(decision) for decision in decisions],
         "humanLoopName": loop.name,
         "inputContent": loop.input_content,
     }

@@ -3,6 +3,9 @@
 Translation only: store errors propagate to the RPC layer (:mod:`services.rpc`), which gives them
 their status codes, request ids, incident ids and the access log; messages are built in
 :mod:`services.review.convert`. Every store call runs on the executor (SQLite commits fsync).
+
+The reviewer is whom the auth interceptor verified (the call record's identity), keyed in the store
+as ``issuer#subject``; the requests' ``reviewer_id`` is used only when tokens are off.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -31,11 +35,38 @@ from services.review.convert import (
 )
 from services.review.flows import FlowDefinition, InvalidArgument
 from services.review.output import write_output
-from services.review.store import Delivery, Loop, LoopStatus, NotFound, ReviewStore
+from services.review.store import Delivery, Loop, LoopStatus, NotFound, NotYourLease, ReviewStore
+from services.rpc.call import current_call
 
 log = logging.getLogger("medgate.review")
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Reviewer:
+    """Who is reviewing: ``key`` in the store; ``issuer`` and ``subject`` when a token said so."""
+
+    key: str
+    issuer: str | None = None
+    subject: str | None = None
+
+
+def reviewer_of(requested: str) -> Reviewer:
+    """The caller as a reviewer: its verified token, or (tokens off) the request's ``reviewer_id``.
+
+    With a token, ``requested`` may be empty, the subject or ``issuer#subject``; any other value is
+    somebody else, refused rather than replaced, so a client that thinks it is someone else finds out.
+    """
+    call = current_call()
+    identity = call.identity if call is not None else None
+    if identity is None:
+        if not requested:
+            raise InvalidArgument("reviewer_id is required")
+        return Reviewer(requested)
+    if requested and requested not in (identity.subject, identity.principal):
+        raise NotYourLease("reviewer_id names another reviewer than the token's subject (leave it empty)")
+    return Reviewer(identity.principal, identity.issuer, identity.subject)
 
 
 class ReviewServicer(pb_grpc.ReviewServicer):
@@ -156,9 +187,7 @@ class ReviewServicer(pb_grpc.ReviewServicer):
         self, request: pb.StreamCasesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ReviewCase]:
         """Re-send this reviewer's open leases, then push new cases the moment they are routed."""
-        reviewer = request.reviewer_id
-        if not reviewer:
-            raise InvalidArgument("reviewer_id is required")
+        reviewer = reviewer_of(request.reviewer_id).key
         flows = list(request.flow_definitions) or list(self.flows)
         unknown = sum(1 for f in flows if f not in self.flows)
         if unknown:
@@ -197,13 +226,19 @@ class ReviewServicer(pb_grpc.ReviewServicer):
     ) -> pb.SubmitReviewResponse:
         if not request.delivery_id:
             raise InvalidArgument("delivery_id is required")
+        reviewer = reviewer_of(request.reviewer_id)
 
         def submit() -> tuple[Loop, bool]:
             loop = self.store.loop_of_delivery(request.delivery_id)
             flow = self._flow(loop.flow)
             content = answer_content(flow, loop, request.answer)
             decision = self.store.submit(
-                request.decision_id, request.reviewer_id, content, delivery_id=request.delivery_id
+                request.decision_id,
+                reviewer.key,
+                content,
+                delivery_id=request.delivery_id,
+                issuer=reviewer.issuer,
+                subject=reviewer.subject,
             )
             loop = self.store.describe(loop.name)
             if loop.status is LoopStatus.COMPLETED and not loop.output_path and flow.output_dir is not None:
@@ -218,5 +253,8 @@ class ReviewServicer(pb_grpc.ReviewServicer):
     async def ReleaseCase(
         self, request: pb.ReleaseCaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseCaseResponse:
-        await self._run(lambda: self.store.release(request.delivery_id, request.reviewer_id))
+        if not request.delivery_id:
+            raise InvalidArgument("delivery_id is required")
+        reviewer = reviewer_of(request.reviewer_id).key
+        await self._run(lambda: self.store.release(request.delivery_id, reviewer))
         return pb.ReleaseCaseResponse()

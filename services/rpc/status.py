@@ -17,7 +17,7 @@ import grpc
 from services.imaging.errors import InvalidImage, LimitExceeded, UnsupportedCodec
 from services.report.limits import FindingsTooLong, InvalidFindings
 from services.review.flows import InvalidArgument as ReviewInvalidArgument
-from services.review.store import AlreadyExists, InvalidState, NotFound
+from services.review.store import AlreadyExists, InvalidState, NotFound, NotYourLease
 from services.rpc.errors import BadRequest, RequestTooLarge
 from services.security.errors import PermissionDenied, Unauthenticated
 from services.triton.client import ModelFailed, RoleNotServed, TritonDeadline, TritonRejected, TritonUnavailable
@@ -28,6 +28,7 @@ log = logging.getLogger("medgate.rpc")
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (NotYourLease, grpc.StatusCode.PERMISSION_DENIED),
     (InvalidImage, grpc.StatusCode.INVALID_ARGUMENT),
     (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (ReviewInvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),

@@ -11,6 +11,7 @@ from services.review.store.model import (
     FAILURE_EXPIRED,
     MAX_ID_CHARS,
     MAX_LIST_RESULTS,
+    MAX_REVIEWER_CHARS,
     AlreadyExists,
     Decision,
     Delivery,
@@ -19,6 +20,7 @@ from services.review.store.model import (
     Loop,
     LoopStatus,
     NotFound,
+    NotYourLease,
 )
 from services.review.store.schema import SCHEMA_VERSION
 from services.review.store.sqlite import ReviewStore
@@ -28,6 +30,7 @@ __all__ = [
     "FAILURE_EXPIRED",
     "MAX_ID_CHARS",
     "MAX_LIST_RESULTS",
+    "MAX_REVIEWER_CHARS",
     "SCHEMA_VERSION",
     "AlreadyExists",
     "Decision",
@@ -37,6 +40,7 @@ __all__ = [
     "Loop",
     "LoopStatus",
     "NotFound",
+    "NotYourLease",
     "ReviewStore",
     "ReviewStoreBase",
     "auto_loop_name",

@@ -25,9 +25,9 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def check_id(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS or not value.isprintable():
-        raise InvalidArgument(f"{what} must be 1-{MAX_ID_CHARS} printable characters")
+def check_id(value: Any, what: str, *, max_chars: int = MAX_ID_CHARS) -> str:
+    if not isinstance(value, str) or not value or len(value) > max_chars or not value.isprintable():
+        raise InvalidArgument(f"{what} must be 1-{max_chars} printable characters")
     return value
 
 

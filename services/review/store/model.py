@@ -10,16 +10,27 @@ from services.review.flows import InvalidArgument, ReviewError, TaskType
 
 MAX_LIST_RESULTS = 100
 MAX_ID_CHARS = 128
+# A reviewer key is ``issuer#subject`` with tokens on: an issuer URL (Azure's is 70 characters) and a
+# subject (a UUID or longer) do not fit MAX_ID_CHARS.
+MAX_REVIEWER_CHARS = 512
 FAILURE_EXPIRED = "Expired"
 ACTIVATION_REASONS_KEY = "humanLoopActivationReasons"
 
 
 class NotFound(ReviewError, LookupError):
-    """No such loop, or no such delivery for this reviewer (maps to NOT_FOUND)."""
+    """No such loop or delivery (maps to NOT_FOUND)."""
 
 
 class AlreadyExists(ReviewError):
     """A loop name or decision id reused with different content, or a second answer (ALREADY_EXISTS)."""
+
+
+class NotYourLease(ReviewError):
+    """A delivery leased to another reviewer, or a reviewer id other than the caller's own (PERMISSION_DENIED).
+
+    Not a :class:`PermissionError`: that is an ``OSError``, and file-writing code that catches ``OSError``
+    would swallow it.
+    """
 
 
 class InvalidState(ReviewError):
@@ -72,7 +83,12 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Decision:
-    """A recorded answer; ``loop_status`` is the loop's status after it (Completed for the last one)."""
+    """A recorded answer; ``loop_status`` is the loop's status after it (Completed for the last one).
+
+    ``reviewer_id`` is the store's key for the reviewer: ``issuer#subject`` when the reviewer was
+    verified by a token (then ``issuer`` and ``subject`` are its parts, for A2I's identityData), the
+    request's reviewer id otherwise (development without tokens; both None).
+    """
 
     decision_id: str
     loop_name: str
@@ -83,6 +99,13 @@ class Decision:
     submitted_at: float
     loop_status: LoopStatus
     replayed: bool = False
+    issuer: str | None = None
+    subject: str | None = None
+
+    @property
+    def worker_id(self) -> str:
+        """A2I's workerId: the token's subject, or the development reviewer id."""
+        return self.subject if self.subject is not None else self.reviewer_id
 
     @property
     def time_spent_s(self) -> float:

@@ -8,8 +8,10 @@ import sqlite3
 from services.review.flows import ReviewError, TaskType
 from services.review.store.model import Decision, Loop, LoopStatus
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
+# Version 1, as first released; later versions are MIGRATIONS applied on top, to new and old files alike,
+# so a fresh database and a migrated one are built by the same statements.
 SCHEMA = """
 CREATE TABLE loops (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,     -- creation order; never reused, so page tokens stay valid
@@ -69,17 +71,29 @@ CREATE TABLE decisions (
 );
 """
 
+# MIGRATIONS[n] takes a database from version n to n + 1.
+MIGRATIONS: dict[int, str] = {
+    # The token's issuer and subject of a verified reviewer (then ``reviewer`` is ``issuer#subject``);
+    # NULL for decisions made without tokens. A2I's workerMetadata.identityData is built from them.
+    1: """
+ALTER TABLE decisions ADD COLUMN reviewer_issuer TEXT;
+ALTER TABLE decisions ADD COLUMN reviewer_subject TEXT;
+""",
+}
+
 
 def migrate(conn: sqlite3.Connection, label: str) -> None:
-    """Create the schema in an empty database; refuse a database of another schema version."""
+    """Create the schema in an empty database, or bring an older one up to date; refuse a newer one."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version == SCHEMA_VERSION:
         return
-    if version != 0:
+    if not 0 <= version < SCHEMA_VERSION:
         raise ReviewError(f"{label}: schema version {version}, this code knows {SCHEMA_VERSION}")
+    steps = [SCHEMA] if version == 0 else []
+    steps += [MIGRATIONS[n] for n in range(max(version, 1), SCHEMA_VERSION)]
     try:
-        # One script in one transaction: a crash leaves either no schema or all of it.
-        conn.executescript(f"BEGIN IMMEDIATE;{SCHEMA};PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+        # One script in one transaction: a crash leaves the old version or the new one, never a mix.
+        conn.executescript(f"BEGIN IMMEDIATE;{';'.join(steps)};PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
@@ -119,4 +133,6 @@ def row_decision(row: sqlite3.Row, loop_name: str, status: LoopStatus, *, replay
         submitted_at=row["submitted_at"],
         loop_status=status,
         replayed=replayed,
+        issuer=row["reviewer_issuer"],
+        subject=row["reviewer_subject"],
     )

@@ -21,6 +21,7 @@ from services.review.store.keys import IMAGE_NAME, canonical, check_id, decode_t
 from services.review.store.model import (
     FAILURE_EXPIRED,
     MAX_LIST_RESULTS,
+    MAX_REVIEWER_CHARS,
     OPEN_STATUSES,
     AlreadyExists,
     Decision,
@@ -30,6 +31,7 @@ from services.review.store.model import (
     Loop,
     LoopStatus,
     NotFound,
+    NotYourLease,
     parse_status,
 )
 from services.review.store.schema import migrate, row_decision, row_loop
@@ -308,7 +310,7 @@ class ReviewStore(ReviewStoreBase):
         count: int = 1,
     ) -> builtins.list[Delivery]:
         """Lease up to ``count`` cases (oldest first) without exceeding ``max_in_flight`` open leases."""
-        check_id(reviewer_id, "reviewer_id")
+        check_id(reviewer_id, "reviewer_id", max_chars=MAX_REVIEWER_CHARS)
         if isinstance(flows, str) or not flows:
             raise InvalidArgument("flows must be a non-empty list of flow names")
         if max_in_flight < 1 or count < 1:
@@ -349,13 +351,18 @@ class ReviewStore(ReviewStoreBase):
         return deliveries
 
     def release(self, delivery_id: str, reviewer_id: str) -> None:
-        """Give a case back unanswered; it returns to the queue for other reviewers. Idempotent."""
+        """Give a case back unanswered; it returns to the queue for other reviewers. Idempotent.
+
+        Raises :class:`NotFound` for an unknown delivery and :class:`NotYourLease` for another reviewer's.
+        """
         now = self._now()
         with self._transaction() as conn:
             self._expire_in(conn, now)
             row = conn.execute("SELECT reviewer, state FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
-            if row is None or row["reviewer"] != reviewer_id:
-                raise NotFound(f"delivery {delivery_id} not found for reviewer {reviewer_id}")
+            if row is None:
+                raise NotFound(f"delivery {delivery_id} not found")
+            if row["reviewer"] != reviewer_id:
+                raise NotYourLease(f"delivery {delivery_id} is leased to another reviewer")
             released = row["state"] == "leased"
             if released:
                 conn.execute("UPDATE deliveries SET state = 'released', ended_at = ? WHERE id = ?", (now, delivery_id))
@@ -370,10 +377,19 @@ class ReviewStore(ReviewStoreBase):
         *,
         delivery_id: str | None = None,
         loop_name: str | None = None,
+        issuer: str | None = None,
+        subject: str | None = None,
     ) -> Decision:
-        """Record a reviewer's answer for a delivery (or a loop by name); durable when it returns."""
+        """Record a reviewer's answer for a delivery (or a loop by name); durable when it returns.
+
+        ``issuer`` and ``subject``: the token that verified the reviewer (``reviewer_id`` is then its
+        ``issuer#subject``), kept with the decision for A2I's identityData; both None without tokens.
+        A delivery of another reviewer raises :class:`NotYourLease`, an unknown one :class:`NotFound`.
+        """
         check_id(decision_id, "decision_id")
-        check_id(reviewer_id, "reviewer_id")
+        check_id(reviewer_id, "reviewer_id", max_chars=MAX_REVIEWER_CHARS)
+        if (issuer is None) != (subject is None):
+            raise InvalidArgument("a verified reviewer needs both issuer and subject")
         if not isinstance(answer, Mapping):
             raise InvalidArgument("an answer must be a JSON object")
         answer_json = canonical(answer, "answer")
@@ -389,8 +405,10 @@ class ReviewStore(ReviewStoreBase):
                     " WHERE d.id = ?",
                     (delivery_id,),
                 ).fetchone()
-                if row is None or row["reviewer"] != reviewer_id:
-                    raise NotFound(f"delivery {delivery_id} not found for reviewer {reviewer_id}")
+                if row is None:
+                    raise NotFound(f"delivery {delivery_id} not found")
+                if row["reviewer"] != reviewer_id:
+                    raise NotYourLease(f"delivery {delivery_id} is leased to another reviewer")
                 if loop_name is not None and loop_name != row["name"]:
                     raise InvalidArgument(f"delivery {delivery_id} is not for human loop {loop_name}")
                 loop_name, accepted_at = row["name"], row["leased_at"]
@@ -419,8 +437,19 @@ class ReviewStore(ReviewStoreBase):
                 accepted_at = now if lease_row[0] is None else float(lease_row[0])
             conn.execute(
                 "INSERT INTO decisions (id, loop_seq, reviewer, delivery_id, answer_json, payload_digest,"
-                " accepted_at, submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (decision_id, loop_row["seq"], reviewer_id, delivery_id, answer_json, payload, accepted_at, now),
+                " accepted_at, submitted_at, reviewer_issuer, reviewer_subject) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    decision_id,
+                    loop_row["seq"],
+                    reviewer_id,
+                    delivery_id,
+                    answer_json,
+                    payload,
+                    accepted_at,
+                    now,
+                    issuer,
+                    subject,
+                ),
             )
             conn.execute(
                 "UPDATE deliveries SET state = 'answered', ended_at = ?"
@@ -436,7 +465,16 @@ class ReviewStore(ReviewStoreBase):
             if status is LoopStatus.COMPLETED:
                 self._cancel_leases(conn, now)
             decision = Decision(
-                decision_id, loop_name, reviewer_id, delivery_id, json.loads(answer_json), accepted_at, now, status
+                decision_id,
+                loop_name,
+                reviewer_id,
+                delivery_id,
+                json.loads(answer_json),
+                accepted_at,
+                now,
+                status,
+                issuer=issuer,
+                subject=subject,
             )
         if requeued:
             self._notify_work()
