@@ -4,6 +4,14 @@ The loop name is derived from (flow, input hash), so sending the same image twic
 second loop. A review service that cannot be reached does not fail the inference answer and does
 not lose the case: the request goes to the on-disk outbox (``services/review/outbox.py``), the
 routing entry says ``queued``, and a background task sends it again until the service takes it.
+
+The channel to the review service follows ``security``: with TLS on, the review server's certificate
+must chain to ``security.client_ca_file`` (the CA of medgate's nodes: the embedded default signs the
+gateway's and the review service's certificate with the one development CA, and a hospital's ATNA
+node certificates come from one CA too), and under mutual TLS the gateway presents its own node
+certificate (``cert_file``/``key_file``). With tokens on it sends ``security.router_token_file`` (role
+``router``), re-read when the file changes. With TLS off the channel is plaintext, and the token goes
+only to a loopback address.
 """
 
 from __future__ import annotations
@@ -13,7 +21,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import threading
 from concurrent.futures import Executor
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -31,11 +42,21 @@ from services.review.flows import FlowDefinition, TaskType, summarize
 from services.review.outbox import Outbox, OutboxFull
 from services.review.servicer import IMAGE_NAME
 from services.review.store import auto_loop_name
+from services.rpc.tls import is_loopback
+from services.settings import SecuritySettings
 
 log = logging.getLogger("medgate.gateway.routing")
 
-# The service may take these later; anything else it will refuse however often it is asked.
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# The service may take these later; anything else it will refuse however often it is asked. A refused token
+# or role is the gateway's own credentials (an expired router token, a missing role): once an operator fixes
+# them the queued cases go, so they wait in the outbox rather than being refused for good.
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
 
 
 def input_hash(image: pb.ImageInput) -> str:
@@ -54,6 +75,67 @@ def _as_dict(message: Any) -> dict[str, Any]:
     return json_format.MessageToDict(message)
 
 
+class _TokenFile(grpc.AuthMetadataPlugin):
+    """``authorization: Bearer <token>`` from a file, re-read when it changes (a renewed token needs no restart)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._token = ""
+
+    def token(self) -> str:
+        with self._lock:
+            try:
+                stat = os.stat(self.path)
+                stamp = (stat.st_mtime_ns, stat.st_size)
+                if stamp != self._stamp:
+                    self._token = self.path.read_text().strip()
+                    self._stamp = stamp
+            except OSError as exc:
+                if self._stamp is not None or not self._token:
+                    log.error("router token %s cannot be read (%s)", self.path, exc.strerror)
+                self._stamp, self._token = None, ""
+            return self._token
+
+    def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
+        token = self.token()
+        callback((("authorization", f"Bearer {token}"),) if token else (), None)
+
+
+def _target_host(target: str) -> str:
+    address = target.split("///", 1)[-1]
+    if address.startswith("["):
+        return address[1:].split("]", 1)[0]
+    return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+
+
+def review_channel_credentials(security: SecuritySettings | None, target: str) -> grpc.ChannelCredentials | None:
+    """How the gateway reaches the review service at ``target``; None for plaintext without a token."""
+    if security is None:
+        return None
+    token = grpc.metadata_call_credentials(_TokenFile(Path(security.router_token_file)), name="router-token")
+    if not security.tls:
+        if security.auth and is_loopback(_target_host(target)):
+            local = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+            return grpc.composite_channel_credentials(local, token)
+        return None
+    try:
+        roots = Path(security.client_ca_file).read_bytes()
+        key, chain = (
+            (Path(security.key_file).read_bytes(), Path(security.cert_file).read_bytes())
+            if security.require_client_cert
+            else (None, None)
+        )
+    except OSError as exc:
+        raise RuntimeError(
+            f"review routing: TLS is on but {exc.filename} cannot be read (the CA that signed the review "
+            "service's certificate is security.client_ca_file; `medgate credentials` makes the development one)"
+        ) from None
+    transport = grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
+    return grpc.composite_channel_credentials(transport, token) if security.auth else transport
+
+
 class ReviewRouter:
     """Starts human loops on the review service for results that a flow's conditions select."""
 
@@ -67,7 +149,9 @@ class ReviewRouter:
         outbox: Outbox,
         retry_interval_s: float = 2.0,
         max_message_bytes: int = 64 << 20,
+        security: SecuritySettings | None = None,
     ) -> None:
+        """``security`` None: a plaintext channel without a token (tests and tools on loopback)."""
         self.flows = flows
         self.target = target
         self.executor = executor
@@ -75,6 +159,8 @@ class ReviewRouter:
         self.outbox = outbox
         self.retry_interval_s = retry_interval_s
         self.max_message_bytes = max_message_bytes
+        # Built now, so a CA file that cannot be read stops start-up instead of failing the first routed case.
+        self._credentials = review_channel_credentials(security, target)
         self._channel: grpc.aio.Channel | None = None
         self._retrying: asyncio.Task[None] | None = None
 
@@ -128,9 +214,11 @@ class ReviewRouter:
     @property
     def stub(self) -> rpb_grpc.ReviewStub:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(
-                self.target, options=[("grpc.max_send_message_length", self.max_message_bytes)]
-            )
+            options = [("grpc.max_send_message_length", self.max_message_bytes)]
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.target, options=options)
+            else:
+                self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=options)
         return rpb_grpc.ReviewStub(self._channel)
 
     async def close(self) -> None:

@@ -88,6 +88,7 @@ class GatewayServer:
                 outbox=Outbox(settings.review.outbox_dir, max_bytes=settings.review.outbox_max_bytes),
                 retry_interval_s=settings.review.outbox_retry_interval_s,
                 max_message_bytes=settings.review.route_max_message_bytes,
+                security=settings.security,
             )
         self.rpc.add(
             INFERENCE_SERVICE,
