@@ -1,7 +1,9 @@
 """``medgate reviewer``: receive review cases live, look at an overlay, decide, submit; reconnects without losing cases.
 
 Decision ids are derived from (reviewer, human loop), so a decision resent after a reconnect is
-recognised by the server as the same decision and never counted twice.
+recognised by the server as the same decision and never counted twice. With a token the reviewer is
+the token's subject and the server says how it keys it (``ReviewCase.reviewer_id``); ``--reviewer-id``
+is for a development server without tokens.
 """
 
 from __future__ import annotations
@@ -126,6 +128,8 @@ def review(args: argparse.Namespace, target: str) -> int:
     """Stream cases until --limit answers (or forever), reconnecting with backoff after failures."""
     answered = 0
     backoff = 0.5
+    claimed = args.reviewer_id or ""  # empty with a token: the server takes the reviewer from it
+    announced = ""
     overlay_dir: Path | None = args.overlay_dir
     if overlay_dir is not None:
         overlay_dir.mkdir(parents=True, exist_ok=True)
@@ -135,11 +139,15 @@ def review(args: argparse.Namespace, target: str) -> int:
                 stub = pb_grpc.ReviewStub(channel)
                 stream = stub.StreamCases(
                     pb.StreamCasesRequest(
-                        reviewer_id=args.reviewer_id, flow_definitions=args.flow or [], max_in_flight=args.max_in_flight
+                        reviewer_id=claimed, flow_definitions=args.flow or [], max_in_flight=args.max_in_flight
                     )
                 )
                 for case in stream:
                     backoff = 0.5
+                    reviewer = case.reviewer_id or claimed  # as the server keys us: the token's issuer#subject
+                    if reviewer != announced:
+                        print(f"reviewing as {reviewer}", flush=True)
+                        announced = reviewer
                     print(summary(case), flush=True)
                     if overlay_dir is not None:
                         path = overlay_dir / f"{case.human_loop_name}.png"
@@ -151,16 +159,14 @@ def review(args: argparse.Namespace, target: str) -> int:
                             )
                     answer = auto_answer(args.auto, case) if args.auto else ask(case)
                     if answer is None:
-                        stub.ReleaseCase(
-                            pb.ReleaseCaseRequest(delivery_id=case.delivery_id, reviewer_id=args.reviewer_id)
-                        )
+                        stub.ReleaseCase(pb.ReleaseCaseRequest(delivery_id=case.delivery_id, reviewer_id=claimed))
                         print("  released", flush=True)
                         continue
                     result = stub.SubmitReview(
                         pb.SubmitReviewRequest(
-                            decision_id=decision_id(args.reviewer_id, case.human_loop_name),
+                            decision_id=decision_id(reviewer, case.human_loop_name),
                             delivery_id=case.delivery_id,
-                            reviewer_id=args.reviewer_id,
+                            reviewer_id=claimed,
                             answer=answer,
                         ),
                         timeout=30,
@@ -180,7 +186,12 @@ def review(args: argparse.Namespace, target: str) -> int:
             code = exc.code() if hasattr(exc, "code") else None
             if code == grpc.StatusCode.CANCELLED and args.limit is not None and answered >= args.limit:
                 break
-            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+            if code in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED,
+            ):
                 print(f"error: {code.name}: {exc.details()}", file=sys.stderr)
                 return 2
             log.warning("stream to %s failed (%s); reconnecting in %.1f s", target, code, backoff)
@@ -190,7 +201,11 @@ def review(args: argparse.Namespace, target: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reviewer-id", required=True, help="who is reviewing (recorded as workerId)")
+    parser.add_argument(
+        "--reviewer-id",
+        help="who is reviewing, for a development server without tokens (recorded as workerId); with a token"
+        " the reviewer is the token's subject and this, if given, must be it",
+    )
     parser.add_argument("--flow", action="append", help="flow definitions to review (default: all)")
     parser.add_argument("--max-in-flight", type=int, default=1, help="cases leased at once")
     parser.add_argument("--auto", help="answer by rule: accept, reject, label:<name>, release")
