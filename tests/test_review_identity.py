@@ -7,8 +7,11 @@ the request's reviewer_id, the store's refusal of another reviewer's delivery, t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -152,7 +155,7 @@ def _no_server_path(loop: pb.HumanLoop) -> None:
 
 
 @pytest.fixture
-async def plain(tmp_path: Path) -> AsyncIterator[tuple[pb_grpc.ReviewStub, Path]]:
+async def plain(tmp_path: Path) -> AsyncIterator[tuple[pb_grpc.ReviewStub, Path, str]]:
     from services.review.server import ReviewServer
 
     settings = load_settings(
@@ -162,16 +165,17 @@ async def plain(tmp_path: Path) -> AsyncIterator[tuple[pb_grpc.ReviewStub, Path]
     server = ReviewServer(settings.review, settings.security)
     await server.start(port=0)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield pb_grpc.ReviewStub(channel), tmp_path
+        target = f"127.0.0.1:{server.port}"
+        async with grpc.aio.insecure_channel(target) as channel:
+            yield pb_grpc.ReviewStub(channel), tmp_path, target
     finally:
         await server.stop()
 
 
 async def test_without_tokens_another_reviewers_case_cannot_be_decided_or_released(
-    plain: tuple[pb_grpc.ReviewStub, Path],
+    plain: tuple[pb_grpc.ReviewStub, Path, str],
 ) -> None:
-    stub, root = plain
+    stub, root, _ = plain
     await stub.StartHumanLoop(start_request("case-p"))
     case = await _first_case(stub, "dr-a")
     assert case.reviewer_id == "dr-a"
@@ -256,3 +260,25 @@ async def test_with_tokens_the_reviewer_is_the_token_and_output_json_says_so(
         "identityData": {"identityProviderType": "OIDC", "issuer": ISSUER, "sub": "dr-a"}
     }
     assert answer["answerContent"] == {"label": "lesion"}
+
+
+async def test_the_reviewer_client_without_tokens_needs_a_reviewer_id(
+    plain: tuple[pb_grpc.ReviewStub, Path, str],
+) -> None:
+    stub, _, target = plain
+    await stub.StartHumanLoop(start_request("case-c"))
+
+    async def reviewer(*extra: str) -> tuple[int, str, str]:
+        command = [sys.executable, "-m", "clients.cli", "reviewer", "--flow", "single", "--target", target, *extra]
+        process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+        return process.returncode or 0, out.decode(), err.decode()
+
+    code, _, err = await reviewer("--auto", "accept", "--limit", "1")
+    assert (
+        code == 2 and "INVALID_ARGUMENT" in err and "reviewer_id" in err
+    )  # no token and no id: says so, no retry loop
+    code, out, err = await reviewer("--reviewer-id", "dr-cli", "--auto", "label:lesion", "--limit", "1")
+    assert code == 0, err
+    assert "reviewing as dr-cli" in out and "case case-c" in out
+    assert "output single/" in out  # the A2I key, not a path on the server
