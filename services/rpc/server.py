@@ -15,7 +15,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.audit import AuditLog
 from services.rpc.interceptors.access_log import AccessLogInterceptor
+from services.rpc.interceptors.audit import AuditInterceptor
 from services.rpc.interceptors.auth import AuthInterceptor
 from services.rpc.interceptors.deadline import DeadlineInterceptor
 from services.rpc.interceptors.request_id import RequestIdInterceptor
@@ -31,18 +33,24 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def default_interceptors(
-    *, logger: str, default_deadline_s: float | None, security: SecuritySettings | None = None
+    *,
+    logger: str,
+    default_deadline_s: float | None,
+    security: SecuritySettings | None = None,
+    audit: AuditLog | None = None,
 ) -> list[grpc.aio.ServerInterceptor]:
     """The chain every call goes through, outermost first.
 
     The request id opens the call record; the access log sees the final code; the status boundary
     turns any exception into that code; authentication runs before anything reads the request; the
     deadline and validation run closest to the servicer, so their failures are mapped and logged
-    like any other.
+    like any other. The audit trail sits between the access log and the status boundary, so it
+    records every call's final code (refusals included) and can withhold an answer it cannot record.
     """
     chain: list[grpc.aio.ServerInterceptor] = [
         RequestIdInterceptor(),
         AccessLogInterceptor(logger),
+        *([AuditInterceptor(audit)] if audit is not None else []),
         StatusInterceptor(),
     ]
     if security is not None and security.auth:
@@ -67,6 +75,7 @@ class RpcServer:
         options: Sequence[tuple[str, Any]] = (),
         maximum_concurrent_rpcs: int | None = None,
         security: SecuritySettings | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         """``security`` None: plaintext and no tokens (loopback tools and benchmarks only)."""
         self.host = host
@@ -76,7 +85,9 @@ class RpcServer:
         self.log = logging.getLogger(logger)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=default_interceptors(logger=logger, default_deadline_s=default_deadline_s, security=security),
+            interceptors=default_interceptors(
+                logger=logger, default_deadline_s=default_deadline_s, security=security, audit=audit
+            ),
             options=list(options),
             maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         )
