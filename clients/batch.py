@@ -35,6 +35,7 @@ from typing import IO, Any
 
 import grpc
 
+from clients import connect
 from clients.batch_output import (
     PARTIAL_SUFFIX,
     STATE_FILE,
@@ -54,6 +55,7 @@ from clients.batch_scan import UNREADABLE, Item, discover
 from clients.infer import MASK_SPACES, MAX_MESSAGE_BYTES, TASKS
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
+from services.security.identity import Role
 
 # Re-exported: the state and summary layout and the file scan are part of ``medgate batch``'s surface.
 __all__ = ["PARTIAL_SUFFIX", "STATE_FILE", "SUMMARY_FILE", "add_arguments", "discover", "run", "run_async"]
@@ -109,7 +111,7 @@ class Batch:
             self.progress.write(f"failed: {record['file']}: {record['error_code']}: {record['error']}", file=sys.stderr)
         self.progress.update(1)
 
-    async def run(self, target: str, todo: list[Item]) -> None:
+    async def run(self, target: str, todo: list[Item], security: connect.ClientSecurity) -> None:
         for item in todo:
             if item.error is not None:
                 self.finish(failed_record(item, *item.error))
@@ -160,7 +162,7 @@ class Batch:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
-        async with grpc.aio.insecure_channel(target, options=options) as channel:
+        async with connect.aio_channel(target, security, options) as channel:
             call = pb_grpc.InferenceStub(channel).AnalyzeStream(requests())
             try:
                 async for answer in call:
@@ -173,7 +175,7 @@ class Batch:
                     task.add_done_callback(writers.discard)
             except grpc.aio.AioRpcError as exc:
                 # Not any one file's fault: what was in flight stays pending for the next run.
-                self.stream_error = f"{exc.code().name}: {exc.details()}"
+                self.stream_error = f"{exc.code().name}: {exc.details()}{connect.explain(exc)}"
             finally:
                 if writers:
                     await asyncio.gather(*writers)
@@ -212,6 +214,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="process at most this many new files in this run (resume later)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--target", default=None, help="gateway host:port (default: from settings, 127.0.0.1:50051)")
+    connect.add_arguments(parser)
 
 
 def options_from(args: argparse.Namespace) -> Options:
@@ -239,6 +242,7 @@ async def run_async(args: argparse.Namespace, target: str, *, stdout: IO[str] | 
     if missing:
         print(f"error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return 2
+    security = connect.from_args(args, Role.INFERENCE)  # a missing --ca or token file stops here, before any work
     out.mkdir(parents=True, exist_ok=True)
     sweep_partials(out)
     found = await asyncio.to_thread(discover, args.inputs, out)
@@ -262,7 +266,7 @@ async def run_async(args: argparse.Namespace, target: str, *, stdout: IO[str] | 
     progress = tqdm(total=len(todo), unit="file", file=sys.stderr, disable=args.no_progress, dynamic_ncols=True)
     batch = Batch(out, options_from(args), log_state, progress)
     try:
-        await batch.run(target, todo)
+        await batch.run(target, todo, security)
     finally:
         progress.close()
         log_state.close()

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.settings import load_settings
+from services.settings import SecuritySettings, load_settings
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -37,6 +37,39 @@ def cmd_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ensure_credentials(security: SecuritySettings) -> None:
+    """The development credentials, once, when the servers would read them from credentials_dir and they are missing.
+
+    Files configured elsewhere (a hospital's CA, keys and identity provider) are never created or replaced.
+    """
+    from services.security.credentials import dev_credentials_needed, ensure_dev_credentials
+
+    if dev_credentials_needed(security):
+        made = ensure_dev_credentials(security)
+        logging.getLogger("medgate").info(
+            "development credentials (CA, certificates, signing key, one token per role) written to %s", made.directory
+        )
+
+
+def cmd_credentials(args: argparse.Namespace) -> int:
+    """Create the development CA, certificates, signing key and tokens in security.credentials_dir (once)."""
+    from services.security.credentials import ensure_dev_credentials
+
+    security = load_settings().security
+    made = ensure_dev_credentials(security, force=args.force)
+    state = f"wrote {', '.join(made.written)}" if made.written else "all present and valid, nothing written"
+    print(f"development credentials in {made.directory} ({state}):")
+    print(f"  CA                 {made.ca_cert}  (clients trust this: --ca)")
+    print(f"  server             {made.server_cert}, {made.server_key}  (localhost, 127.0.0.1, ::1)")
+    print(f"  client (mTLS)      {made.client_cert}, {made.client_key}  (--cert/--key)")
+    print(f"  token signing key  {made.signing_key}, public keys {made.jwks}")
+    for role in ("inference", "reviewer", "admin", "router"):
+        print(f"  {role + ' token':<18} {made.token_path(role)}")
+    if args.force and made.written:
+        print("running servers and clients holding the old CA or tokens need the new ones (restart the servers)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """The whole stack: Triton (embedded unless MEDGATE_TRITON_URL is set) and the gateway workers."""
     import dataclasses
@@ -49,6 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if overrides:
         settings = dataclasses.replace(settings, gateway=dataclasses.replace(settings.gateway, **overrides))
     needed = [*settings.models.as_dict().values(), *([settings.report.model] if settings.report.enabled else [])]
+    _ensure_credentials(settings.security)
     with triton_for(settings.triton, needed) as url:
         run_gateway(settings, url)
     return 0
@@ -94,8 +128,10 @@ def cmd_review(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf import json_format
 
+    from clients import connect
     from medgate.v1 import review_pb2 as pb
     from medgate.v1 import review_pb2_grpc as pb_grpc
+    from services.security.identity import Role
 
     settings = load_settings()
     if args.review_command == "serve":
@@ -103,6 +139,7 @@ def cmd_review(args: argparse.Namespace) -> int:
 
         from services.gateway.server import serve_review
 
+        _ensure_credentials(settings.security)
         asyncio.run(serve_review(settings))
         return 0
     if args.review_command == "export-manifest":
@@ -118,7 +155,8 @@ def cmd_review(args: argparse.Namespace) -> int:
             path = export_manifest(store, flows[args.flow], args.out, source_prefix=args.source_prefix)
         print(path)
         return 0
-    with grpc.insecure_channel(args.target or settings.review.target) as channel:
+    security = connect.from_args(args, Role.ADMIN)
+    with connect.channel(args.target or settings.review.target, security) as channel:
         stub = pb_grpc.ReviewStub(channel)
         try:
             if args.review_command == "flows":
@@ -134,7 +172,7 @@ def cmd_review(args: argparse.Namespace) -> int:
             else:
                 answer = stub.DeleteHumanLoop(pb.DeleteHumanLoopRequest(name=args.name))
         except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"error: {exc.code().name}: {exc.details()}{connect.explain(exc)}", file=sys.stderr)
             return 2
     print(json.dumps(json_format.MessageToDict(answer), indent=2))
     return 0
@@ -152,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="gateway port (default 50051)")
     serve.add_argument("--workers", type=int, help="gateway worker processes sharing the port (default 1)")
     serve.set_defaults(func=cmd_serve)
+
+    credentials = commands.add_parser(
+        "credentials", help="create the development CA, certificates and tokens in var/credentials (once)"
+    )
+    credentials.add_argument("--force", action="store_true", help="make everything anew (new CA, keys and tokens)")
+    credentials.set_defaults(func=cmd_credentials)
 
     triton = commands.add_parser("triton", help="run only the embedded Triton with every model in triton_models/")
     triton.set_defaults(func=cmd_triton)
@@ -184,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     review = commands.add_parser("review", help="human loops: list, describe, stop, delete, flows, export-manifest")
     review.add_argument("--target", help="review service host:port (default 127.0.0.1:50052)")
+    from clients import connect
+
+    connect.add_arguments(review)  # the admin token by default
     review_commands = review.add_subparsers(dest="review_command", required=True)
     review_commands.add_parser("serve", help="run only the review service (MEDGATE_REVIEW_* settings)")
     review_commands.add_parser("flows", help="list the flow definitions")
@@ -202,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from clients.connect import ConnectError
     from services.settings import SettingsError
     from services.triton.client import ContractError, TritonUnavailable
     from services.triton.embedded import TritonStartError
@@ -211,6 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except SettingsError as exc:
         # Unknown setting names or unusable values: every one on one line, like a usage error.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ConnectError as exc:
+        # TLS material or a token named on the command line that cannot be read.
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (TritonStartError, ContractError, TritonUnavailable) as exc:

@@ -8,8 +8,9 @@ flows) sends ``admin.token``. What is used, first match wins:
 - CA: ``--ca``, then ``<credentials_dir>/ca.pem``, then gRPC's bundled public roots;
 - client certificate (mutual TLS): ``--cert`` with ``--key``, else ``<credentials_dir>/client.pem`` and
   ``client.key`` when both exist (a server that does not ask for one never sees it);
-- ``--insecure``, or ``security.tls`` off in the settings: plaintext. The token then goes only to a
-  loopback address (gRPC's local credentials), never in clear text over a network.
+- ``--insecure``, or ``security.tls`` off in the settings (the server's own switch) without ``--ca`` or
+  ``--cert``: plaintext. The token then goes only to a loopback address (gRPC's local credentials),
+  never in clear text over a network.
 
 ``credentials_dir`` is ``security.credentials_dir`` (``var/credentials`` by default, where
 ``medgate credentials`` and ``make run`` put the development CA and tokens).
@@ -155,6 +156,9 @@ def from_args(args: argparse.Namespace, role: Role | str) -> ClientSecurity:
     from services.settings import load_settings
 
     security = load_settings().security
+    # With security.tls off (the same settings as the server's) the default is plaintext; --ca or --cert
+    # asks for TLS all the same.
+    explicit_tls = getattr(args, "ca", None) is not None or getattr(args, "cert", None) is not None
     return resolve(
         role,
         credentials_dir=Path(security.credentials_dir),
@@ -163,7 +167,7 @@ def from_args(args: argparse.Namespace, role: Role | str) -> ClientSecurity:
         key=getattr(args, "key", None),
         token=getattr(args, "token", None),
         token_file=getattr(args, "token_file", None),
-        insecure=bool(getattr(args, "insecure", False)) or not security.tls,
+        insecure=bool(getattr(args, "insecure", False)) or (not security.tls and not explicit_tls),
     )
 
 
@@ -195,9 +199,11 @@ def explain(exc: grpc.RpcError) -> str:
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return f" (send a token: --token-file, ${TOKEN_ENV}, or `medgate credentials` for the development ones)"
     if code == grpc.StatusCode.PERMISSION_DENIED:
-        return " (the token's roles do not allow this call)"
+        return " (another role's token: --token-file)"
     if code == grpc.StatusCode.UNAVAILABLE:
         details = (exc.details() or "").lower() if hasattr(exc, "details") else ""
         if "ssl" in details or "handshake" in details or "certificate" in details:
             return " (TLS failed: --ca for the server's CA, --cert/--key if it requires a client certificate)"
+        if "socket closed" in details:
+            return " (a TLS server closes plaintext connections: leave out --insecure)"
     return ""

@@ -22,8 +22,10 @@ from typing import IO, Any
 
 import grpc
 
+from clients import connect
 from medgate.v1 import report_pb2 as pb
 from medgate.v1 import report_pb2_grpc as pb_grpc
+from services.security.identity import Role
 
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -36,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one report: print the whole answer as JSON")
     parser.add_argument("--target", help="gateway host:port (default 127.0.0.1:50051)")
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (per call / whole stream)")
+    connect.add_arguments(parser)
 
 
 def answer_record(response: pb.ImpressionResponse) -> dict[str, Any]:
@@ -57,18 +60,18 @@ def answer_record(response: pb.ImpressionResponse) -> dict[str, Any]:
     }
 
 
-def _channel(target: str) -> grpc.Channel:
+def _channel(target: str, args: argparse.Namespace) -> grpc.Channel:
     options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", -1)]
-    return grpc.insecure_channel(target, options=options)
+    return connect.channel(target, connect.from_args(args, Role.INFERENCE), options)
 
 
 def run_one(args: argparse.Namespace, target: str, stdout: IO[str]) -> int:
     request = pb.ImpressionRequest(findings=args.findings, max_evidence=args.evidence)
-    with _channel(target) as channel:
+    with _channel(target, args) as channel:
         try:
             response = pb_grpc.ReportStub(channel).Impression(request, timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"error: {exc.code().name}: {exc.details()}{connect.explain(exc)}", file=sys.stderr)
             return 2
     record = answer_record(response)
     if args.json:
@@ -135,7 +138,7 @@ def run_file(args: argparse.Namespace, target: str, stdout: IO[str]) -> int:
             written += 1
 
     try:
-        with _channel(target) as channel:
+        with _channel(target, args) as channel:
             try:
                 for answer in pb_grpc.ReportStub(channel).ImpressionStream(lines.requests(), timeout=args.timeout):
                     number = int(answer.request_id)
@@ -145,7 +148,7 @@ def run_file(args: argparse.Namespace, target: str, stdout: IO[str]) -> int:
                         done[number] = answer_record(answer.response)
                     flush()
             except grpc.RpcError as exc:
-                print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                print(f"error: {exc.code().name}: {exc.details()}{connect.explain(exc)}", file=sys.stderr)
                 return 2
         flush(final=True)
     finally:

@@ -10,18 +10,21 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
+from clients import connect
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
 from services.imaging.arrays import decode_array
+from services.security.identity import Role
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 TASKS = {"classify": pb.TASK_CLASSIFY, "detect": pb.TASK_DETECT, "segment": pb.TASK_SEGMENT}
 MASK_SPACES = {"model": pb.MASK_SPACE_MODEL, "original": pb.MASK_SPACE_ORIGINAL, "both": pb.MASK_SPACE_BOTH}
 
 
-def channel(target: str) -> grpc.Channel:
-    return grpc.insecure_channel(
+def channel(target: str, security: connect.ClientSecurity) -> grpc.Channel:
+    return connect.channel(
         target,
+        security,
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -185,6 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlay", type=Path, help="write the letterboxed image with masks and boxes to this PNG")
     parser.add_argument("--target", default=None, help="gateway host:port (default: from settings, 127.0.0.1:50051)")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    connect.add_arguments(parser)
 
 
 def run(args: argparse.Namespace, target: str) -> int:
@@ -193,7 +197,8 @@ def run(args: argparse.Namespace, target: str) -> int:
     if "segment" in args.task and not (args.prompts or args.box):
         args.prompts = "left lung & right lung & heart & lesion"
     request = build_request(args)
-    with channel(target) as ch:
+    security = connect.from_args(args, Role.INFERENCE)
+    with channel(target, security) as ch:
         stub = pb_grpc.InferenceStub(ch)
         try:
             response = stub.Analyze(request, timeout=args.timeout)
@@ -201,7 +206,7 @@ def run(args: argparse.Namespace, target: str) -> int:
             trailers = dict(exc.trailing_metadata() or ())
             request_id = trailers.get("x-request-id", "")
             suffix = f" (request_id {request_id})" if request_id else ""
-            print(f"error: {exc.code().name}: {exc.details()}{suffix}", file=sys.stderr)
+            print(f"error: {exc.code().name}: {exc.details()}{suffix}{connect.explain(exc)}", file=sys.stderr)
             return 2
     if args.json:
         print(json_format.MessageToJson(response, preserving_proto_field_name=True))

@@ -22,10 +22,12 @@ import cv2
 import grpc
 import numpy as np
 
+from clients import connect
 from clients.infer import array_of
 from medgate.v1 import inference_pb2 as ipb
 from medgate.v1 import review_pb2 as pb
 from medgate.v1 import review_pb2_grpc as pb_grpc
+from services.security.identity import Role
 
 log = logging.getLogger("medgate.reviewer")
 PALETTE = [(0, 200, 255), (255, 120, 0), (0, 255, 0), (255, 0, 255), (0, 0, 255), (255, 255, 0)]
@@ -133,9 +135,11 @@ def review(args: argparse.Namespace, target: str) -> int:
     overlay_dir: Path | None = args.overlay_dir
     if overlay_dir is not None:
         overlay_dir.mkdir(parents=True, exist_ok=True)
+    security = connect.from_args(args, Role.REVIEWER)
+    options = [("grpc.max_receive_message_length", 256 << 20)]
     while args.limit is None or answered < args.limit:
         try:
-            with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 256 << 20)]) as channel:
+            with connect.channel(target, security, options) as channel:
                 stub = pb_grpc.ReviewStub(channel)
                 stream = stub.StreamCases(
                     pb.StreamCasesRequest(
@@ -213,3 +217,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlay-dir", type=Path, help="write each case's overlay PNG here")
     parser.add_argument("--open", action="store_true", help="open each overlay with xdg-open")
     parser.add_argument("--target", help="review service host:port (default: from settings, 127.0.0.1:50052)")
+    connect.add_arguments(parser)

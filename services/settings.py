@@ -271,6 +271,7 @@ class SettingsError(ValueError):
 NOT_SETTINGS: dict[str, str] = {
     f"{ENV_PREFIX}CONFIG": "the TOML settings file, read by load_settings",
     f"{ENV_PREFIX}BENCH_VERBOSE": "bench/bench_gateway.py: the gateways' logs on the bench's stderr",
+    f"{ENV_PREFIX}TOKEN": "clients/connect.py: the bearer token a client sends (a credential, not a setting)",
 }
 
 _TRUE = frozenset({"1", "true", "yes", "on"})

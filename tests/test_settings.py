@@ -118,7 +118,7 @@ def test_an_explicit_path_is_read_like_medgate_config(tmp_path: Path) -> None:
 
 
 def test_the_allow_listed_variables_are_not_settings_and_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert set(NOT_SETTINGS) == {"MEDGATE_CONFIG", "MEDGATE_BENCH_VERBOSE"}
+    assert set(NOT_SETTINGS) == {"MEDGATE_CONFIG", "MEDGATE_BENCH_VERBOSE", "MEDGATE_TOKEN"}
     monkeypatch.setenv("MEDGATE_CONFIG", str(write_config(tmp_path, "")))
     monkeypatch.setenv("MEDGATE_BENCH_VERBOSE", "1")
     assert load_settings() == Settings()
