@@ -11,6 +11,7 @@ one (group commit), so a burst of calls costs one fsync rather than one each. Fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC
 from pathlib import Path
 
-from services.audit.events import Application, AuditEvent, AuditSource, Outcome
+from services.audit.events import Application, AuditEvent, AuditSource, Outcome, application_activity
 from services.audit.syslog import SyslogMirror
 from services.settings import SecuritySettings
 
@@ -86,6 +87,16 @@ class AuditLog:
     async def record(self, event: AuditEvent) -> None:
         """Write ``event`` durably, off the event loop; raises :class:`AuditWriteError` if it could not be."""
         await asyncio.wrap_future(self.submit(event))
+
+    async def application_started(self) -> None:
+        """Application Start; raises if it cannot be written (a server that cannot audit must not serve)."""
+        await self.record(application_activity(self.application, start=True))
+
+    async def application_stopped(self) -> None:
+        """Application Stop, then :meth:`close`; a failure is logged (the service is going away regardless)."""
+        with contextlib.suppress(AuditWriteError):
+            await self.record(application_activity(self.application, start=False))
+        self.close()
 
     def write(self, event: AuditEvent) -> None:
         """Blocking :meth:`record`, for command-line tools without an event loop."""

@@ -16,6 +16,7 @@ from typing import Any
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
 from medgate.v1 import report_pb2, report_pb2_grpc
+from services.audit import AuditLog
 from services.gateway.report_servicer import ReportServicer
 from services.gateway.routing import ReviewRouter
 from services.gateway.servicer import InferenceServicer
@@ -63,6 +64,7 @@ class GatewayServer:
         self.models = TritonModels.from_settings(triton_url, settings)
         self.executor = ThreadPoolExecutor(settings.gateway.cpu_threads, thread_name_prefix="medgate-cpu")
         gateway = settings.gateway
+        self.audit = AuditLog.from_settings(settings.security, application="medgate-gateway")
         self.rpc = RpcServer(
             host=gateway.host,
             port=gateway.port,
@@ -77,6 +79,7 @@ class GatewayServer:
             ],
             maximum_concurrent_rpcs=gateway.max_concurrent_rpcs,
             security=settings.security,
+            audit=self.audit,
         )
         self.router: ReviewRouter | None = None
         if settings.review.enabled:
@@ -111,6 +114,7 @@ class GatewayServer:
         await self.models.connect()
         if self.report_model is not None:
             await self.report_model.connect()
+        await self.audit.application_started()  # raises when the trail cannot be written: no audit, no service
         self.port = await self.rpc.start(port=port)
         if self.serve_metrics:
             self.metrics_port = serve_metrics(
@@ -154,6 +158,7 @@ class GatewayServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
         await self.rpc.stop()
+        await self.audit.application_stopped()
         await self.models.close()
         if self.report_model is not None:
             await self.report_model.close()

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from medgate.v1 import review_pb2 as pb
 from medgate.v1 import review_pb2_grpc as pb_grpc
+from services.audit import AuditLog
 from services.metrics import REVIEW_QUEUE_DEPTH
 from services.review.flows import load_flows
 from services.review.output import flush_outputs
@@ -35,6 +36,7 @@ class ReviewServer:
         self.servicer = ReviewServicer(
             self.store, self.flows, self.executor, max_in_flight_per_reviewer=settings.max_in_flight_per_reviewer
         )
+        self.audit = AuditLog.from_settings(security, application="medgate-review") if security is not None else None
         self.rpc = RpcServer(
             host=settings.host,
             port=settings.port,
@@ -50,6 +52,7 @@ class ReviewServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", settings.min_ping_interval_ms),
             ],
             security=security,
+            audit=self.audit,
         )
         self.rpc.add(REVIEW_SERVICE, pb_grpc.add_ReviewServicer_to_server, self.servicer)
         self.port = 0
@@ -57,6 +60,8 @@ class ReviewServer:
 
     async def start(self, *, port: int | None = None) -> int:
         self.servicer.attach(asyncio.get_running_loop())
+        if self.audit is not None:
+            await self.audit.application_started()  # raises when the trail cannot be written: no audit, no service
         self.port = await self.rpc.start(port=port)
         for name in ("", REVIEW_SERVICE):
             await self.rpc.set_health(name, True)
@@ -84,5 +89,7 @@ class ReviewServer:
                 await self._housekeeping
         self.servicer.detach()
         await self.rpc.stop()
+        if self.audit is not None:
+            await self.audit.application_stopped()
         self.executor.shutdown(wait=True)
         self.store.close()
