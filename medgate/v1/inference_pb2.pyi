@@ -101,12 +101,14 @@ class ImageInput(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., array: _Optional[_Union[NDArray, _Mapping]] = ..., kind: _Optional[_Union[InputKind, str]] = ..., frame: _Optional[int] = ..., window: _Optional[_Union[Window, _Mapping]] = ...) -> None: ...
 
 class OutputOptions(_message.Message):
-    __slots__ = ("mask_space", "mask_encoding")
+    __slots__ = ("mask_space", "mask_encoding", "dicom_results")
     MASK_SPACE_FIELD_NUMBER: _ClassVar[int]
     MASK_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    DICOM_RESULTS_FIELD_NUMBER: _ClassVar[int]
     mask_space: MaskSpace
     mask_encoding: ArrayEncoding
-    def __init__(self, mask_space: _Optional[_Union[MaskSpace, str]] = ..., mask_encoding: _Optional[_Union[ArrayEncoding, str]] = ...) -> None: ...
+    dicom_results: bool
+    def __init__(self, mask_space: _Optional[_Union[MaskSpace, str]] = ..., mask_encoding: _Optional[_Union[ArrayEncoding, str]] = ..., dicom_results: _Optional[bool] = ...) -> None: ...
 
 class Transform(_message.Message):
     __slots__ = ("original_width", "original_height", "scale", "pad_left", "pad_top", "resized_width", "resized_height", "model_size")
@@ -195,18 +197,34 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class StageTimings(_message.Message):
-    __slots__ = ("decode_ms", "preprocess_ms", "triton_ms", "encode_ms", "total_ms")
+    __slots__ = ("decode_ms", "preprocess_ms", "triton_ms", "encode_ms", "total_ms", "dicom_ms")
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     PREPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
     TRITON_MS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    DICOM_MS_FIELD_NUMBER: _ClassVar[int]
     decode_ms: float
     preprocess_ms: float
     triton_ms: float
     encode_ms: float
     total_ms: float
-    def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., triton_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    dicom_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., triton_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., dicom_ms: _Optional[float] = ...) -> None: ...
+
+class DicomObject(_message.Message):
+    __slots__ = ("data", "sop_class_uid", "sop_instance_uid", "series_instance_uid", "kind")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SOP_CLASS_UID_FIELD_NUMBER: _ClassVar[int]
+    SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    SERIES_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    kind: str
+    def __init__(self, data: _Optional[bytes] = ..., sop_class_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class ReviewRouting(_message.Message):
     __slots__ = ("routed", "human_loop_name", "flow_definition", "reasons", "queued")
@@ -223,10 +241,12 @@ class ReviewRouting(_message.Message):
     def __init__(self, routed: _Optional[bool] = ..., human_loop_name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., queued: _Optional[bool] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("image",)
+    __slots__ = ("image", "output")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     image: ImageInput
-    def __init__(self, image: _Optional[_Union[ImageInput, _Mapping]] = ...) -> None: ...
+    output: OutputOptions
+    def __init__(self, image: _Optional[_Union[ImageInput, _Mapping]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("label", "score")
@@ -237,7 +257,7 @@ class ClassScore(_message.Message):
     def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("scores", "top_label", "top_score", "model", "transform", "image", "timings", "review")
+    __slots__ = ("scores", "top_label", "top_score", "model", "transform", "image", "timings", "review", "dicom_results")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     TOP_LABEL_FIELD_NUMBER: _ClassVar[int]
     TOP_SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +266,7 @@ class ClassifyResponse(_message.Message):
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REVIEW_FIELD_NUMBER: _ClassVar[int]
+    DICOM_RESULTS_FIELD_NUMBER: _ClassVar[int]
     scores: _containers.RepeatedCompositeFieldContainer[ClassScore]
     top_label: str
     top_score: float
@@ -254,17 +275,20 @@ class ClassifyResponse(_message.Message):
     image: ImageInfo
     timings: StageTimings
     review: _containers.RepeatedCompositeFieldContainer[ReviewRouting]
-    def __init__(self, scores: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., top_label: _Optional[str] = ..., top_score: _Optional[float] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., review: _Optional[_Iterable[_Union[ReviewRouting, _Mapping]]] = ...) -> None: ...
+    dicom_results: _containers.RepeatedCompositeFieldContainer[DicomObject]
+    def __init__(self, scores: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., top_label: _Optional[str] = ..., top_score: _Optional[float] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., review: _Optional[_Iterable[_Union[ReviewRouting, _Mapping]]] = ..., dicom_results: _Optional[_Iterable[_Union[DicomObject, _Mapping]]] = ...) -> None: ...
 
 class DetectRequest(_message.Message):
-    __slots__ = ("image", "min_score", "max_detections")
+    __slots__ = ("image", "min_score", "max_detections", "output")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     image: ImageInput
     min_score: float
     max_detections: int
-    def __init__(self, image: _Optional[_Union[ImageInput, _Mapping]] = ..., min_score: _Optional[float] = ..., max_detections: _Optional[int] = ...) -> None: ...
+    output: OutputOptions
+    def __init__(self, image: _Optional[_Union[ImageInput, _Mapping]] = ..., min_score: _Optional[float] = ..., max_detections: _Optional[int] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ...) -> None: ...
 
 class Detection(_message.Message):
     __slots__ = ("box", "model_box", "label", "score")
@@ -279,20 +303,22 @@ class Detection(_message.Message):
     def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., model_box: _Optional[_Union[Box, _Mapping]] = ..., label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class DetectResponse(_message.Message):
-    __slots__ = ("detections", "model", "transform", "image", "timings", "review")
+    __slots__ = ("detections", "model", "transform", "image", "timings", "review", "dicom_results")
     DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TRANSFORM_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REVIEW_FIELD_NUMBER: _ClassVar[int]
+    DICOM_RESULTS_FIELD_NUMBER: _ClassVar[int]
     detections: _containers.RepeatedCompositeFieldContainer[Detection]
     model: ModelRef
     transform: Transform
     image: ImageInfo
     timings: StageTimings
     review: _containers.RepeatedCompositeFieldContainer[ReviewRouting]
-    def __init__(self, detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., review: _Optional[_Iterable[_Union[ReviewRouting, _Mapping]]] = ...) -> None: ...
+    dicom_results: _containers.RepeatedCompositeFieldContainer[DicomObject]
+    def __init__(self, detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., review: _Optional[_Iterable[_Union[ReviewRouting, _Mapping]]] = ..., dicom_results: _Optional[_Iterable[_Union[DicomObject, _Mapping]]] = ...) -> None: ...
 
 class SegmentRequest(_message.Message):
     __slots__ = ("image", "prompts", "boxes", "output")
@@ -325,7 +351,7 @@ class PromptResult(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., category: _Optional[str] = ..., score: _Optional[float] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., area_pixels: _Optional[int] = ..., mask_box: _Optional[_Union[Box, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class SegmentResponse(_message.Message):
-    __slots__ = ("image_features", "text_features", "original_masks", "prompts", "models", "transform", "image", "timings", "review")
+    __slots__ = ("image_features", "text_features", "original_masks", "prompts", "models", "transform", "image", "timings", "review", "dicom_results")
     IMAGE_FEATURES_FIELD_NUMBER: _ClassVar[int]
     TEXT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     ORIGINAL_MASKS_FIELD_NUMBER: _ClassVar[int]
@@ -335,6 +361,7 @@ class SegmentResponse(_message.Message):
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REVIEW_FIELD_NUMBER: _ClassVar[int]
+    DICOM_RESULTS_FIELD_NUMBER: _ClassVar[int]
     image_features: NDArray
     text_features: _containers.RepeatedScalarFieldContainer[str]
     original_masks: NDArray
@@ -344,7 +371,8 @@ class SegmentResponse(_message.Message):
     image: ImageInfo
     timings: StageTimings
     review: _containers.RepeatedCompositeFieldContainer[ReviewRouting]
-    def __init__(self, image_features: _Optional[_Union[NDArray, _Mapping]] = ..., text_features: _Optional[_Iterable[str]] = ..., original_masks: _Optional[_Union[NDArray, _Mapping]] = ..., prompts: _Optional[_Iterable[_Union[PromptResult, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelRef, _Mapping]]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., review: _Optional[_Iterable[_Union[ReviewRouting, _Mapping]]] = ...) -> None: ...
+    dicom_results: _containers.RepeatedCompositeFieldContainer[DicomObject]
+    def __init__(self, image_features: _Optional[_Union[NDArray, _Mapping]] = ..., text_features: _Optional[_Iterable[str]] = ..., original_masks: _Optional[_Union[NDArray, _Mapping]] = ..., prompts: _Optional[_Iterable[_Union[PromptResult, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelRef, _Mapping]]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., review: _Optional[_Iterable[_Union[ReviewRouting, _Mapping]]] = ..., dicom_results: _Optional[_Iterable[_Union[DicomObject, _Mapping]]] = ...) -> None: ...
 
 class AnalyzeRequest(_message.Message):
     __slots__ = ("image", "tasks", "prompts", "boxes", "output", "min_score", "max_detections", "request_id")
@@ -367,7 +395,7 @@ class AnalyzeRequest(_message.Message):
     def __init__(self, image: _Optional[_Union[ImageInput, _Mapping]] = ..., tasks: _Optional[_Iterable[_Union[Task, str]]] = ..., prompts: _Optional[str] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., min_score: _Optional[float] = ..., max_detections: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
-    __slots__ = ("classification", "detection", "segmentation", "transform", "image", "timings", "request_id", "review")
+    __slots__ = ("classification", "detection", "segmentation", "transform", "image", "timings", "request_id", "review", "dicom_results")
     CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
     DETECTION_FIELD_NUMBER: _ClassVar[int]
     SEGMENTATION_FIELD_NUMBER: _ClassVar[int]
@@ -376,6 +404,7 @@ class AnalyzeResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REVIEW_FIELD_NUMBER: _ClassVar[int]
+    DICOM_RESULTS_FIELD_NUMBER: _ClassVar[int]
     classification: ClassifyResponse
     detection: DetectResponse
     segmentation: SegmentResponse
@@ -384,7 +413,8 @@ class AnalyzeResponse(_message.Message):
     timings: StageTimings
     request_id: str
     review: _containers.RepeatedCompositeFieldContainer[ReviewRouting]
-    def __init__(self, classification: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., detection: _Optional[_Union[DetectResponse, _Mapping]] = ..., segmentation: _Optional[_Union[SegmentResponse, _Mapping]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., request_id: _Optional[str] = ..., review: _Optional[_Iterable[_Union[ReviewRouting, _Mapping]]] = ...) -> None: ...
+    dicom_results: _containers.RepeatedCompositeFieldContainer[DicomObject]
+    def __init__(self, classification: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., detection: _Optional[_Union[DetectResponse, _Mapping]] = ..., segmentation: _Optional[_Union[SegmentResponse, _Mapping]] = ..., transform: _Optional[_Union[Transform, _Mapping]] = ..., image: _Optional[_Union[ImageInfo, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., request_id: _Optional[str] = ..., review: _Optional[_Iterable[_Union[ReviewRouting, _Mapping]]] = ..., dicom_results: _Optional[_Iterable[_Union[DicomObject, _Mapping]]] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "code_name", "message")
