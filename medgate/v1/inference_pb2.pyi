@@ -111,7 +111,7 @@ class OutputOptions(_message.Message):
     def __init__(self, mask_space: _Optional[_Union[MaskSpace, str]] = ..., mask_encoding: _Optional[_Union[ArrayEncoding, str]] = ..., dicom_results: _Optional[bool] = ...) -> None: ...
 
 class Transform(_message.Message):
-    __slots__ = ("original_width", "original_height", "scale", "pad_left", "pad_top", "resized_width", "resized_height", "model_size")
+    __slots__ = ("original_width", "original_height", "scale", "pad_left", "pad_top", "resized_width", "resized_height", "model_size", "scale_x", "scale_y")
     ORIGINAL_WIDTH_FIELD_NUMBER: _ClassVar[int]
     ORIGINAL_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,8 @@ class Transform(_message.Message):
     RESIZED_WIDTH_FIELD_NUMBER: _ClassVar[int]
     RESIZED_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     MODEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_X_FIELD_NUMBER: _ClassVar[int]
+    SCALE_Y_FIELD_NUMBER: _ClassVar[int]
     original_width: int
     original_height: int
     scale: float
@@ -128,7 +130,9 @@ class Transform(_message.Message):
     resized_width: int
     resized_height: int
     model_size: int
-    def __init__(self, original_width: _Optional[int] = ..., original_height: _Optional[int] = ..., scale: _Optional[float] = ..., pad_left: _Optional[int] = ..., pad_top: _Optional[int] = ..., resized_width: _Optional[int] = ..., resized_height: _Optional[int] = ..., model_size: _Optional[int] = ...) -> None: ...
+    scale_x: float
+    scale_y: float
+    def __init__(self, original_width: _Optional[int] = ..., original_height: _Optional[int] = ..., scale: _Optional[float] = ..., pad_left: _Optional[int] = ..., pad_top: _Optional[int] = ..., resized_width: _Optional[int] = ..., resized_height: _Optional[int] = ..., model_size: _Optional[int] = ..., scale_x: _Optional[float] = ..., scale_y: _Optional[float] = ...) -> None: ...
 
 class Box(_message.Message):
     __slots__ = ("x0", "y0", "x1", "y1")

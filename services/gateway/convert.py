@@ -51,6 +51,8 @@ def transform_proto(transform: Letterbox) -> pb.Transform:
         resized_width=transform.resized_width,
         resized_height=transform.resized_height,
         model_size=transform.size,
+        scale_x=transform.scale_x,
+        scale_y=transform.scale_y,
     )
 
 
