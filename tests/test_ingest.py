@@ -83,7 +83,11 @@ NO_PIXELS = "no Pixel Data element: not an image"
 NOT_DICOM = "not an image file at all (text, JSON, ICC profile)"
 # Every file expected to fail, with the exact exception and why; everything else must decode.
 EXPECTED_ERRORS: dict[str, tuple[type[IngestError], str]] = {
-    "test_files/JPEG-lossy.dcm": (InvalidImage, "corrupt 12-bit JPEG (README: JPGExtended.dcm is its fixed copy)"),
+    "test_files/JPEG-lossy.dcm": (
+        UnsupportedCodec,
+        "a real 12-bit JPEG (NEMA WG04 NM1_JPLY) our codecs cannot decode: libjpeg refuses its sequential SOS "
+        "header, Pillow has no 12-bit JPEG; dcmtk's dcmj2pnm and GDCM read it with a warning",
+    ),
     "test_files/JPEG2000-embedded-sequence-delimiter.dcm": (
         InvalidImage,
         "4 codestream bytes overwritten with a sequence delimiter; the J2K header no longer matches",
@@ -629,6 +633,73 @@ def test_unsupported_transfer_syntax_and_photometric() -> None:
         decode(_dicom_bytes(ds, MPEG2MPML), limits=LIMITS)
     with pytest.raises(UnsupportedCodec, match="ARGB"):
         decode(_dicom_bytes(_small_image(PhotometricInterpretation="ARGB")), limits=LIMITS)
+
+
+def test_a_codec_that_cannot_decode_names_the_transfer_syntax() -> None:
+    """Every plugin refusing for a reason of its own is FAILED_PRECONDITION, not INVALID_ARGUMENT.
+
+    JPEG-lossy.dcm was INVALID_ARGUMENT ("corrupt") although dcmtk renders it: the data is fine,
+    our decoders are the limit. Bytes that really are bad stay InvalidImage.
+    """
+    with pytest.raises(UnsupportedCodec) as caught:
+        decode(_read("JPEG-lossy.dcm"), limits=LIMITS)
+    message = str(caught.value)
+    assert "JPEG Extended (Process 2 and 4)" in message and "1.2.840.10008.1.2.4.51" in message
+    assert "pylibjpeg" in message and "pillow" in message
+    # The fixed copy's header with junk for scan data: libjpeg says the data is bad, so it is.
+    ds = pydicom.dcmread(_testdata("JPGExtended.dcm"))
+    frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+    sos = frame.find(b"\xff\xda")
+    scan = sos + 2 + int.from_bytes(frame[sos + 2 : sos + 4], "big")
+    junk = np.random.default_rng(0).integers(0, 255, 200, dtype=np.uint8).tobytes().replace(b"\xff", b"\xfe")
+    ds.PixelData = encapsulate([frame[:scan] + junk + b"\xff\xd9"])
+    with pytest.raises(InvalidImage, match="could not be decoded"):
+        decode(_dicom_bytes(ds, ds.file_meta.TransferSyntaxUID), limits=LIMITS)
+
+
+def _polarity_image(photometric: str, shape: str | None, **attributes: object) -> bytes:
+    ds = _small_image(1, 4, PhotometricInterpretation=photometric, **attributes)
+    ds.PixelData = bytes([0, 85, 170, 255])
+    if shape is not None:
+        ds.PresentationLUTShape = shape
+    return _dicom_bytes(ds)
+
+
+RAMP = [0, 85, 170, 255]
+INVERTED = [255, 170, 85, 0]
+
+
+@pytest.mark.parametrize(
+    ("photometric", "shape", "expected"),
+    [
+        ("MONOCHROME2", None, RAMP),
+        ("MONOCHROME2", "IDENTITY", RAMP),
+        ("MONOCHROME2", "INVERSE", INVERTED),  # was ignored: shown as RAMP
+        ("MONOCHROME1", None, INVERTED),
+        ("MONOCHROME1", "INVERSE", INVERTED),  # the conformant pair (PS3.3 C.7.6.1.1.x): one inversion
+        ("MONOCHROME1", "IDENTITY", RAMP),  # non-conformant; the shape wins, as in dcm2pnm
+        ("MONOCHROME2", "LIN OD", RAMP),  # hardcopy only: the photometric's own polarity
+    ],
+)
+def test_presentation_lut_shape_decides_the_polarity(photometric: str, shape: str | None, expected: list[int]) -> None:
+    data = _polarity_image(photometric, shape)
+    assert decode(data, limits=LIMITS).pixels_u8[0].tolist() == expected
+    requested = decode(data, window=(127.5, 255), limits=LIMITS).pixels_u8[0].astype(int)
+    assert np.abs(requested - expected).max() <= 1
+
+
+def test_presentation_lut_shape_with_a_voi_lut_and_on_colour() -> None:
+    voi = Dataset()
+    voi.LUTDescriptor = [2, 0, 12]
+    voi.LUTData = struct.pack("<2H", 0, 4095)  # 2 entries, 12 bits: 0 -> black, 1 and above -> white
+    data = _polarity_image("MONOCHROME2", "INVERSE", VOILUTSequence=pydicom.Sequence([voi]))
+    image = decode(data, limits=LIMITS)
+    assert image.window_used.source == "voi_lut"
+    assert image.pixels_u8[0].tolist() == [255, 0, 0, 0]
+    rgb = _small_image(1, 2, PhotometricInterpretation="RGB", SamplesPerPixel=3, PlanarConfiguration=0)
+    rgb.PixelData = bytes([0, 0, 0, 255, 255, 255])
+    rgb.PresentationLUTShape = "INVERSE"  # not allowed on colour (IDENTITY only): ignored
+    assert decode(_dicom_bytes(rgb), limits=LIMITS).pixels_u8[0].tolist() == [0, 255]
 
 
 def test_non_image_dicom_is_named() -> None:

@@ -11,7 +11,7 @@ import pydicom.encaps
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from services.imaging.errors import InvalidImage
+from services.imaging.errors import InvalidImage, UnsupportedCodec
 from services.imaging.ingest.dicom_attrs import uid
 from services.imaging.ingest.guards import PASS_THROUGH, check_size, inflate
 from services.imaging.ingest.raster import jpeg_header
@@ -77,8 +77,15 @@ def inflate_dicom(data: bytes, meta_end: int, span: tuple[int, int], limits: Ing
 def decode_frame(
     decoder: Any, ds: Dataset, *, index: int, plugins: tuple[str, ...], label: str
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """One frame through each allowed plugin in turn (YBR becomes RGB, pydicom's default)."""
+    """One frame through each allowed plugin in turn (YBR becomes RGB, pydicom's default).
+
+    When every plugin refuses for a reason of its own (a feature it lacks, or a strictness other
+    decoders do not have) the file is real and our codecs are the limit: UnsupportedCodec
+    (FAILED_PRECONDITION) naming the transfer syntax. Any other failure means the bytes are bad:
+    InvalidImage. Plugin messages are classified, never passed on.
+    """
     failures: list[str] = []
+    refusals: list[str] = []
     for plugin in plugins or ("",):
         try:
             array, properties = decoder.as_array(ds, index=index, decoding_plugin=plugin)
@@ -87,7 +94,34 @@ def decode_frame(
             raise
         except BaseException as exc:  # incl. pyo3's PanicException from the Rust RLE decoder
             failures.append(type(exc).__name__)
+            refusal = _codec_refusal(exc)
+            if refusal is not None:
+                refusals.append(f"{plugin or 'pydicom'}: {refusal}")
+    if refusals and len(refusals) == len(failures):
+        raise UnsupportedCodec(
+            f"transfer syntax {label}: the installed decoders cannot decode this pixel data ({'; '.join(refusals)})"
+        )
     raise InvalidImage(f"DICOM pixel data could not be decoded ({label}; {', '.join(failures)})")
+
+
+# What a plugin says when the codec, not the data, is the limit (pydicom 3.0 and pylibjpeg wording).
+_UNSUPPORTED_FEATURE = ("does not support", "is not supported", "not implemented")
+# libjpeg (pylibjpeg) refuses sequential JPEG whose SOS spectral selection is not 0..63; IJG
+# libjpeg (dcmtk, GDCM, Pillow) only warns and decodes. pydicom's JPEG-lossy.dcm (NEMA WG04
+# NM1_JPLY, 12-bit) has such a header: dcmtk's dcmj2pnm renders it.
+_STRICT_SCAN_HEADER = "scan start must be zero and scan stop must be 63"
+
+
+def _codec_refusal(exc: BaseException) -> str | None:
+    """A fixed description when ``exc`` says the codec cannot handle valid data, else None."""
+    if isinstance(exc, NotImplementedError):
+        return "not supported"
+    text = str(exc)
+    if _STRICT_SCAN_HEADER in text:
+        return "refuses the sequential scan header other decoders accept"
+    if any(phrase in text for phrase in _UNSUPPORTED_FEATURE):
+        return "not supported"
+    return None
 
 
 def transfer_syntax(ds: Dataset, *, bare: bool) -> str:

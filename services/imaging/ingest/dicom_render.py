@@ -1,4 +1,5 @@
-"""DICOM's grey pipeline (PS3.4 N.2) for one frame: palette to luma, modality LUT or rescale, VOI LUT or window."""
+"""DICOM's grey pipeline (PS3.4 N.2) for one frame: palette to luma, modality LUT or rescale, VOI LUT or window,
+then the Presentation LUT Shape's polarity."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def render_dicom(
     """(source, pixels_u8, window used): palette/colour to luma, or the grey pipeline of PS3.4 N.2.
 
     Grey: modality LUT or rescale, then the requested window, else the file's VOI LUT, else its
-    window, else the automatic one; MONOCHROME1 is inverted in the same pass.
+    window, else the automatic one; inverted in the same pass when :func:`inverts` says so.
     """
     padding: np.ndarray | None = None
     if photometric == PALETTE:
@@ -51,7 +52,7 @@ def render_dicom(
         source = _modality(array, ds, index)
         grey = source
 
-    invert = photometric == "MONOCHROME1"
+    invert = inverts(ds, photometric)
     if window is not None:
         used, pixels = window, render(grey, window, invert=invert)
     elif full:
@@ -72,6 +73,27 @@ def render_dicom(
             pixels = render(source, used, invert=invert)
 
     return source, pixels, used
+
+
+def inverts(ds: Dataset, photometric: str) -> bool:
+    """Whether the grey output is inverted for display: the Presentation LUT Shape (2050,0020) decides.
+
+    PS3.3 C.7.6.1 (General Image) and C.11.6.1: IDENTITY means the VOI output already is in
+    P-Values (minimum black), INVERSE that it is after inversion (minimum white). A MONOCHROME1
+    image is written with INVERSE, so MONOCHROME1 + INVERSE is one inversion (minimum white, as
+    MONOCHROME1 always displays), not two. Without a shape, MONOCHROME1 inverts and MONOCHROME2
+    does not. dcmtk's dcm2pnm renders all six combinations this way, including the
+    non-conformant MONOCHROME1 + IDENTITY (not inverted: the shape wins). Colour images ignore
+    the shape (IDENTITY is the only value allowed for them).
+    """
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return False
+    shape = cs(ds, "PresentationLUTShape")
+    if shape == "INVERSE":
+        return True
+    if shape == "IDENTITY":
+        return False
+    return photometric == "MONOCHROME1"  # absent, or LIN OD (hardcopy only): the photometric's own polarity
 
 
 def _palette_to_little_endian(ds: Dataset) -> None:

@@ -28,7 +28,8 @@ class Window:
     ``center``/``width`` are in DICOM's terms for ``function`` (LINEAR, LINEAR_EXACT, SIGMOID, or
     LUT for a VOI LUT); ``source`` says where it came from: ``request``, ``dicom`` (the file's
     window), ``voi_lut``, ``auto`` (percentiles 0.5/99.5, padding excluded) or ``full_range``.
-    MONOCHROME1 images are inverted after this mapping.
+    The display polarity is applied after this mapping: inverted for MONOCHROME1, or wherever the
+    Presentation LUT Shape is INVERSE (``dicom_render.inverts``).
     """
 
     center: float

@@ -46,7 +46,7 @@ def auto_window(values: np.ndarray, padding: np.ndarray | None) -> Window:
 def render(values: np.ndarray, window: Window, *, invert: bool = False) -> np.ndarray:
     """Values to uint8 through ``window`` (linear in one OpenCV pass, or DICOM's sigmoid).
 
-    ``invert`` (MONOCHROME1) is folded into the same pass: 255 - y.
+    ``invert`` (MONOCHROME1, Presentation LUT Shape INVERSE) is folded into the same pass: 255 - y.
     """
     if window.function == "SIGMOID":
         x = values.astype(np.float32)
