@@ -142,7 +142,7 @@ def test_extreme_aspect_ratios_describe_the_resize_that_happened(h: int, w: int)
         np.float64,
     )
     assert np.array_equal(transform.boxes_to_original(resized), [[0, 0, w, h]])
-    assert np.array_equal(transform.boxes_to_model([[0, 0, w, h]]), resized)
+    assert np.array_equal(transform.boxes_to_model(np.array([[0, 0, w, h]], np.float64)), resized)
     full = transform.mask_to_model(np.ones((h, w), np.uint8))
     assert int(full.sum()) == transform.resized_width * transform.resized_height
     assert transform.mask_to_original(full).all()
