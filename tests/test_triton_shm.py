@@ -13,6 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from services.settings import load_settings
 from services.triton.client import TritonModels
+from services.triton.embedded import admin_headers
 from services.triton.shm import PREFIX, remove_stale_regions
 from training.phantoms import generate, model_space
 
@@ -75,7 +76,7 @@ async def test_lost_registrations_fall_back_to_the_wire(triton_url: str, phantom
         for name in models.shared_memory_regions:  # as a Triton restart would (other pools' stay)
             for attempt in range(40):  # Triton lets go of a region a moment after the answer
                 try:
-                    admin.unregister_system_shared_memory(name)
+                    admin.unregister_system_shared_memory(name, headers=admin_headers())
                     break
                 except InferenceServerException:
                     if attempt == 39:

@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 from services.imaging.preprocess import MODEL_SIZE
 from services.metrics import TRITON_SECONDS
 from services.settings import Settings, TritonSettings
+from services.triton.embedded import admin_headers
 from services.triton.shm import SharedMemoryPool, needed_bytes, remove_stale_regions
 
 log = logging.getLogger("medgate.triton.client")
@@ -185,6 +186,8 @@ class TritonModels:
         self._shared_memory = shared_memory
         self._shm_max_bytes = shared_memory_max_bytes
         self._shm: SharedMemoryPool | None = None
+        # Sent with the calls of Triton's restricted protocols (shared memory) and model config/metadata.
+        self.admin_headers = admin_headers()
 
     @classmethod
     def from_settings(cls, url: str, settings: Settings) -> TritonModels:
@@ -242,8 +245,14 @@ class TritonModels:
         for role, name in self.model_names.items():
             contract = CONTRACTS[role]
             try:
-                metadata = await self.client.get_model_metadata(name, as_json=True, client_timeout=timeout_s)
-                config = (await self.client.get_model_config(name, as_json=True, client_timeout=timeout_s))["config"]
+                metadata = await self.client.get_model_metadata(
+                    name, headers=self.admin_headers, as_json=True, client_timeout=timeout_s
+                )
+                config = (
+                    await self.client.get_model_config(
+                        name, headers=self.admin_headers, as_json=True, client_timeout=timeout_s
+                    )
+                )["config"]
             except InferenceServerException as exc:
                 raise TritonUnavailable(f"Triton at {self.url}: model {name!r} ({role}): {exc.message()}") from None
             check_contract(contract, metadata, config)
@@ -261,7 +270,7 @@ class TritonModels:
         self.models = models
         if self._wants_shared_memory() and self._shm is None:
             remove_stale_regions()
-            self._shm = SharedMemoryPool(self.client, max_bytes=self._shm_max_bytes)
+            self._shm = SharedMemoryPool(self.client, max_bytes=self._shm_max_bytes, headers=self.admin_headers)
         if "classifier" in models and not models["classifier"].labels:
             models["classifier"].labels = await self._classifier_labels()
         return models

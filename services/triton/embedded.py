@@ -3,6 +3,17 @@
 The wheel carries Triton 2.51 with only the Python backend. Its stub for our Python version lives
 outside the backend folder, so we assemble a backend directory of symlinks under the cache and point
 the server at it, with this interpreter's ``bin`` first on PATH so the stub finds our packages.
+
+The gateway is the only door: the server listens on loopback, and its administrative protocols
+(model repository, shared memory, statistics, trace, logging; gRPC and HTTP alike) answer only
+requests that carry the :data:`ADMIN_HEADER` with a random key made when the first server of this
+process tree starts. The key travels to the gateway's clients (and its spawned workers) in this
+process's environment (:data:`ADMIN_KEY_ENV`), never in settings or on disk; :func:`admin_headers`
+is what every client of ours sends. Limits: tritonserver takes the key on its command line, which
+local users can read in the process list unless /proc is mounted with ``hidepid=2`` (or the gateway
+runs in its own PID namespace, as in a container); what it stops is a client that can reach the
+loopback port without seeing our processes (another container of a pod, an SSRF). Health, metadata,
+model config and inference stay open on loopback.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ import ctypes
 import importlib.util
 import logging
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -21,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from services.settings import PROJECT_ROOT, TritonSettings
 
@@ -28,6 +41,31 @@ log = logging.getLogger("medgate.triton")
 server_log = logging.getLogger("medgate.triton.server")
 
 _PR_SET_PDEATHSIG = 1
+
+# Triton's restricted-protocol check: the header an HTTP call carries, and the protocols (gRPC) or APIs
+# (HTTP; same names) that need it. Inference, health, metadata and model config stay open. Over gRPC
+# Triton 2.51 expects the key under "triton-grpc-protocol-" + the header (its refusal names it).
+ADMIN_HEADER = "medgate-triton-admin"
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
+ADMIN_PROTOCOLS = ("model-repository", "shared-memory", "statistics", "trace", "logging")
+# The key's carrier to our clients and spawned gateway workers. Not MEDGATE_*: that prefix is for settings,
+# and this is no setting (an operator may set it to give an external Triton's restricted key to the gateway).
+ADMIN_KEY_ENV = "TRITON_ADMIN_KEY"
+
+
+def admin_key() -> str:
+    """The key the embedded servers of this process tree require; made (and put in the environment) on first use."""
+    key = os.environ.get(ADMIN_KEY_ENV, "")
+    if not key:
+        key = secrets.token_urlsafe(32)
+        os.environ[ADMIN_KEY_ENV] = key
+    return key
+
+
+def admin_headers(*, http: bool = False) -> dict[str, str]:
+    """Headers for Triton's restricted protocols (tritonclient's ``headers=``; gRPC unless ``http``), or {}."""
+    key = os.environ.get(ADMIN_KEY_ENV, "")
+    return {ADMIN_HEADER if http else GRPC_ADMIN_HEADER: key} if key else {}
 
 
 class TritonStartError(RuntimeError):
@@ -84,6 +122,7 @@ class EmbeddedTriton:
 
     def command(self) -> list[str]:
         s = self.settings
+        restricted = f"{','.join(ADMIN_PROTOCOLS)}:{ADMIN_HEADER}={admin_key()}"
         return [
             str(pytriton_server_dir() / "bin" / "tritonserver"),
             f"--model-repository={s.model_repository}",
@@ -98,6 +137,8 @@ class EmbeddedTriton:
             f"--backend-config=python,shm-growth-byte-size={s.python_shm_growth_bytes}",
             f"--log-verbose={s.log_verbose}",
             f"--exit-timeout-secs={s.exit_timeout_s}",
+            f"--grpc-restricted-protocol={restricted}",
+            f"--http-restricted-api={restricted}",
             *shlex.split(s.extra_args),
         ]
 
@@ -107,8 +148,13 @@ class EmbeddedTriton:
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         command = self.command()
-        log.info("starting tritonserver on %s (gRPC %d, HTTP %d, metrics %d)", self.settings.model_repository,
-                 self.settings.grpc_port, self.settings.http_port, self.settings.metrics_port)
+        log.info(
+            "starting tritonserver on %s (gRPC %d, HTTP %d, metrics %d)",
+            self.settings.model_repository,
+            self.settings.grpc_port,
+            self.settings.http_port,
+            self.settings.metrics_port,
+        )
         self._process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -203,18 +249,21 @@ def wait_until_ready(
     import tritonclient.grpc as triton_grpc
 
     client = triton_grpc.InferenceServerClient(grpc_url)
+    headers = admin_headers()  # the repository index is a restricted protocol
     said, said_at = "", 0.0
     try:
         while time.monotonic() < deadline:
             if callable(alive) and not alive():
                 return None
-            waiting, failure = "server not reachable yet", ""
+            waiting, failure, restricted = "server not reachable yet", "", False
             with contextlib.suppress(Exception):
                 if client.is_server_live(client_timeout=call_timeout_s):
-                    index = client.get_model_repository_index(as_json=True, client_timeout=call_timeout_s)
-                    index = index.get("models", [])
-                    names = models or [entry["name"] for entry in index]
-                    entries = {entry["name"]: entry for entry in index}
+                    index = _repository_index(client, headers, call_timeout_s)
+                    # Without the admin key (a Triton this process did not start) the index is refused:
+                    # readiness alone, of the models named, is still known.
+                    restricted = index is None and not models
+                    names = models or [entry["name"] for entry in index or []]
+                    entries = {entry["name"]: entry for entry in index or []}
                     failed = [n for n in names if entries.get(n, {}).get("state") == "UNAVAILABLE"]
                     if failed:
                         failure = "; ".join(f"{n}: {entries[n].get('reason', '') or 'no reason given'}" for n in failed)
@@ -222,6 +271,11 @@ def wait_until_ready(
                     if names and not pending:
                         return names
                     waiting = f"models not ready yet: {', '.join(pending) or 'none in the repository'}"
+            if restricted:
+                raise TritonStartError(
+                    f"Triton at {grpc_url} restricts its model repository: name the models to wait for,"
+                    f" or give its admin key in {ADMIN_KEY_ENV}"
+                )
             if failure:
                 raise TritonStartError(f"Triton at {grpc_url}: models failed to load: {failure}")
             if waiting != said or time.monotonic() - said_at >= report_every_s:
@@ -231,6 +285,19 @@ def wait_until_ready(
     finally:
         client.close()
     return None
+
+
+def _repository_index(client: Any, headers: dict[str, str], timeout_s: float) -> list[dict[str, Any]] | None:
+    """Triton's model repository index; None when Triton restricts it and ``headers`` lack its key."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        index = client.get_model_repository_index(headers=headers, as_json=True, client_timeout=timeout_s)
+    except InferenceServerException as exc:
+        if "restricted" in (exc.message() or "").lower():
+            return None
+        raise
+    return list(index.get("models", []))
 
 
 @contextlib.contextmanager

@@ -98,11 +98,14 @@ class SharedMemoryPool:
     """Regions registered with one Triton through ``client`` (tritonclient's aio client), reused per call.
 
     ``max_bytes`` bounds the memory the pool holds; a call that would need more goes over the wire.
+    ``headers`` go with every (un)registration: Triton's shared-memory protocol is restricted to callers
+    that carry its admin key (see :mod:`services.triton.embedded`).
     """
 
-    def __init__(self, client: Any, *, max_bytes: int) -> None:
+    def __init__(self, client: Any, *, max_bytes: int, headers: dict[str, str] | None = None) -> None:
         self.client = client
         self.max_bytes = max_bytes
+        self.headers = dict(headers or {})
         self.enabled = True
         self._free: list[Region] = []
         self._all: list[Region] = []
@@ -168,11 +171,14 @@ class SharedMemoryPool:
             return None
         region = Region(name=name, key="/" + name, size=size, handle=handle)
         try:
-            await self.client.register_system_shared_memory(name, region.key, size)
-        except Exception as exc:  # Triton elsewhere cannot map our /dev/shm
+            await self.client.register_system_shared_memory(name, region.key, size, headers=self.headers)
+        except Exception as exc:  # Triton elsewhere cannot map our /dev/shm, or wants its admin key
             with contextlib.suppress(Exception):
                 triton_shm.destroy_shared_memory_region(handle)
-            await self.disable(f"Triton could not map a region ({type(exc).__name__})")
+            if "restricted" in str(exc).lower():
+                await self.disable("Triton restricts shared memory to callers with its admin key")
+            else:
+                await self.disable(f"Triton could not map a region ({type(exc).__name__})")
             return None
         self._all.append(region)
         return region
@@ -181,6 +187,6 @@ class SharedMemoryPool:
         if region in self._all:
             self._all.remove(region)
         with contextlib.suppress(Exception):
-            await self.client.unregister_system_shared_memory(region.name)
+            await self.client.unregister_system_shared_memory(region.name, headers=self.headers)
         with contextlib.suppress(Exception):
             triton_shm.destroy_shared_memory_region(region.handle)
