@@ -145,9 +145,10 @@ class EmbeddedTriton:
     def start(self) -> None:
         if self._process is not None:
             return
-        env = dict(os.environ)
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         command = self.command()
+        env = dict(os.environ)
+        env.pop(ADMIN_KEY_ENV, None)  # the server has it on its command line; the models' code need not see it
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         log.info(
             "starting tritonserver on %s (gRPC %d, HTTP %d, metrics %d)",
             self.settings.model_repository,
