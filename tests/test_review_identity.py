@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -211,7 +212,7 @@ class Tokens:
 
 
 @pytest.fixture
-async def secured(tmp_path: Path) -> AsyncIterator[tuple[pb_grpc.ReviewStub, Tokens, Path]]:
+async def secured(tmp_path: Path) -> AsyncIterator[tuple[pb_grpc.ReviewStub, Tokens, Path, str]]:
     from services.review.server import ReviewServer
 
     key = new_signing_key()
@@ -224,16 +225,17 @@ async def secured(tmp_path: Path) -> AsyncIterator[tuple[pb_grpc.ReviewStub, Tok
     server = ReviewServer(settings.review, settings.security)
     await server.start(port=0)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield pb_grpc.ReviewStub(channel), Tokens(key), tmp_path
+        target = f"127.0.0.1:{server.port}"
+        async with grpc.aio.insecure_channel(target) as channel:
+            yield pb_grpc.ReviewStub(channel), Tokens(key), tmp_path, target
     finally:
         await server.stop()
 
 
 async def test_with_tokens_the_reviewer_is_the_token_and_output_json_says_so(
-    secured: tuple[pb_grpc.ReviewStub, Tokens, Path],
+    secured: tuple[pb_grpc.ReviewStub, Tokens, Path, str],
 ) -> None:
-    stub, tokens, root = secured
+    stub, tokens, root, _ = secured
     dr_a, dr_b, admin = tokens.metadata("dr-a"), tokens.metadata("dr-b"), tokens.metadata("ops", Role.ADMIN)
     await stub.StartHumanLoop(start_request("case-t"), metadata=tokens.metadata("gw", Role.ROUTER))
     # Naming someone else in the request is refused, not replaced by the token's subject.
@@ -282,3 +284,25 @@ async def test_the_reviewer_client_without_tokens_needs_a_reviewer_id(
     assert code == 0, err
     assert "reviewing as dr-cli" in out and "case case-c" in out
     assert "output single/" in out  # the A2I key, not a path on the server
+
+
+async def test_the_reviewer_client_with_a_token_needs_no_reviewer_id(
+    secured: tuple[pb_grpc.ReviewStub, Tokens, Path, str],
+) -> None:
+    stub, tokens, root, target = secured
+    await stub.StartHumanLoop(start_request("case-k"), metadata=tokens.metadata("gw", Role.ROUTER))
+    token = tokens.metadata("dr-k")[0][1].removeprefix("Bearer ")
+    command = [sys.executable, "-m", "clients.cli", "reviewer", "--flow", "single", "--target", target]
+    command += ["--insecure", "--auto", "accept", "--limit", "1"]
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "MEDGATE_TOKEN": token},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, err.decode()
+    assert f"reviewing as {ISSUER}#dr-k" in out.decode()
+    key = next(line for line in out.decode().splitlines() if "output " in line).rsplit("output ", 1)[1]
+    answer = json.loads((root / "out" / key).read_text())["humanAnswers"][0]
+    assert answer["workerId"] == "dr-k" and answer["workerMetadata"]["identityData"]["sub"] == "dr-k"
