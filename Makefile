@@ -119,7 +119,10 @@ $(GHZ_FIXTURES): bench/ghz/make_fixtures.py $(wildcard bench/ghz/*.json) $(STAMP
 # Load test of a RUNNING stack: needs `make run` up on 127.0.0.1:50051 (another shell); it starts nothing.
 # With ghz on PATH each config runs through the protoset and through server reflection; without ghz,
 # bench/loadgen.py runs the same configs and prints ghz's summary (reports in bench/results/loadtest.json).
+# TLS and the token as `make run` serves: the configs trust var/credentials/ca.pem and send the inference token,
+# written to bench/ghz/fixtures/auth/metadata.json before each run (so a renewed token is picked up).
 loadtest: ghz-fixtures
+	@$(PY) -m bench.ghz.make_fixtures --metadata-only
 	@if command -v ghz >/dev/null 2>&1; then \
 		for config in bench/ghz/*.json bench/ghz/fixtures/*.json; do \
 			echo "== $$config (protoset)"; ghz --config "$$config" || exit 1; \

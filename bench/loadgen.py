@@ -1,10 +1,12 @@
 """A Python load generator for ghz configs: the same JSON in, ghz's summary out (for machines without ghz).
 
 Reads a ghz config (``call``, ``host``, ``total``, ``concurrency``, ``connections``, ``duration``,
-``max-duration``, ``timeout``, and ``data`` / ``data-file`` in protobuf's JSON mapping or
-``binary-file`` with a serialized request), serializes the request once and sends it over several
-grpc.aio channels, each with its own TCP connection (``grpc.use_local_subchannel_pool``), with
-``concurrency`` calls in flight. Prints ghz's summary (Count, Total, Slowest, Fastest, Average,
+``max-duration``, ``timeout``, ``data`` / ``data-file`` in protobuf's JSON mapping or ``binary-file``
+with a serialized request; and, TLS being the default as in ghz unless ``insecure``: ``cacert``,
+``cert``/``key`` for mutual TLS, ``cname``, and ``metadata`` / ``metadata-file`` such as
+``{"authorization": "Bearer ..."}``), serializes the request once and sends it over several grpc.aio
+channels, each with its own TCP connection (``grpc.use_local_subchannel_pool``), with ``concurrency``
+calls in flight. Prints ghz's summary (Count, Total, Slowest, Fastest, Average,
 Requests/sec, response time histogram, latency distribution, status code and error distribution);
 ``--json`` writes the reports with ghz's JSON field names and units (durations in nanoseconds).
 
@@ -73,6 +75,12 @@ class LoadConfig:
     max_duration_s: float | None  # stop at total or this long, whichever first (ghz's -x)
     timeout_s: float | None
     payloads: list[bytes]  # serialized requests, sent round-robin
+    insecure: bool = False  # plaintext; otherwise TLS, as ghz defaults to
+    cacert: Path | None = None  # None: gRPC's bundled public roots
+    cert: Path | None = None
+    key: Path | None = None
+    cname: str = ""  # the name the server's certificate must carry, when not the host's
+    metadata: tuple[tuple[str, str], ...] = ()  # sent with every call (ghz's -m), e.g. the bearer token
 
 
 def _method(call: str) -> tuple[str, Any]:
@@ -98,7 +106,13 @@ def load_config(
     concurrency: int | None = None,
     connections: int | None = None,
     duration: str | None = None,
+    insecure: bool | None = None,
+    cacert: Path | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> LoadConfig:
+    """``path`` with the command line's overrides; TLS files given here mean TLS whatever the config says."""
     raw = json.loads(path.read_text())
     call = raw.get("call")
     if not call:
@@ -125,7 +139,58 @@ def load_config(
         max_duration_s=parse_duration(raw.get("max-duration")),
         timeout_s=parse_duration(raw.get("timeout", "20s")),
         payloads=payloads,
+        **_security(raw, insecure=insecure, cacert=cacert, cert=cert, key=key, metadata=metadata),
     )
+
+
+def _security(
+    raw: dict[str, Any],
+    *,
+    insecure: bool | None,
+    cacert: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    metadata: dict[str, str] | None,
+) -> dict[str, Any]:
+    """ghz's connection options from a config and overrides: TLS files, plaintext, metadata."""
+    if raw.get("skipTLS"):
+        raise ValueError("skipTLS is not supported: give the server's CA as cacert")
+    cacert = cacert or (Path(raw["cacert"]) if raw.get("cacert") else None)
+    cert = cert or (Path(raw["cert"]) if raw.get("cert") else None)
+    key = key or (Path(raw["key"]) if raw.get("key") else None)
+    if (cert is None) != (key is None):
+        raise ValueError("cert and key go together (the client certificate and its private key)")
+    if insecure is None:
+        explicit_tls = any(v is not None for v in (cacert, cert)) and not raw.get("insecure")
+        insecure = bool(raw.get("insecure")) and not explicit_tls
+    if metadata is None:
+        if raw.get("metadata-file"):
+            metadata = json.loads(Path(raw["metadata-file"]).read_text())
+        else:
+            metadata = raw.get("metadata") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("metadata must be a JSON object of strings")
+    return {
+        "insecure": insecure,
+        "cacert": cacert,
+        "cert": cert,
+        "key": key,
+        "cname": str(raw.get("cname") or ""),
+        "metadata": tuple((name.lower(), value) for name, value in metadata.items()),
+    }
+
+
+def _channel(config: LoadConfig, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+    if config.insecure:
+        return grpc.aio.insecure_channel(config.host, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=config.cacert.read_bytes() if config.cacert else None,
+        private_key=config.key.read_bytes() if config.key else None,
+        certificate_chain=config.cert.read_bytes() if config.cert else None,
+    )
+    if config.cname:
+        options = [*options, ("grpc.ssl_target_name_override", config.cname)]
+    return grpc.aio.secure_channel(config.host, credentials, options=options)
 
 
 @dataclass
@@ -235,7 +300,7 @@ async def run_load(config: LoadConfig) -> Report:
         # Each channel its own TCP connection, so SO_REUSEPORT can spread them over gateway workers.
         ("grpc.use_local_subchannel_pool", 1),
     ]
-    channels = [grpc.aio.insecure_channel(config.host, options=options) for _ in range(config.connections)]
+    channels = [_channel(config, options) for _ in range(config.connections)]
     report = Report(config.name, config.call, config.host, config.concurrency, config.connections)
     try:
         await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), timeout=10)
@@ -265,7 +330,7 @@ async def run_load(config: LoadConfig) -> Report:
             payload = config.payloads[number % len(config.payloads)]
             started = time.perf_counter()
             try:
-                await call(payload, timeout=config.timeout_s)
+                await call(payload, timeout=config.timeout_s, metadata=config.metadata or None)
                 code = "OK"
             except grpc.aio.AioRpcError as exc:
                 code = _go_code_name(exc.code())
@@ -315,6 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, help="channels (TCP connections); default min(concurrency, 4)")
     parser.add_argument("-z", "--duration", help="run for this long (e.g. 10s), ignoring total")
     parser.add_argument("--json", type=Path, help="write the reports here (ghz's JSON fields, nanoseconds)")
+    parser.add_argument("--cacert", type=Path, help="override the configs' CA certificate (TLS)")
+    parser.add_argument("--cert", type=Path, help="override the configs' client certificate (mutual TLS)")
+    parser.add_argument("--key", type=Path, help="override the configs' client key")
+    parser.add_argument(
+        "-m", "--metadata", type=json.loads, help='override the metadata, e.g. {"authorization": "Bearer ..."}'
+    )
+    parser.add_argument("--insecure", action="store_true", default=None, help="plaintext, whatever the configs say")
     args = parser.parse_args(argv)
     try:
         reports = asyncio.run(
@@ -325,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency=args.concurrency,
                 connections=args.connections,
                 duration=args.duration,
+                insecure=args.insecure,
+                cacert=args.cacert,
+                cert=args.cert,
+                key=args.key,
+                metadata=args.metadata,
             )
         )
     except (ValueError, OSError, ConnectionError) as exc:

@@ -5,15 +5,21 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from clients import connect
 from medgate.v1 import inference_pb2_grpc as pb_grpc
 from medgate.v1 import report_pb2_grpc
 from services.gateway.server import GatewayServer
 from services.review.server import ReviewServer
+from services.security.credentials import DevCredentials, ensure_dev_credentials
+from services.security.identity import Role
 from services.settings import PROJECT_ROOT, load_settings
 from services.triton.embedded import EmbeddedTriton
 
@@ -21,6 +27,11 @@ from services.triton.embedded import EmbeddedTriton
 # exercise security pass security={...} explicitly (explicit settings win over the environment).
 os.environ.setdefault("MEDGATE_SECURITY_TLS", "false")
 os.environ.setdefault("MEDGATE_SECURITY_AUTH", "false")
+
+# The shared servers (review_server, gateway) run as `make run` serves: TLS and bearer tokens, on development
+# credentials made for the session; their clients (channel, stub, report_stub, Clients) send the role's token.
+# False puts them all back on plaintext without tokens, in one place.
+SECURE_FIXTURES = True
 
 # Fixtures that start the real tritonserver (directly or through one they request). A test that uses any of
 # them, however indirectly, gets the `triton` marker here, so `make test-fast` (-m "not triton") cannot start one.
@@ -37,6 +48,67 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def security_values(directory: Path, **changes: Any) -> dict[str, Any]:
+    """``security={...}`` for load_settings: TLS and tokens from the development credentials in ``directory``."""
+    return {
+        "tls": True,
+        "auth": True,
+        "credentials_dir": directory,
+        "cert_file": directory / "server.pem",
+        "key_file": directory / "server.key",
+        "client_ca_file": directory / "ca.pem",
+        "jwks_file": directory / "jwks.json",
+        "router_token_file": directory / "router.token",
+        **changes,
+    }
+
+
+@pytest.fixture(scope="session")
+def dev_credentials(tmp_path_factory: pytest.TempPathFactory) -> DevCredentials:
+    """This session's development CA, server and client certificates, JWKS and one token per role."""
+    directory = tmp_path_factory.mktemp("credentials") / "credentials"
+    return ensure_dev_credentials(load_settings(security=security_values(directory)).security)
+
+
+@pytest.fixture(scope="session")
+def shared_security(dev_credentials: DevCredentials, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The security settings of the shared servers (audit events under a temp dir, never the checkout's var/)."""
+    audit = tmp_path_factory.mktemp("audit")
+    if not SECURE_FIXTURES:
+        return {"tls": False, "auth": False, "audit_dir": audit}
+    return security_values(dev_credentials.directory, audit_dir=audit)
+
+
+@dataclass(frozen=True)
+class Clients:
+    """How tests reach the shared servers: channels and command-line flags carrying one role's token."""
+
+    credentials: DevCredentials
+    secure: bool = SECURE_FIXTURES
+
+    def security(self, role: Role | str) -> connect.ClientSecurity:
+        if not self.secure:
+            return connect.ClientSecurity(insecure=True)
+        return connect.ClientSecurity(ca_file=self.credentials.ca_cert, token=self.credentials.token(role))
+
+    def channel(self, target: str, role: Role | str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+        return connect.aio_channel(target, self.security(role), options)
+
+    def sync_channel(self, target: str, role: Role | str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+        return connect.channel(target, self.security(role), options)
+
+    def flags(self, role: Role | str) -> list[str]:
+        """``medgate`` options for the role: the CA and the token file, or --insecure for plaintext servers."""
+        if not self.secure:
+            return ["--insecure"]
+        return ["--ca", str(self.credentials.ca_cert), "--token-file", str(self.credentials.token_path(role))]
+
+
+@pytest.fixture(scope="session")
+def clients(dev_credentials: DevCredentials) -> Clients:
+    return Clients(dev_credentials)
 
 
 @pytest.fixture(scope="session")
@@ -57,16 +129,19 @@ def triton_url(triton_server: EmbeddedTriton) -> str:
 
 
 @pytest.fixture(scope="session")
-async def review_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ReviewServer]:
+async def review_server(
+    tmp_path_factory: pytest.TempPathFactory, shared_security: dict[str, Any]
+) -> AsyncIterator[ReviewServer]:
     """A real review service on a fresh store, so routing from real inference can be checked."""
     root = tmp_path_factory.mktemp("review")
     flows = root / "config" / "flows.toml"  # the shipped flows, with their outputs under this temp dir
     flows.parent.mkdir()
     flows.write_text((PROJECT_ROOT / "config" / "flows.toml").read_text())
     settings = load_settings(
-        review={"store_path": root / "review.sqlite3", "flows_file": flows, "port": 0, "housekeeping_interval_s": 0.2}
+        review={"store_path": root / "review.sqlite3", "flows_file": flows, "port": 0, "housekeeping_interval_s": 0.2},
+        security=shared_security,
     )
-    server = ReviewServer(settings.review)
+    server = ReviewServer(settings.review, settings.security)
     await server.start(port=0)
     yield server
     await server.stop()
@@ -74,12 +149,16 @@ async def review_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
 
 @pytest.fixture(scope="session")
 async def gateway(
-    triton_url: str, review_server: ReviewServer, tmp_path_factory: pytest.TempPathFactory
+    triton_url: str,
+    review_server: ReviewServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    shared_security: dict[str, Any],
 ) -> AsyncIterator[GatewayServer]:
     outbox = tmp_path_factory.mktemp("review-outbox")
     settings = load_settings(
         gateway={"port": 0, "max_prompts": 8, "metrics_port": 0},
         review={"url": f"127.0.0.1:{review_server.port}", "outbox_dir": outbox},
+        security=shared_security,
     )
     server = GatewayServer(settings, triton_url)
     await server.start(port=0)
@@ -88,9 +167,10 @@ async def gateway(
 
 
 @pytest.fixture(scope="session")
-async def channel(gateway: GatewayServer) -> AsyncIterator[grpc.aio.Channel]:
+async def channel(gateway: GatewayServer, clients: Clients) -> AsyncIterator[grpc.aio.Channel]:
+    """The gateway over TLS with the inference token (the role of a PACS router or ``medgate infer``)."""
     options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}", options=options) as ch:
+    async with clients.channel(f"127.0.0.1:{gateway.port}", Role.INFERENCE, options) as ch:
         yield ch
 
 

@@ -22,6 +22,8 @@ from pydicom.filewriter import write_dataset
 from clients import batch
 from clients.cli import build_parser
 from services.gateway.server import GatewayServer
+from services.security.identity import Role
+from tests.conftest import Clients
 from tests.fixtures import (
     PATIENT_BIRTH_DATE,
     PATIENT_ID,
@@ -133,12 +135,14 @@ async def run_batch(server: GatewayServer, *argv: str) -> tuple[int, str]:
 
 async def test_batch_writes_every_output_reports_the_corrupt_file_and_resumes(
     gateway: GatewayServer,
+    clients: Clients,
     inputs: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "out"
     argv = (str(inputs), "--out", str(out), "--tasks", "classify,detect,segment", "--prompts", PROMPTS)
+    argv += tuple(clients.flags(Role.INFERENCE))
     code, printed = await run_batch(gateway, *argv, "--mask-space", "both", "--overlays", "--concurrency", "3")
     assert code == 1  # the corrupt file failed; everything else went through
 
@@ -213,14 +217,16 @@ async def test_batch_writes_every_output_reports_the_corrupt_file_and_resumes(
     assert read_summary(out) == rows
 
 
-async def test_an_interrupted_batch_resumes_to_completion(gateway: GatewayServer, tmp_path: Path) -> None:
+async def test_an_interrupted_batch_resumes_to_completion(
+    gateway: GatewayServer, clients: Clients, tmp_path: Path
+) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     count = 12
     for seed in range(count):
         (folder / f"img{seed:02d}.png").write_bytes(png_bytes(small_phantom(100 + seed)))
     out = tmp_path / "out"
-    argv = (str(folder), "--out", str(out), "--tasks", "classify", "--concurrency", "1")
+    argv = (str(folder), "--out", str(out), "--tasks", "classify", "--concurrency", "1", *clients.flags(Role.INFERENCE))
 
     # Stopped by the --limit hook: three done, the rest pending.
     code, printed = await run_batch(gateway, *argv, "--limit", "3")

@@ -22,6 +22,8 @@ from medgate.v1 import inference_pb2_grpc as pb_grpc
 from services.gateway.server import GatewayServer, health_name
 from services.imaging.preprocess import Letterbox
 from services.review.server import ReviewServer
+from services.security.identity import Role
+from tests.conftest import Clients
 from tests.fixtures import dicom_bytes, phantom, png_bytes, pydicom_data_file
 from training.phantoms import model_space
 
@@ -351,7 +353,7 @@ async def test_unsure_detection_is_routed_to_review_and_a_sure_one_is_not(
 
 
 async def test_routed_case_reaches_a_reviewer_and_lands_as_a2i_output(
-    stub: pb_grpc.InferenceStub, review_server: ReviewServer
+    stub: pb_grpc.InferenceStub, review_server: ReviewServer, clients: Clients
 ) -> None:
     import asyncio
     import subprocess
@@ -363,13 +365,15 @@ async def test_routed_case_reaches_a_reviewer_and_lands_as_a2i_output(
     name = answer.review[0].human_loop_name
     # Earlier tests may have queued other loops and reviewers take the oldest first: answer them all.
     waiting, _ = review_server.store.list(flow="lesion-detection", status="InProgress")
+    # With tokens the reviewer is the reviewer token's subject; without, the id the client names.
+    reviewer = "dr-dev" if clients.secure else "dr-test"
     command = [
         sys.executable,
         "-m",
         "clients.cli",
         "reviewer",
-        "--reviewer-id",
-        "dr-test",
+        *([] if clients.secure else ["--reviewer-id", reviewer]),
+        *clients.flags(Role.REVIEWER),
         "--flow",
         "lesion-detection",
         "--auto",
@@ -392,7 +396,7 @@ async def test_routed_case_reaches_a_reviewer_and_lands_as_a2i_output(
         await asyncio.sleep(0.1)
     document = json.loads(Path(loop.output_path).read_text())
     assert document["humanLoopName"] == name
-    assert document["humanAnswers"][0]["workerId"] == "dr-test"
+    assert document["humanAnswers"][0]["workerId"] == reviewer
     assert "boundingBoxes" in document["humanAnswers"][0]["answerContent"]["annotatedResult"]
 
 
@@ -406,7 +410,6 @@ async def test_metrics_endpoint_has_stage_histograms_and_status_codes(
         await stub.Classify(pb.ClassifyRequest(image=pb.ImageInput(data=b"garbage")))
     url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-
 
     def value(prefix: str) -> float:
         lines = [line for line in text.splitlines() if line.startswith(prefix)]

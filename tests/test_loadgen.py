@@ -13,6 +13,8 @@ import pytest
 from bench import loadgen
 from bench.ghz import make_fixtures
 from services.gateway.server import GatewayServer
+from services.security.identity import Role
+from tests.conftest import Clients
 
 ROOT = Path(__file__).resolve().parent.parent
 GHZ = ROOT / "bench" / "ghz"
@@ -36,10 +38,13 @@ def test_committed_configs_are_complete_ghz_configs() -> None:
     configs = {path.stem: json.loads(path.read_text()) for path in sorted(GHZ.glob("*.json"))}
     assert {c["call"] for c in configs.values()} == {f"medgate.v1.Inference.{rpc}" for rpc in RPCS}
     for config in configs.values():
-        assert config["protoset"] == "build/medgate.protoset" and config["insecure"] is True
+        assert config["protoset"] == "build/medgate.protoset" and "insecure" not in config  # TLS, as make run serves
+        assert config["cacert"] == "var/credentials/ca.pem"
+        assert config["metadata-file"] == "bench/ghz/fixtures/auth/metadata.json"  # the token: never committed
         assert config["host"] == "127.0.0.1:50051" and config["total"] >= config["concurrency"] > 0
         assert base64.b64decode(config["data"]["image"]["data"]).startswith(b"\x89PNG\r\n\x1a\n")
-        loadgen.load_config(GHZ / f"{config['call'].rpartition('.')[2].lower()}.json")  # parses as the request
+        # Parses as the request (the metadata file is written by make loadtest, from the token).
+        loadgen.load_config(GHZ / f"{config['call'].rpartition('.')[2].lower()}.json", metadata={})
 
 
 def test_go_durations() -> None:
@@ -58,13 +63,22 @@ def fixture_configs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return configs
 
 
+def connection(clients: Clients) -> dict[str, object]:
+    """The session's CA and inference token in place of var/credentials' (ghz's --cacert and -m)."""
+    if not clients.secure:
+        return {"insecure": True}
+    token = clients.credentials.token(Role.INFERENCE)
+    return {"cacert": clients.credentials.ca_cert, "metadata": {"authorization": f"Bearer {token}"}}
+
+
 async def test_every_config_runs_against_the_gateway_without_errors(
-    gateway: GatewayServer, fixture_configs: list[Path]
+    gateway: GatewayServer, clients: Clients, fixture_configs: list[Path]
 ) -> None:
     configs = [*sorted(GHZ.glob("*.json")), *fixture_configs]
     assert len(configs) == 12  # 4 RPCs x (JSON data, PNG -B, DICOM -B)
     printed = io.StringIO()
-    reports = await loadgen.run_configs(configs, out=printed, host=f"127.0.0.1:{gateway.port}", total=4, concurrency=2)
+    host = f"127.0.0.1:{gateway.port}"
+    reports = await loadgen.run_configs(configs, out=printed, host=host, total=4, concurrency=2, **connection(clients))
     for path, report in zip(configs, reports, strict=True):
         assert report.count == 4 and report.status_codes == {"OK": 4}, (path, report.errors)
         assert report.connections == 2 and report.rps > 0
@@ -76,9 +90,15 @@ async def test_every_config_runs_against_the_gateway_without_errors(
         assert text.count(field) >= len(configs), field
 
 
-async def test_command_line_runs_for_a_duration_and_writes_json(gateway: GatewayServer, tmp_path: Path) -> None:
+async def test_command_line_runs_for_a_duration_and_writes_json(
+    gateway: GatewayServer, clients: Clients, tmp_path: Path
+) -> None:
     out = tmp_path / "report.json"
+    options = connection(clients)
+    flags = ["--insecure"] if options.get("insecure") else ["--cacert", str(options["cacert"])]
+    flags += ["-m", json.dumps(options["metadata"])] if "metadata" in options else []
     argv = [
+        *flags,
         str(GHZ / "classify.json"),
         "--host",
         f"127.0.0.1:{gateway.port}",

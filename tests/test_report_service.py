@@ -16,6 +16,8 @@ from clients.cli import main as cli_main
 from medgate.v1 import report_pb2 as pb
 from medgate.v1 import report_pb2_grpc as pb_grpc
 from services.gateway.server import GatewayServer
+from services.security.identity import Role
+from tests.conftest import Clients
 
 NORMAL = "The heart is normal in size. The mediastinum is unremarkable. The lungs are clear."
 EFFUSION = "The heart is enlarged. There are small bilateral pleural effusions. No pneumothorax."
@@ -126,19 +128,22 @@ async def test_report_service_is_in_reflection_and_health(channel: grpc.aio.Chan
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_cli_one_report(gateway: GatewayServer, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_cli_one_report(gateway: GatewayServer, clients: Clients, capsys: pytest.CaptureFixture[str]) -> None:
     target = f"127.0.0.1:{gateway.port}"
-    code = await asyncio.to_thread(cli_main, ["impression", NORMAL, "--target", target, "--json", "--evidence", "2"])
+    flags = clients.flags(Role.INFERENCE)
+    code = await asyncio.to_thread(
+        cli_main, ["impression", NORMAL, "--target", target, *flags, "--json", "--evidence", "2"]
+    )
     assert code == 0
     answer = json.loads(capsys.readouterr().out)
     assert "acute" in answer["impression"].lower() and answer["score"] > 0.8 and len(answer["evidence"]) == 2
     assert answer["model"]["name"] == "impression"
 
-    code = await asyncio.to_thread(cli_main, ["impression", "", "--target", target])
+    code = await asyncio.to_thread(cli_main, ["impression", "", "--target", target, *flags])
     assert code == 2 and "INVALID_ARGUMENT" in capsys.readouterr().err
 
 
-async def test_cli_jsonl_through_the_stream(gateway: GatewayServer, tmp_path: Path) -> None:
+async def test_cli_jsonl_through_the_stream(gateway: GatewayServer, clients: Clients, tmp_path: Path) -> None:
     source = tmp_path / "reports.jsonl"
     lines = [
         {"id": "a", "findings": NORMAL},
@@ -149,7 +154,7 @@ async def test_cli_jsonl_through_the_stream(gateway: GatewayServer, tmp_path: Pa
     source.write_text("\n".join(json.dumps(x) if isinstance(x, dict) else x for x in lines) + "\n\n")
     out = tmp_path / "out.jsonl"
     target = f"127.0.0.1:{gateway.port}"
-    argv = ["impression", "--file", str(source), "--out", str(out), "--target", target]
+    argv = ["impression", "--file", str(source), "--out", str(out), "--target", target, *clients.flags(Role.INFERENCE)]
     code = await asyncio.to_thread(cli_main, argv)
     assert code == 1  # two lines failed; the others were answered
     records = [json.loads(line) for line in out.read_text().splitlines()]

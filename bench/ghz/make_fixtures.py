@@ -7,7 +7,12 @@ Writes into ``bench/ghz/fixtures/`` (git-ignored; ``make ghz-fixtures``):
 - ``<rpc>-png.bin`` and ``<rpc>-dicom.bin``: each RPC's request message around one of them, serialized
   (ghz's ``-B`` / ``"binary-file"``), and ``<rpc>-png.json`` / ``<rpc>-dicom.json``: ghz configs for them;
 - ``reflect/``: a twin of every config (the committed ones in ``bench/ghz/`` too) without ``protoset``,
-  so ghz resolves the method through the gateway's server reflection instead.
+  so ghz resolves the method through the gateway's server reflection instead;
+- ``auth/metadata.json``: ``{"authorization": "Bearer <inference token>"}`` from the development
+  credentials (``--metadata-only`` writes just this, as ``make loadtest`` does before each run, so a
+  renewed token is picked up). Every config names it as ``metadata-file`` and trusts the development
+  CA (``cacert``, ``var/credentials/ca.pem``); ``cert``/``key`` too when ``security.require_client_cert``.
+  Tokens never go into a committed file.
 
 ``--configs`` rewrites the committed ``bench/ghz/<rpc>.json`` configs, whose ``data`` carries a small
 (256x256) phantom PNG as base64 in protobuf's JSON mapping; the output is deterministic.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -31,6 +37,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from medgate.v1 import inference_pb2 as pb
+from services.settings import load_settings
 from training.phantoms import auto_window, generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,13 +100,44 @@ def request(rpc: str, data: bytes) -> Message:
     raise ValueError(rpc)
 
 
-def config(rpc: str, name: str, **payload: Any) -> dict[str, Any]:
+def metadata_file(folder: Path = FIXTURES) -> Path:
+    return folder / "auth" / "metadata.json"
+
+
+def tls_options(folder: Path = FIXTURES) -> dict[str, str]:
+    """ghz's TLS and token keys: the development CA, the client certificate if the servers ask for one."""
+    security = load_settings().security
+    options = {"cacert": relative(security.credentials_dir / "ca.pem")}
+    if security.require_client_cert:
+        folder_of = security.credentials_dir
+        options.update(cert=relative(folder_of / "client.pem"), key=relative(folder_of / "client.key"))
+    options["metadata-file"] = relative(metadata_file(folder))
+    return options
+
+
+def write_metadata(folder: Path = FIXTURES, token_file: Path | None = None) -> bool:
+    """``auth/metadata.json`` (0600) with the inference token, or ``{}`` when there is none; True with a token."""
+    token_file = token_file or load_settings().security.credentials_dir / "inference.token"
+    try:
+        token = token_file.read_text().strip()
+    except OSError:
+        token = ""
+    path = metadata_file(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump({"authorization": f"Bearer {token}"} if token else {}, handle)
+        handle.write("\n")
+    return bool(token)
+
+
+def config(rpc: str, name: str, *, folder: Path = FIXTURES, **payload: Any) -> dict[str, Any]:
     return {
         "name": name,
         "protoset": PROTOSET,
         "call": f"{SERVICE}.{rpc}",
         "host": HOST,
-        "insecure": True,
+        **tls_options(folder),
         **RUNS[rpc],
         "timeout": "60s",
         **payload,
@@ -144,7 +182,7 @@ def write_fixtures(out: Path) -> list[Path]:
             binary = out / f"{rpc.lower()}-{kind}.bin"
             binary.write_bytes(request(rpc, source.read_bytes()).SerializeToString())
             path = out / f"{rpc.lower()}-{kind}.json"
-            write_json(path, config(rpc, f"{rpc} {label} (binary)", **{"binary-file": relative(binary)}))
+            write_json(path, config(rpc, f"{rpc} {label} (binary)", folder=out, **{"binary-file": relative(binary)}))
             configs.append(path)
     reflect = out / "reflect"
     reflect.mkdir(exist_ok=True)
@@ -160,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=FIXTURES, help="fixtures folder (default bench/ghz/fixtures)")
     parser.add_argument("--configs", action="store_true", help="also rewrite the committed bench/ghz/<rpc>.json")
+    parser.add_argument("--metadata-only", action="store_true", help="write only auth/metadata.json (the token)")
     args = parser.parse_args(argv)
+    if not write_metadata(args.out):
+        print("no inference token yet (`medgate credentials` or `make run` makes one): the configs send none")
+    if args.metadata_only:
+        return 0
     if args.configs:
         for path in write_committed_configs():
             print(f"wrote {relative(path)}")
