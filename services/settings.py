@@ -139,6 +139,9 @@ class ReviewSettings:
     # host:port of a review service the gateway routes to; empty = this machine's host:port above.
     url: str = ""
     store_path: Path = PROJECT_ROOT / "var" / "review.sqlite3"
+    # PostgreSQL instead of SQLite (postgresql://user@host:5432/db; the password in PGPASSFILE or PGPASSWORD
+    # rather than here): what several review replicas share. Empty: SQLite at store_path, one process.
+    store_url: str = ""
     flows_file: Path = PROJECT_ROOT / "config" / "flows.toml"
     # How often leases and loops are checked for expiry and pending output.json files are written.
     housekeeping_interval_s: float = 1.0
