@@ -1,0 +1,131 @@
+"""The source instance's header, read again from the request's bytes (ingest keeps no patient data).
+
+SEG and SR must copy the source's patient, study and equipment modules (that is correct DICOM), so
+the builders need the header that :class:`~services.imaging.ingest.DecodedImage` deliberately does
+not keep. It is read here without pixels, on the executor, and never logged: pydicom's and
+highdicom's warnings and log records (which can quote values) are silenced while it is in use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from services.dicom.results.errors import DicomResultError
+from services.imaging.ingest.dicom_attrs import uid
+from services.imaging.ingest.guards import inflate
+from services.imaging.ingest.quiet import quiet
+from services.imaging.ingest.sniff import GZIP_MAGIC
+from services.imaging.limits import IngestLimits
+
+_REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_STATE = threading.local()
+
+
+class _DropWhileBuilding(logging.Filter):
+    """Drops highdicom's records on the building thread (they can quote header values); other threads log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_STATE, "active", False)
+
+
+def _install_filters() -> None:
+    names = {"highdicom"} | {n for n in list(logging.Logger.manager.loggerDict) if n.split(".")[0] == "highdicom"}
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropWhileBuilding) for f in logger.filters):
+            logger.addFilter(_DropWhileBuilding())
+
+
+@contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """pydicom's and highdicom's warnings and logs off on this thread while a result is built."""
+    _install_filters()
+    previous = getattr(_STATE, "active", False)
+    _STATE.active = True
+    try:
+        with quiet():
+            yield
+    finally:
+        _STATE.active = previous
+
+
+@dataclass(frozen=True)
+class SourceFrame:
+    """The source instance's header (no pixels) and the 0-based frame that was analysed."""
+
+    dataset: Dataset
+    frame: int
+
+    @property
+    def frames(self) -> int:
+        value = self.dataset.get("NumberOfFrames", 1)
+        try:
+            return max(1, int(value or 1))
+        except (TypeError, ValueError):
+            return 1
+
+    @property
+    def multiframe(self) -> bool:
+        return self.frames > 1
+
+    @property
+    def frame_numbers(self) -> list[int] | None:
+        """DICOM's 1-based ReferencedFrameNumber for references into a multi-frame source, else None."""
+        return [self.frame + 1] if self.multiframe else None
+
+    @property
+    def study_instance_uid(self) -> str:
+        return str(self.dataset.StudyInstanceUID)
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.dataset.SOPInstanceUID)
+
+    def single_frame_view(self) -> Dataset:
+        """The header as if the source had only the analysed frame (for sources without a patient coordinate
+        system, where highdicom builds one frame only); the builder adds the frame number to its references."""
+        view = Dataset()
+        view.update(self.dataset)  # a new element dict (copy.copy would share the source's), the same elements
+        view.NumberOfFrames = 1
+        if "SharedFunctionalGroupsSequence" not in view:
+            # highdicom reads pixel measures from the shared functional groups of any multi-frame IOD, which
+            # the classic ones (US and SC multi-frame) do not have: a stand-in without spacing, dropped after the build.
+            shared = Dataset()
+            shared.PixelMeasuresSequence = [Dataset()]
+            view.SharedFunctionalGroupsSequence = [shared]
+        return view
+
+
+def read_source(data: bytes, *, frame: int, limits: IngestLimits) -> SourceFrame:
+    """The DICOM header of ``data`` (Part 10, a bare data set, or either gzip-wrapped), checked for what results need.
+
+    Ingest has already decoded these bytes within the limits, so this read is bounded by them too.
+    """
+    if data[:2] == GZIP_MAGIC:
+        data = inflate(data, zlib.MAX_WBITS | 16, limits, what="gzip-compressed input")
+    bare = not (len(data) >= 132 and data[128:132] == b"DICM")
+    with silenced():
+        try:
+            dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=bare)
+        except Exception as exc:  # ingest read it, so this is unexpected; never quote the library's message
+            problem = type(exc).__name__
+            raise DicomResultError(f"DICOM results: the source header could not be read ({problem})") from None
+        for keyword in _REQUIRED:
+            if uid(dataset, keyword) is None:
+                raise DicomResultError(f"DICOM results need the source's {keyword}, which is missing or malformed")
+        for keyword in ("Rows", "Columns"):
+            if not isinstance(dataset.get(keyword), int):
+                raise DicomResultError(f"DICOM results need the source's {keyword}")
+    source = SourceFrame(dataset=dataset, frame=frame)
+    if not 0 <= frame < source.frames:
+        raise DicomResultError(f"DICOM results: frame {frame} is not in the source's {source.frames} frames")
+    return source
