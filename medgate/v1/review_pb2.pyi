@@ -261,3 +261,17 @@ class ReleaseCaseRequest(_message.Message):
 class ReleaseCaseResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class RenewLeaseRequest(_message.Message):
+    __slots__ = ("delivery_id", "reviewer_id")
+    DELIVERY_ID_FIELD_NUMBER: _ClassVar[int]
+    REVIEWER_ID_FIELD_NUMBER: _ClassVar[int]
+    delivery_id: str
+    reviewer_id: str
+    def __init__(self, delivery_id: _Optional[str] = ..., reviewer_id: _Optional[str] = ...) -> None: ...
+
+class RenewLeaseResponse(_message.Message):
+    __slots__ = ("lease_expires",)
+    LEASE_EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    lease_expires: _timestamp_pb2.Timestamp
+    def __init__(self, lease_expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

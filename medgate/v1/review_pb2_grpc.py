@@ -84,6 +84,11 @@ class ReviewStub:
                 request_serializer=medgate_dot_v1_dot_review__pb2.ReleaseCaseRequest.SerializeToString,
                 response_deserializer=medgate_dot_v1_dot_review__pb2.ReleaseCaseResponse.FromString,
                 _registered_method=True)
+        self.RenewLease = channel.unary_unary(
+                '/medgate.v1.Review/RenewLease',
+                request_serializer=medgate_dot_v1_dot_review__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=medgate_dot_v1_dot_review__pb2.RenewLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class ReviewServicer:
@@ -154,6 +159,17 @@ class ReviewServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewLease(self, request, context):
+        """Keeps a leased case while the reviewer is still working on it: the lease then ends the flow's task
+        time limit from now (never after the loop itself expires). Call it well before lease_expires. A
+        lease that already ended (answered, released, expired, cancelled) is FAILED_PRECONDITION: the case
+        may be someone else's by now, though a decision is still accepted while the loop is open. Another
+        reviewer's case: PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReviewServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +222,11 @@ def add_ReviewServicer_to_server(servicer, server):
                     servicer.ReleaseCase,
                     request_deserializer=medgate_dot_v1_dot_review__pb2.ReleaseCaseRequest.FromString,
                     response_serializer=medgate_dot_v1_dot_review__pb2.ReleaseCaseResponse.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=medgate_dot_v1_dot_review__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=medgate_dot_v1_dot_review__pb2.RenewLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -478,6 +499,33 @@ class Review:
             '/medgate.v1.Review/ReleaseCase',
             medgate_dot_v1_dot_review__pb2.ReleaseCaseRequest.SerializeToString,
             medgate_dot_v1_dot_review__pb2.ReleaseCaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medgate.v1.Review/RenewLease',
+            medgate_dot_v1_dot_review__pb2.RenewLeaseRequest.SerializeToString,
+            medgate_dot_v1_dot_review__pb2.RenewLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

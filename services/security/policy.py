@@ -32,6 +32,7 @@ RPC_ROLES: dict[str, frozenset[str]] = {
     "/medgate.v1.Review/StreamCases": _REVIEW,
     "/medgate.v1.Review/SubmitReview": _REVIEW,
     "/medgate.v1.Review/ReleaseCase": _REVIEW,
+    "/medgate.v1.Review/RenewLease": _REVIEW,
 }
 
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
