@@ -1,8 +1,8 @@
 """The audit trail of the real servers: one event per access with the right who, what and outcome, and no patient data.
 
 The review service runs here with tokens on (a signing key of the test's own) so the events carry
-the verified identity; the gateway tests use the shared gateway (tokens off: the requestor is
-``anonymous`` with its peer address) and find their events by request id.
+the verified identity; the gateway tests use the shared gateway (TLS and the development tokens)
+and find their events by request id.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from services.audit import AuditWriteError
 from services.gateway.server import GatewayServer
 from services.review.server import ReviewServer
 from services.rpc.interceptors.audit import WITHHELD
-from services.security.credentials import SigningKey, jwks_json, mint_token, new_signing_key
+from services.security.credentials import SUBJECTS, SigningKey, jwks_json, mint_token, new_signing_key
+from services.security.identity import Role
 from services.settings import SecuritySettings, load_settings
+from tests.conftest import SECURE_FIXTURES
 from tests.fixtures import PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME, dicom_bytes, phantom, png_bytes
 from tests.test_review_service import start_request, write_flows
 
@@ -299,11 +301,23 @@ async def test_a_server_that_cannot_audit_does_not_start(tmp_path: Path) -> None
     await server.stop()
 
 
-# The gateway (shared fixture: tokens off, so the requestor is anonymous at its peer address).
+# The gateway (the shared fixture, as `make run` serves it: TLS and the development inference token).
 
 
 async def gateway_events(gateway: GatewayServer, request_id: str, count: int = 1) -> list[dict[str, Any]]:
     return await events_soon(gateway.audit.directory, request_id, count)
+
+
+def assert_shared_caller(event: dict[str, Any]) -> None:
+    """The shared gateway's client: the development inference token (or anonymous, when the fixtures are plain)."""
+    person = who(event)
+    assert person["NetworkAccessPointID"] == "127.0.0.1"
+    if not SECURE_FIXTURES:
+        assert person["UserID"] == "anonymous"
+        return
+    assert person["UserID"] == SUBJECTS[Role.INFERENCE]
+    assert person["AlternativeUserID"] == load_settings().security.issuer
+    assert [code["csd-code"] for code in person["RoleIDCode"]] == [Role.INFERENCE.value]
 
 
 def assert_no_canary(gateway: GatewayServer) -> None:
@@ -327,7 +341,7 @@ async def test_inference_on_dicom_records_the_study_and_instance(
     assert study["ParticipantObjectDescription"]["SOPClass"] == [
         {"UID": image.sop_class_uid, "NumberOfInstances": 1, "Instance": [{"UID": image.sop_instance_uid}]}
     ]
-    assert who(event)["UserID"] == "anonymous" and who(event)["NetworkAccessPointID"] == "127.0.0.1"
+    assert_shared_caller(event)
     assert event["medgate"]["rpc"] == "/medgate.v1.Inference/Classify"
     assert_no_canary(gateway)
 
