@@ -151,8 +151,12 @@ def cmd_review(args: argparse.Namespace) -> int:
         if args.flow not in flows:
             print(f"error: unknown flow {args.flow!r}; flows: {', '.join(flows)}", file=sys.stderr)
             return 2
-        with ReviewStore(settings.review.store_path, owner=False) as store:
-            path = export_manifest(store, flows[args.flow], args.out, source_prefix=args.source_prefix)
+        from services.audit.export import audited_export
+
+        with audited_export(settings.security, args.flow) as export:  # 110106 Export: who, which flow and loops
+            with ReviewStore(settings.review.store_path, owner=False) as store:
+                path = export_manifest(store, flows[args.flow], args.out, source_prefix=args.source_prefix)
+            export.done(path)
         print(path)
         return 0
     security = connect.from_args(args, Role.ADMIN)

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC
 from pathlib import Path
 
-from services.audit.events import Application, AuditEvent, AuditSource, Outcome, application_activity
+from services.audit.events import Application, AuditEvent, AuditSource, Outcome, application_activity, utc_now
 from services.audit.syslog import SyslogMirror
 from services.settings import SecuritySettings
 
@@ -87,6 +87,15 @@ class AuditLog:
     async def record(self, event: AuditEvent) -> None:
         """Write ``event`` durably, off the event loop; raises :class:`AuditWriteError` if it could not be."""
         await asyncio.wrap_future(self.submit(event))
+
+    def check(self) -> None:
+        """Open today's file now (directory and modes included); raises :class:`AuditWriteError` if it cannot be."""
+        name = f"audit-{utc_now():%Y%m%d}.jsonl"
+        try:
+            self._executor.submit(self._open, name).result()
+        except OSError as exc:
+            log.critical("AUDIT TRAIL UNAVAILABLE: %s (%s: %s)", self.directory, type(exc).__name__, exc)
+            raise AuditWriteError(f"the audit trail in {self.directory} cannot be written: {exc}") from exc
 
     async def application_started(self) -> None:
         """Application Start; raises if it cannot be written (a server that cannot audit must not serve)."""
