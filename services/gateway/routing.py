@@ -309,6 +309,8 @@ class ReviewRouter:
                 "originalWidth": t.original_width,
                 "originalHeight": t.original_height,
                 "scale": t.scale,
+                "scaleX": t.scale_x,
+                "scaleY": t.scale_y,
                 "padLeft": t.pad_left,
                 "padTop": t.pad_top,
                 "modelSize": t.size,
