@@ -16,8 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 
+from clients import cli
 from services.audit import (
     Action,
     Application,
@@ -37,8 +40,12 @@ from services.audit import (
 )
 from services.audit import log as audit_log
 from services.audit.events import STATUS_NAMES, iso_ms, outcome_for, peer_address
+from services.audit.export import os_user
 from services.audit.syslog import parse_target
+from services.review.flows import load_flows
+from services.review.store import ReviewStore
 from tests.fixtures import PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME
+from tests.test_review_service import write_flows
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -386,3 +393,55 @@ def test_a_collector_that_is_down_never_costs_an_event(tmp_path: Path, caplog: p
     log.close()
     assert len(lines(tmp_path)) == 3
     assert caplog.text.count("audit syslog mirror") == 1  # once per outage, not once per event
+
+
+# The export command.
+
+
+def completed_store(tmp_path: Path) -> None:
+    flows = load_flows(write_flows(tmp_path))
+    with ReviewStore(tmp_path / "review.sqlite3") as store:
+        for name in ("case-1", "case-2"):
+            store.start_loop(flows["single"], name, {"patient": PATIENT_NAME}, name, images={"image.png": tiny_png()})
+            (delivery,) = store.lease("dr-lee", ["single"])
+            store.submit(f"d-{name}", "dr-lee", {"label": "normal"}, delivery_id=delivery.delivery_id)
+
+
+def export_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, audit_dir: Path) -> None:
+    monkeypatch.setenv("MEDGATE_REVIEW_STORE_PATH", str(tmp_path / "review.sqlite3"))
+    monkeypatch.setenv("MEDGATE_REVIEW_FLOWS_FILE", str(tmp_path / "flows.toml"))
+    monkeypatch.setenv("MEDGATE_SECURITY_AUDIT_DIR", str(audit_dir))
+
+
+def test_export_manifest_records_who_exported_which_flow_and_loops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    completed_store(tmp_path)
+    export_settings(monkeypatch, tmp_path, tmp_path / "audit")
+    assert cli.main(["review", "export-manifest", "--flow", "single", "--out", str(tmp_path / "out")]) == 0
+    assert Path(capsys.readouterr().out.strip()).is_file()
+    (event,) = lines(tmp_path / "audit")
+    assert event["EventIdentification"]["EventID"]["csd-code"] == "110106"
+    assert event["EventIdentification"]["EventActionCode"] == "R"
+    assert event["EventIdentification"]["EventOutcomeDescription"] == "OK"
+    assert event["ActiveParticipant"][0]["UserID"] == os_user()
+    assert event["ActiveParticipant"][1]["UserID"] == "medgate-cli"
+    exported = [o["ParticipantObjectID"] for o in event["ParticipantObjectIdentification"]]
+    assert exported == ["single", "case-1", "case-2"]
+    assert PATIENT_NAME not in (tmp_path / "audit").joinpath(os.listdir(tmp_path / "audit")[0]).read_text()
+
+
+def test_an_export_that_cannot_be_audited_exports_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    completed_store(tmp_path)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    export_settings(monkeypatch, tmp_path, blocked / "audit")
+    with pytest.raises(AuditWriteError):
+        cli.main(["review", "export-manifest", "--flow", "single", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def tiny_png() -> bytes:
+    ok, encoded = cv2.imencode(".png", np.zeros((4, 4), np.uint8))
+    assert ok
+    return encoded.tobytes()
