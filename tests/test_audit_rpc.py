@@ -27,10 +27,18 @@ from services.audit import AuditWriteError
 from services.gateway.server import GatewayServer
 from services.review.server import ReviewServer
 from services.rpc.interceptors.audit import WITHHELD
-from services.security.credentials import SUBJECTS, SigningKey, jwks_json, mint_token, new_signing_key
+from services.security.credentials import (
+    CLIENT_COMMON_NAME,
+    SUBJECTS,
+    DevCredentials,
+    SigningKey,
+    jwks_json,
+    mint_token,
+    new_signing_key,
+)
 from services.security.identity import Role
 from services.settings import SecuritySettings, load_settings
-from tests.conftest import SECURE_FIXTURES
+from tests.conftest import SECURE_FIXTURES, security_values
 from tests.fixtures import PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME, dicom_bytes, phantom, png_bytes
 from tests.test_review_service import start_request, write_flows
 
@@ -394,3 +402,39 @@ async def test_a_report_call_is_recorded_without_its_text(
     assert what(event) == ("110103", "R", "OK") and objects(event) == []
     assert "heart" not in everything_in(gateway.audit.directory)
     assert_no_canary(gateway)
+
+
+async def test_under_mutual_tls_the_calling_node_is_a_participant(
+    dev_credentials: DevCredentials, tmp_path: Path
+) -> None:
+    security = security_values(dev_credentials.directory, require_client_cert=True, audit_dir=tmp_path / "audit")
+    settings = load_settings(
+        review={"store_path": tmp_path / "review.sqlite3", "flows_file": write_flows(tmp_path), "port": 0},
+        security=security,
+    )
+    server = ReviewServer(settings.review, settings.security)
+    await server.start(port=0)
+    credentials = grpc.ssl_channel_credentials(
+        dev_credentials.ca_cert.read_bytes(),
+        private_key=dev_credentials.client_key.read_bytes(),
+        certificate_chain=dev_credentials.client_cert.read_bytes(),
+    )
+    try:
+        async with grpc.aio.secure_channel(f"localhost:{server.port}", credentials) as channel:
+            stub = pb_grpc.ReviewStub(channel)
+            listed, refused = rid(), rid()
+            token = dev_credentials.token(Role.REVIEWER)
+            await stub.ListFlowDefinitions(
+                pb.ListFlowDefinitionsRequest(),
+                metadata=(("authorization", f"Bearer {token}"), ("x-request-id", listed)),
+            )
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.ListFlowDefinitions(pb.ListFlowDefinitionsRequest(), metadata=(("x-request-id", refused),))
+    finally:
+        await server.stop()
+    for call_id, person in ((listed, SUBJECTS[Role.REVIEWER]), (refused, "anonymous")):
+        (event,) = events(tmp_path / "audit", call_id)
+        caller, machine = [p for p in event["ActiveParticipant"] if p["UserIsRequestor"]]
+        assert caller["UserID"] == person
+        assert CLIENT_COMMON_NAME in machine["UserID"] and machine["RoleIDCode"][0]["csd-code"] == "110153"
+        assert machine["NetworkAccessPointID"] == "127.0.0.1"
