@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
+import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +100,14 @@ class Clients:
 
     def sync_channel(self, target: str, role: Role | str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
         return connect.channel(target, self.security(role), options)
+
+    def metrics(self, port: int) -> str:
+        """The gateway's /metrics page: HTTPS trusting the session's CA (the endpoint is a listener like gRPC)."""
+        if not self.secure:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        context = ssl.create_default_context(cafile=str(self.credentials.ca_cert))
+        url = f"https://localhost:{port}/metrics"
+        return urllib.request.urlopen(url, timeout=10, context=context).read().decode()
 
     def flags(self, role: Role | str) -> list[str]:
         """``medgate`` options for the role: the CA and the token file, or --insecure for plaintext servers."""

@@ -7,7 +7,6 @@ import base64
 import json
 import logging
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 
 import grpc
@@ -279,16 +278,15 @@ async def test_every_method_resolves_through_reflection_as_ghz_asks(channel: grp
     assert missing[0].HasField("error_response")
 
 
-def _requests_total(gateway: GatewayServer, rpc: str, code: str) -> float:
+def _requests_total(gateway: GatewayServer, clients: Clients, rpc: str, code: str) -> float:
     """The server's own count of finished calls (``medgate_requests_total``) from its /metrics page."""
-    url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    text = clients.metrics(gateway.metrics_port)
     wanted = f'medgate_requests_total{{code="{code}",rpc="{rpc}"}} '
     return sum(float(line[len(wanted) :]) for line in text.splitlines() if line.startswith(wanted))
 
 
 async def test_deadline_is_honoured(
-    stub: pb_grpc.InferenceStub, gateway: GatewayServer, caplog: pytest.LogCaptureFixture
+    stub: pb_grpc.InferenceStub, gateway: GatewayServer, clients: Clients, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Past its deadline a call stops on the server too: its access-log line and the request count end it at about
     the deadline, where a server that ignored the deadline would finish the work and log OK. (The caller's
@@ -304,7 +302,7 @@ async def test_deadline_is_honoured(
     # The caller's own cancellation at its deadline can reach the server a moment before the server's copy of
     # the deadline passes (it was set when the headers arrived); the access log counts that as DEADLINE_EXCEEDED,
     # what the caller saw. CANCELLED would be a caller that gave up early; OK one that ran to the end.
-    before = _requests_total(gateway, "Segment", "DEADLINE_EXCEEDED")
+    before = _requests_total(gateway, clients, "Segment", "DEADLINE_EXCEEDED")
 
     # A third of the work: long enough for the request to reach the handler, well short of the answer.
     deadline_s = full_s / 3
@@ -323,7 +321,7 @@ async def test_deadline_is_honoured(
     assert "DEADLINE_EXCEEDED" in record.getMessage()
     # It stopped at the deadline, not when the work would have been done.
     assert record.__dict__["duration_ms"] < (deadline_s + full_s / 3) * 1000.0, (deadline_s, full_s)
-    assert _requests_total(gateway, "Segment", "DEADLINE_EXCEEDED") == before + 1
+    assert _requests_total(gateway, clients, "Segment", "DEADLINE_EXCEEDED") == before + 1
 
     answered = time.perf_counter()  # and the server is free: the next call takes the usual time
     await stub.Segment(request, timeout=120)
@@ -401,15 +399,12 @@ async def test_routed_case_reaches_a_reviewer_and_lands_as_a2i_output(
 
 
 async def test_metrics_endpoint_has_stage_histograms_and_status_codes(
-    stub: pb_grpc.InferenceStub, gateway: GatewayServer
+    stub: pb_grpc.InferenceStub, gateway: GatewayServer, clients: Clients
 ) -> None:
-    import urllib.request
-
     await stub.Classify(pb.ClassifyRequest(image=pb.ImageInput(data=png_bytes(phantom(2).image))))
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.Classify(pb.ClassifyRequest(image=pb.ImageInput(data=b"garbage")))
-    url = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    text = clients.metrics(gateway.metrics_port)
 
     def value(prefix: str) -> float:
         lines = [line for line in text.splitlines() if line.startswith(prefix)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -16,6 +17,17 @@ from tests.fixtures import PATIENT_BIRTH_DATE, PATIENT_ID, PATIENT_NAME, dicom_b
 
 def _rpc_records(caplog: pytest.LogCaptureFixture, request_id: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if getattr(r, "event", "") == "rpc" and r.__dict__["request_id"] == request_id]
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, request_id: str) -> list[logging.LogRecord]:
+    """The call's access-log records; the server writes its line when the handler ends, which may be after the
+    client has the failed status (seen over TLS)."""
+    for _ in range(100):
+        records = _rpc_records(caplog, request_id)
+        if records:
+            return records
+        await asyncio.sleep(0.02)
+    return []
 
 
 async def test_a_callers_request_id_comes_back_and_is_logged_with_timings(
@@ -47,6 +59,6 @@ async def test_a_failed_call_is_logged_with_its_code_and_a_generated_id(
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     request_id = dict(refused.value.trailing_metadata() or ())["x-request-id"]
     assert request_id != "Jane Doe 1970" and len(request_id) == 16
-    (record,) = _rpc_records(caplog, request_id)
+    (record,) = await _logged(caplog, request_id)
     assert record.__dict__["code"] == "INVALID_ARGUMENT" and record.__dict__["error"]
     assert PATIENT_NAME not in caplog.text and PATIENT_ID not in caplog.text and "Jane Doe" not in caplog.text
