@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from services.review.flows import FlowDefinition, InvalidArgument, TaskType
-from services.review.store import Decision, InvalidState, Loop, LoopStatus, ReviewStore
+from services.review.store import Decision, InvalidState, Loop, LoopStatus, ReviewStoreBase
 
 logger = logging.getLogger("medgate.review.output")
 
@@ -113,7 +113,7 @@ def _json_bytes(document: Any) -> bytes:
     return (json.dumps(document, ensure_ascii=False, indent=2) + "\n").encode()
 
 
-def write_output(store: ReviewStore, loop_name: str, output_dir: Path) -> Path:
+def write_output(store: ReviewStoreBase, loop_name: str, output_dir: Path) -> Path:
     """Write a Completed loop's output.json and record its path in the store."""
     loop = store.describe(loop_name)
     if loop.status is not LoopStatus.COMPLETED:
@@ -124,7 +124,7 @@ def write_output(store: ReviewStore, loop_name: str, output_dir: Path) -> Path:
     return path
 
 
-def flush_outputs(store: ReviewStore, flows: Mapping[str, FlowDefinition]) -> list[Path]:
+def flush_outputs(store: ReviewStoreBase, flows: Mapping[str, FlowDefinition]) -> list[Path]:
     """Write output.json for every Completed loop not yet written whose flow has an output directory."""
     written: list[Path] = []
     for loop in store.pending_outputs():
@@ -149,7 +149,7 @@ def image_size(data: bytes) -> tuple[int, int, int] | None:
 
 
 def _completed_loops(
-    store: ReviewStore, flow: str, created_after: float | None, created_before: float | None
+    store: ReviewStoreBase, flow: str, created_after: float | None, created_before: float | None
 ) -> Iterator[Loop]:
     token: str | None = None
     while True:
@@ -216,7 +216,7 @@ def _classification_line(flow: FlowDefinition, loop: Loop, decisions: Sequence[D
 
 
 def _manifest_lines(
-    store: ReviewStore,
+    store: ReviewStoreBase,
     flow: FlowDefinition,
     out_dir: Path,
     attribute: str,
@@ -249,7 +249,7 @@ def _manifest_lines(
 
 
 def export_manifest(
-    store: ReviewStore,
+    store: ReviewStoreBase,
     flow: FlowDefinition,
     out_dir: str | Path,
     *,

@@ -14,7 +14,7 @@ from services.metrics import REVIEW_QUEUE_DEPTH
 from services.review.flows import load_flows
 from services.review.output import flush_outputs
 from services.review.servicer import ReviewServicer
-from services.review.store import ReviewStore
+from services.review.store import open_store
 from services.rpc.server import RpcServer
 from services.settings import ReviewSettings, SecuritySettings
 
@@ -24,14 +24,14 @@ REVIEW_SERVICE = pb.DESCRIPTOR.services_by_name["Review"].full_name
 
 
 class ReviewServer:
-    """One review server per store file (SQLite's leases assume a single owner process)."""
+    """One review server per SQLite file (its leases assume a single owner process), or several on one
+    PostgreSQL database (``review.store_url``): replicas that serve the same flows."""
 
     def __init__(self, settings: ReviewSettings, security: SecuritySettings | None = None) -> None:
         """``security`` None: plaintext, no tokens (loopback tools and tests that do not exercise security)."""
         self.settings = settings
-        settings.store_path.parent.mkdir(parents=True, exist_ok=True)
         self.flows = load_flows(settings.flows_file)
-        self.store = ReviewStore(settings.store_path, busy_timeout_s=settings.store_busy_timeout_s)
+        self.store = open_store(settings)
         self.executor = ThreadPoolExecutor(settings.threads, thread_name_prefix="medgate-review")
         self.servicer = ReviewServicer(
             self.store, self.flows, self.executor, max_in_flight_per_reviewer=settings.max_in_flight_per_reviewer

@@ -11,16 +11,16 @@ as ``issuer#subject``; the requests' ``reviewer_id`` is used only when tokens ar
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from medgate.v1 import review_pb2 as pb
 from medgate.v1 import review_pb2_grpc as pb_grpc
@@ -35,10 +35,15 @@ from services.review.convert import (
 )
 from services.review.flows import FlowDefinition, InvalidArgument
 from services.review.output import write_output
-from services.review.store import Delivery, Loop, LoopStatus, NotFound, NotYourLease, ReviewStore
+from services.review.store import Delivery, Loop, LoopStatus, NotFound, NotYourLease, ReviewStoreBase
+from services.review.store.waiters import FlowWaiters
 from services.rpc.call import current_call
 
 log = logging.getLogger("medgate.review")
+
+# A waiting stream looks for work on its own this often, in case a wake-up was lost (a PostgreSQL
+# listener that reconnected announces that itself); events, not this, deliver cases.
+IDLE_RECHECK_S = 30.0
 
 T = TypeVar("T")
 
@@ -70,11 +75,12 @@ def reviewer_of(requested: str) -> Reviewer:
 
 
 class ReviewServicer(pb_grpc.ReviewServicer):
-    """Streams wake on the store's notifications; everything else is one store call per RPC."""
+    """Streams wake on the store's work events (one waiting reviewer per new case); everything else is
+    one store call per RPC."""
 
     def __init__(
         self,
-        store: ReviewStore,
+        store: ReviewStoreBase,
         flows: Mapping[str, FlowDefinition],
         executor: Executor,
         *,
@@ -84,21 +90,17 @@ class ReviewServicer(pb_grpc.ReviewServicer):
         self.flows = dict(flows)
         self.executor = executor
         self.max_in_flight = max_in_flight_per_reviewer
-        self._wakeups: set[asyncio.Event] = set()
+        self.waiters = FlowWaiters()
         self._unsubscribe: Callable[[], None] | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Wake streams on ``loop`` whenever the store may have new work."""
-        self._unsubscribe = self.store.subscribe(lambda _version: loop.call_soon_threadsafe(self._wake_all))
+        """Hand the store's work events (from store threads, or another replica) to the waiters on ``loop``."""
+        self._unsubscribe = self.store.listen(lambda event: loop.call_soon_threadsafe(self.waiters.dispatch, event))
 
     def detach(self) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-
-    def _wake_all(self) -> None:
-        for event in list(self._wakeups):
-            event.set()
 
     async def _run(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.executor, work)
@@ -186,7 +188,11 @@ class ReviewServicer(pb_grpc.ReviewServicer):
     async def StreamCases(
         self, request: pb.StreamCasesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ReviewCase]:
-        """Re-send this reviewer's open leases, then push new cases the moment they are routed."""
+        """Re-send this reviewer's open leases, then push new cases the moment they are routed.
+
+        The stream leases when it starts and then only when woken: by a new case of its flows (one
+        waiting stream per case) or, when it holds max_in_flight cases, by one of them ending.
+        """
         reviewer = reviewer_of(request.reviewer_id).key
         flows = list(request.flow_definitions) or list(self.flows)
         unknown = sum(1 for f in flows if f not in self.flows)
@@ -195,8 +201,7 @@ class ReviewServicer(pb_grpc.ReviewServicer):
         max_in_flight = min(max(request.max_in_flight, 1), self.max_in_flight)
         # Headers now, so a reviewer knows it is subscribed before the first case exists.
         await context.send_initial_metadata(())
-        wakeup = asyncio.Event()
-        self._wakeups.add(wakeup)
+        waiter = self.waiters.register(reviewer, flows)
         sent: set[str] = set()
         log.info("reviewer subscribed to %s (max in flight %d)", ",".join(flows), max_in_flight)
         try:
@@ -204,21 +209,24 @@ class ReviewServicer(pb_grpc.ReviewServicer):
                 sent.add(delivery.delivery_id)
                 yield await self._run(lambda d=delivery: self._case(d))  # type: ignore[misc]
             while True:
-                wakeup.clear()
-                deliveries = await self._run(
-                    lambda: self.store.lease(reviewer, flows, max_in_flight=max_in_flight, count=max_in_flight)
+                snapshot = self.waiters.snapshot(waiter)
+                batch = await self._run(
+                    lambda: self.store.lease_batch(reviewer, flows, max_in_flight=max_in_flight, count=max_in_flight)
                 )
-                for delivery in deliveries:
+                token = waiter.token
+                if token is not None:
+                    # Woken for a case: took something, or could not take it (answered or released it before,
+                    # or filled up) while the flow still has work: then the next waiting reviewer gets a turn.
+                    depth = partial(self.store.queue_depth, token.flow)
+                    if not batch.deliveries and await self._run(depth) > 0:
+                        self.waiters.decline(waiter, token)
+                    self.waiters.taken(waiter)
+                for delivery in batch.deliveries:
                     sent.add(delivery.delivery_id)
                     yield await self._run(lambda d=delivery: self._case(d))  # type: ignore[misc]
-                if deliveries:
-                    continue
-                deadline = await self._run(self.store.next_deadline)
-                timeout = None if deadline is None else max(0.05, deadline - time.time())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wakeup.wait(), timeout=min(timeout or 30.0, 30.0))
+                await self.waiters.wait(waiter, snapshot, full=batch.free_slots == 0, timeout_s=IDLE_RECHECK_S)
         finally:
-            self._wakeups.discard(wakeup)
+            self.waiters.unregister(waiter)
             log.info("reviewer disconnected (%d cases sent on this stream)", len(sent))
 
     async def SubmitReview(
@@ -246,8 +254,8 @@ class ReviewServicer(pb_grpc.ReviewServicer):
                 loop = self.store.describe(loop.name)
             return loop, not decision.replayed
 
+        # The store's work event for this decision wakes the reviewer's stream if it was full.
         loop, recorded_now = await self._run(submit)
-        self._wake_all()  # the reviewer has a free slot now: its stream can lease the next case
         return pb.SubmitReviewResponse(human_loop=loop_proto(loop), recorded_now=recorded_now)
 
     async def ReleaseCase(
@@ -258,3 +266,14 @@ class ReviewServicer(pb_grpc.ReviewServicer):
         reviewer = reviewer_of(request.reviewer_id).key
         await self._run(lambda: self.store.release(request.delivery_id, reviewer))
         return pb.ReleaseCaseResponse()
+
+    async def RenewLease(
+        self, request: pb.RenewLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RenewLeaseResponse:
+        if not request.delivery_id:
+            raise InvalidArgument("delivery_id is required")
+        reviewer = reviewer_of(request.reviewer_id).key
+        delivery = await self._run(lambda: self.store.renew(request.delivery_id, reviewer))
+        lease_expires = Timestamp()
+        lease_expires.FromNanoseconds(int(delivery.lease_expires_at * 1e9))
+        return pb.RenewLeaseResponse(lease_expires=lease_expires)

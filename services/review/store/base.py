@@ -1,19 +1,76 @@
-"""What every review store backend shares: the semantics, waiting for work, and starting a loop on activation."""
+"""What every review store backend shares: the interface and its semantics, argument checks, work events."""
 
 from __future__ import annotations
 
 import abc
 import builtins
+import hashlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from services.review.flows import FlowDefinition, ResultSummary
-from services.review.store.keys import auto_loop_name
-from services.review.store.model import ACTIVATION_REASONS_KEY, AlreadyExists, Loop
+from services.review.flows import FlowDefinition, InvalidArgument, ResultSummary, check_name
+from services.review.store.keys import IMAGE_NAME, auto_loop_name, canonical, check_id, decode_token, sha256
+from services.review.store.model import (
+    ACTIVATION_REASONS_KEY,
+    MAX_LIST_RESULTS,
+    MAX_REVIEWER_CHARS,
+    AlreadyExists,
+    Decision,
+    Delivery,
+    ExpiryReport,
+    LeaseBatch,
+    Loop,
+    LoopStatus,
+    WorkEvent,
+    parse_status,
+)
 
 logger = logging.getLogger("medgate.review.store")
+
+
+class Changes:
+    """The work events of one transaction, collected as it runs and published once it committed."""
+
+    def __init__(self) -> None:
+        self.flows: Counter[str] = Counter()
+        self.reviewers: set[str] = set()
+
+    def work(self, flow: str, count: int = 1) -> None:
+        if count > 0:
+            self.flows[flow] += count
+
+    def freed(self, reviewers: Iterable[str]) -> None:
+        self.reviewers.update(reviewers)
+
+    def event(self) -> WorkEvent:
+        return WorkEvent(dict(self.flows), frozenset(self.reviewers))
+
+
+@dataclass(frozen=True)
+class StartInput:
+    """A start_loop call's arguments, checked, with the digest that makes the loop name idempotent."""
+
+    content_json: str
+    images: dict[str, bytes]
+    digest: str
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """A list call's filters, checked; ``after`` is the decoded page token (created_at, seq)."""
+
+    key: str
+    flow: str | None
+    status: str | None
+    created_after: float | None
+    created_before: float | None
+    ascending: bool
+    max_results: int
+    after: tuple[float, int] | None
 
 
 class ReviewStoreBase(abc.ABC):
@@ -33,8 +90,10 @@ class ReviewStoreBase(abc.ABC):
     * **Delivery.** A lease lasts the loop's ``task_time_limit_s``. A reviewer never holds two leases
       on one loop and never gets a loop it answered or released (release means "not for me"); a lease
       that expired may come back to the same reviewer (at-least-once). Expired leases return to the
-      queue on every write and on :meth:`ReviewStore.expire`; leases still open when a store is opened
-      were lost with the previous process and go back to the queue at once.
+      queue on every write and on :meth:`expire`. SQLite: leases still open when a store is opened were
+      lost with the previous process and go back to the queue at once. PostgreSQL: other replicas may be
+      serving them, so they stay; a reviewer that reconnects (to any replica) gets its open leases again
+      (:meth:`open_deliveries`), and the others return when their time limit passes.
     * **Decisions.** Idempotent by decision id: the same id with the same (loop, reviewer, answer)
       returns the recorded decision (``replayed=True``), even after the loop completed; the same id with
       anything else raises :class:`AlreadyExists`. The delivery id is not part of the payload, so a client
@@ -42,19 +101,37 @@ class ReviewStoreBase(abc.ABC):
       decision (lease expired or released) is accepted while the loop is open and the reviewer has not
       answered it, rather than throwing a radiologist's work away; when the last needed answer arrives,
       other open leases on the loop are cancelled. ``submit`` returns only after the transaction is
-      committed with ``synchronous=FULL``: an acknowledged decision is on disk.
-    * **Images** (e.g. PNG bytes of the letterboxed image) live in a BLOB table in the same database, so a
+      committed (SQLite ``synchronous=FULL``; PostgreSQL's commit): an acknowledged decision is on disk.
+    * **Images** (e.g. PNG bytes of the letterboxed image) live in a table of the same database, so a
       loop and its images are created, backed up and deleted atomically.
-    * **Waiting.** :attr:`ReviewStore.work_version` grows whenever deliverable work may have appeared
-      (a loop started, a lease released or expired). Block on :meth:`ReviewStore.wait_for_work` from a
-      thread, or bridge to asyncio with ``store.subscribe(lambda v: loop.call_soon_threadsafe(event.set))``;
-      :meth:`ReviewStore.next_deadline` says when to call :meth:`ReviewStore.expire` next.
+    * **Renewal.** ``renew`` extends an open lease by the loop's time limit from now (never past the
+      loop's own expiry), for a reviewer still working on the case; an ended lease is :class:`InvalidState`
+      (the case may be someone else's by now, though a late decision is still accepted as above).
+    * **Waiting.** Every commit that may matter to a waiting reviewer publishes a :class:`WorkEvent`
+      (new cases per flow, reviewers with a free slot) to :meth:`listen` callbacks, so a server wakes
+      one waiting reviewer of the flow per new case instead of every stream. :attr:`work_version` grows
+      whenever deliverable work may have appeared; block on :meth:`wait_for_work` from a thread, or
+      bridge to asyncio with ``store.subscribe(lambda v: loop.call_soon_threadsafe(event.set))``;
+      :meth:`next_deadline` says when to call :meth:`expire` next. The PostgreSQL store also delivers
+      the events of other replicas (``LISTEN/NOTIFY``).
     """
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._work_version = 0
         self._listeners: builtins.list[Callable[[int], object]] = []
+        self._event_listeners: builtins.list[Callable[[WorkEvent], object]] = []
+
+    # -- the interface every backend implements --------------------------------------------------
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> ReviewStoreBase:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @abc.abstractmethod
     def start_loop(
@@ -70,6 +147,213 @@ class ReviewStoreBase(abc.ABC):
 
     @abc.abstractmethod
     def describe(self, name: str) -> Loop: ...
+
+    @abc.abstractmethod
+    def images(self, name: str) -> dict[str, bytes]:
+        """The images attached to a loop, in attachment order."""
+
+    @abc.abstractmethod
+    def list(
+        self,
+        *,
+        flow: str | None = None,
+        status: LoopStatus | str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        ascending: bool = False,
+        max_results: int = MAX_LIST_RESULTS,
+        next_token: str | None = None,
+    ) -> tuple[builtins.list[Loop], str | None]:
+        """ListHumanLoops: by creation time (newest first unless ``ascending``), paged by token.
+
+        ``created_after`` is inclusive and ``created_before`` exclusive (epoch seconds), so adjacent
+        windows neither overlap nor leave gaps. A token only continues the query that issued it.
+        """
+
+    @abc.abstractmethod
+    def stop(self, name: str) -> Loop:
+        """StopHumanLoop: no more deliveries; open leases are cancelled. Stopping a stopped loop is a no-op."""
+
+    @abc.abstractmethod
+    def delete(self, name: str) -> None:
+        """DeleteHumanLoop: only for Completed, Failed or Stopped loops; removes everything about it."""
+
+    def lease(
+        self, reviewer_id: str, flows: Sequence[str], *, max_in_flight: int = 1, count: int = 1
+    ) -> builtins.list[Delivery]:
+        """Lease up to ``count`` cases (oldest first) without exceeding ``max_in_flight`` open leases."""
+        return builtins.list(self.lease_batch(reviewer_id, flows, max_in_flight=max_in_flight, count=count).deliveries)
+
+    @abc.abstractmethod
+    def lease_batch(
+        self, reviewer_id: str, flows: Sequence[str], *, max_in_flight: int = 1, count: int = 1
+    ) -> LeaseBatch:
+        """:meth:`lease`, also saying how many more the reviewer may hold, so a stream knows what to wait for."""
+
+    @abc.abstractmethod
+    def renew(self, delivery_id: str, reviewer_id: str) -> Delivery:
+        """Extend an open lease by its loop's time limit from now (capped by the loop's expiry).
+
+        :class:`NotFound` for an unknown delivery, :class:`NotYourLease` for another reviewer's, and
+        :class:`InvalidState` for a lease that already ended (answered, released, expired, cancelled).
+        """
+
+    @abc.abstractmethod
+    def release(self, delivery_id: str, reviewer_id: str) -> None:
+        """Give a case back unanswered; it returns to the queue for other reviewers. Idempotent.
+
+        Raises :class:`NotFound` for an unknown delivery and :class:`NotYourLease` for another reviewer's.
+        """
+
+    @abc.abstractmethod
+    def submit(
+        self,
+        decision_id: str,
+        reviewer_id: str,
+        answer: Mapping[str, Any],
+        *,
+        delivery_id: str | None = None,
+        loop_name: str | None = None,
+        issuer: str | None = None,
+        subject: str | None = None,
+    ) -> Decision:
+        """Record a reviewer's answer for a delivery (or a loop by name); durable when it returns.
+
+        ``issuer`` and ``subject``: the token that verified the reviewer (``reviewer_id`` is then its
+        ``issuer#subject``), kept with the decision for A2I's identityData; both None without tokens.
+        A delivery of another reviewer raises :class:`NotYourLease`, an unknown one :class:`NotFound`.
+        """
+
+    @abc.abstractmethod
+    def decisions(self, name: str) -> builtins.list[Decision]:
+        """A loop's recorded decisions in submission order."""
+
+    @abc.abstractmethod
+    def expire(self) -> ExpiryReport:
+        """Fail loops past their availability lifetime and requeue leases past their time limit."""
+
+    @abc.abstractmethod
+    def next_deadline(self) -> float | None:
+        """The earliest lease or loop expiry, so a server knows when :meth:`expire` has work to do."""
+
+    @abc.abstractmethod
+    def queue_depth(self, flow: str | None = None) -> int:
+        """Reviewer slots waiting for a lease: per open loop, task_count minus answers minus open leases."""
+
+    @abc.abstractmethod
+    def loop_of_delivery(self, delivery_id: str) -> Loop:
+        """The loop a delivery belongs to (NotFound for an unknown delivery id)."""
+
+    @abc.abstractmethod
+    def open_deliveries(self, reviewer_id: str) -> builtins.list[Delivery]:
+        """The reviewer's leases that are still open, oldest first: re-sent when a reviewer reconnects."""
+
+    @abc.abstractmethod
+    def in_flight(self, reviewer_id: str) -> int:
+        """Open leases held by a reviewer."""
+
+    @abc.abstractmethod
+    def pending_outputs(self, flow: str | None = None) -> builtins.list[Loop]:
+        """Completed loops whose output.json is not written yet (kept across crashes: an outbox)."""
+
+    @abc.abstractmethod
+    def mark_output(self, name: str, output_path: str) -> None: ...
+
+    # -- argument checks every backend makes alike -------------------------------------------------
+
+    @staticmethod
+    def _checked_start(
+        flow: FlowDefinition,
+        name: str,
+        input_content: Mapping[str, Any],
+        input_hash: str,
+        images: Mapping[str, bytes] | None,
+    ) -> StartInput:
+        check_name(name, "human loop name")
+        check_id(input_hash, "input_hash")
+        if not isinstance(input_content, Mapping):
+            raise InvalidArgument("input_content must be a JSON object")
+        content_json = canonical(input_content, "input_content")
+        attached: dict[str, bytes] = {}
+        for image_name, data in (images or {}).items():
+            if not isinstance(image_name, str) or not IMAGE_NAME.match(image_name):
+                raise InvalidArgument(f"image name {image_name!r} must be a plain file name")
+            if not isinstance(data, bytes | bytearray | memoryview) or not len(data):
+                raise InvalidArgument(f"image {image_name} must be non-empty bytes")
+            attached[image_name] = bytes(data)
+        digest = sha256(
+            canonical(
+                {
+                    "flow": flow.name,
+                    "input": input_content,
+                    "input_hash": input_hash,
+                    "images": [[n, hashlib.sha256(d).hexdigest()] for n, d in attached.items()],
+                },
+                "input",
+            )
+        )
+        return StartInput(content_json, attached, digest)
+
+    @staticmethod
+    def _checked_lease(reviewer_id: str, flows: Sequence[str], max_in_flight: int, count: int) -> builtins.list[str]:
+        check_id(reviewer_id, "reviewer_id", max_chars=MAX_REVIEWER_CHARS)
+        if isinstance(flows, str) or not flows:
+            raise InvalidArgument("flows must be a non-empty list of flow names")
+        if max_in_flight < 1 or count < 1:
+            raise InvalidArgument("max_in_flight and count must be at least 1")
+        return builtins.list(dict.fromkeys(flows))
+
+    @staticmethod
+    def _checked_submit(
+        decision_id: str,
+        reviewer_id: str,
+        answer: Mapping[str, Any],
+        delivery_id: str | None,
+        loop_name: str | None,
+        issuer: str | None,
+        subject: str | None,
+    ) -> str:
+        """The answer's canonical JSON, once every argument is checked."""
+        check_id(decision_id, "decision_id")
+        check_id(reviewer_id, "reviewer_id", max_chars=MAX_REVIEWER_CHARS)
+        if (issuer is None) != (subject is None):
+            raise InvalidArgument("a verified reviewer needs both issuer and subject")
+        if not isinstance(answer, Mapping):
+            raise InvalidArgument("an answer must be a JSON object")
+        answer_json = canonical(answer, "answer")
+        if delivery_id is None and loop_name is None:
+            raise InvalidArgument("submit needs a delivery_id or a loop_name")
+        return answer_json
+
+    @staticmethod
+    def _decision_digest(loop_name: str, reviewer_id: str, answer: Mapping[str, Any]) -> str:
+        return sha256(canonical({"loop": loop_name, "reviewer": reviewer_id, "answer": answer}, "decision"))
+
+    @staticmethod
+    def _list_query(
+        flow: str | None,
+        status: LoopStatus | str | None,
+        created_after: float | None,
+        created_before: float | None,
+        ascending: bool,
+        max_results: int,
+        next_token: str | None,
+    ) -> ListQuery:
+        if isinstance(max_results, bool) or not isinstance(max_results, int) or not 0 < max_results <= MAX_LIST_RESULTS:
+            raise InvalidArgument(f"max_results must be 1-{MAX_LIST_RESULTS}")
+        status_value = None if status is None else str(parse_status(status))
+        key = sha256(canonical([flow, status_value, created_after, created_before, ascending], "query"))[:16]
+        after = None if next_token is None else decode_token(next_token, key)
+        return ListQuery(
+            key,
+            flow,
+            status_value,
+            None if created_after is None else float(created_after),
+            None if created_before is None else float(created_before),
+            ascending,
+            max_results,
+            after,
+        )
 
     # -- waiting for work ---------------------------------------------------------------------
 
@@ -90,25 +374,44 @@ class ReviewStoreBase(abc.ABC):
         The callback runs on the committing thread and must be quick and never raise (an asyncio
         server passes ``loop.call_soon_threadsafe``-based callbacks).
         """
+        return self._add_listener(self._listeners, callback)
+
+    def listen(self, callback: Callable[[WorkEvent], object]) -> Callable[[], None]:
+        """Call ``callback(event)`` for each :class:`WorkEvent` (this store's commits and, on PostgreSQL,
+        other replicas'); returns unsubscribe. Same rules as :meth:`subscribe`'s callbacks."""
+        return self._add_listener(self._event_listeners, callback)
+
+    def _add_listener(self, listeners: builtins.list[Any], callback: Any) -> Callable[[], None]:
         with self._changed:
-            self._listeners.append(callback)
+            listeners.append(callback)
 
         def unsubscribe() -> None:
             with self._changed:
-                if callback in self._listeners:
-                    self._listeners.remove(callback)
+                if callback in listeners:
+                    listeners.remove(callback)
 
         return unsubscribe
 
-    def _notify_work(self) -> None:
+    def _publish(self, event: WorkEvent) -> None:
+        """Tell waiters what a commit changed (call after the commit, never inside a transaction)."""
+        if not event:
+            return
         with self._changed:
-            self._work_version += 1
+            work = bool(event.flows) or event.everything
+            if work:
+                self._work_version += 1
+                self._changed.notify_all()
             version = self._work_version
-            listeners = builtins.list(self._listeners)
-            self._changed.notify_all()
+            listeners = builtins.list(self._listeners) if work else []
+            event_listeners = builtins.list(self._event_listeners)
         for callback in listeners:
             try:
                 callback(version)
+            except Exception:
+                logger.exception("review store listener failed")
+        for event_callback in event_listeners:
+            try:
+                event_callback(event)
             except Exception:
                 logger.exception("review store listener failed")
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -113,9 +114,38 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class LeaseBatch:
+    """What one lease call took, and how many more cases the reviewer may hold (0: it is full)."""
+
+    deliveries: tuple[Delivery, ...]
+    free_slots: int
+
+
+@dataclass(frozen=True)
 class ExpiryReport:
     failed_loops: tuple[str, ...]
     expired_leases: int
+
+
+@dataclass(frozen=True)
+class WorkEvent:
+    """What one commit changed for waiting reviewers.
+
+    ``flows``: cases that became deliverable, per flow (a loop started: its task count; a lease released
+    or expired: one). ``reviewers``: reviewers whose lease ended (answered, released, expired, cancelled),
+    so they have room for another case; ``"*"`` stands for all of them (too many to name). ``everything``:
+    notifications may have been lost (the PostgreSQL listener reconnected), every waiter looks again.
+    """
+
+    flows: Mapping[str, int] = field(default_factory=dict)
+    reviewers: frozenset[str] = frozenset()
+    everything: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.flows or self.reviewers or self.everything)
+
+
+ALL_REVIEWERS = "*"
 
 
 def parse_status(value: LoopStatus | str) -> LoopStatus:

@@ -1,13 +1,16 @@
-"""The SQLite store's schema: DDL, migration (``PRAGMA user_version``) and rows back to records."""
+"""The SQLite store's schema: DDL, migration (``PRAGMA user_version``), and rows back to records (both backends)."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from typing import Any, Protocol
 
 from services.review.flows import ReviewError, TaskType
 from services.review.store.model import Decision, Loop, LoopStatus
 
+# One numbering for both backends: version n means the same tables and columns in SQLite and PostgreSQL
+# (postgres_schema.py), each reaching it by its own statements.
 SCHEMA_VERSION = 2
 
 # Version 1, as first released; later versions are MIGRATIONS applied on top, to new and old files alike,
@@ -100,7 +103,13 @@ def migrate(conn: sqlite3.Connection, label: str) -> None:
         raise
 
 
-def row_loop(row: sqlite3.Row) -> Loop:
+class Row(Protocol):
+    """A result row by column name: sqlite3.Row, or psycopg's dict rows."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def row_loop(row: Row) -> Loop:
     """A ``loops`` row as a record."""
     return Loop(
         name=row["name"],
@@ -122,7 +131,7 @@ def row_loop(row: sqlite3.Row) -> Loop:
     )
 
 
-def row_decision(row: sqlite3.Row, loop_name: str, status: LoopStatus, *, replayed: bool = False) -> Decision:
+def row_decision(row: Row, loop_name: str, status: LoopStatus, *, replayed: bool = False) -> Decision:
     return Decision(
         decision_id=row["id"],
         loop_name=loop_name,

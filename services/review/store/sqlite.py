@@ -3,31 +3,30 @@
 from __future__ import annotations
 
 import builtins
-import hashlib
 import json
 import logging
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from services.review.flows import FlowDefinition, InvalidArgument, ReviewError, check_name
-from services.review.store.base import ReviewStoreBase
-from services.review.store.keys import IMAGE_NAME, canonical, check_id, decode_token, encode_token, sha256
+from services.review.flows import FlowDefinition, InvalidArgument, ReviewError
+from services.review.store.base import Changes, ReviewStoreBase
+from services.review.store.keys import encode_token
 from services.review.store.model import (
     FAILURE_EXPIRED,
     MAX_LIST_RESULTS,
-    MAX_REVIEWER_CHARS,
     OPEN_STATUSES,
     AlreadyExists,
     Decision,
     Delivery,
     ExpiryReport,
     InvalidState,
+    LeaseBatch,
     Loop,
     LoopStatus,
     NotFound,
@@ -43,7 +42,8 @@ class ReviewStore(ReviewStoreBase):
     """Human loops, deliveries and decisions in one SQLite file; thread-safe; ``now`` is injectable.
 
     The semantics are :class:`ReviewStoreBase`'s. One process owns a database file (the connection is
-    shared by threads under a lock); several gateway replicas need the PostgreSQL store instead.
+    shared by threads under a lock); several review replicas need the PostgreSQL store instead
+    (:mod:`services.review.store.postgres`). Work events are published to this process's listeners only.
     """
 
     def __init__(
@@ -87,37 +87,40 @@ class ReviewStore(ReviewStoreBase):
     def __enter__(self) -> ReviewStore:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def _migrate(self) -> None:
         with self._lock:
             migrate(self._conn, self.path.name)
 
     def _requeue_abandoned(self) -> int:
         """Leases open at start-up belonged to a process that is gone: nobody will answer them."""
-        with self._transaction() as conn:
-            count = conn.execute(
-                "UPDATE deliveries SET state = 'expired', ended_at = ? WHERE state = 'leased'", (self._now(),)
-            ).rowcount
-        if count:
-            self._notify_work()
-        return count
+        with self._transaction() as (conn, changes):
+            rows = conn.execute(
+                "UPDATE deliveries SET state = 'expired', ended_at = ? WHERE state = 'leased'"
+                " RETURNING reviewer, (SELECT flow FROM loops WHERE seq = loop_seq) AS flow",
+                (self._now(),),
+            ).fetchall()
+            self._requeued(changes, rows)
+        return len(rows)
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; BEGIN IMMEDIATE so it never fails half way on a lock upgrade."""
+    def _transaction(self) -> Iterator[tuple[sqlite3.Connection, Changes]]:
+        """One write transaction; BEGIN IMMEDIATE so it never fails half way on a lock upgrade.
+
+        Its work events are published once it committed (never for a rolled-back one).
+        """
+        changes = Changes()
         with self._lock:
             if self._closed:
                 raise ReviewError("the review store is closed")
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
+                yield self._conn, changes
             except BaseException:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+        self._publish(changes.event())
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
@@ -150,35 +153,14 @@ class ReviewStore(ReviewStoreBase):
         images: Mapping[str, bytes] | None = None,
     ) -> Loop:
         """Start a loop, or return the one already started under this name with the same input."""
-        check_name(name, "human loop name")
-        check_id(input_hash, "input_hash")
-        if not isinstance(input_content, Mapping):
-            raise InvalidArgument("input_content must be a JSON object")
-        content_json = canonical(input_content, "input_content")
-        attached = dict(images or {})
-        for image_name, data in attached.items():
-            if not isinstance(image_name, str) or not IMAGE_NAME.match(image_name):
-                raise InvalidArgument(f"image name {image_name!r} must be a plain file name")
-            if not isinstance(data, bytes | bytearray | memoryview) or not len(data):
-                raise InvalidArgument(f"image {image_name} must be non-empty bytes")
-        digest = sha256(
-            canonical(
-                {
-                    "flow": flow.name,
-                    "input": input_content,
-                    "input_hash": input_hash,
-                    "images": [[n, hashlib.sha256(bytes(d)).hexdigest()] for n, d in attached.items()],
-                },
-                "input",
-            )
-        )
+        checked = self._checked_start(flow, name, input_content, input_hash, images)
+        attached = checked.images
         now = self._now()
-        created = False
-        with self._transaction() as conn:
-            self._expire_in(conn, now)
+        with self._transaction() as (conn, changes):
+            self._expire_in(conn, now, changes)
             row = conn.execute("SELECT input_digest FROM loops WHERE name = ?", (name,)).fetchone()
             if row is not None:
-                if row["input_digest"] != digest:
+                if row["input_digest"] != checked.digest:
                     raise AlreadyExists(f"human loop {name} already exists with a different input")
             else:
                 seq = conn.execute(
@@ -190,9 +172,9 @@ class ReviewStore(ReviewStoreBase):
                         flow.name,
                         str(flow.task_type),
                         str(LoopStatus.IN_PROGRESS),
-                        content_json,
+                        checked.content_json,
                         input_hash,
-                        digest,
+                        checked.digest,
                         json.dumps(builtins.list(attached)),
                         flow.task_count,
                         flow.task_time_limit_s,
@@ -202,12 +184,10 @@ class ReviewStore(ReviewStoreBase):
                 ).lastrowid
                 conn.executemany(
                     "INSERT INTO images (loop_seq, position, name, data) VALUES (?, ?, ?, ?)",
-                    [(seq, i, n, bytes(d)) for i, (n, d) in enumerate(attached.items())],
+                    [(seq, i, n, d) for i, (n, d) in enumerate(attached.items())],
                 )
-                created = True
+                changes.work(flow.name, flow.task_count)
             loop = self._loop(conn, name)
-        if created:
-            self._notify_work()
         return loop
 
     def describe(self, name: str) -> Loop:
@@ -233,33 +213,25 @@ class ReviewStore(ReviewStoreBase):
         max_results: int = MAX_LIST_RESULTS,
         next_token: str | None = None,
     ) -> tuple[builtins.list[Loop], str | None]:
-        """ListHumanLoops: by creation time (newest first unless ``ascending``), paged by token.
-
-        ``created_after`` is inclusive and ``created_before`` exclusive (epoch seconds), so adjacent
-        windows neither overlap nor leave gaps. A token only continues the query that issued it.
-        """
-        if isinstance(max_results, bool) or not isinstance(max_results, int) or not 0 < max_results <= MAX_LIST_RESULTS:
-            raise InvalidArgument(f"max_results must be 1-{MAX_LIST_RESULTS}")
-        status_value = None if status is None else str(parse_status(status))
-        query_key = sha256(canonical([flow, status_value, created_after, created_before, ascending], "query"))[:16]
+        """ListHumanLoops: by creation time (newest first unless ``ascending``), paged by token."""
+        query = self._list_query(flow, status, created_after, created_before, ascending, max_results, next_token)
         where: builtins.list[str] = ["1 = 1"]
         params: builtins.list[Any] = []
-        if flow is not None:
+        if query.flow is not None:
             where.append("flow = ?")
-            params.append(flow)
-        if status_value is not None:
+            params.append(query.flow)
+        if query.status is not None:
             where.append("status = ?")
-            params.append(status_value)
-        if created_after is not None:
+            params.append(query.status)
+        if query.created_after is not None:
             where.append("created_at >= ?")
-            params.append(float(created_after))
-        if created_before is not None:
+            params.append(query.created_after)
+        if query.created_before is not None:
             where.append("created_at < ?")
-            params.append(float(created_before))
-        if next_token is not None:
-            created_at, seq = decode_token(next_token, query_key)
+            params.append(query.created_before)
+        if query.after is not None:
             where.append("(created_at, seq) > (?, ?)" if ascending else "(created_at, seq) < (?, ?)")
-            params.extend([created_at, seq])
+            params.extend(query.after)
         order = "ASC" if ascending else "DESC"
         self._sweep_if_due()
         with self._reading() as conn:
@@ -271,14 +243,14 @@ class ReviewStore(ReviewStoreBase):
         token = None
         if len(rows) > max_results:
             last = page[-1]
-            token = encode_token(last["created_at"], last["seq"], query_key)
+            token = encode_token(last["created_at"], last["seq"], query.key)
         return [row_loop(row) for row in page], token
 
     def stop(self, name: str) -> Loop:
         """StopHumanLoop: no more deliveries; open leases are cancelled. Stopping a stopped loop is a no-op."""
         now = self._now()
-        with self._transaction() as conn:
-            self._expire_in(conn, now)
+        with self._transaction() as (conn, changes):
+            self._expire_in(conn, now, changes)
             loop = self._loop(conn, name)
             if loop.status in (LoopStatus.COMPLETED, LoopStatus.FAILED):
                 raise InvalidState(f"human loop {name} is {loop.status} and cannot be stopped")
@@ -286,14 +258,14 @@ class ReviewStore(ReviewStoreBase):
                 conn.execute(
                     "UPDATE loops SET status = ?, ended_at = ? WHERE name = ?", (str(LoopStatus.STOPPED), now, name)
                 )
-                self._cancel_leases(conn, now)
+                changes.freed(self._cancel_leases(conn, now))
                 loop = self._loop(conn, name)
         return loop
 
     def delete(self, name: str) -> None:
         """DeleteHumanLoop: only for Completed, Failed or Stopped loops; removes everything about it."""
-        with self._transaction() as conn:
-            self._expire_in(conn, self._now())
+        with self._transaction() as (conn, changes):
+            self._expire_in(conn, self._now(), changes)
             loop = self._loop(conn, name)
             if loop.status in OPEN_STATUSES:
                 raise InvalidState(f"human loop {name} is {loop.status}; stop it before deleting it")
@@ -301,30 +273,20 @@ class ReviewStore(ReviewStoreBase):
 
     # -- delivery -------------------------------------------------------------------------------
 
-    def lease(
-        self,
-        reviewer_id: str,
-        flows: Sequence[str],
-        *,
-        max_in_flight: int = 1,
-        count: int = 1,
-    ) -> builtins.list[Delivery]:
-        """Lease up to ``count`` cases (oldest first) without exceeding ``max_in_flight`` open leases."""
-        check_id(reviewer_id, "reviewer_id", max_chars=MAX_REVIEWER_CHARS)
-        if isinstance(flows, str) or not flows:
-            raise InvalidArgument("flows must be a non-empty list of flow names")
-        if max_in_flight < 1 or count < 1:
-            raise InvalidArgument("max_in_flight and count must be at least 1")
+    def lease_batch(
+        self, reviewer_id: str, flows: Sequence[str], *, max_in_flight: int = 1, count: int = 1
+    ) -> LeaseBatch:
+        """:meth:`lease`, also saying how many more the reviewer may hold, so a stream knows what to wait for."""
+        flow_names = self._checked_lease(reviewer_id, flows, max_in_flight, count)
         now = self._now()
         deliveries: builtins.list[Delivery] = []
-        with self._transaction() as conn:
-            requeued = self._expire_in(conn, now)[1]
+        with self._transaction() as (conn, changes):
+            self._expire_in(conn, now, changes)
             in_flight = conn.execute(
                 "SELECT COUNT(*) FROM deliveries WHERE reviewer = ? AND state = 'leased'", (reviewer_id,)
             ).fetchone()[0]
             room = min(count, max_in_flight - in_flight)
             if room > 0:
-                flow_names = builtins.list(dict.fromkeys(flows))
                 marks = ", ".join("?" * len(flow_names))
                 rows = conn.execute(
                     f"SELECT * FROM loops AS l WHERE l.status = 'InProgress' AND l.flow IN ({marks})"
@@ -346,28 +308,46 @@ class ReviewStore(ReviewStoreBase):
                         (delivery_id, row["seq"], reviewer_id, now, expires),
                     )
                     deliveries.append(Delivery(delivery_id, reviewer_id, row_loop(row), now, expires))
-        if requeued:
-            self._notify_work()
-        return deliveries
+        return LeaseBatch(tuple(deliveries), max(0, max_in_flight - in_flight - len(deliveries)))
 
-    def release(self, delivery_id: str, reviewer_id: str) -> None:
-        """Give a case back unanswered; it returns to the queue for other reviewers. Idempotent.
-
-        Raises :class:`NotFound` for an unknown delivery and :class:`NotYourLease` for another reviewer's.
-        """
+    def renew(self, delivery_id: str, reviewer_id: str) -> Delivery:
+        """Extend an open lease by its loop's time limit from now (capped by the loop's expiry)."""
         now = self._now()
-        with self._transaction() as conn:
-            self._expire_in(conn, now)
-            row = conn.execute("SELECT reviewer, state FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+        with self._transaction() as (conn, changes):
+            self._expire_in(conn, now, changes)
+            row = conn.execute(
+                "SELECT d.reviewer, d.state, d.leased_at, l.* FROM deliveries AS d"
+                " JOIN loops AS l ON l.seq = d.loop_seq WHERE d.id = ?",
+                (delivery_id,),
+            ).fetchone()
             if row is None:
                 raise NotFound(f"delivery {delivery_id} not found")
             if row["reviewer"] != reviewer_id:
                 raise NotYourLease(f"delivery {delivery_id} is leased to another reviewer")
-            released = row["state"] == "leased"
-            if released:
+            if row["state"] != "leased":
+                raise InvalidState(f"delivery {delivery_id} is {row['state']}; only an open lease can be renewed")
+            expires = min(now + row["task_time_limit_s"], row["expires_at"])
+            conn.execute("UPDATE deliveries SET lease_expires_at = ? WHERE id = ?", (expires, delivery_id))
+        return Delivery(delivery_id, reviewer_id, row_loop(row), row["leased_at"], expires)
+
+    def release(self, delivery_id: str, reviewer_id: str) -> None:
+        """Give a case back unanswered; it returns to the queue for other reviewers. Idempotent."""
+        now = self._now()
+        with self._transaction() as (conn, changes):
+            self._expire_in(conn, now, changes)
+            row = conn.execute(
+                "SELECT d.reviewer, d.state, l.flow FROM deliveries AS d JOIN loops AS l ON l.seq = d.loop_seq"
+                " WHERE d.id = ?",
+                (delivery_id,),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"delivery {delivery_id} not found")
+            if row["reviewer"] != reviewer_id:
+                raise NotYourLease(f"delivery {delivery_id} is leased to another reviewer")
+            if row["state"] == "leased":
                 conn.execute("UPDATE deliveries SET state = 'released', ended_at = ? WHERE id = ?", (now, delivery_id))
-        if released:
-            self._notify_work()
+                changes.work(row["flow"])
+                changes.freed([reviewer_id])
 
     def submit(
         self,
@@ -380,24 +360,11 @@ class ReviewStore(ReviewStoreBase):
         issuer: str | None = None,
         subject: str | None = None,
     ) -> Decision:
-        """Record a reviewer's answer for a delivery (or a loop by name); durable when it returns.
-
-        ``issuer`` and ``subject``: the token that verified the reviewer (``reviewer_id`` is then its
-        ``issuer#subject``), kept with the decision for A2I's identityData; both None without tokens.
-        A delivery of another reviewer raises :class:`NotYourLease`, an unknown one :class:`NotFound`.
-        """
-        check_id(decision_id, "decision_id")
-        check_id(reviewer_id, "reviewer_id", max_chars=MAX_REVIEWER_CHARS)
-        if (issuer is None) != (subject is None):
-            raise InvalidArgument("a verified reviewer needs both issuer and subject")
-        if not isinstance(answer, Mapping):
-            raise InvalidArgument("an answer must be a JSON object")
-        answer_json = canonical(answer, "answer")
-        if delivery_id is None and loop_name is None:
-            raise InvalidArgument("submit needs a delivery_id or a loop_name")
+        """Record a reviewer's answer for a delivery (or a loop by name); durable when it returns."""
+        answer_json = self._checked_submit(decision_id, reviewer_id, answer, delivery_id, loop_name, issuer, subject)
         now = self._now()
-        with self._transaction() as conn:
-            requeued = self._expire_in(conn, now)[1]
+        with self._transaction() as (conn, changes):
+            self._expire_in(conn, now, changes)
             accepted_at: float | None = None
             if delivery_id is not None:
                 row = conn.execute(
@@ -415,7 +382,7 @@ class ReviewStore(ReviewStoreBase):
             if loop_name is None:  # unreachable: checked above; narrows the type
                 raise InvalidArgument("submit needs a delivery_id or a loop_name")
             loop_row = self._loop_row(conn, loop_name)
-            payload = sha256(canonical({"loop": loop_name, "reviewer": reviewer_id, "answer": answer}, "decision"))
+            payload = self._decision_digest(loop_name, reviewer_id, answer)
             existing = conn.execute("SELECT * FROM decisions WHERE id = ?", (decision_id,)).fetchone()
             if existing is not None:
                 if existing["payload_digest"] != payload:
@@ -456,6 +423,7 @@ class ReviewStore(ReviewStoreBase):
                 " WHERE loop_seq = ? AND reviewer = ? AND (state = 'leased' OR id = ?)",
                 (now, loop_row["seq"], reviewer_id, delivery_id),
             )
+            changes.freed([reviewer_id])
             answers = loop.answers + 1
             status = LoopStatus.COMPLETED if answers >= loop.task_count else LoopStatus.IN_PROGRESS
             conn.execute(
@@ -463,7 +431,7 @@ class ReviewStore(ReviewStoreBase):
                 (answers, str(status), now if status is LoopStatus.COMPLETED else None, loop_row["seq"]),
             )
             if status is LoopStatus.COMPLETED:
-                self._cancel_leases(conn, now)
+                changes.freed(self._cancel_leases(conn, now))
             decision = Decision(
                 decision_id,
                 loop_name,
@@ -476,12 +444,9 @@ class ReviewStore(ReviewStoreBase):
                 issuer=issuer,
                 subject=subject,
             )
-        if requeued:
-            self._notify_work()
         return decision
 
     def decisions(self, name: str) -> builtins.list[Decision]:
-        """A loop's recorded decisions in submission order."""
         with self._reading() as conn:
             row = self._loop_row(conn, name)
             rows = conn.execute(
@@ -490,15 +455,11 @@ class ReviewStore(ReviewStoreBase):
             return [row_decision(r, name, parse_status(row["status"])) for r in rows]
 
     def expire(self) -> ExpiryReport:
-        """Fail loops past their availability lifetime and requeue leases past their time limit."""
-        with self._transaction() as conn:
-            failed, requeued = self._expire_in(conn, self._now())
-        if requeued:
-            self._notify_work()
+        with self._transaction() as (conn, changes):
+            failed, requeued = self._expire_in(conn, self._now(), changes)
         return ExpiryReport(tuple(failed), requeued)
 
     def queue_depth(self, flow: str | None = None) -> int:
-        """Reviewer slots waiting for a lease: per open loop, task_count minus answers minus open leases."""
         now = self._now()
         flow_filter = "" if flow is None else " AND l.flow = ?"
         with self._reading() as conn:
@@ -511,7 +472,6 @@ class ReviewStore(ReviewStoreBase):
         return int(row[0])
 
     def loop_of_delivery(self, delivery_id: str) -> Loop:
-        """The loop a delivery belongs to (NotFound for an unknown delivery id)."""
         with self._reading() as conn:
             row = conn.execute(
                 "SELECT l.* FROM deliveries AS d JOIN loops AS l ON l.seq = d.loop_seq WHERE d.id = ?", (delivery_id,)
@@ -521,7 +481,6 @@ class ReviewStore(ReviewStoreBase):
         return row_loop(row)
 
     def open_deliveries(self, reviewer_id: str) -> builtins.list[Delivery]:
-        """The reviewer's leases that are still open, oldest first: re-sent when a reviewer reconnects."""
         now = self._now()
         with self._reading() as conn:
             rows = conn.execute(
@@ -537,7 +496,6 @@ class ReviewStore(ReviewStoreBase):
         ]
 
     def in_flight(self, reviewer_id: str) -> int:
-        """Open leases held by a reviewer."""
         with self._reading() as conn:
             return int(
                 conn.execute(
@@ -548,7 +506,6 @@ class ReviewStore(ReviewStoreBase):
     # -- output bookkeeping ---------------------------------------------------------------------
 
     def pending_outputs(self, flow: str | None = None) -> builtins.list[Loop]:
-        """Completed loops whose output.json is not written yet (kept across crashes: an outbox)."""
         flow_filter = "" if flow is None else " AND flow = ?"
         with self._reading() as conn:
             rows = conn.execute(
@@ -558,7 +515,7 @@ class ReviewStore(ReviewStoreBase):
         return [row_loop(row) for row in rows]
 
     def mark_output(self, name: str, output_path: str) -> None:
-        with self._transaction() as conn:
+        with self._transaction() as (conn, _changes):
             self._seq(conn, name)
             conn.execute("UPDATE loops SET output_path = ? WHERE name = ?", (output_path, name))
 
@@ -573,7 +530,7 @@ class ReviewStore(ReviewStoreBase):
         if due is not None:
             self.expire()
 
-    def _expire_in(self, conn: sqlite3.Connection, now: float) -> tuple[builtins.list[str], int]:
+    def _expire_in(self, conn: sqlite3.Connection, now: float, changes: Changes) -> tuple[builtins.list[str], int]:
         failed = conn.execute(
             "SELECT name, created_at, expires_at FROM loops WHERE status = 'InProgress' AND expires_at <= ?", (now,)
         ).fetchall()
@@ -590,21 +547,31 @@ class ReviewStore(ReviewStoreBase):
                 ),
             )
         if failed:
-            self._cancel_leases(conn, now)
+            changes.freed(self._cancel_leases(conn, now))
         requeued = conn.execute(
-            "UPDATE deliveries SET state = 'expired', ended_at = ? WHERE state = 'leased' AND lease_expires_at <= ?",
+            "UPDATE deliveries SET state = 'expired', ended_at = ? WHERE state = 'leased' AND lease_expires_at <= ?"
+            " RETURNING reviewer, (SELECT flow FROM loops WHERE seq = loop_seq) AS flow",
             (now, now),
-        ).rowcount
-        return [row["name"] for row in failed], requeued
+        ).fetchall()
+        self._requeued(changes, requeued)
+        return [row["name"] for row in failed], len(requeued)
 
     @staticmethod
-    def _cancel_leases(conn: sqlite3.Connection, now: float) -> None:
-        """Close open leases on loops that take no more answers."""
-        conn.execute(
+    def _requeued(changes: Changes, rows: Iterable[sqlite3.Row]) -> None:
+        """Leases that went back to the queue: a case for the flow, a free slot for the reviewer."""
+        for row in rows:
+            changes.work(row["flow"])
+            changes.freed([row["reviewer"]])
+
+    @staticmethod
+    def _cancel_leases(conn: sqlite3.Connection, now: float) -> builtins.list[str]:
+        """Close open leases on loops that take no more answers; the reviewers who held them."""
+        rows = conn.execute(
             "UPDATE deliveries SET state = 'cancelled', ended_at = ? WHERE state = 'leased'"
-            " AND loop_seq IN (SELECT seq FROM loops WHERE status != 'InProgress')",
+            " AND loop_seq IN (SELECT seq FROM loops WHERE status != 'InProgress') RETURNING reviewer",
             (now,),
-        )
+        ).fetchall()
+        return [row["reviewer"] for row in rows]
 
     @staticmethod
     def _loop_row(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
