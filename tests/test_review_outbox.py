@@ -1,12 +1,18 @@
-"""Nothing routed to review is lost when the review service is away: the outbox keeps it and sends it later."""
+"""Nothing routed to review is lost when the review service is away: the outbox keeps it and sends it later.
+
+Both servers run as ``make run`` serves them (TLS, tokens): the gateway reaches the review service over TLS
+with the router token, and a case the review service refuses because of the gateway's own credentials waits
+in the outbox until they are fixed.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
-import grpc
 import pytest
 
 from medgate.v1 import inference_pb2 as pb
@@ -15,8 +21,10 @@ from services.gateway.server import GatewayServer
 from services.review.outbox import Outbox, OutboxFull
 from services.review.server import ReviewServer
 from services.review.store import NotFound
-from services.settings import load_settings
-from tests.conftest import free_port
+from services.security.credentials import DevCredentials
+from services.security.identity import Role
+from services.settings import Settings, load_settings
+from tests.conftest import Clients, free_port, security_values
 from tests.fixtures import phantom, png_bytes
 
 # Every classification goes to review (a 100% sample): routing does not depend on the model.
@@ -55,15 +63,13 @@ def test_outbox_keeps_replaces_and_sets_aside(tmp_path: Path) -> None:
     assert (tmp_path / "outbox" / "refused" / b.path.name).read_bytes() == b"second"
 
 
-@pytest.mark.asyncio(loop_scope="session")
-async def test_a_case_routed_while_review_is_down_reaches_it_when_it_is_back(
-    triton_url: str, tmp_path: Path
-) -> None:
+def stack_settings(tmp_path: Path, credentials: DevCredentials, **security: Any) -> Settings:
     flows = tmp_path / "flows.toml"
     flows.write_text(FLOWS)
     review_port = free_port()  # nothing listens here yet
-    settings = load_settings(
+    return load_settings(
         gateway={"port": 0, "metrics_port": -1},
+        security=security_values(credentials.directory, audit_dir=tmp_path / "audit", **security),
         review={
             "url": f"127.0.0.1:{review_port}",
             "port": review_port,
@@ -75,11 +81,28 @@ async def test_a_case_routed_while_review_is_down_reaches_it_when_it_is_back(
             "housekeeping_interval_s": 0.2,
         },
     )
+
+
+async def wait_for_loop(review: ReviewServer, name: str, deadline: float) -> None:
+    while True:
+        try:
+            review.store.describe(name)
+            return
+        except NotFound:
+            assert time.monotonic() < deadline, "the kept case never reached the review service"
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_case_routed_while_review_is_down_reaches_it_when_it_is_back(
+    triton_url: str, tmp_path: Path, dev_credentials: DevCredentials, clients: Clients
+) -> None:
+    settings = stack_settings(tmp_path, dev_credentials)
     gateway = GatewayServer(settings, triton_url)
     await gateway.start(port=0)
     review: ReviewServer | None = None
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        async with clients.channel(f"127.0.0.1:{gateway.port}", Role.INFERENCE) as channel:
             stub = pb_grpc.InferenceStub(channel)
             request = pb.ClassifyRequest(image=pb.ImageInput(data=png_bytes(phantom(12).image)))
             answer = await stub.Classify(request)
@@ -89,16 +112,11 @@ async def test_a_case_routed_while_review_is_down_reaches_it_when_it_is_back(
             assert [p.name for p in kept] == [f"{routing.human_loop_name}.pending"]
 
             # The review service comes up; the gateway's retries hand it the case.
-            review = ReviewServer(settings.review)
+            review = ReviewServer(settings.review, settings.security)
             await review.start()
             deadline = time.monotonic() + 15
-            while True:
-                try:
-                    loop = review.store.describe(routing.human_loop_name)
-                    break
-                except NotFound:
-                    assert time.monotonic() < deadline, "the kept case never reached the review service"
-                    await asyncio.sleep(0.1)
+            await wait_for_loop(review, routing.human_loop_name, deadline)
+            loop = review.store.describe(routing.human_loop_name)
             assert loop.status == "InProgress" and review.store.images(loop.name)["image.png"][:4] == b"\x89PNG"
             while list((tmp_path / "outbox").glob("*.pending")):
                 assert time.monotonic() < deadline
@@ -112,3 +130,33 @@ async def test_a_case_routed_while_review_is_down_reaches_it_when_it_is_back(
         if review is not None:
             await review.stop()
     assert not (tmp_path / "outbox" / "refused").exists()  # nothing was refused
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_case_refused_for_the_gateways_token_waits_until_the_token_is_fixed(
+    triton_url: str, tmp_path: Path, dev_credentials: DevCredentials, clients: Clients
+) -> None:
+    """A router token without the router role (PERMISSION_DENIED) is the gateway's own configuration: the case
+    is kept, not refused for good, and goes once the token file holds a router token (re-read without restart)."""
+    token_file = tmp_path / "router.token"
+    shutil.copyfile(dev_credentials.token_path(Role.REVIEWER), token_file)  # valid, but the wrong role
+    settings = stack_settings(tmp_path, dev_credentials, router_token_file=token_file)
+    review = ReviewServer(settings.review, settings.security)
+    await review.start()
+    gateway = GatewayServer(settings, triton_url)
+    await gateway.start(port=0)
+    try:
+        async with clients.channel(f"127.0.0.1:{gateway.port}", Role.INFERENCE) as channel:
+            request = pb.ClassifyRequest(image=pb.ImageInput(data=png_bytes(phantom(13).image)))
+            (routing,) = (await pb_grpc.InferenceStub(channel).Classify(request)).review
+            assert routing.queued and not routing.routed
+            assert routing.reasons[-1] == "review service: PERMISSION_DENIED; queued"
+            await asyncio.sleep(0.5)  # a few retry rounds: still kept, nothing refused
+            assert [p.name for p in (tmp_path / "outbox").glob("*.pending")] == [f"{routing.human_loop_name}.pending"]
+            assert not (tmp_path / "outbox" / "refused").exists()
+
+            shutil.copyfile(dev_credentials.token_path(Role.ROUTER), token_file)
+            await wait_for_loop(review, routing.human_loop_name, time.monotonic() + 15)
+    finally:
+        await gateway.stop()
+        await review.stop()
