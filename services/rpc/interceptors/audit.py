@@ -10,8 +10,10 @@ values or error messages.
 
 HIPAA (45 CFR 164.312(b)) requires audit controls on access to patient data, so an access that
 cannot be recorded is not granted: when the event of a successful call (or of a stream item) cannot
-be written, the answer is withheld and the call ends UNAVAILABLE. A write that fails for a call that
-failed anyway changes nothing for the caller; both are logged as CRITICAL by the writer.
+be written, the answer is withheld and the call ends UNAVAILABLE. A refusal or error reaches the
+caller from the status boundary inside this interceptor, so its event is written as the call ends
+(there is nothing to withhold); a write that fails then changes nothing for the caller. Every failed
+write is logged as CRITICAL by the writer. A stream has one event per item and one for how it ended.
 """
 
 from __future__ import annotations
