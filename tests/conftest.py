@@ -7,6 +7,7 @@ import os
 import socket
 import ssl
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from services.security.credentials import DevCredentials, ensure_dev_credentials
 from services.security.identity import Role
 from services.settings import PROJECT_ROOT, load_settings
 from services.triton.embedded import EmbeddedTriton
+from tests.postgres import PostgresCluster, PostgresUnavailable
 
 # Servers a test builds from plain settings run on loopback without TLS and tokens; fixtures and tests that
 # exercise security pass security={...} explicitly (explicit settings win over the environment).
@@ -119,6 +121,29 @@ class Clients:
 @pytest.fixture(scope="session")
 def clients(dev_credentials: DevCredentials) -> Clients:
     return Clients(dev_credentials)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """A real PostgreSQL server for the session (tests/postgres.py); without one: skipped, or failed under CI=true."""
+    try:
+        cluster = PostgresCluster()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but {exc}: the PostgreSQL store tests must run in CI")
+        pytest.skip(str(exc))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresCluster) -> Iterator[str]:
+    """A fresh database on the session's PostgreSQL server, dropped after the test."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    url = postgres.create_database(name)
+    yield url
+    postgres.drop_database(name)
 
 
 @pytest.fixture(scope="session")
