@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 import zlib
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,6 +15,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
 from services.imaging.errors import InvalidImage, LimitExceeded, UnsupportedCodec
+from services.security.identity import Role
+from tests.conftest import Clients
 from tests.test_ingest import CORPUS, _deflate_zeros, _dicom_bytes, _expected, _key, _png, _small_image
 
 CODE_OF = {
@@ -98,7 +102,9 @@ async def test_error_messages_carry_no_patient_data(stub: pb_grpc.InferenceStub)
         assert secret not in details
 
 
-async def test_a_role_without_a_model_answers_unimplemented(triton_url: str) -> None:
+async def test_a_role_without_a_model_answers_unimplemented(
+    triton_url: str, shared_security: dict[str, Any], clients: Clients, tmp_path: Path
+) -> None:
     """A deployment with no box segmenter (settings.models.segmenter_box = ""): the other roles serve."""
     import cv2
     import numpy as np
@@ -107,12 +113,15 @@ async def test_a_role_without_a_model_answers_unimplemented(triton_url: str) -> 
     from services.settings import load_settings
 
     settings = load_settings(
-        gateway={"port": 0, "metrics_port": -1}, review={"enabled": False}, models={"segmenter_box": ""}
+        gateway={"port": 0, "metrics_port": -1},
+        review={"enabled": False},
+        models={"segmenter_box": ""},
+        security={**shared_security, "audit_dir": tmp_path / "audit"},  # its own trail beside the shared gateway's
     )
     server = GatewayServer(settings, triton_url)
     await server.start(port=0)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        async with clients.channel(f"127.0.0.1:{server.port}", Role.INFERENCE) as channel:
             stub = pb_grpc.InferenceStub(channel)
             pixels = np.random.default_rng(5).integers(0, 255, (256, 256), dtype=np.uint8)
             image = pb.ImageInput(data=cv2.imencode(".png", pixels)[1].tobytes())
