@@ -26,7 +26,7 @@ from medgate.v1 import review_pb2_grpc as pb_grpc
 from services.audit import AuditWriteError
 from services.gateway.server import GatewayServer
 from services.review.server import ReviewServer
-from services.rpc.interceptors.audit import WITHHELD
+from services.rpc.interceptors.audit import RPC_EVENTS, WITHHELD
 from services.security.credentials import (
     CLIENT_COMMON_NAME,
     SUBJECTS,
@@ -438,3 +438,14 @@ async def test_under_mutual_tls_the_calling_node_is_a_participant(
         assert caller["UserID"] == person
         assert CLIENT_COMMON_NAME in machine["UserID"] and machine["RoleIDCode"][0]["csd-code"] == "110153"
         assert machine["NetworkAccessPointID"] == "127.0.0.1"
+
+
+def test_every_rpc_of_every_service_has_its_event() -> None:
+    services = [
+        ipb.DESCRIPTOR.services_by_name["Inference"],
+        report_pb2.DESCRIPTOR.services_by_name["Report"],
+        pb.DESCRIPTOR.services_by_name["Review"],
+    ]
+    assert {f"/{service.full_name}/{method.name}" for service in services for method in service.methods} == set(
+        RPC_EVENTS
+    )

@@ -1,7 +1,7 @@
 """One audit event per call (and per item a stream delivers), written before the answer leaves: fail closed.
 
 Runs inside the access log and outside the status boundary, so it sees every call's final code,
-authentication and authorization refusals included. What each RPC records is in ``_SPECS``:
+authentication and authorization refusals included. What each RPC records is in ``RPC_EVENTS``:
 inference and report calls are DICOM Instances Accessed (R) with the study and SOP instance UIDs
 of the answer's ``image``; review calls name the human loop and flow; lists and describes are
 Query; every UNAUTHENTICATED is User Authentication and every PERMISSION_DENIED a Security Alert.
@@ -147,7 +147,8 @@ def _subscribed(request: Any, response: Any) -> Objects:
 _INFERENCE = _Spec(EventID.INSTANCES_ACCESSED, Action.READ, lambda request, response: _image_of(response))
 _REPORT = _Spec(EventID.INSTANCES_ACCESSED, Action.READ, _none)  # report text is patient data: no objects
 _R = "/medgate.v1.Review/"
-_SPECS: dict[str, _Spec] = {
+# Every RPC of every medgate service (a test holds this to the service descriptors).
+RPC_EVENTS: dict[str, _Spec] = {
     "/medgate.v1.Inference/Classify": _INFERENCE,
     "/medgate.v1.Inference/Detect": _INFERENCE,
     "/medgate.v1.Inference/Segment": _INFERENCE,
@@ -172,6 +173,7 @@ _SPECS: dict[str, _Spec] = {
     f"{_R}StreamCases": _Spec(EventID.INSTANCES_ACCESSED, Action.READ, _subscribed, _case_item),
     f"{_R}SubmitReview": _Spec(EventID.INSTANCES_ACCESSED, Action.UPDATE, _decided),
     f"{_R}ReleaseCase": _Spec(EventID.INSTANCES_ACCESSED, Action.UPDATE, _none),  # names a lease, not a loop
+    f"{_R}RenewLease": _Spec(EventID.INSTANCES_ACCESSED, Action.UPDATE, _none),
 }
 # An RPC nobody listed here is still recorded, as an Execute of the application.
 _UNLISTED = _Spec(EventID.INSTANCES_ACCESSED, Action.EXECUTE, _none)
@@ -316,7 +318,7 @@ class AuditInterceptor(RpcInterceptor):
         call = current_call()
         if call is None:  # no request-id interceptor in front of us (a unit test's bare chain)
             return await behavior(request, context)
-        spec = _SPECS.get(full_method, _UNLISTED)
+        spec = RPC_EVENTS.get(full_method, _UNLISTED)
         try:
             response = await behavior(request, context)
         except BaseException as exc:
@@ -337,7 +339,7 @@ class AuditInterceptor(RpcInterceptor):
         self, full_method: str, behavior: StreamBehavior, request: Any, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         call = current_call()
-        spec = _SPECS.get(full_method, _UNLISTED)
+        spec = RPC_EVENTS.get(full_method, _UNLISTED)
         items: AsyncGenerator[Any, None] = iterate(behavior, request, context)  # type: ignore[assignment]
         if call is None:
             async for item in items:
