@@ -445,3 +445,15 @@ def tiny_png() -> bytes:
     ok, encoded = cv2.imencode(".png", np.zeros((4, 4), np.uint8))
     assert ok
     return encoded.tobytes()
+
+
+def test_a_removed_day_file_is_started_again_not_written_into_the_void(
+    audit: AuditLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    audit.write(access(request_id="before"))
+    (path,) = audit.directory.iterdir()
+    path.unlink()
+    with caplog.at_level(logging.CRITICAL, logger="medgate.audit"):
+        audit.write(access(request_id="after"))
+    assert "AUDIT FILE REMOVED" in caplog.text
+    assert [m["medgate"]["request_id"] for m in lines(audit.directory)] == ["after"]

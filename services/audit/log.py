@@ -161,7 +161,10 @@ class AuditLog:
 
     def _open(self, name: str) -> int:
         if self._fd >= 0 and self._fd_name == name:
-            return self._fd
+            if os.fstat(self._fd).st_nlink > 0:
+                return self._fd
+            # Someone removed the file under us: lines written to it now would be lost with the inode.
+            log.critical("AUDIT FILE REMOVED: %s; starting it again", self.directory / name)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
