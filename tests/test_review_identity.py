@@ -161,7 +161,7 @@ async def plain(tmp_path: Path) -> AsyncIterator[tuple[pb_grpc.ReviewStub, Path,
 
     settings = load_settings(
         review={"store_path": tmp_path / "review.sqlite3", "flows_file": write_flows(tmp_path), "port": 0},
-        security={"auth": False, "tls": False},
+        security={"auth": False, "tls": False, "audit_dir": tmp_path / "audit"},
     )
     server = ReviewServer(settings.review, settings.security)
     await server.start(port=0)
@@ -220,7 +220,14 @@ async def secured(tmp_path: Path) -> AsyncIterator[tuple[pb_grpc.ReviewStub, Tok
     jwks.write_text(jwks_json(key))
     settings = load_settings(
         review={"store_path": tmp_path / "review.sqlite3", "flows_file": write_flows(tmp_path), "port": 0},
-        security={"auth": True, "tls": False, "jwks_file": jwks, "issuer": ISSUER, "audience": AUDIENCE},
+        security={
+            "auth": True,
+            "tls": False,
+            "jwks_file": jwks,
+            "issuer": ISSUER,
+            "audience": AUDIENCE,
+            "audit_dir": tmp_path / "audit",
+        },
     )
     server = ReviewServer(settings.review, settings.security)
     await server.start(port=0)

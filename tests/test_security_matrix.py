@@ -74,6 +74,7 @@ async def stack(triton_url: str, tmp_path_factory: pytest.TempPathFactory) -> As
         "client_ca_file": creds_dir / "ca.pem",
         "jwks_file": creds_dir / "jwks.json",
         "router_token_file": creds_dir / "router.token",
+        "audit_dir": creds_dir.parent / "audit",
     }
     flows = root / "flows.toml"
     flows.write_text(

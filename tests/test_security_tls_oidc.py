@@ -34,6 +34,7 @@ def _security(directory: Path, **overrides: Any) -> SecuritySettings:
         "client_ca_file": directory / "ca.pem",
         "jwks_file": directory / "jwks.json",
         "router_token_file": directory / "router.token",
+        "audit_dir": directory.parent / "audit",
     }
     values.update(overrides)
     return load_settings(security=values).security
