@@ -81,6 +81,8 @@ class Options:
     concurrency: int
     # The gateway refuses bigger messages, and would end the whole stream doing so: check each file first.
     max_file_bytes: int = 64 * 1024 * 1024
+    # DICOM results (SEG, SR) of each DICOM file are written here as <SOPInstanceUID>.dcm.
+    dicom_out: Path | None = None
 
 
 def build_request(item: Item, data: bytes, options: Options) -> pb.AnalyzeRequest:
@@ -89,7 +91,11 @@ def build_request(item: Item, data: bytes, options: Options) -> pb.AnalyzeReques
         tasks=options.tasks,
         prompts=options.prompts if pb.TASK_SEGMENT in options.tasks else "",
         # Bit-packed masks are 8x smaller on the wire; the NPZ holds them decoded.
-        output=pb.OutputOptions(mask_space=options.mask_space, mask_encoding=pb.ARRAY_ENCODING_PACKBITS),
+        output=pb.OutputOptions(
+            mask_space=options.mask_space,
+            mask_encoding=pb.ARRAY_ENCODING_PACKBITS,
+            dicom_results=options.dicom_out is not None and item.kind == "DICOM",  # other inputs cannot have them
+        ),
         min_score=options.min_score,
         request_id=item.key,
     )
@@ -149,7 +155,12 @@ class Batch:
                 else:
                     try:
                         outputs = await asyncio.to_thread(
-                            write_outputs, self.out, item, answer.response, overlay=self.options.overlays
+                            write_outputs,
+                            self.out,
+                            item,
+                            answer.response,
+                            overlay=self.options.overlays,
+                            dicom_out=self.options.dicom_out,
                         )
                         record = ok_record(item, answer.response, outputs)
                     except OSError as exc:
@@ -211,6 +222,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-score", type=float, default=0.0, help="drop detections below this score")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="files in flight at once")
     parser.add_argument("--overlays", action="store_true", help="also write <name>.overlay.png per image")
+    parser.add_argument(
+        "--dicom-out",
+        type=Path,
+        help="DICOM inputs: ask for DICOM results (SEG, TID 1500 SR) and write them here as <SOPInstanceUID>.dcm",
+    )
     parser.add_argument("--limit", type=int, help="process at most this many new files in this run (resume later)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--target", default=None, help="gateway host:port (default: from settings, 127.0.0.1:50051)")
@@ -228,6 +244,7 @@ def options_from(args: argparse.Namespace) -> Options:
         min_score=args.min_score,
         overlays=args.overlays,
         concurrency=args.concurrency,
+        dicom_out=args.dicom_out,
         max_file_bytes=load_settings().gateway.max_receive_message_bytes - 64 * 1024,  # room for the envelope
     )
 

@@ -22,7 +22,7 @@ import numpy as np
 from google.protobuf import json_format
 
 from clients.batch_scan import Item
-from clients.infer import array_of
+from clients.infer import array_of, dicom_result_path
 from medgate.v1 import inference_pb2 as pb
 
 log = logging.getLogger("medgate.batch")
@@ -119,8 +119,11 @@ def _strip_array(document: dict[str, Any], field: str, npz_name: str, npz_key: s
         value["npz_key"] = npz_key
 
 
-def write_outputs(out: Path, item: Item, response: pb.AnalyzeResponse, *, overlay: bool) -> list[str]:
-    """The response as JSON (masks stripped), masks as NPZ, optionally an overlay PNG; returns the paths."""
+def write_outputs(
+    out: Path, item: Item, response: pb.AnalyzeResponse, *, overlay: bool, dicom_out: Path | None = None
+) -> list[str]:
+    """The response as JSON (masks stripped), masks as NPZ, optionally an overlay PNG and the DICOM results
+    (``dicom_out/<SOPInstanceUID>.dcm``, their bytes stripped from the JSON); returns the paths."""
     stem = out / item.output
     npz_path = stem.with_name(stem.name + ".npz")
     written: list[str] = []
@@ -144,6 +147,13 @@ def write_outputs(out: Path, item: Item, response: pb.AnalyzeResponse, *, overla
 
         _write_atomic(npz_path, save)
         written.append(npz_path.relative_to(out).as_posix())
+    if dicom_out is not None and response.dicom_results:
+        for obj, entry in zip(response.dicom_results, document.get("dicom_results", []), strict=True):
+            path = dicom_result_path(dicom_out, obj)
+            _write_atomic(path, _writer(obj.data))
+            entry.pop("data", None)
+            entry["file"] = _relative(path, out)
+            written.append(_relative(path, out))
     if overlay:
         png = _overlay_png(item, response, arrays.get("masks"))
         if png is not None:
@@ -155,6 +165,18 @@ def write_outputs(out: Path, item: Item, response: pb.AnalyzeResponse, *, overla
     _write_atomic(json_path, lambda handle: handle.write(text))
     written.append(json_path.relative_to(out).as_posix())
     return written
+
+
+def _writer(data: bytes) -> Callable[[IO[bytes]], object]:
+    return lambda handle: handle.write(data)
+
+
+def _relative(path: Path, out: Path) -> str:
+    """``path`` relative to OUT when inside it, else absolute (``out / entry`` finds it either way)."""
+    try:
+        return path.resolve().relative_to(out.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
 
 
 def _overlay_png(item: Item, response: pb.AnalyzeResponse, masks: np.ndarray | None) -> bytes | None:

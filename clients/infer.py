@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -58,6 +60,7 @@ def build_request(args: argparse.Namespace) -> pb.AnalyzeRequest:
         output=pb.OutputOptions(
             mask_space=MASK_SPACES[args.mask_space],
             mask_encoding=pb.ARRAY_ENCODING_PACKBITS if args.packbits else pb.ARRAY_ENCODING_RAW,
+            dicom_results=getattr(args, "dicom_out", None) is not None,
         ),
         min_score=args.min_score,
         request_id=Path(args.file).name,
@@ -65,6 +68,28 @@ def build_request(args: argparse.Namespace) -> pb.AnalyzeRequest:
     if args.frame is not None:
         request.image.frame = args.frame
     return request
+
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def dicom_result_path(directory: Path, obj: pb.DicomObject) -> Path:
+    """``directory/<sop_instance_uid>.dcm``; the UID must be one (digits and dots), never a path from the wire."""
+    uid = obj.sop_instance_uid
+    if not (_UID.match(uid) and len(uid) <= 64):
+        raise ValueError("a DICOM result has no valid SOP instance UID")
+    return directory / f"{uid}.dcm"
+
+
+def write_dicom_results(directory: Path, objects: Sequence[pb.DicomObject]) -> list[Path]:
+    """Each DICOM result object as ``<sop_instance_uid>.dcm`` in ``directory`` (made if missing)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for obj in objects:
+        path = dicom_result_path(directory, obj)
+        path.write_bytes(obj.data)
+        written.append(path)
+    return written
 
 
 def summary(response: pb.AnalyzeResponse) -> str:
@@ -102,10 +127,13 @@ def summary(response: pb.AnalyzeResponse) -> str:
             state = "sent to review" if routing.routed else "kept for review (service away)"
         lines.append(f"review: {state}, flow {routing.flow_definition}, loop {routing.human_loop_name}")
         lines.append(f"  because {'; '.join(routing.reasons)}")
+    for obj in response.dicom_results:
+        lines.append(f"dicom: {obj.kind} {obj.sop_instance_uid} ({len(obj.data)} bytes)")
     tm = response.timings
     lines.append(
         f"timings ms: decode {tm.decode_ms:.1f}, preprocess {tm.preprocess_ms:.1f}, triton {tm.triton_ms:.1f},"
         f" encode {tm.encode_ms:.1f}, total {tm.total_ms:.1f}"
+        + (f", dicom {tm.dicom_ms:.1f}" if response.dicom_results else "")
     )
     return "\n".join(lines)
 
@@ -186,6 +214,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--packbits", action="store_true", help="receive masks bit-packed (8x smaller)")
     parser.add_argument("--json", action="store_true", help="print the response as protobuf JSON")
     parser.add_argument("--overlay", type=Path, help="write the letterboxed image with masks and boxes to this PNG")
+    parser.add_argument(
+        "--dicom-out",
+        type=Path,
+        help="DICOM input only: ask for DICOM results (SEG, TID 1500 SR) and write them to this folder",
+    )
     parser.add_argument("--target", default=None, help="gateway host:port (default: from settings, 127.0.0.1:50051)")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     connect.add_arguments(parser)
@@ -215,4 +248,7 @@ def run(args: argparse.Namespace, target: str) -> int:
     if args.overlay:
         write_overlay(args.overlay, request, response)
         print(f"overlay written to {args.overlay}", file=sys.stderr)
+    if args.dicom_out is not None:
+        written = write_dicom_results(args.dicom_out, response.dicom_results)
+        print(f"{len(written)} DICOM result(s) written to {args.dicom_out}", file=sys.stderr)
     return 0

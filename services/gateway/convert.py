@@ -9,6 +9,15 @@ import numpy as np
 
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import report_pb2
+from services.dicom.results import (
+    AIResults,
+    Algorithm,
+    Classification,
+    Detection,
+    Detections,
+    DicomResult,
+    Segment,
+)
 from services.imaging.arrays import WireArray, decode_array
 from services.imaging.ingest import InputKind
 from services.imaging.masks import Box, MaskSummary
@@ -108,6 +117,61 @@ def prompt_result(
     if box is not None:
         result.box.CopyFrom(box)
     return result
+
+
+def ai_results(
+    *,
+    classification: pb.ClassifyResponse | None = None,
+    detection: pb.DetectResponse | None = None,
+    segmentation: pb.SegmentResponse | None = None,
+    masks: np.ndarray | None = None,
+) -> AIResults:
+    """An answer's results as the DICOM builders take them; ``masks`` on the original grid [N, H, W]."""
+    found_classification = None
+    if classification is not None and classification.scores:
+        found_classification = Classification(
+            label=classification.top_label,
+            score=classification.top_score,
+            algorithm=Algorithm(classification.model.name, classification.model.version),
+        )
+    found_detections = None
+    if detection is not None:
+        found_detections = Detections(
+            items=[Detection(box=box_tuple(d.box), label=d.label, score=d.score) for d in detection.detections],
+            algorithm=Algorithm(detection.model.name, detection.model.version),
+        )
+    segments: list[Segment] = []
+    if segmentation is not None:
+        versions = {model.name: model.version for model in segmentation.models}
+        boxes = 0
+        for result in segmentation.prompts:
+            is_box = result.HasField("box")
+            boxes += is_box
+            segments.append(
+                Segment(
+                    label=f"box {boxes}" if is_box else result.prompt,
+                    category=result.category,
+                    score=result.score,
+                    algorithm=Algorithm(result.model, versions.get(result.model, "")),
+                    prompt=None if is_box else result.prompt,
+                )
+            )
+    return AIResults(
+        classification=found_classification,
+        detections=found_detections,
+        segments=segments,
+        masks=masks if segments else None,
+    )
+
+
+def dicom_object_proto(result: DicomResult) -> pb.DicomObject:
+    return pb.DicomObject(
+        data=result.data,
+        sop_class_uid=result.sop_class_uid,
+        sop_instance_uid=result.sop_instance_uid,
+        series_instance_uid=result.series_instance_uid,
+        kind=result.kind,
+    )
 
 
 def impression_proto(answer: ImpressionAnswer, evidence: int) -> report_pb2.ImpressionResponse:

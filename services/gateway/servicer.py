@@ -20,9 +20,12 @@ import numpy as np
 
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
+from services.dicom.results import build_dicom_results
 from services.gateway.convert import (
+    ai_results,
     box_proto,
     box_tuple,
+    dicom_object_proto,
     image_info_proto,
     input_kind,
     ndarray_proto,
@@ -31,6 +34,7 @@ from services.gateway.convert import (
     transform_proto,
 )
 from services.gateway.routing import ReviewRouter
+from services.imaging.ingest import InputKind
 from services.imaging.masks import EncodedMasks, encode_masks
 from services.imaging.prepare import PreparedImage, prepare
 from services.imaging.preprocess import Letterbox
@@ -42,6 +46,7 @@ from services.settings import Settings
 from services.triton.client import TritonModels
 
 ResponseT = TypeVar("ResponseT", pb.ClassifyResponse, pb.DetectResponse, pb.SegmentResponse)
+ClassifyOrMore = pb.ClassifyRequest | pb.DetectRequest | pb.SegmentRequest | pb.AnalyzeRequest
 PROMPT_SEPARATOR = "&"
 
 
@@ -54,6 +59,7 @@ class Clock:
     preprocess_ms: float = 0.0
     triton_ms: float = 0.0
     encode_ms: float = 0.0
+    dicom_ms: float = 0.0
     models: set[str] = field(default_factory=set)  # the Triton models this request used
 
     def observe(self, rpc: str, prepared: PreparedImage) -> None:
@@ -66,6 +72,8 @@ class Clock:
             "encode": self.encode_ms / 1000.0,
             "total": total,
         }
+        if self.dicom_ms:
+            stages["dicom"] = self.dicom_ms / 1000.0
         observe_stages(rpc, "+".join(sorted(self.models)) or "none", prepared.decoded.kind.value, stages)
 
     def to_proto(self) -> pb.StageTimings:
@@ -75,6 +83,7 @@ class Clock:
             triton_ms=self.triton_ms,
             encode_ms=self.encode_ms,
             total_ms=(time.perf_counter() - self.started) * 1000.0,
+            dicom_ms=self.dicom_ms,
         )
 
 
@@ -166,6 +175,43 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         clock.decode_ms += prepared.decode_ms
         clock.preprocess_ms += prepared.preprocess_ms
         return prepared
+
+    @staticmethod
+    def _check_dicom_results(request: ClassifyOrMore, prepared: PreparedImage) -> bool:
+        """Whether the caller asked for DICOM results; only a DICOM input can have them (checked before Triton)."""
+        if not request.output.dicom_results:
+            return False
+        kind = prepared.decoded.kind
+        if kind is not InputKind.DICOM:
+            raise BadRequest(f"output.dicom_results needs a DICOM input; this input is {kind.name}")
+        return True
+
+    async def _dicom_results(
+        self,
+        image: pb.ImageInput,
+        prepared: PreparedImage,
+        clock: Clock,
+        *,
+        classification: pb.ClassifyResponse | None = None,
+        detection: pb.DetectResponse | None = None,
+        segmentation: pb.SegmentResponse | None = None,
+        masks: np.ndarray | None = None,
+    ) -> list[pb.DicomObject]:
+        """SEG and SR of the answer, built on the executor from the request's own bytes (the source header)."""
+        started = time.perf_counter()
+        transform, frame, limits = prepared.transform, prepared.decoded.info.frame, self.settings.ingest
+
+        def build() -> list[pb.DicomObject]:
+            original = transform.mask_to_original(masks) if masks is not None and segmentation is not None else None
+            results = ai_results(
+                classification=classification, detection=detection, segmentation=segmentation, masks=original
+            )
+            objects = build_dicom_results(image.data, frame=frame, results=results, limits=limits)
+            return [dicom_object_proto(o) for o in objects]
+
+        built = await asyncio.get_running_loop().run_in_executor(self.executor, build)
+        clock.dicom_ms += (time.perf_counter() - started) * 1000.0
+        return built
 
     # --- the tasks -----------------------------------------------------------------------------
 
@@ -313,6 +359,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if tasks.detect:
             _detection_limits(request.min_score, request.max_detections)
         prepared = await self._prepare(request.image, clock)
+        wants_dicom = self._check_dicom_results(request, prepared)
         boxes = self._boxes(list(request.boxes), prepared.transform)
         async with asyncio.TaskGroup() as group:
             classify = group.create_task(self._classify(prepared, deadline, clock)) if tasks.classify else None
@@ -343,6 +390,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if segment is not None:
             segmentation, masks = segment.result()
             response.segmentation.CopyFrom(segmentation)
+        if wants_dicom:
+            response.dicom_results.extend(
+                await self._dicom_results(
+                    request.image,
+                    prepared,
+                    clock,
+                    classification=response.classification if classify else None,
+                    detection=response.detection if detect else None,
+                    segmentation=response.segmentation if segment else None,
+                    masks=masks,
+                )
+            )
         if self.router is not None:
             response.review.extend(
                 await self.router.route(
@@ -374,7 +433,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         clock = Clock(started=time.perf_counter())
         deadline = self._deadline()
         prepared = await self._prepare(request.image, clock)
+        wants_dicom = self._check_dicom_results(request, prepared)
         response = await self._classify(prepared, deadline, clock)
+        if wants_dicom:
+            response.dicom_results.extend(
+                await self._dicom_results(request.image, prepared, clock, classification=response)
+            )
         if self.router is not None:
             response.review.extend(
                 await self.router.route(image=request.image, prepared=prepared, classification=response)
@@ -386,9 +450,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         deadline = self._deadline()
         _detection_limits(request.min_score, request.max_detections)
         prepared = await self._prepare(request.image, clock)
+        wants_dicom = self._check_dicom_results(request, prepared)
         response = await self._detect(
             prepared, deadline, clock, min_score=request.min_score, max_detections=request.max_detections
         )
+        if wants_dicom:
+            response.dicom_results.extend(await self._dicom_results(request.image, prepared, clock, detection=response))
         if self.router is not None:
             response.review.extend(await self.router.route(image=request.image, prepared=prepared, detection=response))
         return self._finish(response, prepared, clock, "Detect")
@@ -400,8 +467,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if not prompts and not request.boxes:
             raise BadRequest("segmentation needs at least one text prompt or box prompt")
         prepared = await self._prepare(request.image, clock)
+        wants_dicom = self._check_dicom_results(request, prepared)
         boxes = self._boxes(list(request.boxes), prepared.transform)
         response, masks = await self._segment(prepared, deadline, clock, request, prompts=prompts, boxes=boxes)
+        if wants_dicom:
+            response.dicom_results.extend(
+                await self._dicom_results(request.image, prepared, clock, segmentation=response, masks=masks)
+            )
         if self.router is not None:
             response.review.extend(
                 await self.router.route(image=request.image, prepared=prepared, segmentation=response, masks=masks)

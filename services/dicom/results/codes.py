@@ -57,7 +57,8 @@ NORMAL = _sct("17621005", "Normal")
 # How the results were made and what they measure.
 ARTIFICIAL_INTELLIGENCE = _dcm("123110", "Artificial Intelligence")  # CID 7162 Algorithm Family
 PROCESSING_EQUIPMENT = _dcm("109102", "Processing Equipment")  # Contributing Equipment purpose
-FINDING = _dcm("121071", "Finding")
+# The concept name of a classification (a qualitative evaluation whose value is the class).
+CLASSIFICATION = _sct("278201002", "Classification")
 # A score in [0, 1] is written as a percentage, as DICOM's CAD templates write certainty (TID 4101).
 CERTAINTY_OF_FINDING = _dcm("111012", "Certainty of Finding")
 PERCENT = CodedConcept("%", "UCUM", "Percent")

@@ -11,6 +11,7 @@ references the source instance (and, for a multi-frame source, the frame that wa
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 
@@ -143,7 +144,9 @@ def _finish(seg: hd.seg.Segmentation, source: SourceFrame, has_coordinates: bool
     src = source.dataset
     if source.multiframe and not has_coordinates:
         frame_number = source.frame + 1
-        for item in seg.get("SourceImageSequence", []):
+        # highdicom shares these items with the Referenced Instance Sequence, where a frame number does not belong.
+        seg.SourceImageSequence = [copy.deepcopy(item) for item in seg.get("SourceImageSequence", [])]
+        for item in seg.SourceImageSequence:
             item.ReferencedFrameNumber = frame_number
         for group in seg.PerFrameFunctionalGroupsSequence:
             for derivation in group.get("DerivationImageSequence", []):

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pydicom
+from highdicom._standard_utils import is_multiframe_image
 from pydicom.dataset import Dataset
 
 from services.dicom.results.errors import DicomResultError
@@ -27,6 +28,19 @@ from services.imaging.ingest.sniff import GZIP_MAGIC
 from services.imaging.limits import IngestLimits
 
 _REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+# Type 2 attributes of the Patient and General Study modules that highdicom copies by name; a source
+# without them (allowed of many images, common in secondary captures) gets them empty, as Type 2 allows.
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 _STATE = threading.local()
 
 
@@ -75,7 +89,9 @@ class SourceFrame:
 
     @property
     def multiframe(self) -> bool:
-        return self.frames > 1
+        """More than one frame in an IOD that has frames (a single-frame IOD stating NumberOfFrames 2 has no
+        frame to reference: pydicom's SC_rgb_2frame.dcm)."""
+        return self.frames > 1 and is_multiframe_image(self.dataset)
 
     @property
     def frame_numbers(self) -> list[int] | None:
@@ -95,6 +111,7 @@ class SourceFrame:
         system, where highdicom builds one frame only); the builder adds the frame number to its references."""
         view = Dataset()
         view.update(self.dataset)  # a new element dict (copy.copy would share the source's), the same elements
+        del view.NumberOfFrames  # a new element, not the shared one changed in place
         view.NumberOfFrames = 1
         if "SharedFunctionalGroupsSequence" not in view:
             # highdicom reads pixel measures from the shared functional groups of any multi-frame IOD, which
@@ -125,6 +142,9 @@ def read_source(data: bytes, *, frame: int, limits: IngestLimits) -> SourceFrame
         for keyword in ("Rows", "Columns"):
             if not isinstance(dataset.get(keyword), int):
                 raise DicomResultError(f"DICOM results need the source's {keyword}")
+        for keyword in _TYPE2_COPIED:
+            if keyword not in dataset:
+                setattr(dataset, keyword, "")  # our own copy of the header; the request's bytes are untouched
     source = SourceFrame(dataset=dataset, frame=frame)
     if not 0 <= frame < source.frames:
         raise DicomResultError(f"DICOM results: frame {frame} is not in the source's {source.frames} frames")

@@ -1,7 +1,7 @@
 """Comprehensive 3D SR holding a TID 1500 Measurement Report of an answer.
 
-- the classification: a TID 1501 group with the qualitative evaluation Finding = the top label (SNOMED
-  CT) and its Certainty of Finding (the score as a percentage), referencing the source image;
+- the classification: a TID 1501 group with the qualitative evaluation Classification = the top label
+  (SNOMED CT) and its Certainty of Finding (the score as a percentage), referencing the source image;
 - each detection: a TID 1410 planar ROI, its box as a closed POLYLINE in the source frame's pixel
   coordinates (SCOORD: 0\\0 is the top-left corner of the top-left pixel), finding type, finding site
   and certainty;
@@ -117,7 +117,7 @@ def measurement_groups(
                 ),
                 algorithm_id=_algorithm_id(c.algorithm),
                 qualitative_evaluations=[
-                    hd.sr.QualitativeEvaluation(codes.fresh(codes.FINDING), codes.label_code(c.label))
+                    hd.sr.QualitativeEvaluation(codes.fresh(codes.CLASSIFICATION), codes.label_code(c.label))
                 ],
                 measurements=[_certainty(c.score, c.algorithm)],
                 source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(src, frames)],
