@@ -2,11 +2,15 @@
 
 1. Overhead ratio: gateway ``Classify`` on an encoded file against a direct tritonclient call of the
    same model on the same preprocessed tensor, calls interleaved so machine noise hits every arm:
-   the gateway as shipped (tensors to Triton through shared memory), the gateway with shared memory
-   off (tensors in the gRPC message), and the direct call; p50 and p99 for a 1024x1024 PNG and for
-   pydicom-data's RG1_UNCI.dcm, with the gateway's own stage timings.
-2. Throughput of the gateway with 1 and 2 worker processes at 1, 4 and 16 concurrent clients (each
-   its own connection, so SO_REUSEPORT spreads them over the workers).
+   the gateway in plaintext without tokens (tensors to Triton through shared memory), the same
+   with shared memory off (tensors in the gRPC message), the gateway as ``make run`` serves it
+   (TLS and a bearer token checked on every call; ``tls_token_over_plaintext_p50`` is its p50 over
+   the plaintext arm's), and the direct call; p50 and p99 for a 1024x1024 PNG and for pydicom-data's
+   RG1_UNCI.dcm, with the gateway's own stage timings.
+2. Throughput of the gateway (plaintext, as in earlier runs) with 1 and 2 worker processes at 1, 4 and
+   16 concurrent clients (each its own connection, so SO_REUSEPORT spreads them over the workers).
+
+The secure arm runs on throwaway development credentials in a temporary folder, never var/credentials.
 
 Results go to ``bench/results/gateway.json``. A benchmark, not a test: nothing here asserts.
 """
@@ -23,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -34,10 +39,14 @@ import numpy as np
 import tritonclient.grpc as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench import stack_security
+from clients import connect
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
 from services.imaging.limits import IngestLimits
 from services.imaging.prepare import prepare
+from services.security.credentials import DevCredentials
+from services.security.identity import Role
 from services.settings import load_settings
 from services.triton.embedded import EmbeddedTriton
 
@@ -62,11 +71,29 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Security:
+    """Throwaway credentials, and whether an arm uses them (TLS and the inference token) or plaintext."""
+
+    credentials: DevCredentials
+    audit_dir: Path
+    secure: bool = False
+
+    def env(self) -> dict[str, str]:
+        return stack_security.server_env(self.credentials, secure=self.secure, audit_dir=self.audit_dir)
+
+    def client(self) -> connect.ClientSecurity:
+        return stack_security.client(self.credentials, Role.INFERENCE, secure=self.secure)
+
+
 @contextlib.contextmanager
-def gateway_process(triton_url: str, port: int, workers: int, *, shared_memory: str = "auto") -> Iterator[None]:
+def gateway_process(
+    triton_url: str, port: int, workers: int, security: Security, *, shared_memory: str = "auto"
+) -> Iterator[None]:
     # Review routing off: this measures inference overhead. Metrics on a free port, to never clash.
     env = dict(
         os.environ,
+        **security.env(),
         MEDGATE_TRITON_URL=triton_url,
         MEDGATE_TRITON_SHARED_MEMORY=shared_memory,
         MEDGATE_REVIEW_ENABLED="false",
@@ -82,7 +109,7 @@ def gateway_process(triton_url: str, port: int, workers: int, *, shared_memory: 
         stderr=None if VERBOSE else subprocess.DEVNULL,
     )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with connect.channel(f"127.0.0.1:{port}", security.client()) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 120
             while True:
@@ -103,10 +130,11 @@ def gateway_process(triton_url: str, port: int, workers: int, *, shared_memory: 
             process.kill()
 
 
-def channel(target: str, index: int = 0) -> grpc.Channel:
+def channel(target: str, security: Security, index: int = 0) -> grpc.Channel:
     # A local subchannel pool gives each client its own TCP connection, so SO_REUSEPORT can spread them.
-    return grpc.insecure_channel(
+    return connect.channel(
         target,
+        security.client(),
         options=[
             ("grpc.max_receive_message_length", 256 << 20),
             ("grpc.max_send_message_length", 256 << 20),
@@ -117,7 +145,13 @@ def channel(target: str, index: int = 0) -> grpc.Channel:
 
 
 def overhead(
-    name: str, data: bytes, gateways: dict[str, str], triton_url: str, *, calls: int, warmup: int
+    name: str,
+    data: bytes,
+    gateways: dict[str, tuple[str, Security]],
+    triton_url: str,
+    *,
+    calls: int,
+    warmup: int,
 ) -> dict[str, Any]:
     """Interleave one call of each arm per round (rotating the order) and compare their percentiles."""
     prepared = prepare(data, limits=IngestLimits())
@@ -127,7 +161,7 @@ def overhead(
     image.set_data_from_numpy(tensor)
     request = pb.ClassifyRequest(image=pb.ImageInput(data=data))
     direct_probabilities = triton.infer("classifier", [image]).as_numpy("probabilities")[0]
-    channels = {arm: channel(target) for arm, target in gateways.items()}
+    channels = {arm: channel(target, security) for arm, (target, security) in gateways.items()}
     stubs = {arm: pb_grpc.InferenceStub(ch) for arm, ch in channels.items()}
     for stub in stubs.values():
         answer = stub.Classify(request)
@@ -171,10 +205,17 @@ def overhead(
             (stats[arm]["p50_ms"] - stage_p50["decode_ms"]) / direct["p50_ms"], 3
         )
         result[arm]["stage_p50_ms"] = stage_p50
+    if "gateway_tls_token" in stats and "gateway" in stats:
+        # What TLS and a verified token add to a call, the two arms interleaved in one run (issue 12: <= 1.05).
+        result["tls_token_over_plaintext_p50"] = round(
+            stats["gateway_tls_token"]["p50_ms"] / stats["gateway"]["p50_ms"], 3
+        )
     return result
 
 
-def throughput(target: str, request: pb.ClassifyRequest, *, clients: int, seconds: float) -> dict[str, Any]:
+def throughput(
+    target: str, security: Security, request: pb.ClassifyRequest, *, clients: int, seconds: float
+) -> dict[str, Any]:
     counts = [0] * clients
     errors = [0] * clients
     latencies: list[list[float]] = [[] for _ in range(clients)]
@@ -182,7 +223,7 @@ def throughput(target: str, request: pb.ClassifyRequest, *, clients: int, second
     start = threading.Barrier(clients)
 
     def run(index: int) -> None:
-        with channel(target, index) as ch:
+        with channel(target, security, index) as ch:
             stub = pb_grpc.InferenceStub(ch)
             stub.Classify(request)  # connect and warm up before the clock starts
             start.wait()
@@ -243,12 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     with contextlib.ExitStack() as stack:
         url = args.triton_url or stack.enter_context(EmbeddedTriton(triton_settings)).settings.grpc_url
-        ports = {"gateway": free_port(), "gateway_wire": free_port()}
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="medgate-bench-")))
+        plain = Security(stack_security.make_credentials(scratch / "credentials"), scratch / "audit")
+        secure = dataclasses.replace(plain, secure=True)
+        arms = {"gateway": plain, "gateway_wire": plain, "gateway_tls_token": secure}
+        ports = {arm: free_port() for arm in arms}
         with (
-            gateway_process(url, ports["gateway"], workers=1),
-            gateway_process(url, ports["gateway_wire"], workers=1, shared_memory="off"),
+            gateway_process(url, ports["gateway"], 1, plain),
+            gateway_process(url, ports["gateway_wire"], 1, plain, shared_memory="off"),
+            gateway_process(url, ports["gateway_tls_token"], 1, secure),
         ):
-            targets = {arm: f"127.0.0.1:{port}" for arm, port in ports.items()}
+            targets = {arm: (f"127.0.0.1:{port}", arms[arm]) for arm, port in ports.items()}
             results["overhead"] = [
                 overhead("png_1024", png, targets, url, calls=args.calls, warmup=args.warmup),
                 overhead("RG1_UNCI.dcm", dicom, targets, url, calls=args.calls // 2, warmup=args.warmup // 2),
@@ -258,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         target = f"127.0.0.1:{port}"
         sweeps: dict[str, Any] = {}
         for workers in (1, 2):
-            with gateway_process(url, port, workers=workers):
+            with gateway_process(url, port, workers, plain):
                 for clients in args.clients:
-                    point = throughput(target, request, clients=clients, seconds=args.seconds)
+                    point = throughput(target, plain, request, clients=clients, seconds=args.seconds)
                     sweeps[f"workers_{workers}_clients_{clients}"] = point
                     print(f"workers {workers} clients {clients}: {point['rps']} rps", flush=True)
         sweeps["scaling_2_over_1"] = {

@@ -4,6 +4,10 @@ Starts the review service as its own process on a fresh store, opens ``--reviewe
 subscriptions, then starts ``--cases`` human loops at a steady rate; each reviewer answers at
 once. Reported: routing-to-delivery latency p50/p99 (StartHumanLoop sent -> case received by a
 reviewer), and cases/s. A benchmark, not a test.
+
+The service runs as ``make run`` serves it, TLS and tokens, on throwaway development credentials:
+each reviewer has its own token (its subject is its id), sent per call since reviewers share the
+connections; the cases are started with the router token. ``--plaintext`` measures without either.
 """
 
 from __future__ import annotations
@@ -24,8 +28,13 @@ from typing import Any
 import grpc
 import numpy as np
 
+from bench import stack_security
+from clients import connect
 from medgate.v1 import review_pb2 as pb
 from medgate.v1 import review_pb2_grpc as pb_grpc
+from services.security.credentials import DevCredentials, load_signing_key, mint_token
+from services.security.identity import Role
+from services.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,10 +55,42 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def wait_serving(target: str) -> None:
+class Callers:
+    """The bearer-token metadata of each caller (none in plaintext); the channels carry TLS only."""
+
+    def __init__(self, credentials: DevCredentials, *, secure: bool) -> None:
+        self.credentials = credentials
+        self.secure = secure
+        self.security = stack_security.client(credentials, None, secure=secure)
+        self._key = load_signing_key(credentials.signing_key) if secure else None
+
+    def channel(self, target: str) -> grpc.aio.Channel:
+        return connect.aio_channel(target, self.security)
+
+    def reviewer(self, name: str) -> tuple[tuple[str, str], ...] | None:
+        if self._key is None:
+            return None
+        security = load_settings().security
+        token = mint_token(
+            self._key,
+            issuer=security.issuer,
+            audience=security.audience,
+            subject=name,
+            roles=[Role.REVIEWER.value],
+            roles_claim=security.roles_claim,
+        )
+        return (("authorization", f"Bearer {token}"),)
+
+    def router(self) -> tuple[tuple[str, str], ...] | None:
+        if not self.secure:
+            return None
+        return (("authorization", f"Bearer {self.credentials.token(Role.ROUTER)}"),)
+
+
+async def wait_serving(target: str, callers: Callers) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with callers.channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for _ in range(300):
             try:
@@ -61,11 +102,11 @@ async def wait_serving(target: str) -> None:
     raise RuntimeError("review service did not start")
 
 
-async def run(target: str, reviewers: int, cases: int, rate: float, channels: int) -> dict[str, Any]:
+async def run(target: str, callers: Callers, reviewers: int, cases: int, rate: float, channels: int) -> dict[str, Any]:
     sent: dict[str, float] = {}
     latencies: list[float] = []
     done = asyncio.Event()
-    pool = [grpc.aio.insecure_channel(target) for _ in range(channels)]
+    pool = [callers.channel(target) for _ in range(channels)]
     subscribed = 0
     all_subscribed = asyncio.Event()
 
@@ -73,7 +114,10 @@ async def run(target: str, reviewers: int, cases: int, rate: float, channels: in
         nonlocal subscribed
         stub = pb_grpc.ReviewStub(pool[index % channels])
         name = f"dr-{index:03d}"
-        stream = stub.StreamCases(pb.StreamCasesRequest(reviewer_id=name, flow_definitions=["bench"], max_in_flight=1))
+        token = callers.reviewer(name)
+        stream = stub.StreamCases(
+            pb.StreamCasesRequest(reviewer_id=name, flow_definitions=["bench"], max_in_flight=1), metadata=token
+        )
         await stream.wait_for_connection()
         subscribed += 1
         if subscribed == reviewers:
@@ -87,7 +131,8 @@ async def run(target: str, reviewers: int, cases: int, rate: float, channels: in
                         delivery_id=case.delivery_id,
                         reviewer_id=name,
                         answer=pb.ReviewAnswer(label="normal"),
-                    )
+                    ),
+                    metadata=token,
                 )
                 if len(latencies) >= cases:
                     done.set()
@@ -104,7 +149,8 @@ async def run(target: str, reviewers: int, cases: int, rate: float, channels: in
         name = f"case-{index:05d}"
         sent[name] = time.perf_counter()
         await stub.StartHumanLoop(
-            pb.StartHumanLoopRequest(name=name, flow_definition="bench", input_content_json=content, image_png=b"x")
+            pb.StartHumanLoopRequest(name=name, flow_definition="bench", input_content_json=content, image_png=b"x"),
+            metadata=callers.router(),
         )
         next_at = started + (index + 1) / rate
         await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
@@ -137,16 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="cases started per second")
     parser.add_argument("--channels", type=int, default=10, help="client connections the streams share")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "review.json")
+    parser.add_argument("--plaintext", action="store_true", help="no TLS and no tokens (what security costs)")
     args = parser.parse_args(argv)
+    secure = not args.plaintext
     with tempfile.TemporaryDirectory() as tmp:
         flows = Path(tmp) / "flows.toml"
         flows.write_text(FLOWS)
         port = free_port()
+        credentials = stack_security.make_credentials(Path(tmp) / "credentials")
+        callers = Callers(credentials, secure=secure)
         env = dict(
             os.environ,
             MEDGATE_REVIEW_STORE_PATH=str(Path(tmp) / "review.sqlite3"),
             MEDGATE_REVIEW_FLOWS_FILE=str(flows),
             MEDGATE_REVIEW_PORT=str(port),
+            **stack_security.server_env(credentials, secure=secure, audit_dir=Path(tmp) / "audit"),
         )
         server = subprocess.Popen(
             [sys.executable, "-m", "clients.cli", "review", "serve"],
@@ -157,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         try:
             target = f"127.0.0.1:{port}"
-            asyncio.run(wait_serving(target))
-            result = asyncio.run(run(target, args.reviewers, args.cases, args.rate, args.channels))
+            asyncio.run(wait_serving(target, callers))
+            result = asyncio.run(run(target, callers, args.reviewers, args.cases, args.rate, args.channels))
+            result["tls_and_tokens"] = secure
         finally:
             server.terminate()
             server.wait(timeout=30)
