@@ -9,6 +9,7 @@ is required in CI; on a workstation without it those checks are skipped.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import json
 import logging
@@ -41,7 +42,9 @@ from services.dicom.results import (
     DicomResult,
     DicomResultError,
     Segment,
+    Verification,
     build_dicom_results,
+    build_verified_results,
     codes,
 )
 from services.gateway.server import GatewayServer
@@ -297,6 +300,98 @@ def test_sr_reports_every_result_unverified(name: str, frame: int | None) -> Non
         assert segment.referenced_sop_instance_uid == seg.SOPInstanceUID
         assert group.tracking_uid == item.TrackingUID
     assert volumetric[0].finding_sites[0].laterality == codes.LEFT
+
+
+# ---------------------------------------------------------------------------------------------
+# A reviewer's decision as DICOM (VERIFIED SR, a SEG where masks changed)
+
+
+def _verification(ai_sr: DicomResult) -> Verification:
+    return Verification(
+        reviewer_name="Lee^Dana",
+        organization="Radiology",
+        verified_at=datetime.datetime(2026, 12, 1, 9, 30, tzinfo=datetime.UTC),
+        predecessor_study_uid=ai_sr.study_instance_uid,
+        predecessor_series_uid=ai_sr.series_instance_uid,
+        predecessor_sop_instance_uid=ai_sr.sop_instance_uid,
+        reviewer_login="issuer#dana",
+    )
+
+
+def _check_verified(sr_object: DicomResult, ai_sr: DicomResult, tmp_path: Path) -> hd.sr.MeasurementReport:
+    assert dciodvfy_errors(sr_object.data, tmp_path) == []
+    raw = read(sr_object)
+    assert (raw.VerificationFlag, raw.CompletionFlag, raw.PreliminaryFlag) == ("VERIFIED", "COMPLETE", "FINAL")
+    verifier = raw.VerifyingObserverSequence[0]
+    assert str(verifier.VerifyingObserverName) == "Lee^Dana"
+    assert verifier.VerificationDateTime.startswith("20261201093000")
+    predecessor = raw.PredecessorDocumentsSequence[0]
+    assert predecessor.StudyInstanceUID == ai_sr.study_instance_uid
+    assert predecessor.ReferencedSeriesSequence[0].SeriesInstanceUID == ai_sr.series_instance_uid
+    assert predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+        ai_sr.sop_instance_uid
+    )
+    assert raw.SeriesInstanceUID != ai_sr.series_instance_uid and raw.StudyInstanceUID == ai_sr.study_instance_uid
+    report = report_of(hd.sr.Comprehensive3DSR.from_dataset(raw))
+    observers = {str(o.observer_type.value) for o in report.get_observer_contexts()}
+    assert observers == {"121006", "121007"}  # the reviewer (Person) and medgate (Device)
+    return report
+
+
+def test_an_accepted_result_is_verified_and_points_at_the_ai_seg(tmp_path: Path) -> None:
+    b = built("RG1_UNCI.dcm", None)
+    ai_seg, ai_sr = b.objects
+    objects = build_verified_results(
+        b.data, frame=0, reviewed=b.results, verification=_verification(ai_sr), limits=LIMITS, ai_seg=ai_seg.segments
+    )
+    assert [o.kind for o in objects] == ["SR"]  # nothing changed: no new SEG
+    report = _check_verified(objects[0], ai_sr, tmp_path)
+    volumetric = report.get_volumetric_roi_measurement_groups()
+    assert {g.referenced_segment.referenced_sop_instance_uid for g in volumetric if g.referenced_segment} == {
+        ai_seg.sop_instance_uid
+    }
+    assert ai_seg.segments is not None and [g.tracking_uid for g in volumetric] == list(ai_seg.segments.tracking_uids)
+    (group,) = report.get_image_measurement_groups()
+    assert group.get_measurements()[0].value == pytest.approx(87.34)  # the model's score, accepted
+
+
+def test_corrections_are_verified_and_a_changed_mask_is_a_new_seg(tmp_path: Path) -> None:
+    b = built("CT_small.dcm", None)
+    ai_seg, ai_sr = b.objects
+    assert b.results.masks is not None and b.results.detections is not None
+    masks = b.results.masks.copy()
+    masks[1] = 0
+    masks[1, 30:60, 40:90] = 1  # the reviewer redrew the nodule
+    segments = list(b.results.segments)
+    segments[1] = Segment("nodule", "tumor", None, segments[1].algorithm, "nodule", edited=True)
+    reviewed = AIResults(
+        classification=Classification("normal", None, None),  # the reviewer's class: no score, no algorithm
+        detections=Detections([Detection((5.0, 6.0, 50.0, 60.0), "lesion", None)], None),
+        segments=segments,
+        masks=masks,
+    )
+    objects = build_verified_results(
+        b.data, frame=0, reviewed=reviewed, verification=_verification(ai_sr), limits=LIMITS, ai_seg=ai_seg.segments
+    )
+    assert [o.kind for o in objects] == ["SEG", "SR"]
+    new_seg = objects[0]
+    assert dciodvfy_errors(new_seg.data, tmp_path) == []
+    seg = hd.seg.Segmentation.from_dataset(read(new_seg))
+    np.testing.assert_array_equal(seg_masks(seg, b.source, 0, 3), masks)
+    kinds = [item.SegmentAlgorithmType for item in seg.SegmentSequence]
+    assert kinds == ["AUTOMATIC", "SEMIAUTOMATIC", "AUTOMATIC"]
+    assert new_seg.series_instance_uid != ai_seg.series_instance_uid
+    report = _check_verified(objects[1], ai_sr, tmp_path)
+    (group,) = report.get_image_measurement_groups()
+    (evaluation,) = [q for q in group.get_qualitative_evaluations() if q.name == codes.CLASSIFICATION]
+    assert evaluation.value == codes.NORMAL and group.get_measurements() == []
+    (box,) = report.get_planar_roi_measurement_groups()
+    assert box.get_measurements() == []
+    assert "111001" not in {i.ConceptNameCodeSequence[0].CodeValue for i in box[0].ContentSequence}  # no Algorithm
+    volumetric = report.get_volumetric_roi_measurement_groups()
+    assert {g.referenced_segment.referenced_sop_instance_uid for g in volumetric if g.referenced_segment} == {
+        new_seg.sop_instance_uid
+    }
 
 
 # ---------------------------------------------------------------------------------------------

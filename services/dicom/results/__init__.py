@@ -1,5 +1,8 @@
 """An answer as DICOM result objects (IHE AI Results): a SEG of the masks and a TID 1500 Comprehensive 3D SR.
 
+A reviewer's decision becomes a VERIFIED SR (and a SEG where masks changed) through
+:func:`build_verified_results` (:mod:`.verified`).
+
 Pure, no gRPC: the gateway calls :func:`build_dicom_results` on its executor with the request's
 bytes and plain values from its answer; the DICOM node can call the same function. Built with
 highdicom, the library of record; every object passes dciodvfy with 0 errors (tests/test_dicom_results.py).
@@ -21,10 +24,12 @@ from services.dicom.results.inputs import (
     Device,
     DicomResult,
     Segment,
+    SegReference,
 )
 from services.dicom.results.seg import build_seg
 from services.dicom.results.source import SourceFrame, read_source
 from services.dicom.results.sr import Verification, build_sr
+from services.dicom.results.verified import build_verified_results
 from services.imaging.limits import IngestLimits
 
 __all__ = [
@@ -36,12 +41,14 @@ __all__ = [
     "Device",
     "DicomResult",
     "DicomResultError",
+    "SegReference",
     "Segment",
     "SourceFrame",
     "Verification",
     "build_dicom_results",
     "build_seg",
     "build_sr",
+    "build_verified_results",
     "read_source",
 ]
 
@@ -57,11 +64,12 @@ def build_dicom_results(
     source = read_source(data, frame=frame, limits=limits)
     device = device or Device.for_algorithms(results.algorithms())
     objects: list[DicomResult] = []
-    seg_dataset = None
+    segments = None
     if results.segments:
         if results.masks is None:
             raise ValueError("segments without masks")
-        seg, seg_dataset = build_seg(source, results.segments, results.masks, device=device)
+        seg, _ = build_seg(source, results.segments, results.masks, device=device)
         objects.append(seg)
-    objects.append(build_sr(source, results, device=device, seg=seg_dataset))
+        segments = seg.segments
+    objects.append(build_sr(source, results, device=device, seg=segments))
     return objects

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 
 import numpy as np
@@ -25,9 +25,11 @@ class Algorithm:
 
 @dataclass(frozen=True)
 class Classification:
+    """A class with the model's score; a reviewer's class has neither score nor algorithm (None)."""
+
     label: str
-    score: float
-    algorithm: Algorithm
+    score: float | None
+    algorithm: Algorithm | None
 
 
 @dataclass(frozen=True)
@@ -36,13 +38,13 @@ class Detection:
 
     box: Box
     label: str
-    score: float
+    score: float | None  # None: drawn or corrected by a reviewer
 
 
 @dataclass(frozen=True)
 class Detections:
     items: Sequence[Detection]
-    algorithm: Algorithm
+    algorithm: Algorithm | None  # None: the reviewer's boxes
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,17 @@ class Segment:
     """One prompt's result; its mask is ``masks[index]`` of :class:`AIResults`.
 
     ``prompt`` is the text prompt as given (None for a box prompt); ``label`` names the segment
-    (the prompt, or ``box N``); ``category`` is MedImageParse's category of the prompt.
+    (the prompt, or ``box N``); ``category`` is MedImageParse's category of the prompt. ``edited``:
+    a reviewer corrected the model's mask (SEMIAUTOMATIC; with no algorithm, MANUAL); ``score`` is
+    None for a mask a person drew or changed.
     """
 
     label: str
     category: str
-    score: float
-    algorithm: Algorithm
+    score: float | None
+    algorithm: Algorithm | None
     prompt: str | None = None
+    edited: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,14 +75,26 @@ class AIResults:
     masks: np.ndarray | None = None
 
     def algorithms(self) -> list[Algorithm]:
-        found: list[Algorithm] = []
         candidates = [self.classification.algorithm] if self.classification else []
         candidates += [self.detections.algorithm] if self.detections else []
         candidates += [s.algorithm for s in self.segments]
+        found: list[Algorithm] = []
         for algorithm in candidates:
-            if algorithm not in found:
+            if algorithm is not None and algorithm not in found:
                 found.append(algorithm)
         return found
+
+
+@dataclass(frozen=True)
+class SegReference:
+    """A SEG that an SR refers to: its identifiers and, per segment (in order), the tracking ID and UID."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    tracking_ids: tuple[str, ...]
+    tracking_uids: tuple[str, ...]
 
 
 def _medgate_version() -> str:
@@ -123,5 +140,5 @@ class DicomResult:
     series_instance_uid: str
     study_instance_uid: str
     build_ms: float = 0.0
-    # For an SR: the tracking UIDs of its measurement groups (one per result), for a later verified SR.
-    tracking_uids: tuple[str, ...] = field(default_factory=tuple)
+    # For a SEG: what an SR needs to refer to its segments (kept, e.g., to verify the result later).
+    segments: SegReference | None = None

@@ -22,7 +22,7 @@ from pydicom.uid import generate_uid
 
 from services.dicom.results import codes
 from services.dicom.results.errors import DicomResultError
-from services.dicom.results.inputs import Algorithm, Device, DicomResult, Segment
+from services.dicom.results.inputs import Algorithm, Device, DicomResult, Segment, SegReference
 from services.dicom.results.part10 import part10
 from services.dicom.results.source import SourceFrame, silenced
 
@@ -48,17 +48,24 @@ def contributing_equipment(device: Device, algorithms: Sequence[Algorithm]) -> l
 def segment_description(number: int, segment: Segment, tracking_uid: str) -> hd.seg.SegmentDescription:
     coded = codes.segment_codes(segment.prompt, segment.category)
     label = codes.safe_text(segment.label, 64) or f"segment {number}"
+    algorithm = segment.algorithm
+    identification = None
+    kind = hd.seg.SegmentAlgorithmTypeValues.MANUAL  # a reviewer's own mask
+    if algorithm is not None:
+        edited = hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC  # the model's mask, corrected by a reviewer
+        kind = edited if segment.edited else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+        identification = hd.AlgorithmIdentificationSequence(
+            name=codes.safe_text(algorithm.name, 64) or "model",
+            family=codes.fresh(codes.ARTIFICIAL_INTELLIGENCE),
+            version=codes.safe_text(algorithm.version, 64) or "0",
+        )
     description = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=label,
         segmented_property_category=coded.category,
         segmented_property_type=coded.type,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name=codes.safe_text(segment.algorithm.name, 64) or "model",
-            family=codes.fresh(codes.ARTIFICIAL_INTELLIGENCE),
-            version=codes.safe_text(segment.algorithm.version, 64) or "0",
-        ),
+        algorithm_type=kind,
+        algorithm_identification=identification,
         tracking_uid=tracking_uid,
         tracking_id=f"segment {number}: {label}",
     )
@@ -75,6 +82,7 @@ def build_seg(
     device: Device,
     series_number: int = SEG_SERIES_NUMBER,
     series_description: str = SEG_SERIES_DESCRIPTION,
+    content_description: str = SEG_CONTENT_DESCRIPTION,
 ) -> tuple[DicomResult, Dataset]:
     """The SEG as Part 10 bytes, and its data set (the SR references it). ``masks``: [N, rows, columns], 0/1."""
     started = time.perf_counter()
@@ -90,7 +98,7 @@ def build_seg(
     descriptions = [segment_description(i + 1, s, tracking_uids[i]) for i, s in enumerate(segments)]
     # highdicom takes (frames, rows, columns, segments); one frame: the analysed one.
     pixel_array = np.ascontiguousarray(np.moveaxis(masks.astype(bool, copy=False), 0, -1)[np.newaxis])
-    algorithms = list(dict.fromkeys(s.algorithm for s in segments))
+    algorithms = list(dict.fromkeys(s.algorithm for s in segments if s.algorithm is not None))
     with silenced():
         coordinates = hd.spatial.get_image_coordinate_system(src)
         source_image = src
@@ -116,7 +124,7 @@ def build_seg(
                 device_serial_number=device.uid,
                 omit_empty_frames=False,
                 content_label=SEG_CONTENT_LABEL,
-                content_description=SEG_CONTENT_DESCRIPTION,
+                content_description=content_description,
                 series_description=series_description,
                 contributing_equipment=contributing_equipment(device, algorithms),
                 plane_positions=plane_positions,
@@ -135,6 +143,14 @@ def build_seg(
         series_instance_uid=str(seg.SeriesInstanceUID),
         study_instance_uid=str(seg.StudyInstanceUID),
         build_ms=(time.perf_counter() - started) * 1000.0,
+        segments=SegReference(
+            study_instance_uid=str(seg.StudyInstanceUID),
+            series_instance_uid=str(seg.SeriesInstanceUID),
+            sop_instance_uid=str(seg.SOPInstanceUID),
+            sop_class_uid=str(seg.SOPClassUID),
+            tracking_ids=tuple(str(item.TrackingID) for item in seg.SegmentSequence),
+            tracking_uids=tuple(str(item.TrackingUID) for item in seg.SegmentSequence),
+        ),
     )
     return result, seg
 

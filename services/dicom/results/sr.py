@@ -29,7 +29,7 @@ from pydicom.uid import generate_uid
 
 from services.dicom.results import codes
 from services.dicom.results.errors import DicomResultError
-from services.dicom.results.inputs import AIResults, Algorithm, Device, DicomResult
+from services.dicom.results.inputs import AIResults, Algorithm, Device, DicomResult, SegReference
 from services.dicom.results.part10 import part10
 from services.dicom.results.seg import contributing_equipment
 from services.dicom.results.source import SourceFrame, silenced
@@ -62,13 +62,22 @@ def _algorithm_id(algorithm: Algorithm) -> hd.sr.AlgorithmIdentification:
     )
 
 
-def _certainty(score: float, algorithm: Algorithm | None) -> hd.sr.Measurement:
-    return hd.sr.Measurement(
-        name=codes.fresh(codes.CERTAINTY_OF_FINDING),
-        value=round(float(np.clip(score, 0.0, 1.0)) * 100.0, 3),
-        unit=codes.fresh(codes.PERCENT),
-        algorithm_id=_algorithm_id(algorithm) if algorithm is not None else None,
-    )
+def _algorithm_or_none(algorithm: Algorithm | None) -> hd.sr.AlgorithmIdentification | None:
+    return _algorithm_id(algorithm) if algorithm is not None else None
+
+
+def _certainty(score: float | None, algorithm: Algorithm | None) -> list[hd.sr.Measurement] | None:
+    """The model's score as Certainty of Finding in %; none for what a reviewer stated."""
+    if score is None:
+        return None
+    return [
+        hd.sr.Measurement(
+            name=codes.fresh(codes.CERTAINTY_OF_FINDING),
+            value=round(float(np.clip(score, 0.0, 1.0)) * 100.0, 3),
+            unit=codes.fresh(codes.PERCENT),
+            algorithm_id=_algorithm_or_none(algorithm),
+        )
+    ]
 
 
 def _observation_context(device: Device, verification: Verification | None) -> hd.sr.ObservationContext:
@@ -95,7 +104,7 @@ def _observation_context(device: Device, verification: Verification | None) -> h
 
 
 def measurement_groups(
-    source: SourceFrame, results: AIResults, seg: Dataset | None
+    source: SourceFrame, results: AIResults, seg: SegReference | None
 ) -> list[
     hd.sr.MeasurementsAndQualitativeEvaluations
     | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -115,11 +124,11 @@ def measurement_groups(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=generate_uid(), identifier=f"classification: {codes.safe_text(c.label, 64)}"
                 ),
-                algorithm_id=_algorithm_id(c.algorithm),
+                algorithm_id=_algorithm_or_none(c.algorithm),
                 qualitative_evaluations=[
                     hd.sr.QualitativeEvaluation(codes.fresh(codes.CLASSIFICATION), codes.label_code(c.label))
                 ],
-                measurements=[_certainty(c.score, c.algorithm)],
+                measurements=_certainty(c.score, c.algorithm),
                 source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(src, frames)],
             )
         )
@@ -141,28 +150,29 @@ def measurement_groups(
                     ),
                     finding_type=codes.label_code(d.label),
                     finding_sites=[hd.sr.FindingSite(site)] if site is not None else None,
-                    algorithm_id=_algorithm_id(algorithm),
-                    measurements=[_certainty(d.score, algorithm)],
+                    algorithm_id=_algorithm_or_none(algorithm),
+                    measurements=_certainty(d.score, algorithm),
                 )
             )
     if seg is not None:
-        for number, (segment, item) in enumerate(zip(results.segments, seg.SegmentSequence, strict=True), start=1):
+        tracking = zip(results.segments, seg.tracking_ids, seg.tracking_uids, strict=True)
+        for number, (segment, tracking_id, tracking_uid) in enumerate(tracking, start=1):
             coded = codes.segment_codes(segment.prompt, segment.category)
             sites = [hd.sr.FindingSite(coded.type, laterality=coded.modifier)] if coded.modifier is not None else None
             groups.append(
                 hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=hd.sr.TrackingIdentifier(uid=item.TrackingUID, identifier=str(item.TrackingID)),
+                    tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=tracking_id),
                     referenced_segment=hd.sr.ReferencedSegment(
-                        sop_class_uid=seg.SOPClassUID,
-                        sop_instance_uid=seg.SOPInstanceUID,
+                        sop_class_uid=seg.sop_class_uid,
+                        sop_instance_uid=seg.sop_instance_uid,
                         segment_number=number,
                         source_images=[hd.sr.SourceImageForSegmentation.from_source_image(src, frames)],
                     ),
                     finding_category=coded.category,
                     finding_type=coded.type,
                     finding_sites=sites,
-                    algorithm_id=_algorithm_id(segment.algorithm),
-                    measurements=[_certainty(segment.score, segment.algorithm)],
+                    algorithm_id=_algorithm_or_none(segment.algorithm),
+                    measurements=_certainty(segment.score, segment.algorithm),
                 )
             )
     return groups
@@ -173,7 +183,7 @@ def build_sr(
     results: AIResults,
     *,
     device: Device,
-    seg: Dataset | None = None,
+    seg: SegReference | None = None,
     verification: Verification | None = None,
     series_number: int | None = None,
     series_description: str | None = None,
@@ -189,7 +199,7 @@ def build_sr(
                 imaging_measurements=measurement_groups(source, results, seg) or None,
                 title=dicom_codes.DCM.ImagingMeasurementReport,
             )
-            evidence = [source.dataset] + ([seg] if seg is not None else [])
+            evidence = [source.dataset] + ([_stand_in(seg)] if seg is not None else [])
             observer = verification.reviewer_name if verification is not None else None
             organization = (codes.safe_text(verification.organization, 64) or "unknown") if verification else None
             previous = [_predecessor(verification)] if verification is not None else None
@@ -232,14 +242,27 @@ def build_sr(
     )
 
 
-def _predecessor(verification: Verification) -> Dataset:
-    """A stand-in for the AI SR with the four identifiers highdicom's previous_versions reads."""
+def _identifiers(study: str, series: str, instance: str, sop_class: str) -> Dataset:
+    """A stand-in for an object with the four identifiers highdicom's evidence and previous versions read."""
     ds = Dataset()
-    ds.StudyInstanceUID = verification.predecessor_study_uid
-    ds.SeriesInstanceUID = verification.predecessor_series_uid
-    ds.SOPInstanceUID = verification.predecessor_sop_instance_uid
-    ds.SOPClassUID = verification.predecessor_sop_class_uid
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = instance
+    ds.SOPClassUID = sop_class
     return ds
+
+
+def _stand_in(seg: SegReference) -> Dataset:
+    return _identifiers(seg.study_instance_uid, seg.series_instance_uid, seg.sop_instance_uid, seg.sop_class_uid)
+
+
+def _predecessor(verification: Verification) -> Dataset:
+    return _identifiers(
+        verification.predecessor_study_uid,
+        verification.predecessor_series_uid,
+        verification.predecessor_sop_instance_uid,
+        verification.predecessor_sop_class_uid,
+    )
 
 
 def _set_verification_datetime(sr: Dataset, when: datetime.datetime) -> None:
