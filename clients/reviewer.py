@@ -14,6 +14,7 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,49 @@ from services.security.identity import Role
 
 log = logging.getLogger("medgate.reviewer")
 PALETTE = [(0, 200, 255), (255, 120, 0), (0, 255, 0), (255, 0, 255), (0, 0, 255), (255, 255, 0)]
+
+
+# RenewLease at half the time a lease has left, but not more often than this.
+MIN_RENEW_INTERVAL_S = 0.2
+
+
+class LeaseKeeper:
+    """Renews a case's lease from a thread while the reviewer works on it, so a long look (a hard case, a
+    coffee) does not send the case to someone else. Stops at exit, or when the lease has ended anyway
+    (answered, released, expired: FAILED_PRECONDITION; a decision is still accepted while the loop is open).
+    """
+
+    def __init__(self, stub: pb_grpc.ReviewStub, case: pb.ReviewCase, reviewer_id: str) -> None:
+        self._stub = stub
+        self._request = pb.RenewLeaseRequest(delivery_id=case.delivery_id, reviewer_id=reviewer_id)
+        self._expires = case.lease_expires.ToNanoseconds() / 1e9
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep, name="medgate-lease", daemon=True)
+        self.renewals = 0
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _keep(self) -> None:
+        while not self._stop.wait(max(MIN_RENEW_INTERVAL_S, (self._expires - time.time()) / 2)):
+            try:
+                answer = self._stub.RenewLease(self._request, timeout=10)
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                    log.info(
+                        "lease %s ended; a decision is still accepted while the loop is open", self._request.delivery_id
+                    )
+                    return
+                log.warning("lease renewal failed (%s); trying again", code)
+                continue
+            self._expires = answer.lease_expires.ToNanoseconds() / 1e9
+            self.renewals += 1
 
 
 def decision_id(reviewer: str, loop_name: str) -> str:
@@ -153,15 +197,16 @@ def review(args: argparse.Namespace, target: str) -> int:
                         print(f"reviewing as {reviewer}", flush=True)
                         announced = reviewer
                     print(summary(case), flush=True)
-                    if overlay_dir is not None:
-                        path = overlay_dir / f"{case.human_loop_name}.png"
-                        cv2.imwrite(str(path), overlay(case))
-                        print(f"  overlay: {path}", flush=True)
-                        if args.open:
-                            subprocess.Popen(
-                                ["xdg-open", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-                            )
-                    answer = auto_answer(args.auto, case) if args.auto else ask(case)
+                    with LeaseKeeper(stub, case, claimed):  # the case stays ours while we look at it
+                        if overlay_dir is not None:
+                            path = overlay_dir / f"{case.human_loop_name}.png"
+                            cv2.imwrite(str(path), overlay(case))
+                            print(f"  overlay: {path}", flush=True)
+                            if args.open:
+                                subprocess.Popen(
+                                    ["xdg-open", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                                )
+                        answer = auto_answer(args.auto, case) if args.auto else ask(case)
                     if answer is None:
                         stub.ReleaseCase(pb.ReleaseCaseRequest(delivery_id=case.delivery_id, reviewer_id=claimed))
                         print("  released", flush=True)

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 import tests.test_review_service as service_tests
-from clients.reviewer import decision_id
+from clients.reviewer import LeaseKeeper, decision_id
 from medgate.v1 import review_pb2 as pb
 from medgate.v1 import review_pb2_grpc as pb_grpc
 from services.review.server import ReviewServer
@@ -125,6 +125,24 @@ async def test_renew_lease_keeps_the_case_while_the_reviewer_works(
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await stub.RenewLease(pb.RenewLeaseRequest(delivery_id=case.delivery_id, reviewer_id="dr-slow"))
     assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_the_reviewer_client_renews_the_lease_while_it_works(
+    review: tuple[ReviewServer, pb_grpc.ReviewStub],
+) -> None:
+    server, stub = review
+    await stub.StartHumanLoop(service_tests.start_request("case-k"))  # 1 s leases, expired every 0.1 s
+    case = await next_case(stub, "dr-k", ["single"])
+
+    def look_for_a_while() -> int:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with LeaseKeeper(pb_grpc.ReviewStub(channel), case, "dr-k") as keeper:
+                time.sleep(2.5)
+            return keeper.renewals
+
+    assert await asyncio.to_thread(look_for_a_while) >= 3
+    (still_ours,) = await asyncio.to_thread(server.store.open_deliveries, "dr-k")
+    assert still_ours.delivery_id == case.delivery_id  # never expired, never given to anyone else
 
 
 # ------------------------------------------------------------------------------------------------
