@@ -30,6 +30,8 @@ SEG_SERIES_NUMBER = 9901
 SEG_SERIES_DESCRIPTION = "medgate AI segmentation - not for diagnostic use"
 SEG_CONTENT_LABEL = "MEDGATE_AI"
 SEG_CONTENT_DESCRIPTION = "AI segmentation, unverified, not for diagnostic use"
+# Recommended display colours (RGB, shown by viewers as CIELab), in the order of `medgate infer --overlay`.
+PALETTE = ((255, 200, 0), (0, 120, 255), (0, 255, 0), (255, 0, 255), (255, 0, 0), (0, 255, 255))
 
 
 def contributing_equipment(device: Device, algorithms: Sequence[Algorithm]) -> list[hd.ContributingEquipment]:
@@ -68,6 +70,7 @@ def segment_description(number: int, segment: Segment, tracking_uid: str) -> hd.
         algorithm_identification=identification,
         tracking_uid=tracking_uid,
         tracking_id=f"segment {number}: {label}",
+        display_color=hd.color.CIELabColor.from_rgb(*PALETTE[(number - 1) % len(PALETTE)]),
     )
     if coded.modifier is not None:
         description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [coded.modifier]
