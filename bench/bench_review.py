@@ -5,6 +5,10 @@ subscriptions, then starts ``--cases`` human loops at a steady rate; each review
 once. Reported: routing-to-delivery latency p50/p99 (StartHumanLoop sent -> case received by a
 reviewer), and cases/s. A benchmark, not a test.
 
+``--store-url postgresql://...`` runs the service on PostgreSQL instead of a fresh SQLite file (for a
+throwaway server: ``python -m tests.postgres`` prints one's URL); case names carry a run id, so one
+database serves several runs.
+
 The service runs as ``make run`` serves it, TLS and tokens, on throwaway development credentials:
 each reviewer has its own token (its subject is its id), sent per call since reviewers share the
 connections; the cases are started with the router token. ``--plaintext`` measures without either.
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +129,8 @@ async def run(target: str, callers: Callers, reviewers: int, cases: int, rate: f
             all_subscribed.set()
         try:
             async for case in stream:
-                latencies.append(time.perf_counter() - sent[case.human_loop_name])
+                if case.human_loop_name in sent:  # not a leftover of an earlier run on the same database
+                    latencies.append(time.perf_counter() - sent[case.human_loop_name])
                 await stub.SubmitReview(
                     pb.SubmitReviewRequest(
                         decision_id=f"{name}-{case.human_loop_name}",
@@ -144,9 +150,10 @@ async def run(target: str, callers: Callers, reviewers: int, cases: int, rate: f
     await asyncio.sleep(1.0)
     stub = pb_grpc.ReviewStub(pool[0])
     content = json.dumps({"classification": {"scores": [{"label": "lesion", "score": 0.55}]}})
+    run_id = uuid.uuid4().hex[:8]
     started = time.perf_counter()
     for index in range(cases):
-        name = f"case-{index:05d}"
+        name = f"case-{run_id}-{index:05d}"
         sent[name] = time.perf_counter()
         await stub.StartHumanLoop(
             pb.StartHumanLoopRequest(name=name, flow_definition="bench", input_content_json=content, image_png=b"x"),
@@ -184,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=10, help="client connections the streams share")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "review.json")
     parser.add_argument("--plaintext", action="store_true", help="no TLS and no tokens (what security costs)")
+    parser.add_argument(
+        "--store-url",
+        default="",
+        help="postgresql://... to run the service on PostgreSQL (default: a fresh SQLite file)",
+    )
     args = parser.parse_args(argv)
     secure = not args.plaintext
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(
             os.environ,
             MEDGATE_REVIEW_STORE_PATH=str(Path(tmp) / "review.sqlite3"),
+            MEDGATE_REVIEW_STORE_URL=args.store_url,
             MEDGATE_REVIEW_FLOWS_FILE=str(flows),
             MEDGATE_REVIEW_PORT=str(port),
             **stack_security.server_env(credentials, secure=secure, audit_dir=Path(tmp) / "audit"),
@@ -211,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(wait_serving(target, callers))
             result = asyncio.run(run(target, callers, args.reviewers, args.cases, args.rate, args.channels))
             result["tls_and_tokens"] = secure
+            result["store"] = "postgresql" if args.store_url else "sqlite"
         finally:
             server.terminate()
             server.wait(timeout=30)
