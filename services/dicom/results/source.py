@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pydicom
-from highdicom._standard_utils import is_multiframe_image
+from highdicom._standard_utils import is_multiframe_image  # by the IOD; no public name for it in highdicom 0.28
 from pydicom.dataset import Dataset
 
 from services.dicom.results.errors import DicomResultError
