@@ -28,7 +28,7 @@ from services.dicom.results.source import SourceFrame, silenced
 
 SEG_SERIES_NUMBER = 9901
 SEG_SERIES_DESCRIPTION = "medgate AI segmentation - not for diagnostic use"
-SEG_CONTENT_LABEL = "MEDGATE_AI"
+SEG_CONTENT_LABEL = "AI_RESULT"  # CS: upper case, digits, space, underscore; 16 at most
 SEG_CONTENT_DESCRIPTION = "AI segmentation, unverified, not for diagnostic use"
 # Recommended display colours (RGB, shown by viewers as CIELab), in the order of `medgate infer --overlay`.
 PALETTE = ((255, 200, 0), (0, 120, 255), (0, 255, 0), (255, 0, 255), (255, 0, 0), (0, 255, 255))
