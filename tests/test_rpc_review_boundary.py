@@ -5,6 +5,7 @@ Runs a real review server on loopback (no Triton needed).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -32,8 +33,14 @@ async def review(tmp_path: Path) -> AsyncIterator[tuple[ReviewServer, pb_grpc.Re
     await server.stop()
 
 
-def _access_lines(caplog: pytest.LogCaptureFixture, rpc: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if getattr(r, "event", "") == "rpc" and r.__dict__["rpc"] == rpc]
+async def _access_lines(caplog: pytest.LogCaptureFixture, rpc: str) -> list[logging.LogRecord]:
+    """The access-log lines of ``rpc``; the server writes them just after the caller has its answer."""
+    for _ in range(100):
+        lines = [r for r in caplog.records if getattr(r, "event", "") == "rpc" and r.__dict__["rpc"] == rpc]
+        if lines:
+            return lines
+        await asyncio.sleep(0.02)
+    return []
 
 
 async def test_every_review_call_is_logged_once_with_its_code_and_request_id(
@@ -48,10 +55,10 @@ async def test_every_review_call_is_logged_once_with_its_code_and_request_id(
         await stub.DescribeHumanLoop(pb.DescribeHumanLoopRequest(name="no-such-loop"))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     minted = dict(missing.value.trailing_metadata() or ())["x-request-id"]
-    (started,) = _access_lines(caplog, "StartHumanLoop")
+    (started,) = await _access_lines(caplog, "StartHumanLoop")
     assert started.__dict__["code"] == "OK" and started.__dict__["request_id"] == "router-7"
     assert started.name == "medgate.review" and started.__dict__["service"] == "medgate.v1.Review"
-    (described,) = _access_lines(caplog, "DescribeHumanLoop")
+    (described,) = await _access_lines(caplog, "DescribeHumanLoop")
     assert described.__dict__["code"] == "NOT_FOUND" and described.__dict__["request_id"] == minted
 
 
