@@ -25,8 +25,11 @@ from clients.reviewer import LeaseKeeper, decision_id
 from medgate.v1 import review_pb2 as pb
 from medgate.v1 import review_pb2_grpc as pb_grpc
 from services.review.server import ReviewServer
+from services.security.credentials import jwks_json, new_signing_key
+from services.security.identity import Role
 from services.settings import load_settings
 from tests.conftest import free_port
+from tests.test_review_identity import AUDIENCE, ISSUER, Tokens
 from tests.test_review_service import next_case, wait_serving, write_flows
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -143,6 +146,53 @@ async def test_the_reviewer_client_renews_the_lease_while_it_works(
     assert await asyncio.to_thread(look_for_a_while) >= 3
     (still_ours,) = await asyncio.to_thread(server.store.open_deliveries, "dr-k")
     assert still_ours.delivery_id == case.delivery_id  # never expired, never given to anyone else
+
+
+async def test_with_tokens_only_the_lease_holder_renews(tmp_path: Path) -> None:
+    key = new_signing_key()
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(jwks_json(key))
+    settings = load_settings(
+        review={"store_path": tmp_path / "review.sqlite3", "flows_file": write_flows(tmp_path), "port": 0},
+        security={
+            "auth": True,
+            "tls": False,
+            "jwks_file": jwks,
+            "issuer": ISSUER,
+            "audience": AUDIENCE,
+            "audit_dir": tmp_path / "audit",
+        },
+    )
+    server = ReviewServer(settings.review, settings.security)
+    await server.start(port=0)
+    tokens = Tokens(key)
+    dr_a, dr_b = tokens.metadata("dr-a"), tokens.metadata("dr-b")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ReviewStub(channel)
+            await stub.StartHumanLoop(
+                service_tests.start_request("case-t"), metadata=tokens.metadata("gw", Role.ROUTER)
+            )
+            stream = stub.StreamCases(pb.StreamCasesRequest(flow_definitions=["single"]), metadata=dr_a)
+            case = await anext(aiter(stream))
+            stream.cancel()
+            renew = pb.RenewLeaseRequest(delivery_id=case.delivery_id)
+            assert (await stub.RenewLease(renew, metadata=dr_a)).lease_expires.seconds > 0
+            for request, metadata, code in [
+                (renew, dr_b, grpc.StatusCode.PERMISSION_DENIED),  # another reviewer's case
+                (
+                    pb.RenewLeaseRequest(delivery_id=case.delivery_id, reviewer_id="dr-a"),
+                    dr_b,
+                    grpc.StatusCode.PERMISSION_DENIED,  # naming someone else
+                ),
+                (renew, (), grpc.StatusCode.UNAUTHENTICATED),
+                (renew, tokens.metadata("gw", Role.ROUTER), grpc.StatusCode.PERMISSION_DENIED),  # not a reviewer
+            ]:
+                with pytest.raises(grpc.aio.AioRpcError) as failure:
+                    await stub.RenewLease(request, metadata=metadata)
+                assert failure.value.code() == code
+    finally:
+        await server.stop()
 
 
 # ------------------------------------------------------------------------------------------------
