@@ -251,6 +251,66 @@ class SecuritySettings:
 
 
 @dataclass(frozen=True)
+class DicomSettings:
+    """The DICOM node (services/dicom/node): a Storage SCP whose routed instances are analysed and answered as SEG/SR.
+
+    Received instances wait in ``store_dir`` until their series has been quiet for ``quiet_period_s``;
+    results wait in ``outbox_dir`` (files and a SQLite ledger) until every destination has them;
+    unparseable instances and the ones the gateway refuses go to ``quarantine_dir`` for an operator.
+    """
+
+    # Served by `medgate serve` beside the gateway.
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 11112
+    ae_title: str = "MEDGATE"
+    # Comma-separated calling AE titles allowed to associate; empty = any (on loopback only: a node on
+    # another address needs the list).
+    allowed_calling_aes: str = ""
+    # Comma-separated called AE titles this node answers to; empty = ae_title only.
+    allowed_called_aes: str = ""
+    # pynetdicom's conservative default: the 11th association at once is rejected (transient, local limit).
+    max_associations: int = 10
+    # C-STORE answers Out of Resources (A700) when the received files' disk has less than this free.
+    min_free_disk_bytes: int = 1024 * MIB
+    # Routing rules: which instances are analysed with which tasks and prompts (first match wins).
+    routes_file: Path = PROJECT_ROOT / "config" / "dicom_routes.toml"
+    # A series is analysed once no instance of it arrived for this long.
+    quiet_period_s: float = 5.0
+    # Where results go: C-STORE destinations as AE@host:port, comma-separated (MEDGATE_DICOM_DESTINATION).
+    destination: str = ""
+    # And/or a DICOMweb STOW-RS endpoint (the studies URL's base, e.g. http://pacs:8042/dicom-web).
+    stow_url: str = ""
+    store_dir: Path = PROJECT_ROOT / "var" / "dicom" / "incoming"
+    outbox_dir: Path = PROJECT_ROOT / "var" / "dicom" / "outbox"
+    quarantine_dir: Path = PROJECT_ROOT / "var" / "dicom" / "quarantine"
+    # Sending (and analysing) again after a transient failure: retry_backoff_s doubled per attempt up to
+    # retry_backoff_max_s; after max_attempts a result is moved aside (outbox refused/) for an operator.
+    retry_backoff_s: float = 2.0
+    retry_backoff_max_s: float = 300.0
+    max_attempts: int = 30
+    # The gateway the node calls (host:port); empty = gateway.host:gateway.port (loopback for a wildcard).
+    gateway_url: str = ""
+    # The bearer token the node sends (role inference); empty = security.credentials_dir/inference.token.
+    token_file: str = ""
+    # One Analyze call's deadline, and how many run at once.
+    analyze_timeout_s: float = 120.0
+    analyze_workers: int = 2
+    # DICOM TLS (the server certificate of security.*; client certificates under security.require_client_cert).
+    tls: bool = False
+    # pynetdicom's timeouts: association negotiation, DIMSE messages, an idle connection.
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 30.0
+    network_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.ae_title.strip()) <= 16:
+            raise ValueError(f"dicom.ae_title must be 1 to 16 characters, not {_quoted(self.ae_title)}")
+        if self.max_associations < 1 or self.analyze_workers < 1 or self.max_attempts < 1:
+            raise ValueError("dicom.max_associations, dicom.analyze_workers and dicom.max_attempts must be at least 1")
+
+
+@dataclass(frozen=True)
 class Settings:
     triton: TritonSettings = field(default_factory=TritonSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
@@ -259,6 +319,7 @@ class Settings:
     review: ReviewSettings = field(default_factory=ReviewSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    dicom: DicomSettings = field(default_factory=DicomSettings)
 
 
 class SettingsError(ValueError):
