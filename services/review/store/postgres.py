@@ -33,7 +33,7 @@ import psycopg
 import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from services.review.flows import FlowDefinition, InvalidArgument, ReviewError
 from services.review.store.base import Changes, ReviewStoreBase
@@ -119,7 +119,8 @@ class PostgresReviewStore(ReviewStoreBase):
     ``url``: a libpq URL or key/value string (``postgresql://user@host:5432/medgate``); a password is
     better kept in ``PGPASSFILE`` or ``PGPASSWORD`` than in the URL. ``pool_size``: connections at
     most (the review server's store threads, plus housekeeping). ``listen``: receive other replicas'
-    work events (a server does; a command-line export does not need to).
+    work events (a server does; a command-line export does not need to). ``pool_timeout_s``: how long
+    a call waits for a connection (the database down: then it fails, and the pool keeps reconnecting).
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class PostgresReviewStore(ReviewStoreBase):
         pool_size: int = 6,
         listen: bool = True,
         connect_timeout_s: float = 10.0,
+        pool_timeout_s: float = 5.0,
     ) -> None:
         super().__init__()
         self.label = redacted(url)
@@ -144,6 +146,7 @@ class PostgresReviewStore(ReviewStoreBase):
             max_size=max(2, pool_size),
             kwargs={"autocommit": True, "row_factory": dict_row},
             name="medgate-review",
+            timeout=pool_timeout_s,
             open=False,
         )
         try:
@@ -194,10 +197,13 @@ class PostgresReviewStore(ReviewStoreBase):
                     event = changes.event()
                     if event:
                         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._payload(event)))
+            except PoolTimeout:
+                raise  # no connection within pool_timeout_s: the database is away, trying again only waits longer
             except RETRYABLE as exc:
                 if attempt == ATTEMPTS - 1:
                     raise
                 logger.debug("review store transaction runs again after %s", type(exc).__name__)
+                self._after_failure(exc)
                 time.sleep(random.uniform(0.001, 0.01) * (attempt + 1))
                 continue
             self._publish(event)
@@ -211,11 +217,21 @@ class PostgresReviewStore(ReviewStoreBase):
             try:
                 with self._pool.connection() as conn:
                     return work(conn)
-            except psycopg.OperationalError:
+            except PoolTimeout:
+                raise
+            except psycopg.OperationalError as exc:
                 if attempt == ATTEMPTS - 1:
                     raise
+                self._after_failure(exc)
                 time.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    def _after_failure(self, exc: BaseException) -> None:
+        """After a dropped connection (a database restart drops them all), weed out the pool's dead ones
+        before trying again, rather than meeting them one attempt at a time."""
+        lost_race = psycopg.errors.TransactionRollback | psycopg.errors.LockNotAvailable
+        if isinstance(exc, psycopg.OperationalError) and not isinstance(exc, lost_race):
+            self._pool.check()
 
     def _payload(self, event: WorkEvent) -> str:
         reviewers = sorted(event.reviewers)
