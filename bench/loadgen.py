@@ -13,7 +13,8 @@ Requests/sec, response time histogram, latency distribution, status code and err
 Differences from ghz: unary methods only; ``proto``/``protoset`` are not read (the compiled
 ``medgate.v1`` descriptors are used); no call-data templates; when ``duration`` ends, requests in
 flight are awaited (ghz's ``duration-stop: wait``) rather than cancelled. As with ghz, paths are
-relative to the working directory: run from the repository root.
+relative to the working directory: run from the repository root. ``host`` (or ``--host``) may name several
+gateways, ``host:port,host:port``, or ``dns:///name:port``: calls then go round robin over all of them.
 
     python -m bench.loadgen bench/ghz/classify.json bench/ghz/fixtures/classify-dicom.json --json out.json
 """
@@ -37,6 +38,7 @@ import numpy as np
 from google.protobuf import descriptor_pool, json_format
 from google.protobuf.message_factory import GetMessageClass
 
+from clients import connect
 from medgate.v1 import inference_pb2  # noqa: F401  (registers medgate.v1 in the default pool)
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -181,8 +183,12 @@ def _security(
 
 
 def _channel(config: LoadConfig, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+    # host may name several gateways (comma-separated) or dns:///name:port: calls go round robin over them
+    # (clients/connect.py), as a connection pinned by an L4 balancer would not.
+    target = connect.parse_target(config.host)
+    options = [*target.options, *options]
     if config.insecure:
-        return grpc.aio.insecure_channel(config.host, options=options)
+        return grpc.aio.insecure_channel(target.uri, options=options)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=config.cacert.read_bytes() if config.cacert else None,
         private_key=config.key.read_bytes() if config.key else None,
@@ -190,7 +196,7 @@ def _channel(config: LoadConfig, options: list[tuple[str, Any]]) -> grpc.aio.Cha
     )
     if config.cname:
         options = [*options, ("grpc.ssl_target_name_override", config.cname)]
-    return grpc.aio.secure_channel(config.host, credentials, options=options)
+    return grpc.aio.secure_channel(target.uri, credentials, options=options)
 
 
 @dataclass
@@ -374,7 +380,10 @@ async def run_configs(paths: list[Path], *, out: IO[str] | None = None, **overri
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="+", type=Path, help="ghz config files (JSON)")
-    parser.add_argument("--host", help="override the configs' host (host:port)")
+    parser.add_argument(
+        "--host",
+        help="override the configs' host: host:port, several comma-separated, or dns:///name:port (round robin)",
+    )
     parser.add_argument("-n", "--total", type=int, help="override total requests")
     parser.add_argument("-c", "--concurrency", type=int, help="override requests in flight")
     parser.add_argument("--connections", type=int, help="channels (TCP connections); default min(concurrency, 4)")

@@ -14,6 +14,12 @@ flows) sends ``admin.token``. What is used, first match wins:
 
 ``credentials_dir`` is ``security.credentials_dir`` (``var/credentials`` by default, where
 ``medgate credentials`` and ``make run`` put the development CA and tokens).
+
+Targets (:func:`parse_target`): one ``host:port`` as before; several, comma-separated
+(``10.0.0.5:50051,10.0.0.6:50051``), or ``dns:///name:port`` for every address a DNS name has (a
+Kubernetes headless Service): calls are then spread over all of them with gRPC's ``round_robin``
+policy. gRPC keeps a connection open for many calls, so a balancer in front (L4) pins a client to one
+server; balancing per call has to happen in the client.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +41,8 @@ TOKEN_ENV = "MEDGATE_TOKEN"
 CA_FILE, CLIENT_CERT, CLIENT_KEY = "ca.pem", "client.pem", "client.key"
 
 ChannelOptions = Sequence[tuple[str, Any]]
+
+ROUND_ROBIN: tuple[str, Any] = ("grpc.lb_policy_name", "round_robin")
 
 
 class ConnectError(ValueError):
@@ -53,10 +62,11 @@ class ClientSecurity:
     token: str = field(default="", repr=False)  # a credential: never in logs or reprs
     insecure: bool = False
 
-    def channel_credentials(self, target: str) -> grpc.ChannelCredentials | None:
+    def channel_credentials(self, target: str | Target) -> grpc.ChannelCredentials | None:
         """The credentials for ``target``; None for a plaintext channel without a token."""
         if self.insecure:
-            if self.token and _is_loopback(target):
+            hosts = (target if isinstance(target, Target) else parse_target(target)).hosts
+            if self.token and hosts and all(_is_loopback(host) for host in hosts):
                 # Plaintext on loopback; gRPC sends call credentials only over channels it deems secure, and
                 # local credentials are that on 127.0.0.1/::1 (and refuse any other address).
                 local = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
@@ -79,21 +89,130 @@ def _read(path: Path, what: str) -> bytes:
         raise ConnectError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
-def _is_loopback(target: str) -> bool:
-    """Whether ``host:port`` (``[v6]:port``, ``dns:///host:port``, ``ipv4:addr:port``) names this machine."""
-    address = target.split("///", 1)[-1].removeprefix("ipv4:").removeprefix("ipv6:")
+def _host_of(address: str) -> str:
+    """The host of ``host:port``, ``[v6]:port``, a bare IPv6 address, or a host without a port."""
     if address.startswith("["):
-        host = address[1:].split("]", 1)[0]
-    elif address.count(":") == 1:
-        host = address.split(":", 1)[0]
-    else:
-        host = address  # a bare IPv6 address, or a host without a port
+        return address[1:].split("]", 1)[0]
+    if address.count(":") == 1:
+        return address.split(":", 1)[0]
+    return address
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, as :attr:`Target.hosts` holds them) is this machine."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+@dataclass(frozen=True)
+class Target:
+    """What gRPC is given for a ``--target``: the URI, the channel options it needs, and the hosts it names."""
+
+    uri: str
+    options: tuple[tuple[str, Any], ...] = ()
+    hosts: tuple[str, ...] = ()
+
+
+def _split_host_port(address: str, target: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); a ConnectError naming ``target`` otherwise."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        port_text = rest.removeprefix(":") if rest.startswith(":") else ""
+    else:
+        host, _, port_text = address.rpartition(":")
+        if ":" in host:  # an IPv6 address without brackets: where its port starts is a guess
+            host = ""
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConnectError(
+            f"target {target!r}: {address!r} is not host:port (IPv6 as [addr]:port); several are separated by commas"
+        )
+    return host, int(port_text)
+
+
+def _literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _resolve(host: str, port: int, family: socket.AddressFamily) -> list[str]:
+    """The addresses of ``host`` in ``family``, once: a list of names is not followed when DNS changes."""
+    try:
+        found = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    return list(dict.fromkeys(str(info[4][0]) for info in found))
+
+
+def parse_target(target: str) -> Target:
+    """A ``--target`` as gRPC takes it.
+
+    - ``host:port``: unchanged (one server; gRPC's default ``pick_first``);
+    - ``dns:///name:port`` (or ``dns://server/name:port``): every address of ``name``, re-resolved when
+      connections fail; the TLS name checked is ``name``;
+    - ``a:port,b:port,...``: an ``ipv4:`` (or ``ipv6:``) address list; host names are resolved once, here. The TLS
+      name checked on every server is the first host's, so the servers' certificates must all carry it (a shared
+      service name, or the address when the list is of addresses);
+    - ``ipv4:``/``ipv6:``/``unix:`` URIs: passed on as they are.
+
+    Several servers (a list, or a DNS name) get ``round_robin``: each call goes to the next ready server.
+    """
+    text = target.strip()
+    if not text:
+        raise ConnectError("the target is empty (host:port, several comma-separated, or dns:///name:port)")
+    if text.startswith("dns:"):
+        rest = text.removeprefix("dns:")
+        name = rest.split("/", 3)[-1] if rest.startswith("//") else rest
+        return Target(text, (ROUND_ROBIN,), (_host_of(name),))
+    if text.startswith(("ipv4:", "ipv6:")):
+        _, _, listed = text.partition(":")
+        hosts = tuple(_split_host_port(a.strip(), target)[0] for a in listed.split(","))
+        if len(hosts) == 1:
+            return Target(text, (), hosts)
+        return Target(text, (ROUND_ROBIN, ("grpc.default_authority", _bracketed(hosts[0]))), hosts)
+    if text.startswith("unix:"):
+        return Target(text, (), ("localhost",))
+    if "," not in text:
+        return Target(text, (), (_host_of(text.split("///", 1)[-1]),))
+    pairs = [_split_host_port(part.strip(), target) for part in text.split(",") if part.strip()]
+    literals = [_literal(host) for host, _ in pairs]
+    family = socket.AF_INET
+    if all(address is not None and address.version == 6 for address in literals):
+        family = socket.AF_INET6
+    addresses: list[str] = []
+    for (host, port), literal in zip(pairs, literals, strict=True):
+        if literal is not None:
+            if (literal.version == 6) != (family == socket.AF_INET6):
+                raise ConnectError(f"target {target!r}: IPv4 and IPv6 addresses cannot share one list")
+            found = [str(literal)]
+        else:
+            found = _resolve(host, port, family)
+            if not found:
+                kind = "IPv6" if family == socket.AF_INET6 else "IPv4"
+                raise ConnectError(f"target {target!r}: {host} has no {kind} address")
+        addresses += [f"[{a}]:{port}" if family == socket.AF_INET6 else f"{a}:{port}" for a in found]
+    scheme = "ipv6" if family == socket.AF_INET6 else "ipv4"
+    hosts = tuple(host for host, _ in pairs)
+    return Target(
+        f"{scheme}:{','.join(addresses)}", (ROUND_ROBIN, ("grpc.default_authority", _bracketed(hosts[0]))), hosts
+    )
+
+
+def _bracketed(host: str) -> str:
+    literal = _literal(host)
+    return f"[{host}]" if literal is not None and literal.version == 6 else host
+
+
+def _channel_options(target: Target, options: ChannelOptions) -> list[tuple[str, Any]]:
+    """The target's options, then the caller's; a caller's option of the same name wins."""
+    merged = dict(target.options)
+    merged.update(dict(options))
+    return list(merged.items())
 
 
 def _token_from(path: Path) -> str:
@@ -172,11 +291,13 @@ def from_args(args: argparse.Namespace, role: Role | str) -> ClientSecurity:
 
 
 def channel(target: str, security: ClientSecurity, options: ChannelOptions = ()) -> grpc.Channel:
-    """A blocking channel to ``target``."""
-    credentials = security.channel_credentials(target)
+    """A blocking channel to ``target`` (one server, several, or a DNS name: :func:`parse_target`)."""
+    spec = parse_target(target)
+    credentials = security.channel_credentials(spec)
+    merged = _channel_options(spec, options)
     if credentials is None:
-        return grpc.insecure_channel(target, options=list(options))
-    return grpc.secure_channel(target, credentials, options=list(options))
+        return grpc.insecure_channel(spec.uri, options=merged)
+    return grpc.secure_channel(spec.uri, credentials, options=merged)
 
 
 def aio_channel(
@@ -186,11 +307,13 @@ def aio_channel(
     *,
     interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
 ) -> grpc.aio.Channel:
-    """A grpc.aio channel to ``target``."""
-    credentials = security.channel_credentials(target)
+    """A grpc.aio channel to ``target`` (one server, several, or a DNS name: :func:`parse_target`)."""
+    spec = parse_target(target)
+    credentials = security.channel_credentials(spec)
+    merged = _channel_options(spec, options)
     if credentials is None:
-        return grpc.aio.insecure_channel(target, options=list(options), interceptors=interceptors)
-    return grpc.aio.secure_channel(target, credentials, options=list(options), interceptors=interceptors)
+        return grpc.aio.insecure_channel(spec.uri, options=merged, interceptors=interceptors)
+    return grpc.aio.secure_channel(spec.uri, credentials, options=merged, interceptors=interceptors)
 
 
 def explain(exc: grpc.RpcError) -> str:
