@@ -55,7 +55,11 @@ def default_interceptors(
     ]
     if security is not None and security.auth:
         chain.append(
-            AuthInterceptor(TokenVerifier(security), reflection_requires_token=security.reflection_requires_token)
+            AuthInterceptor(
+                TokenVerifier(security),
+                reflection_requires_token=security.reflection_requires_token,
+                mutual_tls=security.tls and security.require_client_cert,
+            )
         )
     chain += [DeadlineInterceptor(default_deadline_s), ValidationInterceptor()]
     return chain

@@ -42,10 +42,11 @@ def _node(context: grpc.aio.ServicerContext) -> str:
 
 
 class AuthInterceptor(RpcInterceptor):
-    def __init__(self, verifier: TokenVerifier, *, reflection_requires_token: bool) -> None:
+    def __init__(self, verifier: TokenVerifier, *, reflection_requires_token: bool, mutual_tls: bool = False) -> None:
         super().__init__()
         self.verifier = verifier
         self.reflection_requires_token = reflection_requires_token
+        self.mutual_tls = mutual_tls  # only then is there a client certificate to read (auth_context costs)
 
     def skip(self, full_method: str) -> bool:
         service, _ = split_method(full_method)
@@ -57,7 +58,8 @@ class AuthInterceptor(RpcInterceptor):
         if call is not None:
             call.peer = peer
         try:
-            identity = await self.verifier.verify_async(_token(context), peer=peer, node=_node(context))
+            node = _node(context) if self.mutual_tls else ""
+            identity = await self.verifier.verify_async(_token(context), peer=peer, node=node)
         except Unauthenticated as exc:
             log.warning("refused %s from %s: %s", full_method, peer, exc.reason)
             raise
