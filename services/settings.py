@@ -507,7 +507,8 @@ class _Loader:
         dotted = ".".join((*path, key))
         elsewhere = [d for d in self.dotted if d.rsplit(".", 1)[-1] == key]  # e.g. store_path under [gateway]
         if elsewhere:
-            hint = f" (did you mean {' or '.join(elsewhere)}?)"
+            choices = ", ".join(elsewhere[:-1]) + " or " + elsewhere[-1] if len(elsewhere) > 1 else elsewhere[0]
+            hint = f" (did you mean {choices}?)"
         else:
             hint = _suggestion(dotted, [".".join((*path, n)) for n in names])
         return f"unknown setting {dotted} in {self.source}{hint}"

@@ -263,7 +263,7 @@ def test_a_value_that_does_not_parse_names_the_setting(
         ("[triton]\nstartup_timeout_s = [1]", "triton.startup_timeout_s in {path} must be a number, not an array"),
         ("[gateway.port]\nx = 1", "gateway.port in {path} must be an integer, not a table"),
         ("gateway = 1", "gateway in {path} must be a table ([gateway]), not a number"),
-        ("port = 1", "unknown setting port in {path} (did you mean gateway.port or review.port?)"),
+        ("port = 1", "unknown setting port in {path} (did you mean gateway.port, review.port or dicom.port?)"),
     ],
 )
 def test_wrong_toml_types_are_refused(toml: str, says: str, tmp_path: Path) -> None:
