@@ -145,7 +145,7 @@ def cmd_review(args: argparse.Namespace) -> int:
     if args.review_command == "export-manifest":
         from services.review.flows import load_flows
         from services.review.output import export_manifest
-        from services.review.store import ReviewStore
+        from services.review.store import open_store
 
         flows = load_flows(settings.review.flows_file)
         if args.flow not in flows:
@@ -154,7 +154,7 @@ def cmd_review(args: argparse.Namespace) -> int:
         from services.audit.export import audited_export
 
         with audited_export(settings.security, args.flow) as export:  # 110106 Export: who, which flow and loops
-            with ReviewStore(settings.review.store_path, owner=False) as store:
+            with open_store(settings.review, owner=False) as store:  # SQLite or PostgreSQL, as the service uses
                 path = export_manifest(store, flows[args.flow], args.out, source_prefix=args.source_prefix)
             export.done(path)
         print(path)
