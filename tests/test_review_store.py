@@ -943,3 +943,33 @@ async def test_a_free_slot_wakes_only_that_reviewers_full_streams() -> None:
     assert [t.done() for t in tasks] == [True, False, True]
     waiters.dispatch(WorkEvent({}, frozenset({"*"})))
     await asyncio.gather(*tasks)
+
+
+def test_a_database_outage_is_store_unavailable_and_unavailable_over_grpc(tmp_path: Path) -> None:
+    """PostgreSQL stopped under a running store: calls fail fast as StoreUnavailable (UNAVAILABLE), not INTERNAL."""
+    import grpc
+
+    from services.review.store import StoreUnavailable
+    from services.review.store.postgres import PostgresReviewStore
+    from services.rpc.status import status_for
+    from tests.postgres import PostgresCluster, PostgresUnavailable
+
+    try:
+        cluster = PostgresCluster()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but {exc}")
+        pytest.skip(str(exc))
+    cluster.start()
+    try:
+        store = PostgresReviewStore(cluster.create_database("outage"), pool_size=2, listen=False, pool_timeout_s=1.0)
+        try:
+            assert store.queue_depth("any-flow") == 0
+            cluster.stop()
+            with pytest.raises(StoreUnavailable) as outage:
+                store.queue_depth("any-flow")
+            assert status_for(outage.value)[0] == grpc.StatusCode.UNAVAILABLE
+        finally:
+            store.close()
+    finally:
+        cluster.stop()

@@ -17,7 +17,7 @@ import grpc
 from services.imaging.errors import InvalidImage, LimitExceeded, UnsupportedCodec
 from services.report.limits import FindingsTooLong, InvalidFindings
 from services.review.flows import InvalidArgument as ReviewInvalidArgument
-from services.review.store import AlreadyExists, InvalidState, NotFound, NotYourLease
+from services.review.store import AlreadyExists, InvalidState, NotFound, NotYourLease, StoreUnavailable
 from services.rpc.errors import BadRequest, RequestTooLarge
 from services.security.errors import PermissionDenied, Unauthenticated
 from services.triton.client import ModelFailed, RoleNotServed, TritonDeadline, TritonRejected, TritonUnavailable
@@ -43,6 +43,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (FindingsTooLong, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (RoleNotServed, grpc.StatusCode.UNIMPLEMENTED),
     (TritonUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (TritonDeadline, grpc.StatusCode.DEADLINE_EXCEEDED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ModelFailed, grpc.StatusCode.INTERNAL),

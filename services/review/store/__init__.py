@@ -27,6 +27,7 @@ from services.review.store.model import (
     LoopStatus,
     NotFound,
     NotYourLease,
+    StoreUnavailable,
     WorkEvent,
 )
 from services.review.store.schema import SCHEMA_VERSION
@@ -75,6 +76,7 @@ __all__ = [
     "NotYourLease",
     "ReviewStore",
     "ReviewStoreBase",
+    "StoreUnavailable",
     "WorkEvent",
     "auto_loop_name",
     "open_store",

@@ -34,6 +34,10 @@ class NotYourLease(ReviewError):
     """
 
 
+class StoreUnavailable(ReviewError):
+    """The store's database cannot be reached now (maps to UNAVAILABLE: the caller may try again)."""
+
+
 class InvalidState(ReviewError):
     """The loop's status does not allow the operation (maps to FAILED_PRECONDITION)."""
 

@@ -53,6 +53,7 @@ from services.review.store.model import (
     LoopStatus,
     NotFound,
     NotYourLease,
+    StoreUnavailable,
     WorkEvent,
     parse_status,
 )
@@ -198,9 +199,12 @@ class PostgresReviewStore(ReviewStoreBase):
                     if event:
                         conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._payload(event)))
             except PoolTimeout:
-                raise  # no connection within pool_timeout_s: the database is away, trying again only waits longer
+                # No connection within pool_timeout_s: the database is away, trying again only waits longer.
+                raise StoreUnavailable("the review store's database cannot be reached") from None
             except RETRYABLE as exc:
                 if attempt == ATTEMPTS - 1:
+                    if isinstance(exc, psycopg.OperationalError):
+                        raise StoreUnavailable("the review store's database did not complete the transaction") from None
                     raise
                 logger.debug("review store transaction runs again after %s", type(exc).__name__)
                 self._after_failure(exc)
@@ -218,10 +222,10 @@ class PostgresReviewStore(ReviewStoreBase):
                 with self._pool.connection() as conn:
                     return work(conn)
             except PoolTimeout:
-                raise
+                raise StoreUnavailable("the review store's database cannot be reached") from None
             except psycopg.OperationalError as exc:
                 if attempt == ATTEMPTS - 1:
-                    raise
+                    raise StoreUnavailable("the review store's database did not answer") from None
                 self._after_failure(exc)
                 time.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")
