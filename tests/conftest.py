@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import ssl
 import urllib.request
 import uuid
@@ -31,6 +32,8 @@ from tests.postgres import PostgresCluster, PostgresUnavailable
 # exercise security pass security={...} explicitly (explicit settings win over the environment).
 os.environ.setdefault("MEDGATE_SECURITY_TLS", "false")
 os.environ.setdefault("MEDGATE_SECURITY_AUTH", "false")
+# Every server keeps an audit trail; the tests' trails go to a throwaway folder, never the checkout's var/audit.
+os.environ.setdefault("MEDGATE_SECURITY_AUDIT_DIR", tempfile.mkdtemp(prefix="medgate-test-audit-"))
 
 # The shared servers (review_server, gateway) run as `make run` serves: TLS and bearer tokens, on development
 # credentials made for the session; their clients (channel, stub, report_stub, Clients) send the role's token.
