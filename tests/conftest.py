@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import tempfile
 import ssl
+import tempfile
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
