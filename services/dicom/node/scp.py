@@ -53,6 +53,13 @@ def _titles(event: evt.Event) -> tuple[str, str]:
     return str(primitive.calling_ae_title).strip(), str(primitive.called_ae_title).strip()
 
 
+def _reject(event: evt.Event, reason: tuple[int, int, int]) -> None:
+    """A-ASSOCIATE-RJ, then wait for the peer to close, as pynetdicom's own rejections do (else the socket is shut
+    before the RJ PDU leaves, and the peer sees an abort instead of the reason)."""
+    event.assoc.acse.send_reject(*reason)
+    event.assoc.kill()
+
+
 def ae_titles(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -101,11 +108,11 @@ class StorageScp:
         if self.calling and calling not in self.calling:
             self.stats.rejected_associations += 1
             log.warning("association rejected: calling AE %r is not in dicom.allowed_calling_aes", calling)
-            event.assoc.acse.send_reject(*_REJECT_CALLING)
+            _reject(event, _REJECT_CALLING)
         elif called not in self.called:
             self.stats.rejected_associations += 1
             log.warning("association rejected: called AE %r is not this node's (dicom.allowed_called_aes)", called)
-            event.assoc.acse.send_reject(*_REJECT_CALLED)
+            _reject(event, _REJECT_CALLED)
 
     def _on_echo(self, event: evt.Event) -> int:
         return SUCCESS
