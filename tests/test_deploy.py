@@ -312,6 +312,8 @@ def test_every_selector_matches_its_pods() -> None:
     hpa = _find("HorizontalPodAutoscaler", "medgate-gateway")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "medgate-gateway"}
     assert _find("Deployment", "medgate-review")["spec"]["replicas"] >= 2
+    assert "replicas" not in _find("Deployment", "medgate-gateway")["spec"]  # the autoscaler's to set
+    assert hpa["spec"]["minReplicas"] >= 2
 
 
 def test_medgate_probes_ask_the_containers_own_port() -> None:
