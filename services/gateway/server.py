@@ -201,7 +201,9 @@ def tune_allocator(mmap_threshold: int, trim_threshold: int) -> bool:
 async def serve_worker(settings: Settings, triton_url: str, *, with_review: bool = False, metrics: bool = True) -> None:
     """Run one gateway worker (and, in a single-process stack, the review service) until a signal."""
     tune_allocator(settings.gateway.malloc_mmap_threshold_bytes, settings.gateway.malloc_trim_threshold_bytes)
-    review = ReviewServer(settings.review, settings.security) if with_review and settings.review.enabled else None
+    # The review service runs here only when the gateway routes to this machine's (review.url empty).
+    local_review = with_review and settings.review.enabled and not settings.review.url
+    review = ReviewServer(settings.review, settings.security) if local_review else None
     if review is not None:
         await review.start()
     server = GatewayServer(settings, triton_url, serve_metrics=metrics)
@@ -260,7 +262,7 @@ def run_gateway(settings: Settings, triton_url: str) -> None:
         context.Process(target=_worker_main, args=(settings, triton_url), name=f"medgate-gateway-{i}", daemon=False)
         for i in range(workers)
     ]
-    if settings.review.enabled:
+    if settings.review.enabled and not settings.review.url:
         processes.insert(0, context.Process(target=_review_main, args=(settings,), name="medgate-review"))
     for process in processes:
         process.start()
