@@ -71,9 +71,10 @@ def cmd_credentials(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """The whole stack: Triton (embedded unless MEDGATE_TRITON_URL is set) and the gateway workers."""
+    """The whole stack: Triton (embedded unless MEDGATE_TRITON_URL is set), the DICOM node and the gateway workers."""
     import dataclasses
 
+    from services.dicom.node import node_for
     from services.gateway.server import run_gateway
     from services.triton.embedded import triton_for
 
@@ -83,7 +84,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, gateway=dataclasses.replace(settings.gateway, **overrides))
     needed = [*settings.models.as_dict().values(), *([settings.report.model] if settings.report.enabled else [])]
     _ensure_credentials(settings.security)
-    with triton_for(settings.triton, needed) as url:
+    # The DICOM node (dicom.enabled) runs in this process beside the gateway workers and calls them like any client.
+    with triton_for(settings.triton, needed) as url, node_for(settings):
         run_gateway(settings, url)
     return 0
 
@@ -254,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from clients.connect import ConnectError
+    from services.dicom.node import NodeStartError
     from services.settings import SettingsError
     from services.triton.client import ContractError, TritonUnavailable
     from services.triton.embedded import TritonStartError
@@ -269,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # TLS material or a token named on the command line that cannot be read.
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (TritonStartError, ContractError, TritonUnavailable) as exc:
+    except (TritonStartError, ContractError, TritonUnavailable, NodeStartError) as exc:
         # Start-up problems a user fixes by configuration: say which, without a traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -28,7 +28,7 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from services.dicom.node import DicomNode
+from services.dicom.node.node import DicomNode
 from services.gateway.server import GatewayServer
 from services.settings import PROJECT_ROOT, load_settings
 from tests.orthanc import Orthanc, OrthancUnavailable

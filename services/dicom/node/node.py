@@ -77,6 +77,9 @@ class DicomNode:
 
     def start(self, *, port: int | None = None) -> int:
         self._check_network()
+        pynetdicom_log = logging.getLogger("pynetdicom")
+        if pynetdicom_log.level == logging.NOTSET:  # a line per association and per message at INFO: keep problems only
+            pynetdicom_log.setLevel(logging.WARNING)
         tidied = self.spool.recover()
         if any(tidied.values()):
             log.info("outbox recovered after a stop: %s", tidied)

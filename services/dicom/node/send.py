@@ -120,12 +120,12 @@ class CStoreSender:
                 outcomes[item.key] = Outcome(state, text)
             return outcomes
         try:
-            for item, ds in datasets:
+            for message_id, (item, ds) in enumerate(datasets, start=1):
                 if not assoc.is_established:
                     outcomes[item.key] = Outcome(RETRY, "the association ended before this result was sent")
                     continue
                 try:
-                    status = assoc.send_c_store(ds)
+                    status = assoc.send_c_store(ds, msg_id=message_id)
                 except ValueError:  # no accepted presentation context for this SOP class and transfer syntax
                     outcomes[item.key] = Outcome(
                         REFUSED, f"the peer accepted no presentation context for {ds.SOPClassUID}"
