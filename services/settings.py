@@ -170,6 +170,14 @@ class ReviewSettings:
     # The least time between a client's pings on an idle stream the server accepts: gRPC's default (5 min)
     # would answer a client keeping a long reviewer stream alive with GOAWAY (too_many_pings).
     min_ping_interval_ms: int = 10_000
+    # The reviewer web page (services/review/web): served by the review service itself, same process and
+    # event loop, with the same TLS settings as its gRPC listener (plaintext on loopback only). A review
+    # server whose gRPC port is 0 (tests, several replicas in one process) takes a free web port too.
+    web_enabled: bool = True
+    web_host: str = "127.0.0.1"
+    web_port: int = 8080
+    # A signed-in page left without a request this long is signed out (automatic logoff, 45 CFR 164.312(a)(2)(iii)).
+    web_idle_timeout_s: float = 900.0
 
     @property
     def target(self) -> str:

@@ -15,6 +15,8 @@ from services.review.flows import load_flows
 from services.review.output import flush_outputs
 from services.review.servicer import ReviewServicer
 from services.review.store import open_store
+from services.review.web.app import ReviewPage
+from services.review.web.listener import WebListener
 from services.rpc.server import RpcServer
 from services.settings import ReviewSettings, SecuritySettings
 
@@ -56,15 +58,35 @@ class ReviewServer:
         )
         self.rpc.add(REVIEW_SERVICE, pb_grpc.add_ReviewServicer_to_server, self.servicer)
         self.port = 0
+        # The reviewer page needs tokens to know who reviews: off when this server runs without them.
+        self.page: ReviewPage | None = None
+        if settings.web_enabled and security is not None and security.auth:
+            self.page = ReviewPage(
+                self.servicer,
+                security,
+                self.audit,
+                idle_timeout_s=settings.web_idle_timeout_s,
+                secure_cookie=security.tls,
+            )
+        self.security = security
+        self.web: WebListener | None = None
+        self.web_port = 0
         self._housekeeping: asyncio.Task[None] | None = None
 
-    async def start(self, *, port: int | None = None) -> int:
+    async def start(self, *, port: int | None = None, web_port: int | None = None) -> int:
+        """Serve gRPC (and the reviewer page); a gRPC port of 0 gives the page a free port too, unless ``web_port``."""
         self.servicer.attach(asyncio.get_running_loop())
         if self.audit is not None:
             await self.audit.application_started()  # raises when the trail cannot be written: no audit, no service
         self.port = await self.rpc.start(port=port)
         for name in ("", REVIEW_SERVICE):
             await self.rpc.set_health(name, True)
+        if self.page is not None and self.security is not None:
+            grpc_port = self.settings.port if port is None else port
+            if web_port is None:
+                web_port = 0 if grpc_port == 0 else self.settings.web_port
+            self.web = WebListener(self.page.app, host=self.settings.web_host, port=web_port, security=self.security)
+            self.web_port = await self.web.start()
         self._housekeeping = asyncio.create_task(self._housekeep())
         log.info("review service on %s:%d with flows %s", self.settings.host, self.port, ", ".join(self.flows))
         return self.port
@@ -87,6 +109,9 @@ class ReviewServer:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
+        if self.web is not None and self.page is not None:
+            self.page.closing.set()  # live page streams end, so the listener need not wait for them
+            await self.web.stop()
         self.servicer.detach()
         await self.rpc.stop()
         if self.audit is not None:

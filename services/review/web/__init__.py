@@ -1,0 +1,1 @@
+"""The reviewer web page: an ASGI app (``app``) and its listener (``listener``), served by the review service itself."""
