@@ -73,6 +73,7 @@ def stack_settings(tmp_path: Path, credentials: DevCredentials, **security: Any)
         review={
             "url": f"127.0.0.1:{review_port}",
             "port": review_port,
+            "web_port": 0,  # the reviewer page on a free port, never the default 8080
             "flows_file": flows,
             "store_path": tmp_path / "review.sqlite3",
             "outbox_dir": tmp_path / "outbox",

@@ -88,6 +88,7 @@ async def stack(triton_url: str, tmp_path_factory: pytest.TempPathFactory) -> As
             "flows_file": flows,
             "port": free_port(),
             "outbox_dir": root / "outbox",
+            "web_port": 0,  # the reviewer page beside it on a free port, never the default 8080
         },
     )
     credentials = ensure_dev_credentials(settings.security)
