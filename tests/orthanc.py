@@ -199,6 +199,13 @@ class Orthanc:
         """/tools/find at instance level, expanded (MainDicomTags, ParentSeries, ...)."""
         return list(self.post("/tools/find", {"Level": "Instance", "Query": query, "Expand": True}))
 
+    def lookup(self, uid: str, level: str) -> str | None:
+        """Orthanc's id of the study, series or instance (``level`` "Study", ...) with DICOM UID ``uid``."""
+        for entry in self._call("POST", "/tools/lookup", uid.encode(), "text/plain") or []:
+            if entry.get("Type") == level:
+                return str(entry["ID"])
+        return None
+
     def tags(self, instance_id: str) -> dict[str, Any]:
         return dict(self.get(f"/instances/{instance_id}/tags?simplify"))
 

@@ -18,8 +18,10 @@ with its ledger row (at-least-once for the sender):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -51,6 +53,18 @@ def _titles(event: evt.Event) -> tuple[str, str]:
     """The calling and called AE titles the peer's A-ASSOCIATE request named."""
     primitive: Any = event.assoc.requestor.primitive
     return str(primitive.calling_ae_title).strip(), str(primitive.called_ae_title).strip()
+
+
+def no_delay(event: evt.Event) -> None:
+    """TCP_NODELAY on an association's socket (pynetdicom leaves Nagle on).
+
+    With Nagle on, each C-STORE waits out the peer's delayed ACK: 50 ms per 39 KB instance on loopback
+    here, 8 ms with it off on both ends.
+    """
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _reject(event: evt.Event, reason: tuple[int, int, int]) -> None:
@@ -257,6 +271,7 @@ class StorageScp:
         """Listen (``port`` 0: a free one); returns the bound port."""
         ae = self.build_ae()
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, no_delay),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),

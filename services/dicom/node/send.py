@@ -16,9 +16,10 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 
 from services.dicom.node.destinations import Destination
+from services.dicom.node.scp import no_delay
 from services.imaging.ingest.quiet import quiet
 
 log = logging.getLogger("medgate.dicom")
@@ -103,7 +104,9 @@ class CStoreSender:
         for sop_class, offered in syntaxes.items():
             ae.add_requested_context(sop_class, offered)
         target = self.destination
-        assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+        assoc = ae.associate(
+            target.host, target.port, ae_title=target.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)]
+        )
         if not assoc.is_established:
             if assoc.is_rejected:
                 primitive = assoc.acceptor.primitive
