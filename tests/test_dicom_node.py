@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -410,3 +411,24 @@ async def test_results_go_by_stow_rs_to_a_dicomweb_archive(
         await wait_for(lambda: node.counts().get("deliveries_sent") == 2, what="both STOW-RS sends recorded")
     finally:
         await asyncio.to_thread(archive.close)
+
+
+async def test_dicom_tls_with_the_development_certificate(
+    make_node: NodeFactory, shared_security: dict[str, Any]
+) -> None:
+    node = await make_node(tls=True)
+    ca = Path(shared_security["client_ca_file"])
+
+    def echo(*, tls: bool) -> bool:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        tls_args = (ssl.create_default_context(cafile=str(ca)), "localhost") if tls else None
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="MEDGATE", tls_args=tls_args)
+        if not assoc.is_established:
+            return False
+        status = assoc.send_c_echo()
+        assoc.release()
+        return int(status.Status) == 0
+
+    assert await asyncio.to_thread(echo, tls=True)
+    assert not await asyncio.to_thread(echo, tls=False)  # plaintext to a TLS listener gets nowhere
