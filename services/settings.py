@@ -123,6 +123,20 @@ class GatewaySettings:
     # Items of one InferStream answered at once: enough to overlap decode with Triton, few enough that one
     # stream cannot take every CPU thread and Triton slot from the unary callers.
     stream_in_flight: int = 4
+    # The HTTP/JSON face (services/http): MedImageParse's POST /score and POST /v1/classify|detect|segment|analyze,
+    # served by each worker beside gRPC with the same TLS settings (plaintext on loopback only). Every call goes
+    # through this worker's own gRPC server (auth, validation, limits, deadlines, audit, metrics: one chain).
+    # Empty host: gateway.host. A gateway started on gRPC port 0 (tests) takes a free HTTP port too.
+    http_enabled: bool = True
+    http_host: str = ""
+    http_port: int = 8081
+    # The largest request body (JSON with base64 images, 4/3 of their bytes); more is 413 before it is parsed.
+    http_max_body_bytes: int = 96 * MIB
+    # POST /score: items per request (MedImageParse's 256), masks over all items (bounds the answer: about
+    # 1.4 MB of JSON per 1024x1024 mask), and items segmented at once (each is one Segment call).
+    http_score_max_items: int = 256
+    http_score_max_masks: int = 256
+    http_score_in_flight: int = 4
 
     def __post_init__(self) -> None:
         if self.log_format not in {"text", "json"}:

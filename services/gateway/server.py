@@ -20,6 +20,7 @@ from services.audit import AuditLog
 from services.gateway.report_servicer import ReportServicer
 from services.gateway.routing import ReviewRouter
 from services.gateway.servicer import InferenceServicer
+from services.http.server import HttpServer
 from services.logs import configure_logging
 from services.metrics import cleanup_multiprocess, prepare_multiprocess, serve_metrics
 from services.review.flows import load_flows
@@ -106,6 +107,9 @@ class GatewayServer:
                 report_pb2_grpc.add_ReportServicer_to_server,
                 ReportServicer(settings, self.report_model),
             )
+        # The HTTP/JSON face (services/http): its calls come in through this server's chain like any gRPC call.
+        self.http = HttpServer(settings) if gateway.http_enabled else None
+        self.http_port = 0
         self.port = 0
         self._health_task: asyncio.Task[None] | None = None
 
@@ -115,7 +119,11 @@ class GatewayServer:
         if self.report_model is not None:
             await self.report_model.connect()
         await self.audit.application_started()  # raises when the trail cannot be written: no audit, no service
+        if self.http is not None:
+            self.http.bind_loopback(self.rpc.server)
         self.port = await self.rpc.start(port=port)
+        if self.http is not None:
+            self.http_port = await self.http.start(any_port=(self.settings.gateway.port if port is None else port) == 0)
         if self.serve_metrics:
             self.metrics_port = serve_metrics(
                 self.settings.gateway.host, self.settings.gateway.metrics_port, **metrics_tls(self.settings)
@@ -157,6 +165,8 @@ class GatewayServer:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
+        if self.http is not None:  # first: its requests in flight finish through the gRPC server
+            await self.http.stop()
         await self.rpc.stop()
         await self.audit.application_stopped()
         await self.models.close()
