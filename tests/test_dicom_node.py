@@ -10,6 +10,7 @@ Orthanc's start and stop) runs in a thread meanwhile.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import os
@@ -432,3 +433,47 @@ async def test_dicom_tls_with_the_development_certificate(
 
     assert await asyncio.to_thread(echo, tls=True)
     assert not await asyncio.to_thread(echo, tls=False)  # plaintext to a TLS listener gets nowhere
+
+
+async def test_a_reviewers_verified_result_handed_over_is_sent_on_once(
+    make_node: NodeFactory, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """What the review service does when a loop completes: build_verified_results, then hand_over to the node."""
+    from services.dicom.node.handover import hand_over
+    from services.dicom.results import AIResults, Classification, Verification, build_verified_results
+    from services.imaging.limits import IngestLimits
+
+    node = await make_node()
+    paths, uids, study = ct_series(tmp_path / "series", 1)
+    ai_sr_uid = generate_uid()  # the AI SR it verifies (its predecessor document)
+    verification = Verification(
+        reviewer_name="Lee^Dana",
+        organization="Radiology",
+        verified_at=datetime.datetime(2026, 12, 1, 9, 30, tzinfo=datetime.UTC),
+        predecessor_study_uid=study,
+        predecessor_series_uid=generate_uid(),
+        predecessor_sop_instance_uid=ai_sr_uid,
+        reviewer_login="issuer#dana",
+    )
+    objects = build_verified_results(
+        paths[0].read_bytes(),
+        frame=0,
+        reviewed=AIResults(classification=Classification("normal", None, None)),
+        verification=verification,
+        limits=IngestLimits(),
+    )
+    assert [o.kind for o in objects] == ["SR"]
+    hand_over(objects, tmp_path / "outbox")
+    hand_over(objects, tmp_path / "outbox")  # twice: still sent once
+
+    def verified_sr() -> list[dict[str, Any]]:
+        return [tags for tags in results_in_orthanc(orthanc, study)["SR"] if tags.get("VerificationFlag") == "VERIFIED"]
+
+    found = await wait_for(verified_sr, what="the verified SR in Orthanc")
+    assert found[0]["SOPInstanceUID"] == objects[0].sop_instance_uid
+    assert uids[0] in referenced_uids(found[0]) and ai_sr_uid in referenced_uids(found[0])
+    await wait_for(lambda: node.counts().get("deliveries_sent") == 1, what="one send recorded")
+    await asyncio.sleep(1.0)
+    assert node.counts().get("deliveries_sent") == 1 and node.counts().get("deliveries_pending") is None
+    assert not list((tmp_path / "outbox" / "inbox").iterdir())
+    assert not list((tmp_path / "outbox" / "results").glob("*.dcm")), "nothing left behind by the second hand-over"

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from services.dicom.node.analyze import AnalyzeFailed, GatewayClient
 from services.dicom.node.destinations import Destination, parse_destinations
+from services.dicom.node.handover import inbox_dir, read_identity
 from services.dicom.node.routes import RoutesFile
 from services.dicom.node.scp import StorageScp, ae_titles
 from services.dicom.node.send import REFUSED, RETRY, SENT, CStoreSender, Item, Outcome, StowSender
@@ -29,6 +30,8 @@ log = logging.getLogger("medgate.dicom")
 
 # How many results one association (or one STOW-RS request) carries.
 SEND_BATCH = 50
+# The source recorded for results that were handed over rather than built from a received instance.
+HANDED_OVER = "handed-over"
 # The scheduler looks for quiet series at least this often (it is also woken by each arrival).
 SCHEDULER_TICK_S = 0.25
 
@@ -148,6 +151,7 @@ class DicomNode:
             if self._stop.is_set():
                 return
             try:
+                self._take_handed_over()
                 with self._in_flight_lock:
                     exclude = set(self._in_flight)
                 for instance in self.spool.due_instances(now=time.time(), quiet_period_s=quiet, exclude=exclude):
@@ -159,6 +163,36 @@ class DicomNode:
             except Exception:
                 log.exception("DICOM scheduler pass failed; trying again")
                 time.sleep(1.0)
+
+    def _take_handed_over(self) -> None:
+        """Objects put in the inbox by :func:`~services.dicom.node.handover.hand_over` (verified results)."""
+        for path in sorted(inbox_dir(self.spool.outbox_dir).glob("*.dcm")):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            try:
+                found = read_identity(data)
+            except Exception as exc:  # not DICOM, or no UIDs: kept for an operator, never sent
+                target = self.spool.quarantine(
+                    data, {"reason": f"handed-over object unreadable ({type(exc).__name__})"}
+                )
+                path.unlink(missing_ok=True)
+                log.error("a handed-over object could not be read: moved to %s", target.name)
+                continue
+            result = Result(
+                sop_instance_uid=found["SOPInstanceUID"],
+                kind=found["Modality"] or "?",
+                sop_class_uid=found["SOPClassUID"],
+                series_instance_uid=found["SeriesInstanceUID"],
+                study_instance_uid=found["StudyInstanceUID"],
+                data=data,
+            )
+            self.spool.enqueue(HANDED_OVER, [result], [d.key for d in self.destinations])
+            path.unlink(missing_ok=True)
+            log.info("handed over: %s %s, to be sent on", result.kind, result.sop_instance_uid)
+            for event in self._wake.values():
+                event.set()
 
     def _analyze(self, instance: Instance) -> None:
         uid = instance.sop_instance_uid

@@ -254,9 +254,25 @@ class Spool:
 
     def analysed(self, source_uid: str, results: Sequence[Result], destinations: Sequence[str]) -> None:
         """Commit an instance's results and one pending delivery per destination, then drop the received file."""
+        self.enqueue(source_uid, results, destinations, instance_done=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.instance_path(source_uid).unlink()
+
+    def enqueue(
+        self, source_uid: str, results: Sequence[Result], destinations: Sequence[str], *, instance_done: bool = False
+    ) -> None:
+        """Commit results and one pending delivery per destination (again for a known result: nothing changes)."""
+        if not all(is_uid(result.sop_instance_uid) for result in results):
+            raise ValueError("a result's SOP Instance UID is not a UID")
+        known = {
+            row[0]
+            for result in results
+            for row in self._query(
+                "SELECT sop_instance_uid FROM results WHERE sop_instance_uid = ?", (result.sop_instance_uid,)
+            )
+        }
+        results = [result for result in results if result.sop_instance_uid not in known]
         for result in results:
-            if not is_uid(result.sop_instance_uid):
-                raise ValueError("a result's SOP Instance UID is not a UID")
             write_durable(self.result_path(result.sop_instance_uid), result.data)
         now = time.time()
         with self._transaction() as db:
@@ -279,9 +295,8 @@ class Spool:
                         " VALUES (?, ?, 'pending', ?)",
                         (result.sop_instance_uid, destination, now),
                     )
-            db.execute("UPDATE instances SET state = 'done', error = '' WHERE sop_instance_uid = ?", (source_uid,))
-        with contextlib.suppress(FileNotFoundError):
-            self.instance_path(source_uid).unlink()
+            if instance_done:
+                db.execute("UPDATE instances SET state = 'done', error = '' WHERE sop_instance_uid = ?", (source_uid,))
 
     def retry_instance(self, source_uid: str, *, attempts: int, next_at: float, error: str) -> None:
         with self._transaction() as db:
