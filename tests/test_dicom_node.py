@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import io
 import json
 import logging
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -25,7 +27,7 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
@@ -477,3 +479,112 @@ async def test_a_reviewers_verified_result_handed_over_is_sent_on_once(
     assert node.counts().get("deliveries_sent") == 1 and node.counts().get("deliveries_pending") is None
     assert not list((tmp_path / "outbox" / "inbox").iterdir())
     assert not list((tmp_path / "outbox" / "results").glob("*.dcm")), "nothing left behind by the second hand-over"
+
+
+# Pure parts (no servers): rules, destinations, parsing, the ledger's recovery. ------------------------
+
+
+def test_routing_rules_match_on_tags_and_ae_titles_first_match_wins() -> None:
+    from services.dicom.node.routes import parse_routes
+
+    routes = parse_routes(
+        {
+            "route": [
+                {
+                    "name": "chest-from-room2",
+                    "modality": ["dx", "CR"],
+                    "body_part": "chest",
+                    "calling_ae": ["DX_*"],
+                    "tags": {"Manufacturer": ["ACME*"]},
+                    "tasks": ["classify", "segment"],
+                    "prompts": "lungs",
+                },
+                {"name": "any-ct", "sop_class": ["CTImageStorage"], "tasks": ["segment"], "prompts": "lungs"},
+            ]
+        }
+    )
+    header = {"Modality": "DX ", "BodyPartExamined": "CHEST", "Manufacturer": "ACME Corp", "SOPClassUID": "1.2.3"}
+    assert routes.match(header, calling_ae="DX_ROOM2", called_ae="MEDGATE").name == "chest-from-room2"  # type: ignore[union-attr]
+    assert routes.match(header, calling_ae="CT_ROOM1", called_ae="MEDGATE") is None
+    assert routes.match({**header, "Manufacturer": "Other"}, calling_ae="DX_ROOM2", called_ae="MEDGATE") is None
+    ct = {"Modality": "CT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"}
+    assert routes.match(ct, calling_ae="X", called_ae="MEDGATE").name == "any-ct"  # type: ignore[union-attr]
+    assert "Manufacturer" in routes.keywords()
+
+
+@pytest.mark.parametrize(
+    ("rule", "says"),
+    [
+        ({"tasks": ["classify"]}, "needs a name"),
+        ({"name": "a", "tasks": ["classify"], "modalty": ["CT"]}, "unknown key(s) modalty"),
+        ({"name": "a", "tasks": ["paint"]}, "unknown task(s) 'paint'"),
+        ({"name": "a", "tasks": ["segment"]}, "task segment needs prompts"),
+        ({"name": "a", "tasks": ["classify"], "sop_class": ["NoSuchStorage"]}, "neither a UID nor a SOP class keyword"),
+        ({"name": "a", "tasks": ["classify"], "tags": {"PatientNmae": "x"}}, "tags.PatientNmae is not a DICOM"),
+        ({"name": "a", "tasks": ["classify"], "min_score": 2}, "min_score must be a number from 0 to 1"),
+    ],
+)
+def test_routing_rules_that_cannot_be_used_are_refused_by_name(rule: dict[str, Any], says: str) -> None:
+    from services.dicom.node.routes import RouteError, parse_routes
+
+    with pytest.raises(RouteError, match=re.escape(says)):
+        parse_routes({"route": [rule]})
+
+
+def test_the_shipped_routing_rules_load() -> None:
+    from services.dicom.node.routes import load_routes
+
+    names = [route.name for route in load_routes(PROJECT_ROOT / "config" / "dicom_routes.toml").routes]
+    assert names == ["chest-radiograph", "ct-lungs"]
+
+
+def test_destinations_parse_from_one_variable() -> None:
+    from services.dicom.node.destinations import DestinationError, parse_destinations
+
+    found = parse_destinations("PACS@pacs.example:104, ARCHIVE@[::1]:11112", "https://user:secret@pacs/dicom-web/")
+    assert [d.key for d in found] == [
+        "cstore:PACS@pacs.example:104",
+        "cstore:ARCHIVE@::1:11112",
+        "stow:https://user:secret@pacs/dicom-web",
+    ]
+    assert str(found[2]) == "https://pacs/dicom-web"  # never the credentials in a log line
+    for bad in ("PACS@host", "@host:104", "PACS@host:0", "A_TITLE_LONGER_THAN_16@h:1"):
+        with pytest.raises(DestinationError):
+            parse_destinations(bad)
+
+
+def test_a_deflate_bomb_is_unreadable_not_inflated() -> None:
+    from services.dicom.node.inspect import Unreadable, inspect_part10
+    from services.imaging.limits import IngestLimits
+
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.PixelData = bytes(len(ds.PixelData))  # zeros deflate to almost nothing
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    limits = IngestLimits(max_inflated_bytes=4096)
+    with pytest.raises(Unreadable, match="deflated"):
+        inspect_part10(
+            buffer.getvalue(),
+            sop_class_uid=str(ds.SOPClassUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            keywords=[],
+            limits=limits,
+        )
+
+
+def test_the_ledger_tidies_what_a_crash_left(tmp_path: Path) -> None:
+    from services.dicom.node.spool import Instance, Result, Spool
+
+    spool = Spool(tmp_path / "in", tmp_path / "out", tmp_path / "q")
+    instance = Instance("1.2.3", "1.2.4", "1.2.5", "1.2.840.10008.5.1.4.1.1.2", "r", {}, "X", time.time())
+    assert spool.receive(instance, b"source")
+    result = Result("1.2.9", "SR", COMPREHENSIVE_3D_SR, "1.2.10", "1.2.5", b"sr")
+    spool.analysed("1.2.3", [result], ["cstore:A@h:1"])
+    (tmp_path / "out" / "results" / "1.2.99.dcm").write_bytes(b"written, never committed")
+    spool.close()
+    again = Spool(tmp_path / "in", tmp_path / "out", tmp_path / "q")
+    assert again.recover()["orphan_results"] == 1
+    assert [p.name for p in (tmp_path / "out" / "results").iterdir()] == ["1.2.9.dcm"]
+    assert not again.receive(instance, b"source"), "an analysed instance is not taken again"
+    assert again.counts() == {"instances_done": 1, "deliveries_pending": 1}

@@ -26,8 +26,11 @@ INBOX = "inbox"
 class PartTen(Protocol):
     """What :func:`hand_over` needs of an object (``services.dicom.results.DicomResult`` has it)."""
 
-    data: bytes
-    sop_instance_uid: str
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def sop_instance_uid(self) -> str: ...
 
 
 def inbox_dir(outbox_dir: Path) -> Path:
