@@ -313,7 +313,7 @@ async def test_v1_routes_answer_as_the_grpc_calls_do(http_client: Http, stub: pb
             {
                 "image": image,
                 "prompts": "left lung & lesion",
-                "boxes": [{"x0": 100, "y0": 150, "x1": 500, "y1": 700}],
+                "boxes": [{"x0": 100, "y0": 150, "x1": 400, "y1": 500}],
                 "output": {"mask_space": "MASK_SPACE_BOTH", "mask_encoding": "ARRAY_ENCODING_PACKBITS"},
             },
             stub.Segment,
@@ -511,7 +511,8 @@ async def test_http_calls_are_audited_as_grpc_calls_are(
     assert what(event)[0] == "110114"
     denied = f"http-{uuid.uuid4().hex[:12]}"
     reviewer = dev_credentials.token(Role.REVIEWER)
-    refused = await http_client.post("/v1/classify", body, token=reviewer, headers={"X-Request-Id": denied})
+    classify = {"image": body["image"]}  # a valid body: only the role is wrong
+    refused = await http_client.post("/v1/classify", classify, token=reviewer, headers={"X-Request-Id": denied})
     assert refused.status == 403
     (event,) = await events_soon(gateway.audit.directory, denied, 1)
     assert what(event)[0] == "110113"
@@ -642,8 +643,15 @@ def test_score_answer_is_medimageparse_shaped() -> None:
         text_features=["liver", "pancreas"],
         prompts=[pb.PromptResult(prompt="liver", category="liver", score=0.5, area_pixels=0)],
     )
-    item = score.score_answer(response)
+    text = score.score_answer(response)
+    item = json.loads(text)
+    assert json.loads(item["image_features"]) == {
+        "data": base64.b64encode(masks.tobytes()).decode(),
+        "shape": [2, 1024, 1024],
+        "dtype": "uint8",
+    }
     assert np.array_equal(seed_decode(item), masks)
+    assert json.loads(score.score_answers([text, text])) == [item, item]
     assert item["text_features"] == ["liver", "pancreas"] and item["scores"] == [0.5]
     assert item["prompts"][0]["area_pixels"] == "0"  # the JSON mapping's int64
 

@@ -230,13 +230,14 @@ class HttpFace:
             except BadRequest as exc:
                 raise bad_request(str(exc)) from None
             answers = await self._score_items(items, call)
-            return _json(answers, headers={"X-Request-Id": call.request_id})
+            body = score.score_answers(answers)
+            return Response(body, headers={"X-Request-Id": call.request_id}, media_type="application/json")
 
         return await self._serve(request, work)
 
-    async def _score_items(self, items: list[score.ScoreItem], call: _Call) -> list[dict[str, Any]]:
+    async def _score_items(self, items: list[score.ScoreItem], call: _Call) -> list[bytes]:
         """Every item as its own Segment call, a few at once; the first failure ends the request (and the rest)."""
-        answers: list[dict[str, Any]] = [{} for _ in items]
+        answers: list[bytes] = [b""] * len(items)
         gate = asyncio.Semaphore(self.score_in_flight)
 
         async def one(index: int) -> None:

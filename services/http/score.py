@@ -15,11 +15,12 @@ and the place (``input_data.data[3][0]``), never the prompts. Pure: no gRPC, no 
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 from dataclasses import dataclass
 from typing import Any
+
+import pybase64
 
 from medgate.v1 import inference_pb2 as pb
 from services.http.protojson import decode_base64, to_dict
@@ -95,18 +96,18 @@ def segment_request(item: ScoreItem) -> pb.SegmentRequest:
     return pb.SegmentRequest(image=pb.ImageInput(data=item.image), prompts=item.prompts)
 
 
-def score_answer(response: pb.SegmentResponse) -> dict[str, Any]:
-    """One item of MedImageParse's answer (``image_features`` a JSON string), medgate's extras beside it."""
+def score_answer(response: pb.SegmentResponse) -> bytes:
+    """One item of MedImageParse's answer as JSON (``image_features`` a JSON string), medgate's extras beside it.
+
+    Built by hand around the masks' base64, which needs no escaping: ``json.dumps`` would scan those
+    megabytes twice (once inside ``image_features``, once more escaping its quotes), about 30 ms for
+    three 1024x1024 masks here.
+    """
     features = response.image_features
-    image_features = json.dumps(
-        {
-            "data": base64.b64encode(features.data).decode("ascii"),
-            "shape": list(features.shape),
-            "dtype": features.dtype,
-        }
-    )
-    return {
-        "image_features": image_features,
+    data = pybase64.b64encode(features.data)
+    head = json.dumps('{"data": "')[1:-1].encode()
+    tail = json.dumps(f'", "shape": {json.dumps(list(features.shape))}, "dtype": {json.dumps(features.dtype)}}}')
+    extras = {
         "text_features": list(response.text_features),
         "scores": [round(float(p.score), 6) for p in response.prompts],
         "prompts": [to_dict(p) for p in response.prompts],
@@ -114,3 +115,10 @@ def score_answer(response: pb.SegmentResponse) -> dict[str, Any]:
         "models": [to_dict(m) for m in response.models],
         "image": to_dict(response.image),
     }
+    rest = json.dumps(extras, separators=(",", ":"))
+    return b'{"image_features":"' + head + data + tail[1:-1].encode() + b'",' + rest[1:].encode()
+
+
+def score_answers(items: list[bytes]) -> bytes:
+    """The whole answer: a JSON list with one object per item, in the order of ``data``."""
+    return b"[" + b",".join(items) + b"]"
