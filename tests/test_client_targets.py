@@ -125,7 +125,7 @@ async def _start(root: Path, name: str, security: dict[str, object], *, host: st
         security={**security, "audit_dir": home / "audit"},
     )
     server = ReviewServer(settings.review, settings.security)
-    await server.start(port=port)
+    await server.start(port=port, web_port=0)  # the reviewer page on a free port, never the default 8080
     return Replica(name, server, home / "audit")
 
 
