@@ -98,6 +98,7 @@ def gateway_process(
         MEDGATE_TRITON_SHARED_MEMORY=shared_memory,
         MEDGATE_REVIEW_ENABLED="false",
         MEDGATE_REPORT_ENABLED="false",
+        MEDGATE_DICOM_ENABLED="false",  # no DICOM node here: it would want port 11112 beside a running stack
         MEDGATE_GATEWAY_METRICS_PORT="0",
     )
     script = Path(sys.executable).parent / "medgate"
