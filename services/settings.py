@@ -59,6 +59,21 @@ class TritonSettings:
     # tritonserver --exit-timeout-secs: how long it drains in-flight requests on SIGTERM; below
     # stop_grace_s so it exits on its own before we kill it.
     exit_timeout_s: int = 5
+    # Supervision (services/triton/watch.py, embedded.py). Each gateway worker probes Triton's liveness every
+    # probe_interval_s (each probe bounded by probe_timeout_s); probe_failures in a row (or one after a call found
+    # it UNAVAILABLE) and calls are answered UNAVAILABLE at once, health NOT_SERVING, until it is back: a dead
+    # or hung Triton is noticed within 1.5 s with these. gRPC's reconnect backoff is capped at
+    # reconnect_backoff_max_ms (its default grows to 120 s, long after Triton is back).
+    probe_interval_s: float = 0.5
+    probe_timeout_s: float = 0.5
+    probe_failures: int = 2
+    reconnect_backoff_max_ms: int = 1000
+    # The embedded server is restarted when it exits or has not answered a liveness probe for hung_restart_s
+    # (longer than a probe: a Triton that is only slow under load is left alone); the pause before each
+    # restart starts at restart_backoff_s and doubles per failed restart up to restart_backoff_max_s.
+    hung_restart_s: float = 10.0
+    restart_backoff_s: float = 1.0
+    restart_backoff_max_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.shared_memory not in {"auto", "on", "off"}:
