@@ -141,6 +141,7 @@ class HttpArm:
         self.image = image
         self.route = route
         self.connection = self._connect()
+        self.client_s: list[float] = []  # per call: this client's JSON and base64 work (encode + decode)
 
     def _connect(self) -> http.client.HTTPSConnection:
         return http.client.HTTPSConnection("localhost", self.port, timeout=60, context=self.context)
@@ -154,9 +155,12 @@ class HttpArm:
         return json.dumps(body).encode()
 
     def __call__(self) -> np.ndarray:
+        began = time.perf_counter()
+        body = self._body()
+        encoding = time.perf_counter() - began
         for attempt in (0, 1):
             try:
-                self.connection.request("POST", self.route, body=self._body(), headers=self.headers)
+                self.connection.request("POST", self.route, body=body, headers=self.headers)
                 response = self.connection.getresponse()
                 raw = response.read()
                 break
@@ -167,11 +171,14 @@ class HttpArm:
                     raise
         if response.status != 200:
             raise RuntimeError(f"{self.route}: HTTP {response.status}: {raw[:300]!r}")
+        began = time.perf_counter()
         answer = json.loads(raw)
         # /score: seed 002's decoding (image_features is a JSON string); /v1/segment: the JSON mapping's object.
         features = json.loads(answer[0]["image_features"]) if self.route == "/score" else answer["image_features"]
         data = base64.b64decode(features["data"])
-        return np.frombuffer(data, dtype=np.dtype(features["dtype"])).reshape(features["shape"])
+        masks = np.frombuffer(data, dtype=np.dtype(features["dtype"])).reshape(features["shape"])
+        self.client_s.append(encoding + time.perf_counter() - began)
+        return masks
 
     def close(self) -> None:
         self.connection.close()
@@ -197,6 +204,11 @@ def latency(stack: Stack, name: str, image: bytes, *, calls: int, warmup: int) -
             arms[arm]()
             if index >= warmup:
                 samples[arm].append(time.perf_counter() - began)
+    client_p50 = {
+        arm: round(float(np.median(client.client_s[-calls:])) * 1000, 3)
+        for arm, client in arms.items()
+        if isinstance(client, HttpArm)
+    }
     for client in arms.values():
         client.close()
     stats = {arm: percentiles(values) for arm, values in samples.items()}
@@ -211,6 +223,8 @@ def latency(stack: Stack, name: str, image: bytes, *, calls: int, warmup: int) -
     for arm in ("http_score", "http_v1_segment"):
         result[f"{arm}_over_grpc_p50"] = round(stats[arm]["p50_ms"] / grpc_p50, 3)
         result[f"{arm}_added_p50_ms"] = round(stats[arm]["p50_ms"] - grpc_p50, 3)
+        # What the client's own JSON and base64 work (stdlib, as seed 002's code does it) is of that.
+        result[f"{arm}_client_json_base64_p50_ms"] = client_p50[arm]
     return result
 
 
@@ -270,9 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     import cv2
     from pydicom.data import get_testdata_file
 
-    from training.phantoms import generate
+    from training.phantoms import generate, model_space
 
-    png = cv2.imencode(".png", generate(np.random.default_rng(4242)).image)[1].tobytes()
+    # What a MedImageParse client sends: a 1024x1024 8-bit PNG (the letterboxing already done); and a real DICOM.
+    png = cv2.imencode(".png", model_space(generate(np.random.default_rng(4242)))["image"])[1].tobytes()
     dicom = Path(str(get_testdata_file("RG1_UNCI.dcm"))).read_bytes()
     settings = load_settings()
     triton_settings = dataclasses.replace(
@@ -289,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         credentials = stack_security.make_credentials(scratch / "credentials")
         served = stack.enter_context(gateway_process(url, credentials, scratch / "audit", args.workers))
         results["latency"] = [
-            latency(served, "phantom.png", png, calls=args.calls, warmup=args.warmup),
+            latency(served, "phantom_1024.png", png, calls=args.calls, warmup=args.warmup),
             latency(served, "RG1_UNCI.dcm", dicom, calls=args.calls // 2, warmup=args.warmup),
         ]
         for point in results["latency"]:
@@ -301,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = {arm: throughput(served, png, arm, clients=args.clients, seconds=args.seconds) for arm in ARMS}
         runs["http_score_over_grpc_rps"] = round(runs["http_score"]["rps"] / runs["grpc_segment"]["rps"], 3)
         runs["http_v1_segment_over_grpc_rps"] = round(runs["http_v1_segment"]["rps"] / runs["grpc_segment"]["rps"], 3)
-        results["throughput_phantom_png"] = runs
+        results["throughput_phantom_1024_png"] = runs
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return 0

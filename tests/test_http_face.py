@@ -643,15 +643,15 @@ def test_score_answer_is_medimageparse_shaped() -> None:
         text_features=["liver", "pancreas"],
         prompts=[pb.PromptResult(prompt="liver", category="liver", score=0.5, area_pixels=0)],
     )
-    text = score.score_answer(response)
-    item = json.loads(text)
+    pieces = score.score_answer(response)
+    item = json.loads(b"".join(pieces))
     assert json.loads(item["image_features"]) == {
         "data": base64.b64encode(masks.tobytes()).decode(),
         "shape": [2, 1024, 1024],
         "dtype": "uint8",
     }
     assert np.array_equal(seed_decode(item), masks)
-    assert json.loads(score.score_answers([text, text])) == [item, item]
+    assert json.loads(score.score_answers([pieces, pieces])) == [item, item]
     assert item["text_features"] == ["liver", "pancreas"] and item["scores"] == [0.5]
     assert item["prompts"][0]["area_pixels"] == "0"  # the JSON mapping's int64
 
@@ -720,3 +720,21 @@ enum Kind {
         "Box.data": "Bytes.",
         "Kind.KIND_AUTO": "Automatic.",
     }
+
+
+def test_json_answers_splice_large_bytes_exactly() -> None:
+    masks = np.random.default_rng(0).integers(0, 2, (3, 1024, 1024), dtype=np.uint8)
+    response = pb.AnalyzeResponse(
+        segmentation=pb.SegmentResponse(
+            image_features=pb.NDArray(data=masks.tobytes(), shape=[3, 1024, 1024], dtype="uint8"),
+            original_masks=pb.NDArray(data=masks[:, :500].tobytes(), shape=[3, 500, 1024], dtype="uint8"),
+            text_features=["lung"],
+        ),
+        dicom_results=[pb.DicomObject(data=b"S" * 100_000, kind="SEG"), pb.DicomObject(data=b"small", kind="SR")],
+        request_id="r1",
+    )
+    expected = json_format.MessageToDict(
+        response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    assert json.loads(protojson.to_json(response)) == expected
+    assert json.loads(protojson.to_json(pb.SegmentResponse())) == protojson.to_dict(pb.SegmentResponse())

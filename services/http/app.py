@@ -213,7 +213,8 @@ class HttpFace:
                 except protojson.JsonFieldError as exc:
                     raise bad_request(f"the body is not a valid {rpc.request.DESCRIPTOR.full_name}: {exc}") from None
                 response = await self._invoke(rpc, message, call)
-                return _json(protojson.to_dict(response), headers={"X-Request-Id": call.request_id})
+                body = protojson.to_json(response)
+                return Response(body, headers={"X-Request-Id": call.request_id}, media_type="application/json")
 
             return await self._serve(request, work)
 
@@ -235,9 +236,9 @@ class HttpFace:
 
         return await self._serve(request, work)
 
-    async def _score_items(self, items: list[score.ScoreItem], call: _Call) -> list[bytes]:
+    async def _score_items(self, items: list[score.ScoreItem], call: _Call) -> list[list[bytes]]:
         """Every item as its own Segment call, a few at once; the first failure ends the request (and the rest)."""
-        answers: list[bytes] = [b""] * len(items)
+        answers: list[list[bytes]] = [[] for _ in items]
         gate = asyncio.Semaphore(self.score_in_flight)
 
         async def one(index: int) -> None:

@@ -12,6 +12,7 @@ segmentation answer reads as MedImageParse's (``image_features``, ``text_feature
 from __future__ import annotations
 
 import binascii
+import json
 import math
 from typing import Any, TypeVar
 
@@ -200,3 +201,41 @@ def to_dict(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+
+
+# Bytes fields from this size (masks, DICOM results) are base64'd by pybase64 and put into the JSON text
+# afterwards: json_format's standard-library base64 and json.dumps' scan of the result cost about 20 ms
+# for three 1024x1024 masks here, the splice about 1 ms.
+SPLICE_MIN_BYTES = 64 * 1024
+_MARK = b"\xfe\xffmedgate-splice-%d\xff\xfe"  # base64 of this never appears in an answer by chance
+
+
+def _take_large_bytes(message: Message, taken: list[bytes]) -> None:
+    """Replace every large bytes field in ``message`` (in place) by a numbered mark; the values go to ``taken``."""
+    for field in message.DESCRIPTOR.fields:
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.is_repeated:
+                for item in getattr(message, field.name):
+                    _take_large_bytes(item, taken)
+            elif message.HasField(field.name):
+                _take_large_bytes(getattr(message, field.name), taken)
+        elif field.type == FieldDescriptor.TYPE_BYTES and not field.is_repeated:
+            value = getattr(message, field.name)
+            if len(value) >= SPLICE_MIN_BYTES:
+                setattr(message, field.name, _MARK % len(taken))
+                taken.append(value)
+
+
+def to_json(message: Message) -> bytes:
+    """``to_dict(message)`` as compact JSON bytes; the large bytes are taken out of ``message`` (spent here)."""
+    taken: list[bytes] = []
+    _take_large_bytes(message, taken)
+    text = json.dumps(to_dict(message), separators=(",", ":"), allow_nan=False).encode()
+    marks = sorted((text.index(b'"' + pybase64.b64encode(_MARK % i) + b'"'), i) for i in range(len(taken)))
+    parts: list[bytes] = []
+    at = 0
+    for position, index in marks:
+        parts += [text[at:position], b'"', pybase64.b64encode(taken[index]), b'"']
+        at = text.index(b'"', position + 1) + 1
+    parts.append(text[at:])
+    return b"".join(parts)
