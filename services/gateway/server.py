@@ -1,4 +1,11 @@
-"""Gateway lifecycle: one RPC server (services.rpc) per worker process, model health, graceful stop."""
+"""Gateway lifecycle: one RPC server (services.rpc) per worker process, model health, graceful stop.
+
+Who watches Triton: every worker, on its own (:mod:`services.triton.watch`): it answers UNAVAILABLE at once
+and reports NOT_SERVING the moment its watch finds Triton dead or hung, and SERVING again once Triton is back
+and its shared-memory regions are registered again. Only the process that started an embedded Triton (the
+parent of the workers; :func:`services.triton.embedded.triton_for`) restarts it, so a restart is one restart
+however many workers there are, and an external Triton is watched the same way without being restarted.
+"""
 
 from __future__ import annotations
 
@@ -101,7 +108,7 @@ class GatewayServer:
         )
         self.report_model: ImpressionModel | None = None
         if settings.report.enabled and settings.report.model:
-            self.report_model = ImpressionModel.from_settings(triton_url, settings)
+            self.report_model = ImpressionModel.from_settings(triton_url, settings, watch=self.models.watch)
             self.rpc.add(
                 REPORT_SERVICE,
                 report_pb2_grpc.add_ReportServicer_to_server,
@@ -129,6 +136,7 @@ class GatewayServer:
                 self.settings.gateway.host, self.settings.gateway.metrics_port, **metrics_tls(self.settings)
             )
         await self._update_health()
+        self.models.watch.add_listener(self._triton_changed)
         self._health_task = asyncio.create_task(self._poll_health())
         if self.router is not None:
             self.router.start_retrying()
@@ -148,6 +156,10 @@ class GatewayServer:
             await self.rpc.set_health(REPORT_SERVICE, report)
             overall = overall and report
         await self.rpc.set_health("", overall)
+
+    async def _triton_changed(self, up: bool) -> None:
+        """The watch found Triton down or back: health follows at once, not at the next poll."""
+        await self._update_health()
 
     async def _poll_health(self) -> None:
         while True:
@@ -294,3 +306,15 @@ def run_gateway(settings: Settings, triton_url: str) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         cleanup_multiprocess(metrics_dir)
+    failed = [f"{p.name} ({_exit_status(p.exitcode)})" for p in processes if p.exitcode != 0]
+    if failed:
+        # One line and a non-zero exit for `medgate serve` (SystemExit passes the CLI's handlers, and leaving
+        # triton_for on the way out still stops Triton in order).
+        raise SystemExit(f"error: {', '.join(failed)} stopped with an error")
+
+
+def _exit_status(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"status {code}"

@@ -1,8 +1,14 @@
 """The gateway's view of Triton: model contracts checked at start-up, typed calls, deadlines, one retry rule.
 
 Images go to Triton as uint8 [1024, 1024] (DESIGN.md §4: 12x less than float32 and 5-10x faster);
-every model normalises inside. A call gets the caller's remaining deadline as its gRPC timeout, and
-is retried only when Triton answered UNAVAILABLE and only while that deadline allows.
+every model normalises inside. A call gets the caller's remaining deadline twice: as its gRPC timeout
+and as Triton's request timeout, which the models read (``request.timeout()``) to stop work nobody waits
+for. A call the caller gives up (cancelled, or its deadline passed) cancels its gRPC call, and Triton
+passes that on to the model (``request.is_cancelled()``, checked between units of work).
+
+While the watch (:mod:`services.triton.watch`) says Triton is down, a call is answered UNAVAILABLE at
+once. When a call finds Triton UNAVAILABLE, one probe decides: no answer, and the call (and every call
+after it, until Triton is back) is answered UNAVAILABLE; an answer, and the call is tried once more.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from services.metrics import TRITON_SECONDS
 from services.settings import Settings, TritonSettings
 from services.triton.embedded import admin_headers
 from services.triton.shm import SharedMemoryPool, needed_bytes, remove_stale_regions
+from services.triton.watch import TritonWatch, channel_args
 
 log = logging.getLogger("medgate.triton.client")
 
@@ -108,7 +115,8 @@ def domain_error(exc: InferenceServerException, model: str) -> Exception | None:
     status, message = exc.status() or "", exc.message() or ""
     if "UNAVAILABLE" in status:
         return None
-    if "DEADLINE_EXCEEDED" in status:
+    if "DEADLINE_EXCEEDED" in status or "CANCELLED" in status:
+        # CANCELLED: the model gave the request up at its timeout (our deadline) a moment before gRPC did.
         return TritonDeadline(f"deadline exceeded while model {model!r} was running")
     if "NOT_FOUND" in status or "not found" in message or "not ready" in message:
         return TritonUnavailable(f"model {model!r} is not loaded or not ready")
@@ -172,10 +180,17 @@ class TritonModels:
         ready_timeout_s: float = _DEFAULTS.ready_timeout_s,
         warmup_timeout_s: float = _DEFAULTS.warmup_timeout_s,
         keepalive_time_ms: int = _DEFAULTS.keepalive_time_ms,
+        reconnect_backoff_max_ms: int = _DEFAULTS.reconnect_backoff_max_ms,
+        probe_interval_s: float = _DEFAULTS.probe_interval_s,
+        probe_timeout_s: float = _DEFAULTS.probe_timeout_s,
+        probe_failures: int = _DEFAULTS.probe_failures,
+        watch_models: list[str] | None = None,
     ) -> None:
+        """``watch_models``: every model the watch needs READY before Triton counts as back (default: the roles')."""
         self.url = url
         self.model_names = model_names
         self.retry_backoff_s = retry_backoff_s
+        self.reconnect_backoff_max_ms = reconnect_backoff_max_ms
         self.connect_timeout_s = connect_timeout_s
         self.ready_timeout_s = ready_timeout_s
         self.warmup_timeout_s = warmup_timeout_s
@@ -188,6 +203,16 @@ class TritonModels:
         self._shm: SharedMemoryPool | None = None
         # Sent with the calls of Triton's restricted protocols (shared memory) and model config/metadata.
         self.admin_headers = admin_headers()
+        self.watch = TritonWatch(
+            url,
+            list(model_names.values()) if watch_models is None else watch_models,
+            probe_interval_s=probe_interval_s,
+            probe_timeout_s=probe_timeout_s,
+            probe_failures=probe_failures,
+            keepalive_time_ms=keepalive_time_ms,
+            reconnect_backoff_max_ms=reconnect_backoff_max_ms,
+        )
+        self.watch.add_recovery_hook(self._recover)
 
     @classmethod
     def from_settings(cls, url: str, settings: Settings) -> TritonModels:
@@ -204,6 +229,14 @@ class TritonModels:
             ready_timeout_s=triton.ready_timeout_s,
             warmup_timeout_s=triton.warmup_timeout_s,
             keepalive_time_ms=triton.keepalive_time_ms,
+            reconnect_backoff_max_ms=triton.reconnect_backoff_max_ms,
+            probe_interval_s=triton.probe_interval_s,
+            probe_timeout_s=triton.probe_timeout_s,
+            probe_failures=triton.probe_failures,
+            watch_models=[
+                *settings.models.as_dict().values(),
+                *([settings.report.model] if settings.report.enabled and settings.report.model else []),
+            ],
         )
 
     @property
@@ -227,11 +260,9 @@ class TritonModels:
         if self._client is None:
             self._client = triton_aio.InferenceServerClient(
                 self.url,
-                channel_args=[
-                    ("grpc.max_send_message_length", -1),
-                    ("grpc.max_receive_message_length", -1),
-                    ("grpc.keepalive_time_ms", self.keepalive_time_ms),
-                ],
+                channel_args=channel_args(
+                    keepalive_time_ms=self.keepalive_time_ms, reconnect_backoff_max_ms=self.reconnect_backoff_max_ms
+                ),
             )
         return self._client
 
@@ -273,7 +304,19 @@ class TritonModels:
             self._shm = SharedMemoryPool(self.client, max_bytes=self._shm_max_bytes, headers=self.admin_headers)
         if "classifier" in models and not models["classifier"].labels:
             models["classifier"].labels = await self._classifier_labels()
+        self.watch.start()
         return models
+
+    async def _recover(self) -> None:
+        """Before the watch turns up again: this channel answers, and our shared-memory regions are registered.
+
+        A restarted Triton has forgotten every registration; the pool registers its regions again (and turns
+        itself back on if a call had turned it off for a lost registration meanwhile).
+        """
+        if not await self.client.is_server_live(client_timeout=self.watch.probe_timeout_s):
+            raise TritonUnavailable(f"Triton at {self.url} is not live on the calls' channel yet")
+        if self._shm is not None:
+            await self._shm.reregister()
 
     async def _classifier_labels(self) -> list[str]:
         """Class names through Triton's classification extension (the model's label_filename)."""
@@ -293,7 +336,9 @@ class TritonModels:
         return [label or f"class_{i}" for i, label in enumerate(labels)]
 
     async def ready(self) -> dict[str, bool]:
-        """Per-role readiness, for gRPC health."""
+        """Per-role readiness, for gRPC health; every role not ready, without asking, while Triton is down."""
+        if not self.watch.up:
+            return dict.fromkeys(self.model_names, False)
         states: dict[str, bool] = {}
         for role, name in self.model_names.items():
             try:
@@ -303,6 +348,7 @@ class TritonModels:
         return states
 
     async def close(self) -> None:
+        await self.watch.stop()
         if self._shm is not None:
             await self._shm.close()
             self._shm = None
@@ -332,7 +378,10 @@ class TritonModels:
         sized_outputs: dict[str, tuple[tuple[int, ...], np.dtype[Any]]] | None = None,
     ) -> dict[str, np.ndarray]:
         """Run one request; ``sized_outputs`` (shape, dtype known in advance) may come back through shared memory."""
+        tried = False
         while True:
+            if not self.watch.up:
+                raise TritonUnavailable(f"model {info.name!r} is unavailable: Triton is down ({self.watch.reason})")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TritonDeadline(f"deadline exceeded before model {info.name!r} answered")
@@ -340,7 +389,13 @@ class TritonModels:
             try:
                 inputs, requested, placed = self._request(arrays, outputs, sized_outputs or {}, region)
                 started = time.perf_counter()
-                result = await self.client.infer(info.name, inputs, outputs=requested, client_timeout=remaining)
+                result = await self.client.infer(
+                    info.name,
+                    inputs,
+                    outputs=requested,
+                    client_timeout=remaining,
+                    timeout=request_timeout_us(remaining),
+                )
                 TRITON_SECONDS.labels(model=info.name).observe(time.perf_counter() - started)
                 answer: dict[str, np.ndarray] = {}
                 for name in outputs:
@@ -353,15 +408,17 @@ class TritonModels:
             except InferenceServerException as exc:
                 if region is not None and "shared memory" in (exc.message() or "").lower() and self._shm is not None:
                     # Triton lost our registrations (restarted) or cannot map them: go over the wire.
-                    await self._shm.disable("Triton refused a registered region")
+                    await self._shm.disable("Triton refused a registered region", lost=True)
                     region = None
                     continue
                 error = domain_error(exc, info.name)
                 if error is not None:
                     raise error from None
-                if deadline - time.monotonic() <= self.retry_backoff_s:
+                # UNAVAILABLE: one probe decides whether one more try is worth it (no retry spin, no log per call).
+                no_time = deadline - time.monotonic() <= self.retry_backoff_s
+                if tried or no_time or not await self.watch.confirm(deadline):
                     raise TritonUnavailable(f"model {info.name!r} is unavailable") from None
-                log.warning("Triton unavailable for %s; retrying within the deadline", info.name)
+                tried = True
                 await asyncio.sleep(self.retry_backoff_s)
             finally:
                 if region is not None and self._shm is not None:
@@ -457,6 +514,11 @@ class TritonModels:
             sized_outputs={"masks": _masks_shape(len(boxes))},
         )
         return result["masks"][0], result["scores"][0]
+
+
+def request_timeout_us(remaining_s: float) -> int:
+    """The caller's remaining deadline as Triton's request timeout (microseconds, at least 1: 0 means none)."""
+    return max(1, int(remaining_s * 1e6))
 
 
 def _masks_shape(count: int) -> tuple[tuple[int, ...], np.dtype[Any]]:

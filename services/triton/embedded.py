@@ -4,6 +4,20 @@ The wheel carries Triton 2.51 with only the Python backend. Its stub for our Pyt
 outside the backend folder, so we assemble a backend directory of symlinks under the cache and point
 the server at it, with this interpreter's ``bin`` first on PATH so the stub finds our packages.
 
+Supervision: the process that starts the server (``medgate serve``'s parent, which also forks the gateway
+workers) owns it. It starts tritonserver in a process group of its own, so the Python-backend stubs can be
+killed with it, and names the Python backend's shared-memory regions after itself (``medgate_triton_<pid>_<n>_``)
+so they can be unlinked. :meth:`EmbeddedTriton.supervise` watches from a thread: when the server exits or
+has not answered a liveness probe for ``hung_restart_s``, its whole process group is killed, its regions are
+unlinked, and it is started again after a pause that doubles per failed start (``restart_backoff_s`` up to
+``restart_backoff_max_s``). The gateway workers do not restart anything: each watches Triton itself
+(:mod:`services.triton.watch`), answers UNAVAILABLE at once while it is down and picks it up again when it is
+back, which also serves an external Triton (``MEDGATE_TRITON_URL``) that someone else restarts. Every exit
+path kills the group and unlinks the regions; a parent killed with SIGKILL leaves its regions to the next
+start, which removes those of dead owners. :meth:`EmbeddedTriton.stop` records the server's exit status,
+and leaving the ``with`` block of a server that stopped with an error raises :class:`TritonFailed`, so
+``medgate serve`` exits non-zero.
+
 The gateway is the only door: the server listens on loopback, and its administrative protocols
 (model repository, shared memory, statistics, trace, logging; gRPC and HTTP alike) answer only
 requests that carry the :data:`ADMIN_HEADER` with a random key made when the first server of this
@@ -21,8 +35,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import itertools
 import logging
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -30,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +89,85 @@ class TritonStartError(RuntimeError):
     """The server could not be started or did not become ready in time."""
 
 
+class TritonFailed(TritonStartError):
+    """The server stopped with an error status (``medgate serve`` exits non-zero; one line, no traceback)."""
+
+
+# The Python backend's shared-memory regions (64 MiB each, one per model instance) are named with this prefix,
+# our pid and a number per start, so the regions of one server can be unlinked after its death.
+SHM_PREFIX = "medgate_triton"
+_SHM_OWNER = re.compile(rf"^{SHM_PREFIX}_(\d+)_\d+_")
+_DEV_SHM = Path("/dev/shm")
+_STARTS = itertools.count(1)  # one number per server start in this process (tests start several)
+# A server that ran this long before it died gets the first restart pause again, not the doubled one.
+_STABLE_S = 60.0
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes (not zombies) in process group ``pgid``, from /proc: a server and its Python-backend stubs."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses, so split after the last ")"
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in {"Z", "X"}:
+            members.append(int(entry.name))
+    return members
+
+
+def server_regions(prefix: str, directory: Path = _DEV_SHM) -> list[Path]:
+    """The shared-memory regions of the server whose stubs were given ``prefix``."""
+    with contextlib.suppress(OSError):
+        return sorted(p for p in directory.iterdir() if p.name.startswith(prefix))
+    return []
+
+
+def remove_stale_server_regions(directory: Path = _DEV_SHM) -> int:
+    """Unlink Python-backend regions of servers whose owner process is gone (it was killed with SIGKILL)."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        for path in directory.iterdir():
+            match = _SHM_OWNER.match(path.name)
+            if match is None or _pid_alive(int(match.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe_status(code: int | None) -> str:
+    """``status 1`` or ``SIGKILL`` for a Popen return code."""
+    if code is None:
+        return "no status"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-code).name
+        return f"signal {-code}"
+    return f"status {code}"
+
+
+def _ended(code: int | None) -> str:
+    """``exited with status 1`` or ``was killed by SIGKILL``."""
+    killed = code is not None and code < 0
+    return f"was killed by {describe_status(code)}" if killed else f"exited with {describe_status(code)}"
+
+
 def pytriton_server_dir() -> Path:
     """The folder of the wheel's tritonserver build (bin/, backends/, python_backend_stubs/).
 
@@ -111,7 +207,11 @@ def _die_with_parent() -> None:
 
 
 class EmbeddedTriton:
-    """The tritonserver child process: start, wait until every model is READY, forward its log, stop."""
+    """The tritonserver child: start, wait until every model is READY, forward its log, supervise, stop.
+
+    ``returncode``: the status the server stopped with at :meth:`stop` (None before); ``restarts``: how many
+    times the supervisor started it again; ``pgid``: its process group (its pid), which the stubs share.
+    """
 
     def __init__(self, settings: TritonSettings, *, cache_dir: Path | None = None) -> None:
         self.settings = settings
@@ -119,6 +219,19 @@ class EmbeddedTriton:
         self._process: subprocess.Popen[str] | None = None
         self._log_tail: deque[str] = deque(maxlen=60)
         self._log_thread: threading.Thread | None = None
+        self._start = 0
+        self._started_at = 0.0
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self.returncode: int | None = None
+        self._last_status: int | None = None
+        self.restarts = 0
+        self.pgid = 0
+
+    @property
+    def shm_prefix(self) -> str:
+        """The prefix of this start's Python-backend shared-memory regions."""
+        return f"{SHM_PREFIX}_{os.getpid()}_{self._start}_"
 
     def command(self) -> list[str]:
         s = self.settings
@@ -135,6 +248,7 @@ class EmbeddedTriton:
             f"--metrics-port={s.metrics_port}",
             f"--backend-config=python,shm-default-byte-size={s.python_shm_default_bytes}",
             f"--backend-config=python,shm-growth-byte-size={s.python_shm_growth_bytes}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--log-verbose={s.log_verbose}",
             f"--exit-timeout-secs={s.exit_timeout_s}",
             f"--grpc-restricted-protocol={restricted}",
@@ -145,6 +259,12 @@ class EmbeddedTriton:
     def start(self) -> None:
         if self._process is not None:
             return
+        self._stopping.clear()
+        remove_stale_server_regions()
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self._start = next(_STARTS)
         command = self.command()
         env = dict(os.environ)
         env.pop(ADMIN_KEY_ENV, None)  # the server has it on its command line; the models' code need not see it
@@ -156,20 +276,26 @@ class EmbeddedTriton:
             self.settings.http_port,
             self.settings.metrics_port,
         )
-        self._process = subprocess.Popen(
+        # A session (and process group) of its own: the stubs it forks share it, so one killpg ends them all, and
+        # a Ctrl-C on the terminal reaches only us (we stop it in order). PDEATHSIG covers a parent killed with
+        # SIGKILL; the kernel sends it when the *thread* that forked exits, so a restart is forked by the
+        # supervisor thread, which lives until stop().
+        process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
+            start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        self._log_thread = threading.Thread(target=self._forward_log, name="triton-log", daemon=True)
+        self._process, self.pgid, self._started_at = process, process.pid, time.monotonic()
+        self._log_thread = threading.Thread(target=self._forward_log, args=(process,), name="triton-log", daemon=True)
         self._log_thread.start()
 
-    def _forward_log(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        for line in self._process.stdout:
+    def _forward_log(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
             line = line.rstrip()
             if not line:
                 continue
@@ -181,29 +307,133 @@ class EmbeddedTriton:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def failed(self) -> bool:
+        """Whether the server stopped with an error status (after :meth:`stop`)."""
+        return self.returncode not in (None, 0)
+
     def log_tail(self) -> str:
         return "\n".join(self._log_tail)
 
-    def wait_ready(self, models: list[str] | None = None) -> list[str]:
-        """Block until the server and every model are READY; returns the ready model names."""
+    def _await_ready(self, models: list[str] | None) -> list[str] | None:
         deadline = time.monotonic() + self.settings.startup_timeout_s
-        ready = wait_until_ready(
+        return wait_until_ready(
             self.settings.grpc_url,
             models,
             deadline=deadline,
-            alive=lambda: self.running,
+            alive=lambda: self.running and not self._stopping.is_set(),
             call_timeout_s=self.settings.ready_timeout_s,
         )
+
+    def wait_ready(self, models: list[str] | None = None) -> list[str]:
+        """Block until the server and every model are READY; returns the ready model names."""
+        ready = self._await_ready(models)
         if ready is None:
             code = self._process.poll() if self._process else None
-            detail = f"exited with status {code}" if code is not None else "did not become ready in time"
+            detail = _ended(code) if code is not None else "did not become ready in time"
             self.stop()
             raise TritonStartError(f"tritonserver {detail}; last log lines:\n{self.log_tail()}")
         return ready
 
-    def stop(self) -> None:
+    # --- supervision ---------------------------------------------------------------------------
+
+    def supervise(self) -> None:
+        """Watch the server from a thread of this process; restart it when it exits or stops answering."""
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._supervise, name="triton-supervisor", daemon=True)
+            self._supervisor.start()
+
+    def _supervise(self) -> None:
+        s = self.settings
+        pause = s.restart_backoff_s
+        while not self._stopping.is_set():
+            why = self._until_lost()
+            if why is None:
+                return
+            if time.monotonic() - self._started_at >= _STABLE_S:
+                pause = s.restart_backoff_s
+            log.error("tritonserver %s; killing its process group and starting it again in %.1f s", why, pause)
+            self._reap()
+            while True:
+                if self._stopping.wait(pause):
+                    return
+                pause = min(pause * 2, s.restart_backoff_max_s)
+                try:
+                    self._spawn()
+                except Exception as exc:  # the binary or its folder went away: keep trying, say why
+                    log.error("tritonserver could not be started again (%s); next try in %.1f s", exc, pause)
+                    continue
+                self.restarts += 1
+                if self._await_ready(None) is not None:
+                    log.warning("tritonserver is back (restart %d): every model READY", self.restarts)
+                    break
+                if self._stopping.is_set():
+                    return
+                code = self._process.poll() if self._process else None
+                detail = _ended(code) if code is not None else "was not ready in time"
+                log.error("tritonserver %s after a restart; next try in %.1f s", detail, pause)
+                self._reap()
+
+    def _until_lost(self) -> str | None:
+        """Block until the server exits or hangs (returns why) or stop() is called (None)."""
+        s = self.settings
+        process = self._process
+        if process is None:
+            return "is not running"
+        url = f"http://{s.host}:{s.http_port}/v2/health/live"
+        timeout = max(s.probe_timeout_s, s.hung_restart_s / 5)  # a few long probes: a slow server is not a hung one
+        answered, next_probe = time.monotonic(), 0.0
+        while not self._stopping.wait(0.1):
+            code = process.poll()
+            if code is not None:
+                return _ended(code)
+            if time.monotonic() < next_probe:
+                continue
+            next_probe = time.monotonic() + s.probe_interval_s
+            if _live(url, timeout):
+                answered = time.monotonic()
+            elif time.monotonic() - answered >= s.hung_restart_s:
+                return f"has not answered a liveness probe for {time.monotonic() - answered:.0f} s"
+        return None
+
+    def _reap(self) -> int | None:
+        """Kill what is left of the current server's process group, wait for it, unlink its regions; its status."""
         process, self._process = self._process, None
         if process is None:
+            return None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        # The stubs were reparented when the server died; they are gone once no live member of the group is left.
+        gone_by = time.monotonic() + 5.0
+        while group_members(process.pid) and time.monotonic() < gone_by:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            time.sleep(0.02)
+        left = group_members(process.pid)
+        if left:
+            log.error("tritonserver's process group %d still has %d processes after SIGKILL", process.pid, len(left))
+        for region in server_regions(self.shm_prefix):
+            with contextlib.suppress(OSError):
+                region.unlink()
+        if self._log_thread is not None:
+            self._log_thread.join(timeout=5)
+        self._last_status = process.returncode
+        return process.returncode
+
+    def stop(self) -> None:
+        """Stop supervising, SIGTERM the server (it drains for exit_timeout_s), then kill its group and unlink."""
+        self._stopping.set()
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None and supervisor is not threading.current_thread():
+            supervisor.join()
+        process = self._process
+        if process is None:  # never started, or dead and not back yet: its last status stands
+            self.returncode = self._last_status if self.returncode is None else self.returncode
             return
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -211,11 +441,9 @@ class EmbeddedTriton:
                 process.wait(timeout=self.settings.stop_grace_s)
             except subprocess.TimeoutExpired:
                 log.warning("tritonserver ignored SIGTERM for %.0f s; killing it", self.settings.stop_grace_s)
-                process.kill()
-                process.wait()
-        if self._log_thread is not None:
-            self._log_thread.join(timeout=5)
-        log.info("tritonserver stopped (status %s)", process.returncode)
+        self.returncode = self._reap()
+        level = logging.INFO if self.returncode == 0 else logging.ERROR
+        log.log(level, "tritonserver stopped (%s)", describe_status(self.returncode))
 
     def __enter__(self) -> EmbeddedTriton:
         self.start()
@@ -226,8 +454,25 @@ class EmbeddedTriton:
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.stop()
+        if exc_type is None and self.failed:
+            raise TritonFailed(
+                f"tritonserver {_ended(self.returncode)}; its last log lines:\n" + "\n".join(list(self._log_tail)[-10:])
+            )
+
+
+# The server is on loopback: never through an HTTP proxy from the environment.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _live(url: str, timeout_s: float) -> bool:
+    """Triton's HTTP liveness endpoint answered 200 within ``timeout_s``."""
+    try:
+        with _NO_PROXY.open(url, timeout=timeout_s) as response:
+            return bool(response.status == 200)
+    except Exception:
+        return False
 
 
 def wait_until_ready(
@@ -309,7 +554,8 @@ def triton_for(settings: TritonSettings, models: list[str] | None = None) -> Ite
     repository); an external server may hold many more, unloaded ones included.
     """
     if settings.embedded:
-        with EmbeddedTriton(settings):
+        with EmbeddedTriton(settings) as server:
+            server.supervise()
             yield settings.grpc_url
         return
     log.info("using the external Triton at %s", settings.grpc_url)

@@ -1,8 +1,10 @@
 """The gateway's view of the ``impression`` model: its contract, readiness and typed, deadline-bound calls.
 
 Kept apart from :class:`services.triton.client.TritonModels` (the image roles) so the Report service has
-its own channel and lifecycle; the error classes and the retry rule are the same: retried only while
-Triton answers UNAVAILABLE and the caller's deadline allows.
+its own channel and lifecycle; the error classes, the deadlines (gRPC timeout and Triton's request timeout)
+and the retry rule are the same: answered UNAVAILABLE at once while the watch (the gateway shares the image
+roles' :class:`~services.triton.watch.TritonWatch`) says Triton is down, and tried once more after an
+UNAVAILABLE only when a probe finds Triton answering.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from services.triton.client import (
     TritonUnavailable,
     check_contract,
     domain_error,
+    request_timeout_us,
 )
+from services.triton.watch import TritonWatch, channel_args
 
 log = logging.getLogger("medgate.triton.impression")
 
@@ -79,17 +83,26 @@ class ImpressionModel:
         retry_backoff_s: float = 0.05,
         connect_timeout_s: float = _DEFAULTS.connect_timeout_s,
         ready_timeout_s: float = _DEFAULTS.ready_timeout_s,
+        keepalive_time_ms: int = _DEFAULTS.keepalive_time_ms,
+        reconnect_backoff_max_ms: int = _DEFAULTS.reconnect_backoff_max_ms,
+        watch: TritonWatch | None = None,
     ) -> None:
+        """``watch``: the gateway's watch on this Triton (None: no fast failure, an UNAVAILABLE is final)."""
         self.url = url
         self.name = name
         self.retry_backoff_s = retry_backoff_s
         self.connect_timeout_s = connect_timeout_s
         self.ready_timeout_s = ready_timeout_s
+        self.keepalive_time_ms = keepalive_time_ms
+        self.reconnect_backoff_max_ms = reconnect_backoff_max_ms
+        self.watch = watch
         self.info: ModelInfo | None = None
         self._client: triton_aio.InferenceServerClient | None = None
+        if watch is not None:
+            watch.add_recovery_hook(self._recover)
 
     @classmethod
-    def from_settings(cls, url: str, settings: Settings) -> ImpressionModel:
+    def from_settings(cls, url: str, settings: Settings, *, watch: TritonWatch | None = None) -> ImpressionModel:
         """``settings.report.model`` on the Triton at ``url``, with the Triton timeouts from settings."""
         return cls(
             url,
@@ -97,13 +110,26 @@ class ImpressionModel:
             retry_backoff_s=settings.gateway.triton_retry_backoff_s,
             connect_timeout_s=settings.triton.connect_timeout_s,
             ready_timeout_s=settings.triton.ready_timeout_s,
+            keepalive_time_ms=settings.triton.keepalive_time_ms,
+            reconnect_backoff_max_ms=settings.triton.reconnect_backoff_max_ms,
+            watch=watch,
         )
 
     @property
     def client(self) -> triton_aio.InferenceServerClient:
         if self._client is None:
-            self._client = triton_aio.InferenceServerClient(self.url)
+            self._client = triton_aio.InferenceServerClient(
+                self.url,
+                channel_args=channel_args(
+                    keepalive_time_ms=self.keepalive_time_ms, reconnect_backoff_max_ms=self.reconnect_backoff_max_ms
+                ),
+            )
         return self._client
+
+    async def _recover(self) -> None:
+        """Before the watch turns up again: this model's own channel answers too."""
+        if not await self.client.is_server_live(client_timeout=self.ready_timeout_s):
+            raise TritonUnavailable(f"Triton at {self.url} is not live on the report channel yet")
 
     async def connect(self, *, timeout_s: float | None = None) -> ModelInfo:
         """Check the model's metadata against the contract; raises ContractError or TritonUnavailable.
@@ -127,6 +153,8 @@ class ImpressionModel:
         return self.info
 
     async def ready(self) -> bool:
+        if self.watch is not None and not self.watch.up:
+            return False
         try:
             return bool(await self.client.is_model_ready(self.name, client_timeout=self.ready_timeout_s))
         except InferenceServerException:
@@ -143,21 +171,32 @@ class ImpressionModel:
         tensor = triton_grpc.InferInput("findings", list(data.shape), "BYTES")
         tensor.set_data_from_numpy(data)
         outputs = [triton_grpc.InferRequestedOutput(n) for n in ("impression", "score", "evidence")]
+        tried = False
         while True:
+            if self.watch is not None and not self.watch.up:
+                raise TritonUnavailable(f"model {self.name!r} is unavailable: Triton is down ({self.watch.reason})")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TritonDeadline(f"deadline exceeded before model {self.name!r} answered")
             try:
                 started = time.perf_counter()
-                result = await self.client.infer(self.name, [tensor], outputs=outputs, client_timeout=remaining)
+                result = await self.client.infer(
+                    self.name,
+                    [tensor],
+                    outputs=outputs,
+                    client_timeout=remaining,
+                    timeout=request_timeout_us(remaining),
+                )
                 TRITON_SECONDS.labels(model=self.name).observe(time.perf_counter() - started)
                 break
             except InferenceServerException as exc:
                 error = domain_error(exc, self.name)
                 if error is not None:
                     raise error from None
-                if deadline - time.monotonic() <= self.retry_backoff_s:
+                no_time = deadline - time.monotonic() <= self.retry_backoff_s
+                if tried or no_time or self.watch is None or not await self.watch.confirm(deadline):
                     raise TritonUnavailable(f"model {self.name!r} is unavailable") from None
+                tried = True
                 await asyncio.sleep(self.retry_backoff_s)
         impressions = result.as_numpy("impression").reshape(-1)
         scores = result.as_numpy("score").reshape(-1)

@@ -107,6 +107,7 @@ class SharedMemoryPool:
         self.max_bytes = max_bytes
         self.headers = dict(headers or {})
         self.enabled = True
+        self._lost = False
         self._free: list[Region] = []
         self._all: list[Region] = []
 
@@ -145,12 +146,30 @@ class SharedMemoryPool:
         if region in self._all:
             self._free.append(region)
 
-    async def disable(self, reason: str) -> None:
-        """Stop using shared memory (Triton cannot map it, or forgot the registrations)."""
+    async def disable(self, reason: str, *, lost: bool = False) -> None:
+        """Stop using shared memory (Triton cannot map it, or forgot the registrations).
+
+        ``lost``: Triton forgot our registrations (it restarted); :meth:`reregister` turns the pool back on.
+        """
         if self.enabled:
             log.warning("shared memory with Triton turned off: %s; tensors go over gRPC", reason)
         self.enabled = False
+        self._lost = lost
         await self.close()
+
+    async def reregister(self) -> None:
+        """After Triton restarted (it forgot every registration): register each region again.
+
+        A pool turned off only because registrations were lost is turned back on; one turned off because Triton
+        cannot map our regions stays off. Raises when Triton refuses, so the caller can try again later.
+        """
+        if not self.enabled and self._lost:
+            log.info("shared memory with Triton turned back on: Triton is back")
+            self.enabled, self._lost = True, False
+        for region in list(self._all):
+            with contextlib.suppress(Exception):  # usually unknown to the new server; a live one may still hold it
+                await self.client.unregister_system_shared_memory(region.name, headers=self.headers)
+            await self.client.register_system_shared_memory(region.name, region.key, region.size, headers=self.headers)
 
     async def close(self) -> None:
         for region in list(self._all):
