@@ -15,6 +15,7 @@ import base64
 import datetime as dt
 import http.client
 import json
+import logging
 import shutil
 import socket
 import ssl
@@ -738,3 +739,30 @@ def test_json_answers_splice_large_bytes_exactly() -> None:
     )
     assert json.loads(protojson.to_json(response)) == expected
     assert json.loads(protojson.to_json(pb.SegmentResponse())) == protojson.to_dict(pb.SegmentResponse())
+
+
+async def test_http_calls_share_the_access_log_and_request_counts(
+    http_client: Http, caplog: pytest.LogCaptureFixture
+) -> None:
+    from services.metrics import REQUESTS
+
+    caplog.set_level(logging.INFO, logger="medgate.gateway")
+    png = base64.b64encode(png_bytes(phantom(8).image[::4, ::4])).decode()
+    before = REQUESTS.labels(rpc="Classify", code="OK")._value.get()
+    answer = await http_client.post("/v1/classify", {"image": {"data": png}}, headers={"X-Request-Id": "http-log-1"})
+    assert answer.status == 200
+    deadline = time.monotonic() + 5
+    while not (lines := [r for r in caplog.records if getattr(r, "request_id", "") == "http-log-1"]):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    (line,) = lines
+    assert line.__dict__["event"] == "rpc" and line.__dict__["rpc"] == "Classify" and line.__dict__["code"] == "OK"
+    assert REQUESTS.labels(rpc="Classify", code="OK")._value.get() == before + 1
+    # A refusal of the face itself (no gRPC call): its own line and count, without the body's text.
+    refused_before = REQUESTS.labels(rpc="http/score", code="INVALID_ARGUMENT")._value.get()
+    refused = await http_client.post("/score", b'{"' + PATIENT_NAME.encode(), headers={"X-Request-Id": "http-log-2"})
+    assert refused.status == 400
+    (line,) = [r for r in caplog.records if getattr(r, "request_id", "") == "http-log-2"]
+    assert line.__dict__["event"] == "http" and line.__dict__["code"] == "INVALID_ARGUMENT"
+    assert REQUESTS.labels(rpc="http/score", code="INVALID_ARGUMENT")._value.get() == refused_before + 1
+    assert PATIENT_NAME not in caplog.text
