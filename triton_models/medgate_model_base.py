@@ -15,6 +15,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -42,11 +44,22 @@ class RequestError(ValueError):
     """A problem with one request; answered with an INVALID_ARG error for that request only."""
 
 
+class Cancelled(Exception):
+    """The request is no longer wanted: its client cancelled it or its timeout passed (answered CANCELLED)."""
+
+
 @dataclass(frozen=True)
 class Failed:
-    """A valid request that could not be computed; ``reason`` names the stage and the exception type, no data."""
+    """A valid request that could not be computed; ``reason`` names the stage and the exception type, no data.
+
+    ``cancelled``: it was given up part-way because the client no longer wants it (answered CANCELLED).
+    """
 
     reason: str
+    cancelled: bool = False
+
+
+CANCELLED = Failed("request cancelled", cancelled=True)
 
 
 def error_response(message: str, *, invalid: bool = False, cancelled: bool = False) -> pb_utils.InferenceResponse:
@@ -64,6 +77,17 @@ def is_cancelled(request: pb_utils.InferenceRequest) -> bool:
     """Whether the client gave up on ``request`` (Python backend 23.10 and later); False where it cannot tell."""
     check = getattr(request, "is_cancelled", None)
     return bool(check()) if check is not None else False
+
+
+def deadline_of(request: pb_utils.InferenceRequest, received: float) -> float:
+    """When (``time.monotonic()``) the client stops waiting for ``request``: ``received`` plus its timeout.
+
+    The gateway sends each call's remaining deadline as the request timeout (microseconds; 0 = none); counted
+    from when this stub received the batch, so time spent in Triton's queue only makes it more generous.
+    """
+    timeout = getattr(request, "timeout", None)
+    microseconds = int(timeout()) if callable(timeout) else 0
+    return received + microseconds / 1e6 if microseconds > 0 else float("inf")
 
 
 def input_array(request: pb_utils.InferenceRequest, name: str) -> np.ndarray:
@@ -113,11 +137,16 @@ class TritonModel(Generic[P]):
     A subclass supplies ``setup`` (load what it serves), ``parse`` (one request -> its inputs, RequestError when
     they are wrong) and ``infer`` (all parsed requests of a batch at once -> one answer each).  ``execute``
     answers a cancelled request with CANCELLED without computing it, a bad one with INVALID_ARG naming the
-    problem (never image or text content), and serves the rest of the batch together.
+    problem (never image or text content), and serves the rest of the batch together.  While ``infer`` runs,
+    ``gone(n)`` / ``check(n)`` say whether batch item ``n`` is still wanted (checked between units of work), and
+    ``run_watched`` stops an ONNX Runtime call part-way when it is not; a request given up is answered
+    CANCELLED (``Failed(..., cancelled=True)``, or :class:`Cancelled` raised out of ``infer`` for the whole batch).
     """
 
     default_name: ClassVar[str] = "model"
     default_max_batch: ClassVar[int] = 8
+    cancel_poll_s: ClassVar[float] = 0.05  # how often run_watched asks whether its requests are still wanted
+    _batch: Sequence[tuple[pb_utils.InferenceRequest, float]] = ()  # the batch infer() computes: request, deadline
 
     name: str
     config: dict[str, Any]
@@ -177,7 +206,54 @@ class TritonModel(Generic[P]):
         """One answer per parsed request, in order: its output tensors or why it failed."""
         raise NotImplementedError
 
+    def gone(self, n: int) -> bool:
+        """Whether item ``n`` of the batch being computed is no longer wanted: cancelled, or past its timeout.
+
+        For ``infer`` to call between units of work (an encoder pass, a prompt, a report): Triton 2.51 passes a
+        client's cancellation (and a gRPC deadline that ran out) on to ``request.is_cancelled()``.
+        """
+        if not 0 <= n < len(self._batch):
+            return False
+        request, deadline = self._batch[n]
+        return time.monotonic() >= deadline or self.cancelled(request)
+
+    def check(self, n: int) -> None:
+        """Raise :class:`Cancelled` when item ``n`` of the batch is no longer wanted."""
+        if self.gone(n):
+            raise Cancelled
+
+    def run_watched(self, session: ort.InferenceSession, outputs: list[str], feeds: dict[str, Any], items: Any) -> Any:
+        """``session.run``, stopped part-way once every batch item in ``items`` is gone (raises :class:`Cancelled`).
+
+        A watcher thread asks every ``cancel_poll_s`` and sets ONNX Runtime's ``RunOptions.terminate``, so an
+        abandoned encoder pass of seconds (LiteMedSAM on 2 cores) frees the model within a poll, not a pass.
+        """
+        import onnxruntime as ort
+
+        wanted = sorted(set(items))
+        options = ort.RunOptions()
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(self.cancel_poll_s):
+                if wanted and all(self.gone(n) for n in wanted):
+                    options.terminate = True
+                    return
+
+        watcher = threading.Thread(target=watch, name=f"{self.name}-cancel-watch", daemon=True)
+        watcher.start()
+        try:
+            return session.run(outputs, feeds, options)
+        except Exception:
+            if options.terminate:
+                raise Cancelled from None
+            raise
+        finally:
+            done.set()
+            watcher.join()
+
     def execute(self, requests: list[pb_utils.InferenceRequest]) -> list[pb_utils.InferenceResponse]:
+        received = time.monotonic()
         responses: list[pb_utils.InferenceResponse | None] = [None] * len(requests)
         parsed: list[tuple[int, P]] = []
         for i, request in enumerate(requests):
@@ -191,9 +267,14 @@ class TritonModel(Generic[P]):
             except Exception as exc:  # never let one request take the batch down
                 responses[i] = error_response(f"{self.name}: could not read the request ({type(exc).__name__})")
         if parsed:
-            for (i, _), answer in zip(parsed, self._infer([p for _, p in parsed]), strict=True):
+            self._batch = [(requests[i], deadline_of(requests[i], received)) for i, _ in parsed]
+            try:
+                answers = self._infer([p for _, p in parsed])
+            finally:
+                self._batch = ()
+            for (i, _), answer in zip(parsed, answers, strict=True):
                 if isinstance(answer, Failed):
-                    responses[i] = error_response(f"{self.name}: {answer.reason}")
+                    responses[i] = error_response(f"{self.name}: {answer.reason}", cancelled=answer.cancelled)
                 else:
                     responses[i] = pb_utils.InferenceResponse(output_tensors=list(answer))
         return [r if r is not None else error_response(f"{self.name}: no answer") for r in responses]
@@ -205,6 +286,8 @@ class TritonModel(Generic[P]):
             if len(answers) != len(batch):
                 raise RuntimeError(f"{len(answers)} answers for {len(batch)} requests")
             return answers
+        except Cancelled:
+            return [CANCELLED] * len(batch)
         except Exception as exc:
             return [Failed(f"inference failed ({type(exc).__name__})")] * len(batch)
 
@@ -259,8 +342,14 @@ class ImageBatchModel(TritonModel[tuple[np.ndarray, E]], Generic[E, R]):
     def infer(self, batch: list[tuple[np.ndarray, E]]) -> list[Outputs | Failed]:
         rows = [(n, k) for n, (image, _) in enumerate(batch) for k in range(image.shape[0])]
         results: list[list[R]] = [[] for _ in batch]
-        failed: dict[int, str] = {}
+        failed: dict[int, Failed] = {}
         for part in chunks(rows, self.max_batch):
+            for n in {n for n, _ in part if n not in failed}:
+                if self.gone(n):  # between calls: a request its client gave up is not computed further
+                    failed[n] = CANCELLED
+            part = [(n, k) for n, k in part if n not in failed]
+            if not part:
+                continue
             try:
                 if len(part) == 1:
                     n, k = part[0]
@@ -272,14 +361,14 @@ class ImageBatchModel(TritonModel[tuple[np.ndarray, E]], Generic[E, R]):
                     raise RuntimeError(f"{len(out)} results for {len(part)} images")
             except Exception as exc:
                 for n, _ in part:
-                    failed[n] = f"inference failed ({type(exc).__name__})"
+                    failed[n] = Failed(f"inference failed ({type(exc).__name__})")
                 continue
             for (n, _), result in zip(part, out, strict=True):
                 results[n].append(result)  # rows are in request order, then image order
         answers: list[Outputs | Failed] = []
         for n, (_, extra) in enumerate(batch):
             if n in failed:
-                answers.append(Failed(failed[n]))
+                answers.append(failed[n])
                 continue
             try:
                 answers.append(self.respond(extra, results[n]))

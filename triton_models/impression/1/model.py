@@ -27,7 +27,7 @@ import triton_python_backend_utils as pb_utils
 # there would be a model Triton cannot load (see medgate_model_base's docstring).
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
-from medgate_model_base import Failed, Outputs, RequestError, TritonModel, input_array  # noqa: E402
+from medgate_model_base import CANCELLED, Cancelled, Failed, Outputs, RequestError, TritonModel, input_array  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -91,9 +91,15 @@ class TritonPythonModel(TritonModel[list[str]]):
 
     def infer(self, batch: list[list[str]]) -> list[Outputs | Failed]:
         results: list[Outputs | Failed] = []
-        for texts in batch:
+        for n, texts in enumerate(batch):
             try:
-                answers = [self._answer(text) for text in texts]
+                answers = []
+                for text in texts:  # one report is the unit of work: a request its client gave up stops here
+                    self.check(n)
+                    answers.append(self._answer(text))
+            except Cancelled:
+                results.append(CANCELLED)
+                continue
             except Exception as exc:
                 results.append(Failed(f"inference failed ({type(exc).__name__})"))
                 continue

@@ -108,8 +108,7 @@ class TritonPythonModel(ImageBatchModel[Plan, Masks]):
                 if entry is None:
                     raise RequestError(
                         f"unknown prompt at prompts[{k}][{j}] (prompts are free text and never quoted back); "
-                        "known prompts: "
-                        + ", ".join(sorted(VOCABULARY))
+                        "known prompts: " + ", ".join(sorted(VOCABULARY))
                     )
                 row.append(entry)
             plan.append(row)
