@@ -393,3 +393,50 @@ async def test_two_replicas_kill_9_loses_nothing_and_duplicates_nothing(
         f" {elapsed:.1f} s; {tally.reconnects} reconnects, {route_retries} routing retries, {resent} cases sent"
         f" again (at-least-once), 0 lost, 0 duplicates"
     )
+
+
+async def test_with_a_backlog_every_reviewer_keeps_getting_cases(
+    review: tuple[ReviewServer, pb_grpc.ReviewStub],
+) -> None:
+    """Cases queued before anyone listened raise no new-case event, so a stream that leased nothing while work
+    was queued must look again soon (BUSY_RECHECK_S) rather than wait for one. bench_review --decisions saw
+    reviewers idle for a whole run with 3,000 cases queued on two replicas; in one process this test has not
+    reproduced that stall, so it guards the property (every reviewer served, no 30 s wait), not the cause."""
+    _, stub = review
+    cases, reviewers = 300, 20
+    for i in range(cases):
+        await stub.StartHumanLoop(service_tests.start_request(f"backlog-{i}"))
+    decided: Counter[str] = Counter()
+    longest_wait: dict[str, float] = {}
+
+    async def work(reviewer: str) -> None:
+        stream = stub.StreamCases(
+            pb.StreamCasesRequest(reviewer_id=reviewer, flow_definitions=["single"], max_in_flight=1)
+        )
+        waited_since = time.monotonic()
+        try:
+            async for case in stream:
+                longest_wait[reviewer] = max(longest_wait.get(reviewer, 0.0), time.monotonic() - waited_since)
+                await stub.SubmitReview(
+                    pb.SubmitReviewRequest(
+                        decision_id=f"{reviewer}-{case.delivery_id}",
+                        delivery_id=case.delivery_id,
+                        reviewer_id=reviewer,
+                        answer=pb.ReviewAnswer(label="normal"),
+                    )
+                )
+                decided[reviewer] += 1
+                waited_since = time.monotonic()
+        finally:
+            stream.cancel()
+
+    tasks = [asyncio.create_task(work(f"dr-{i}")) for i in range(reviewers)]
+    deadline = time.monotonic() + 60
+    while sum(decided.values()) < cases and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert sum(decided.values()) >= cases, decided
+    assert set(decided) == {f"dr-{i}" for i in range(reviewers)}, decided  # nobody starved
+    assert max(longest_wait.values()) < 5.0, longest_wait  # the idle re-check is 30 s: none waited for it

@@ -44,6 +44,10 @@ log = logging.getLogger("medgate.review")
 # A waiting stream looks for work on its own this often, in case a wake-up was lost (a PostgreSQL
 # listener that reconnected announces that itself); events, not this, deliver cases.
 IDLE_RECHECK_S = 30.0
+# A stream that leased nothing while its flows still have work (another stream held those rows, or they
+# are cases this reviewer cannot take) looks again after this, doubling up to IDLE_RECHECK_S: no
+# new-case event will come for work that is already queued.
+BUSY_RECHECK_S = 0.05
 
 T = TypeVar("T")
 
@@ -203,6 +207,7 @@ class ReviewServicer(pb_grpc.ReviewServicer):
         await context.send_initial_metadata(())
         waiter = self.waiters.register(reviewer, flows)
         sent: set[str] = set()
+        recheck_s = BUSY_RECHECK_S
         log.info("reviewer subscribed to %s (max in flight %d)", ",".join(flows), max_in_flight)
         try:
             for delivery in await self._run(lambda: self.store.open_deliveries(reviewer)):
@@ -224,10 +229,18 @@ class ReviewServicer(pb_grpc.ReviewServicer):
                 for delivery in batch.deliveries:
                     sent.add(delivery.delivery_id)
                     yield await self._run(lambda d=delivery: self._case(d))  # type: ignore[misc]
-                await self.waiters.wait(waiter, snapshot, full=batch.free_slots == 0, timeout_s=IDLE_RECHECK_S)
+                timeout_s = IDLE_RECHECK_S
+                if batch.deliveries:
+                    recheck_s = BUSY_RECHECK_S
+                elif batch.free_slots > 0 and await self._run(lambda: self._queued(flows)) > 0:
+                    timeout_s, recheck_s = recheck_s, min(recheck_s * 2, IDLE_RECHECK_S)
+                await self.waiters.wait(waiter, snapshot, full=batch.free_slots == 0, timeout_s=timeout_s)
         finally:
             self.waiters.unregister(waiter)
             log.info("reviewer disconnected (%d cases sent on this stream)", len(sent))
+
+    def _queued(self, flows: list[str]) -> int:
+        return sum(self.store.queue_depth(flow) for flow in flows)
 
     async def SubmitReview(
         self, request: pb.SubmitReviewRequest, context: grpc.aio.ServicerContext
