@@ -119,6 +119,10 @@ class GatewaySettings:
     max_send_message_bytes: int = 64 * MIB
     # Beyond this many RPCs in flight per worker, gRPC answers RESOURCE_EXHAUSTED at once.
     max_concurrent_rpcs: int = 64
+    # A connection older than this is asked to reconnect (GOAWAY), so clients balancing over a dns:/// name
+    # find gateway pods the autoscaler added; 0 = never (one machine). In-flight calls get the grace below.
+    max_connection_age_s: float = 0.0
+    max_connection_age_grace_s: float = 600.0
     max_prompts: int = 16
     max_boxes: int = 16
     max_prompt_chars: int = 200

@@ -84,6 +84,14 @@ class GatewayServer:
                 ("grpc.max_send_message_length", gateway.max_send_message_bytes),
                 # Several worker processes share one port; the kernel spreads connections over them.
                 ("grpc.so_reuseport", 1),
+                *(
+                    [
+                        ("grpc.max_connection_age_ms", int(gateway.max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(gateway.max_connection_age_grace_s * 1000)),
+                    ]
+                    if gateway.max_connection_age_s > 0
+                    else []
+                ),
             ],
             maximum_concurrent_rpcs=gateway.max_concurrent_rpcs,
             security=settings.security,
