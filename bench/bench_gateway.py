@@ -100,6 +100,7 @@ def gateway_process(
         MEDGATE_REPORT_ENABLED="false",
         MEDGATE_DICOM_ENABLED="false",  # no DICOM node here: it would want port 11112 beside a running stack
         MEDGATE_GATEWAY_METRICS_PORT="0",
+        MEDGATE_GATEWAY_HTTP_PORT="0",  # each gateway's HTTP face on a free port (several run at once here)
     )
     script = Path(sys.executable).parent / "medgate"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "clients.cli"]  # not pip-installed

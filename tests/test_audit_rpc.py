@@ -247,7 +247,8 @@ async def test_a_stream_records_each_case_before_it_is_sent_and_how_it_ended(rev
     )
     received = []
     async for case in stream:
-        assert case.human_loop_name in objects(events(review.audit_dir, streamed)[-1])  # on disk before it arrived
+        # On disk before it arrived (the next case's event may be there too: the server runs ahead of us).
+        assert any(case.human_loop_name in objects(e) for e in events(review.audit_dir, streamed))
         received.append(case.human_loop_name)
         if len(received) == 2:
             break

@@ -7,6 +7,7 @@ interceptor is this call's alone (and is copied into the tasks the servicer star
 from __future__ import annotations
 
 import contextvars
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,10 @@ from services.security.identity import Identity
 # A caller's own id (a PACS accession workflow id, a load-test id) is echoed back and logged;
 # anything else gets a fresh one. Both travel as trailing metadata of every answer.
 REQUEST_ID_KEY = "x-request-id"
+# The HTTP face (services/http) calls this process's gRPC server over its private Unix socket and says here
+# which network address its own caller came from; honoured only on that socket, never from the network.
+FORWARDED_PEER_KEY = "x-medgate-http-peer"
+_PEER = re.compile(r"^(ipv4|ipv6):[0-9A-Fa-f.:\[\]%]{1,60}$")
 
 
 @dataclass
@@ -77,3 +82,13 @@ def request_deadline(default_s: float) -> float:
     if call is not None and call.caller_deadline is not None:
         deadline = min(deadline, call.caller_deadline)
     return deadline
+
+
+def transport_peer(context: grpc.aio.ServicerContext) -> str:
+    """The caller's network address: gRPC's, or for a call the HTTP face forwarded, that face's client."""
+    peer = context.peer() or ""
+    if peer.startswith("unix:"):
+        for key, value in context.invocation_metadata() or ():
+            if key == FORWARDED_PEER_KEY and isinstance(value, str) and _PEER.match(value):
+                return value
+    return peer

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from services.rpc.call import current_call, split_method
+from services.rpc.call import current_call, split_method, transport_peer
 from services.rpc.interceptor import RpcInterceptor, StreamBehavior, UnaryBehavior, iterate
 from services.security.errors import PermissionDenied, Unauthenticated
 from services.security.identity import Identity
@@ -53,10 +53,8 @@ class AuthInterceptor(RpcInterceptor):
         return service in OPEN_SERVICES or (service in REFLECTION_SERVICES and not self.reflection_requires_token)
 
     async def _admit(self, full_method: str, context: grpc.aio.ServicerContext) -> Identity:
-        peer = context.peer() or ""
         call = current_call()
-        if call is not None:
-            call.peer = peer
+        peer = call.peer if call is not None and call.peer else transport_peer(context)
         try:
             node = _node(context) if self.mutual_tls else ""
             identity = await self.verifier.verify_async(_token(context), peer=peer, node=node)

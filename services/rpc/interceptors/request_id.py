@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from services.rpc.call import REQUEST_ID_KEY, Call, begin
+from services.rpc.call import REQUEST_ID_KEY, Call, begin, transport_peer
 from services.rpc.interceptor import RpcInterceptor, StreamBehavior, UnaryBehavior, iterate
 
 _CALLER_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -31,6 +31,7 @@ class RequestIdInterceptor(RpcInterceptor):
     def _open(self, full_method: str, context: grpc.aio.ServicerContext) -> Call:
         call = begin(full_method)
         call.request_id = request_id_of(context)
+        call.peer = transport_peer(context)
         context.set_trailing_metadata(call.trailer)
         return call
 
