@@ -8,7 +8,7 @@ BOX_ONNX := triton_models/segmenter_box/1/encoder.onnx triton_models/segmenter_b
 IMPRESSION_INDEX := triton_models/impression/1/index.npz triton_models/impression/1/index.json
 
 .PHONY: setup lock run test test-fast lint models models-train models-box models-impression eval-models eval-report clean proto \
-	protoset bench bench-review bench-rpc bench-dicom ghz-fixtures loadtest
+	protoset bench bench-review bench-rpc bench-http bench-dicom ghz-fixtures loadtest
 
 setup: $(STAMP) $(BOX_ONNX) $(IMPRESSION_INDEX)
 
@@ -107,6 +107,10 @@ bench-review: setup
 # What the RPC layer's interceptor chain costs a call: the same servicer with and without it (bench/results/rpc.json).
 bench-rpc: setup
 	$(PY) -m bench.bench_rpc
+
+# POST /score and /v1/segment against gRPC Segment on one gateway (bench/results/http.json).
+bench-http: setup
+	$(PY) -m bench.bench_http
 
 # The DICOM node end to end: a 50-instance series by C-STORE into `medgate serve` (TLS, tokens, embedded Triton), SEG and SR
 # stored back in a throwaway Orthanc (Debian's orthanc); instances per second and last instance -> last result stored
