@@ -201,20 +201,22 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class StageTimings(_message.Message):
-    __slots__ = ("decode_ms", "preprocess_ms", "triton_ms", "encode_ms", "total_ms", "dicom_ms")
+    __slots__ = ("decode_ms", "preprocess_ms", "triton_ms", "encode_ms", "total_ms", "dicom_ms", "route_ms")
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     PREPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
     TRITON_MS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     DICOM_MS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_MS_FIELD_NUMBER: _ClassVar[int]
     decode_ms: float
     preprocess_ms: float
     triton_ms: float
     encode_ms: float
     total_ms: float
     dicom_ms: float
-    def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., triton_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., dicom_ms: _Optional[float] = ...) -> None: ...
+    route_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., triton_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., dicom_ms: _Optional[float] = ..., route_ms: _Optional[float] = ...) -> None: ...
 
 class DicomObject(_message.Message):
     __slots__ = ("data", "sop_class_uid", "sop_instance_uid", "series_instance_uid", "kind")

@@ -1,9 +1,20 @@
 """Route unsure answers to human review: evaluate each flow's activation conditions, start its loop over gRPC.
 
 The loop name is derived from (flow, input hash), so sending the same image twice never opens a
-second loop. A review service that cannot be reached does not fail the inference answer and does
-not lose the case: the request goes to the on-disk outbox (``services/review/outbox.py``), the
-routing entry says ``queued``, and a background task sends it again until the service takes it.
+second loop.
+
+Routing stays off the caller's path: the answer waits only for the input's hash (about 4 ms for a 7 MB
+DICOM), the flows' conditions and a durable hand-off, not for the PNG encoding (20 ms) or the review
+service. The hand-off is the on-disk outbox (``services/review/outbox.py``): the case's StartHumanLoop
+request, with the review image as an uncompressed PNG (1 ms to write instead of 20), is renamed into
+place before the answer leaves, so a gateway killed a moment later loses nothing. The routing entry
+says so honestly: ``queued``, with the loop name. A background task then fsyncs it (against the machine
+going down as well; 2 ms the caller does not wait for), sends the case (with the image compressed, on the
+executor) and takes it out of the outbox when the service has it; a review
+service that cannot be reached leaves it there, and the outbox's retry task sends it again until the
+service takes it. An image this router already knows to be in review answers ``routed`` ("already in
+review") without a hand-off. Only when the outbox cannot keep a case (full, or its disk fails) is it sent
+while the caller waits, as before.
 
 The channel to the review service follows ``security``: with TLS on, the review server's certificate
 must chain to ``security.client_ca_file`` (the CA of medgate's nodes: the embedded default signs the
@@ -22,8 +33,15 @@ import hashlib
 import json
 import logging
 import os
+import re
+import struct
+import tempfile
 import threading
+import time
+import zlib
+from collections import OrderedDict
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +57,7 @@ from services.imaging.arrays import WireArray, encode_array
 from services.imaging.prepare import PreparedImage
 from services.metrics import REVIEW_OUTBOX_PENDING, REVIEW_ROUTED
 from services.review.flows import FlowDefinition, TaskType, summarize
-from services.review.outbox import Outbox, OutboxFull
+from services.review.outbox import SUFFIX, Outbox, OutboxFull, Pending
 from services.review.servicer import IMAGE_NAME
 from services.review.store import auto_loop_name
 from services.rpc.tls import is_loopback
@@ -73,6 +91,21 @@ def input_hash(image: pb.ImageInput) -> str:
 
 def _as_dict(message: Any) -> dict[str, Any]:
     return json_format.MessageToDict(message)
+
+
+# Loop names this router knows to be in review: an image sent again is answered "routed" without a hand-off.
+_KNOWN_LOOPS = 10_000
+_LOOP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # what the outbox takes as a file name
+
+
+@dataclass
+class _Case:
+    """One matched flow of one answer, on its way to the review service."""
+
+    flow: FlowDefinition
+    routing: pb.ReviewRouting
+    request: rpb.StartHumanLoopRequest | None = None
+    problem: str = ""  # why the outbox could not keep it
 
 
 class _TokenFile(grpc.AuthMetadataPlugin):
@@ -163,6 +196,10 @@ class ReviewRouter:
         self._credentials = review_channel_credentials(security, target)
         self._channel: grpc.aio.Channel | None = None
         self._retrying: asyncio.Task[None] | None = None
+        self._in_review: OrderedDict[str, None] = OrderedDict()
+        self._delivering: set[str] = set()  # hand-offs being sent now: the retry round leaves them alone
+        self._held, self._held_at = 0, float("-inf")  # the outbox's bytes as last counted, and when
+        self._deliveries: set[asyncio.Task[None]] = set()
 
     def start_retrying(self) -> None:
         """Send what the outbox holds (from this run or an earlier one) until the service takes it."""
@@ -186,6 +223,8 @@ class ReviewRouter:
         REVIEW_OUTBOX_PENDING.set(len(entries))
         taken = 0
         for entry in entries:
+            if entry.name in self._delivering:
+                continue
             payload = await loop.run_in_executor(self.executor, self.outbox.read, entry)
             if payload is None:
                 continue  # another worker sent it
@@ -206,6 +245,7 @@ class ReviewRouter:
                     continue
             await loop.run_in_executor(self.executor, self.outbox.done, entry)
             REVIEW_ROUTED.labels(flow=request.flow_definition).inc()
+            self._remember(entry.name)
             log.info("review outbox: %s delivered", entry.name)
             taken += 1
         REVIEW_OUTBOX_PENDING.set(len(entries) - taken)
@@ -221,7 +261,19 @@ class ReviewRouter:
                 self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=options)
         return rpb_grpc.ReviewStub(self._channel)
 
+    def _remember(self, name: str) -> None:
+        self._in_review[name] = None
+        self._in_review.move_to_end(name)
+        while len(self._in_review) > _KNOWN_LOOPS:
+            self._in_review.popitem(last=False)
+
     async def close(self) -> None:
+        if self._deliveries:  # hand-offs in flight: give them the time of one call; what is left stays in the outbox
+            await asyncio.wait(set(self._deliveries), timeout=self.timeout_s)
+            for task in set(self._deliveries):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*self._deliveries, return_exceptions=True)
         if self._retrying is not None:
             self._retrying.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -242,33 +294,44 @@ class ReviewRouter:
         masks: np.ndarray | None = None,
         request_id: str = "",
     ) -> list[pb.ReviewRouting]:
-        """One routing entry per flow whose conditions matched (routed, or not with the reason)."""
+        """One routing entry per flow whose conditions matched: ``queued`` (handed off: in the outbox, on its way),
+        ``routed`` (already in review), or neither with the reason. One hop to the executor; the rest after."""
         loop = asyncio.get_running_loop()
-        digest = await loop.run_in_executor(self.executor, input_hash, image)  # up to 64 MiB of input
-        matched: list[tuple[FlowDefinition, tuple[str, ...]]] = []
-        for flow in self.flows.values():
-            if flow.task_type is TaskType.CLASSIFICATION and classification is not None:
-                summary = summarize(digest, class_scores=[s.score for s in classification.scores])
-            elif flow.task_type is TaskType.DETECTION and detection is not None:
-                summary = summarize(digest, box_scores=[d.score for d in detection.detections])
-            elif flow.task_type is TaskType.SEGMENTATION and segmentation is not None:
-                summary = summarize(digest, prompt_scores={p.prompt: p.score for p in segmentation.prompts})
-            else:
-                continue
-            activation = flow.activation(summary)
-            if activation.matched:
-                matched.append((flow, activation.reasons))
-        if not matched:
-            return []
-        png = await loop.run_in_executor(self.executor, _png, prepared.model_image)
-        packed = None
-        if masks is not None and any(flow.task_type is TaskType.SEGMENTATION for flow, _ in matched):
-            packed = await loop.run_in_executor(self.executor, lambda: encode_array(masks, packbits=True))
-        routings = await asyncio.gather(
-            *(
-                self._start(
-                    flow,
-                    reasons,
+
+        def hand_off() -> list[_Case]:
+            digest = input_hash(image)  # up to 64 MiB of input: about 4 ms for a 7 MB radiograph
+            cases: list[_Case] = []
+            for flow in self.flows.values():
+                if flow.task_type is TaskType.CLASSIFICATION and classification is not None:
+                    summary = summarize(digest, class_scores=[s.score for s in classification.scores])
+                elif flow.task_type is TaskType.DETECTION and detection is not None:
+                    summary = summarize(digest, box_scores=[d.score for d in detection.detections])
+                elif flow.task_type is TaskType.SEGMENTATION and segmentation is not None:
+                    summary = summarize(digest, prompt_scores={p.prompt: p.score for p in segmentation.prompts})
+                else:
+                    continue
+                activation = flow.activation(summary)
+                if not activation.matched:
+                    continue
+                name = auto_loop_name(flow.name, digest)
+                routing = pb.ReviewRouting(
+                    human_loop_name=name, flow_definition=flow.name, reasons=list(activation.reasons)
+                )
+                cases.append(_Case(flow, routing))
+                if name in self._in_review:
+                    routing.routed = True  # this image is in review already: that loop covers it
+                    routing.reasons.append("already in review")
+            fresh = [case for case in cases if not case.routing.routed]
+            if not fresh:
+                return cases
+            png = _png_stored(prepared.model_image)
+            packed = None
+            if masks is not None and any(case.flow.task_type is TaskType.SEGMENTATION for case in fresh):
+                packed = encode_array(masks, packbits=True)
+            for case in fresh:
+                case.request = self._request(
+                    case.flow,
+                    tuple(case.routing.reasons),
                     digest,
                     png,
                     prepared,
@@ -278,12 +341,89 @@ class ReviewRouter:
                     masks=packed,
                     request_id=request_id,
                 )
-                for flow, reasons in matched
-            )
-        )
-        return list(routings)
+                try:
+                    self._keep(case.request)
+                    case.routing.queued = True
+                    case.routing.reasons.append("queued")
+                except (OutboxFull, OSError, ValueError) as exc:
+                    case.problem = type(exc).__name__
+            return cases
 
-    async def _start(
+        cases = await loop.run_in_executor(self.executor, hand_off)
+        for case in cases:
+            if case.request is None:
+                continue
+            if case.routing.queued:
+                self._deliver_later(case.request, prepared.model_image)
+            else:
+                # The outbox cannot keep it: send it now, on the caller's time, rather than lose it.
+                log.error("review outbox cannot keep %s (%s); sending it now", case.request.name, case.problem)
+                png = await loop.run_in_executor(self.executor, _png, prepared.model_image)
+                await self._start(_with_image(case.request, png), case.routing, case.problem)
+        return [case.routing for case in cases]
+
+    def _keep(self, request: rpb.StartHumanLoopRequest) -> None:
+        """Into the outbox, atomically (a temporary file renamed), without waiting for the disk.
+
+        The file is in the page cache when the answer leaves, so a gateway that dies a moment later loses
+        nothing; :meth:`_deliver` fsyncs it (and the folder) first thing, off the caller's path, against the
+        machine going down too. Outbox.put would wait for both fsyncs here: 2 ms of a 20 ms call.
+        """
+        payload = request.SerializeToString()
+        now = time.monotonic()
+        if now - self._held_at > 1.0:  # the outbox's size, counted at most once a second plus what we added
+            self._held, self._held_at = self.outbox.held_bytes(), now
+        if self._held + len(payload) > self.outbox.max_bytes:
+            raise OutboxFull(f"review outbox {self.outbox.directory} holds its limit of {self.outbox.max_bytes} bytes")
+        if not _LOOP_NAME.match(request.name):
+            raise ValueError(f"outbox name {request.name!r} is not a plain loop name")
+        fd, temporary = tempfile.mkstemp(dir=self.outbox.directory, prefix=".incoming-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(payload)
+            os.replace(temporary, self.outbox.directory / f"{request.name}{SUFFIX}")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+        self._held += len(payload)
+
+    def _deliver_later(self, request: rpb.StartHumanLoopRequest, image: np.ndarray) -> None:
+        self._delivering.add(request.name)
+        task = asyncio.create_task(self._deliver(request, image), name=f"review hand-off {request.name}")
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, request: rpb.StartHumanLoopRequest, image: np.ndarray) -> None:
+        """After the answer: the handed-off case to the review service, with its image compressed; out of the outbox
+        once the service has it. A service that cannot be reached leaves it to the outbox's retries."""
+        loop = asyncio.get_running_loop()
+        entry = Pending(request.name, self.outbox.directory / f"{request.name}{SUFFIX}")
+        try:
+            await loop.run_in_executor(self.executor, _sync, entry.path)
+            png = await loop.run_in_executor(self.executor, _png, image)
+            try:
+                await self.stub.StartHumanLoop(_with_image(request, png), timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code in _RETRYABLE:
+                    log.warning("review service %s: %s kept in the outbox, will be sent again", code.name, request.name)
+                    return
+                if code is not grpc.StatusCode.ALREADY_EXISTS:
+                    log.warning("review service refused human loop %s: %s", request.name, code.name)
+                    await loop.run_in_executor(self.executor, self.outbox.refuse, entry)
+                    return
+            await loop.run_in_executor(self.executor, self.outbox.done, entry)
+            REVIEW_ROUTED.labels(flow=request.flow_definition).inc()
+            self._remember(request.name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the case is in the outbox: the retry task sends it
+            log.exception("review hand-off of %s failed; the outbox keeps it", request.name)
+        finally:
+            self._delivering.discard(request.name)
+
+    def _request(
         self,
         flow: FlowDefinition,
         reasons: tuple[str, ...],
@@ -296,9 +436,9 @@ class ReviewRouter:
         segmentation: pb.SegmentResponse | None,
         masks: WireArray | None,
         request_id: str,
-    ) -> pb.ReviewRouting:
+    ) -> rpb.StartHumanLoopRequest:
+        """The StartHumanLoop request of one case (pure: no I/O)."""
         name = auto_loop_name(flow.name, digest)
-        routing = pb.ReviewRouting(human_loop_name=name, flow_definition=flow.name, reasons=list(reasons))
         t = prepared.transform
         content: dict[str, Any] = {
             "inputHash": digest,
@@ -332,45 +472,79 @@ class ReviewRouter:
             if masks is not None:
                 content["masksShape"] = list(masks.shape)
                 masks_packbits = masks.data
-        request = rpb.StartHumanLoopRequest(
+        return rpb.StartHumanLoopRequest(
             name=name,
             flow_definition=flow.name,
             input_content_json=json.dumps(content, sort_keys=True),
             image_png=png,
             masks_packbits=masks_packbits,
         )
+
+    async def _start(self, request: rpb.StartHumanLoopRequest, routing: pb.ReviewRouting, problem: str) -> None:
+        """Send a case the outbox could not keep while the caller waits; the entry says what became of it."""
         try:
             await self.stub.StartHumanLoop(request, timeout=self.timeout_s)
             routing.routed = True
-            REVIEW_ROUTED.labels(flow=flow.name).inc()
+            REVIEW_ROUTED.labels(flow=request.flow_definition).inc()
+            self._remember(request.name)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code is grpc.StatusCode.ALREADY_EXISTS:
                 # This image is in review already (another request id, say): that loop covers it.
                 routing.routed = True
                 routing.reasons.append("already in review")
-            elif code in _RETRYABLE:
-                await self._keep(request, routing, code)
+                self._remember(request.name)
             else:
-                log.warning("review service refused human loop %s: %s", name, code.name)
-                routing.reasons.append(f"review service refused it: {code.name}")
-        return routing
+                log.error("review service %s and the outbox cannot keep %s (%s)", code.name, request.name, problem)
+                routing.reasons.append(f"review service: {code.name}; outbox: {problem}")
 
-    async def _keep(self, request: rpb.StartHumanLoopRequest, routing: pb.ReviewRouting, code: grpc.StatusCode) -> None:
-        payload = request.SerializeToString()
+
+def _sync(path: Path) -> None:
+    """fsync a handed-off file and its folder (the rename); gone already (delivered by another worker) is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        fd = os.open(path, os.O_RDONLY)
         try:
-            await asyncio.get_running_loop().run_in_executor(self.executor, self.outbox.put, request.name, payload)
-        except (OutboxFull, OSError) as exc:
-            log.error("review service %s and the outbox cannot keep %s: %s", code.name, request.name, exc)
-            routing.reasons.append(f"review service: {code.name}; outbox: {type(exc).__name__}")
-            return
-        log.warning("review service %s: %s kept in the outbox, will be sent again", code.name, request.name)
-        routing.queued = True
-        routing.reasons.append(f"review service: {code.name}; queued")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _with_image(request: rpb.StartHumanLoopRequest, png: bytes) -> rpb.StartHumanLoopRequest:
+    copy = rpb.StartHumanLoopRequest()
+    copy.CopyFrom(request)
+    copy.image_png = png
+    return copy
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+
+def _png_stored(image: np.ndarray) -> bytes:
+    """A valid 8-bit grey PNG with its pixels stored, not compressed: about 1 ms for 1024x1024 where the
+    compressed one takes 20 ms. What the outbox keeps; the review service gets the compressed one unless the
+    gateway died before it could send it."""
+    height, width = image.shape
+    rows = np.zeros((height, width + 1), np.uint8)  # each row starts with filter type 0 (none)
+    rows[:, 1:] = image
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows.data, 0))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _png(image: np.ndarray) -> bytes:
-    ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    # Huffman only: 16 ms instead of 22 for a 1024x1024 radiograph here, and 15% smaller than level 1's default.
+    options = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
+    ok, encoded = cv2.imencode(".png", image, options)
     if not ok:
         raise RuntimeError("PNG encoding of the review image failed")
     return bytes(encoded.tobytes())

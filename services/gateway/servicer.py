@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -52,7 +52,13 @@ PROMPT_SEPARATOR = "&"
 
 @dataclass
 class Clock:
-    """Per-request stage timings in milliseconds."""
+    """Per-request stage timings in milliseconds that add up to the total.
+
+    The stages are laps of one stopwatch on the caller's path: each begins where the one before ended, so a
+    wait for a CPU thread, the event loop or the GIL counts in the stage it delays, and nothing falls between
+    stages (what is left is the answer's last fields, well under a millisecond). Model calls that run side by
+    side (Analyze's tasks) are one lap: ``triton`` is its wall time, less the mask encoding done inside it.
+    """
 
     started: float
     decode_ms: float = 0.0
@@ -60,20 +66,41 @@ class Clock:
     triton_ms: float = 0.0
     encode_ms: float = 0.0
     dicom_ms: float = 0.0
+    route_ms: float = 0.0
     models: set[str] = field(default_factory=set)  # the Triton models this request used
+    _mark: float | None = None
+    _total_ms: float | None = None
+
+    def lap(self) -> float:
+        """Milliseconds since the previous lap ended (or the request began); the next lap begins now."""
+        now = time.perf_counter()
+        elapsed = (now - (self.started if self._mark is None else self._mark)) * 1000.0
+        self._mark = now
+        return elapsed
+
+    def models_lap(self, encode_before_ms: float) -> None:
+        """The model stage just ended: its lap, less the encoding done inside it (``encode_ms`` grew), is triton."""
+        self.triton_ms += max(0.0, self.lap() - (self.encode_ms - encode_before_ms))
+
+    def stop(self) -> float:
+        """The total (ms), fixed at the first call: the answer's timings and the histograms then agree."""
+        if self._total_ms is None:
+            self._total_ms = (time.perf_counter() - self.started) * 1000.0
+        return self._total_ms
 
     def observe(self, rpc: str, prepared: PreparedImage) -> None:
         """Record this request's stages in the Prometheus histograms."""
-        total = time.perf_counter() - self.started
         stages = {
             "decode": self.decode_ms / 1000.0,
             "preprocess": self.preprocess_ms / 1000.0,
             "triton": self.triton_ms / 1000.0,
             "encode": self.encode_ms / 1000.0,
-            "total": total,
+            "total": self.stop() / 1000.0,
         }
         if self.dicom_ms:
             stages["dicom"] = self.dicom_ms / 1000.0
+        if self.route_ms:
+            stages["route"] = self.route_ms / 1000.0
         observe_stages(rpc, "+".join(sorted(self.models)) or "none", prepared.decoded.kind.value, stages)
 
     def to_proto(self) -> pb.StageTimings:
@@ -82,8 +109,9 @@ class Clock:
             preprocess_ms=self.preprocess_ms,
             triton_ms=self.triton_ms,
             encode_ms=self.encode_ms,
-            total_ms=(time.perf_counter() - self.started) * 1000.0,
+            total_ms=self.stop(),
             dicom_ms=self.dicom_ms,
+            route_ms=self.route_ms,
         )
 
 
@@ -172,7 +200,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.executor,
             lambda: prepare(data, array=array, kind=kind, frame=frame, window=window, limits=limits),
         )
-        clock.decode_ms += prepared.decode_ms
+        # The request's checks, the wait for a CPU thread and the decoding itself are the decode lap.
+        clock.decode_ms += max(0.0, clock.lap() - prepared.preprocess_ms)
         clock.preprocess_ms += prepared.preprocess_ms
         return prepared
 
@@ -198,7 +227,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         masks: np.ndarray | None = None,
     ) -> list[pb.DicomObject]:
         """SEG and SR of the answer, built on the executor from the request's own bytes (the source header)."""
-        started = time.perf_counter()
         transform, frame, limits = prepared.transform, prepared.decoded.info.frame, self.settings.ingest
 
         def build() -> list[pb.DicomObject]:
@@ -210,15 +238,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             return [dicom_object_proto(o) for o in objects]
 
         built = await asyncio.get_running_loop().run_in_executor(self.executor, build)
-        clock.dicom_ms += (time.perf_counter() - started) * 1000.0
+        clock.dicom_ms += clock.lap()
         return built
+
+    async def _route(self, clock: Clock, **answer: Any) -> list[pb.ReviewRouting]:
+        """The answer's review entries (the router hands unsure ones off and answers at once), timed as ``route``."""
+        assert self.router is not None
+        try:
+            return await self.router.route(**answer)
+        finally:
+            clock.route_ms += clock.lap()
 
     # --- the tasks -----------------------------------------------------------------------------
 
     async def _classify(self, prepared: PreparedImage, deadline: float, clock: Clock) -> pb.ClassifyResponse:
-        started = time.perf_counter()
         probabilities = await self.models.classify(prepared.model_image, deadline=deadline)
-        clock.triton_ms += (time.perf_counter() - started) * 1000.0
         info = self.models.models["classifier"]
         clock.models.add(info.name)
         labels = info.labels or [f"class_{i}" for i in range(len(probabilities))]
@@ -234,9 +268,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _detect(
         self, prepared: PreparedImage, deadline: float, clock: Clock, *, min_score: float, max_detections: int
     ) -> pb.DetectResponse:
-        started = time.perf_counter()
         boxes, scores, labels = await self.models.detect(prepared.model_image, deadline=deadline)
-        clock.triton_ms += (time.perf_counter() - started) * 1000.0
         info = self.models.models["detector"]
         clock.models.add(info.name)
         keep = scores >= min_score
@@ -273,13 +305,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         output = request.output
         if not prompts and len(boxes) == 0:
             raise BadRequest("segmentation needs at least one text prompt or box prompt")
-        started = time.perf_counter()
         text_call = self.models.segment_text(prepared.model_image, prompts, deadline=deadline) if prompts else None
         box_call = self.models.segment_boxes(prepared.model_image, boxes, deadline=deadline) if len(boxes) else None
         async with asyncio.TaskGroup() as group:
             text_task = group.create_task(text_call) if text_call else None
             box_task = group.create_task(box_call) if box_call else None
-        clock.triton_ms += (time.perf_counter() - started) * 1000.0
 
         encode_started = time.perf_counter()
         masks: list[np.ndarray] = []
@@ -361,6 +391,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         prepared = await self._prepare(request.image, clock)
         wants_dicom = self._check_dicom_results(request, prepared)
         boxes = self._boxes(list(request.boxes), prepared.transform)
+        encoded_ms = clock.encode_ms
         async with asyncio.TaskGroup() as group:
             classify = group.create_task(self._classify(prepared, deadline, clock)) if tasks.classify else None
             detect = (
@@ -390,6 +421,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if segment is not None:
             segmentation, masks = segment.result()
             response.segmentation.CopyFrom(segmentation)
+        clock.models_lap(encoded_ms)
         if wants_dicom:
             response.dicom_results.extend(
                 await self._dicom_results(
@@ -404,7 +436,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
         if self.router is not None:
             response.review.extend(
-                await self.router.route(
+                await self._route(
+                    clock,
                     image=request.image,
                     prepared=prepared,
                     classification=response.classification if classify else None,
@@ -435,13 +468,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         prepared = await self._prepare(request.image, clock)
         wants_dicom = self._check_dicom_results(request, prepared)
         response = await self._classify(prepared, deadline, clock)
+        clock.models_lap(clock.encode_ms)
         if wants_dicom:
             response.dicom_results.extend(
                 await self._dicom_results(request.image, prepared, clock, classification=response)
             )
         if self.router is not None:
             response.review.extend(
-                await self.router.route(image=request.image, prepared=prepared, classification=response)
+                await self._route(clock, image=request.image, prepared=prepared, classification=response)
             )
         return self._finish(response, prepared, clock, "Classify")
 
@@ -454,10 +488,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         response = await self._detect(
             prepared, deadline, clock, min_score=request.min_score, max_detections=request.max_detections
         )
+        clock.models_lap(clock.encode_ms)
         if wants_dicom:
             response.dicom_results.extend(await self._dicom_results(request.image, prepared, clock, detection=response))
         if self.router is not None:
-            response.review.extend(await self.router.route(image=request.image, prepared=prepared, detection=response))
+            response.review.extend(await self._route(clock, image=request.image, prepared=prepared, detection=response))
         return self._finish(response, prepared, clock, "Detect")
 
     async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
@@ -469,14 +504,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         prepared = await self._prepare(request.image, clock)
         wants_dicom = self._check_dicom_results(request, prepared)
         boxes = self._boxes(list(request.boxes), prepared.transform)
+        encoded_ms = clock.encode_ms
         response, masks = await self._segment(prepared, deadline, clock, request, prompts=prompts, boxes=boxes)
+        clock.models_lap(encoded_ms)
         if wants_dicom:
             response.dicom_results.extend(
                 await self._dicom_results(request.image, prepared, clock, segmentation=response, masks=masks)
             )
         if self.router is not None:
             response.review.extend(
-                await self.router.route(image=request.image, prepared=prepared, segmentation=response, masks=masks)
+                await self._route(clock, image=request.image, prepared=prepared, segmentation=response, masks=masks)
             )
         return self._finish(response, prepared, clock, "Segment")
 
