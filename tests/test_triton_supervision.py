@@ -242,3 +242,31 @@ def _pid_listening_on(port: int) -> int:
         if command and command[0].endswith(b"tritonserver") and f"--http-port={port}".encode() in command:
             return int(entry.name)
     raise AssertionError(f"no tritonserver with --http-port={port}")
+
+
+async def test_an_external_triton_is_picked_up_again_when_someone_else_restarts_it() -> None:
+    """MEDGATE_TRITON_URL: the gateway restarts nothing, but fails fast while Triton is away and serves again,
+    shared memory included, once whoever runs it has started it again (here: an unsupervised server of ours)."""
+    settings = _settings()
+    external = EmbeddedTriton(settings.triton)
+    with external:
+        gateway = GatewayServer(settings, settings.triton.grpc_url, serve_metrics=False)
+        await gateway.start(port=0)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+                stub = pb_grpc.InferenceStub(channel)
+                await stub.Classify(REQUEST, timeout=60)
+                assert external.pid is not None
+                os.kill(external.pid, signal.SIGKILL)
+                await _wait_health(channel, NOT_SERVING, within_s=2.0)
+                _assert_fast(await _unavailable_calls(channel, 5))
+                await asyncio.sleep(1.0)
+                assert await _health(channel) == NOT_SERVING  # nobody restarts it: the gateway waits
+                await asyncio.to_thread(external.stop)  # what is left of it (its stubs, its regions)
+                await asyncio.to_thread(external.start)
+                await asyncio.to_thread(external.wait_ready)
+                await _wait_health(channel, SERVING, within_s=10.0)
+                assert (await stub.Classify(REQUEST, timeout=60)).top_label
+                assert gateway.models.uses_shared_memory
+        finally:
+            await gateway.stop()
