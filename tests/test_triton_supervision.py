@@ -129,8 +129,12 @@ async def test_a_hung_triton_is_noticed_within_2_s_and_served_again_without_a_re
     assert supervised.pid is not None
     os.kill(supervised.pid, signal.SIGSTOP)
     try:
+        # A call that reached the hung Triton is abandoned when the watch turns down, not at its 30 s deadline.
+        in_flight = asyncio.create_task(_unavailable_calls(channel, 1))
         noticed = await _wait_health(channel, NOT_SERVING, within_s=2.0)
         assert await _health(channel, health_name("classifier")) == NOT_SERVING
+        (abandoned_s,) = await asyncio.wait_for(in_flight, timeout=5)
+        assert abandoned_s < 2.5, abandoned_s
         _assert_fast(await _unavailable_calls(channel, 10))
     finally:
         os.kill(supervised.pid, signal.SIGCONT)

@@ -29,7 +29,7 @@ from services.metrics import TRITON_SECONDS
 from services.settings import Settings, TritonSettings
 from services.triton.embedded import admin_headers
 from services.triton.shm import SharedMemoryPool, needed_bytes, remove_stale_regions
-from services.triton.watch import TritonWatch, channel_args
+from services.triton.watch import TritonDown, TritonWatch, channel_args
 
 log = logging.getLogger("medgate.triton.client")
 
@@ -389,12 +389,14 @@ class TritonModels:
             try:
                 inputs, requested, placed = self._request(arrays, outputs, sized_outputs or {}, region)
                 started = time.perf_counter()
-                result = await self.client.infer(
-                    info.name,
-                    inputs,
-                    outputs=requested,
-                    client_timeout=remaining,
-                    timeout=request_timeout_us(remaining),
+                result = await self.watch.guard(
+                    self.client.infer(
+                        info.name,
+                        inputs,
+                        outputs=requested,
+                        client_timeout=remaining,
+                        timeout=request_timeout_us(remaining),
+                    )
                 )
                 TRITON_SECONDS.labels(model=info.name).observe(time.perf_counter() - started)
                 answer: dict[str, np.ndarray] = {}
@@ -405,6 +407,8 @@ class TritonModels:
                     else:
                         answer[name] = np.asarray(result.as_numpy(name))
                 return answer
+            except TritonDown:
+                raise TritonUnavailable(f"model {info.name!r} is unavailable: Triton went down mid-call") from None
             except InferenceServerException as exc:
                 if region is not None and "shared memory" in (exc.message() or "").lower() and self._shm is not None:
                     # Triton lost our registrations (restarted) or cannot map them: go over the wire.

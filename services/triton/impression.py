@@ -33,7 +33,7 @@ from services.triton.client import (
     domain_error,
     request_timeout_us,
 )
-from services.triton.watch import TritonWatch, channel_args
+from services.triton.watch import TritonDown, TritonWatch, channel_args
 
 log = logging.getLogger("medgate.triton.impression")
 
@@ -180,15 +180,18 @@ class ImpressionModel:
                 raise TritonDeadline(f"deadline exceeded before model {self.name!r} answered")
             try:
                 started = time.perf_counter()
-                result = await self.client.infer(
+                call = self.client.infer(
                     self.name,
                     [tensor],
                     outputs=outputs,
                     client_timeout=remaining,
                     timeout=request_timeout_us(remaining),
                 )
+                result = await (call if self.watch is None else self.watch.guard(call))
                 TRITON_SECONDS.labels(model=self.name).observe(time.perf_counter() - started)
                 break
+            except TritonDown:
+                raise TritonUnavailable(f"model {self.name!r} is unavailable: Triton went down mid-call") from None
             except InferenceServerException as exc:
                 error = domain_error(exc, self.name)
                 if error is not None:

@@ -8,7 +8,9 @@ UNAVAILABLE turn the watch *down*: the listeners hear it at once (gRPC health NO
 is answered UNAVAILABLE without touching the network until Triton is back. Down, the watch probes each
 ``probe_interval_s`` until Triton is live and every model it needs is READY, runs the recovery hooks
 (shared-memory regions registered again: a restarted Triton has forgotten them), and only then turns *up*.
-One log line per change of state, never one per call.
+One log line per change of state, never one per call. Calls in flight when the watch turns down (a hung
+Triton never answers them) are abandoned through :meth:`TritonWatch.guard`, so they too end UNAVAILABLE
+instead of at their deadline.
 
 A dead Triton refuses connections, so it is noticed within milliseconds of the next probe; a hung one
 (SIGSTOP, a wedged process) accepts them and never answers, so it is noticed after two probe timeouts:
@@ -22,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import tritonclient.grpc.aio as triton_aio
 
@@ -30,6 +32,11 @@ log = logging.getLogger("medgate.triton.watch")
 
 Listener = Callable[[bool], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
+T = TypeVar("T")
+
+
+class TritonDown(ConnectionError):
+    """The watch turned down while a call was waiting for Triton; the call was cancelled."""
 
 
 def channel_args(*, keepalive_time_ms: int, reconnect_backoff_max_ms: int) -> list[tuple[str, Any]]:
@@ -77,6 +84,7 @@ class TritonWatch:
         self._listeners: list[Listener] = []
         self._hooks: list[Hook] = []
         self._task: asyncio.Task[None] | None = None
+        self._lost: asyncio.Future[None] | None = None  # resolved when the watch turns down
         self.changes = 0  # how often the state changed (tests, bench)
 
     @property
@@ -115,6 +123,26 @@ class TritonWatch:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+    async def guard(self, call: Awaitable[T]) -> T:
+        """Await ``call`` (a Triton call); cancel it and raise :class:`TritonDown` if the watch turns down first."""
+        if self._lost is None or self._lost.done():
+            self._lost = asyncio.get_running_loop().create_future()
+            if not self._up:
+                self._lost.set_result(None)
+        lost = self._lost
+        task = asyncio.ensure_future(call)
+        try:
+            await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the caller gave up: so does the call (and Triton, through gRPC)
+            task.cancel()
+            raise
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise TritonDown(self._reason)
 
     async def confirm(self, deadline: float) -> bool:
         """After a call found Triton UNAVAILABLE: one probe (bounded by ``deadline``) says whether to try again.
@@ -177,6 +205,8 @@ class TritonWatch:
             return
         self._up, self._reason = up, reason
         self.changes += 1
+        if not up and self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)  # calls in flight are abandoned (guard)
         if up:
             down_s = time.monotonic() - self._down_since
             log.warning("Triton at %s is back after %.1f s; serving again", self.url, down_s)
