@@ -388,6 +388,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         tasks = self._tasks(request, wants_segment=bool(prompts or request.boxes))
         if tasks.detect:
             _detection_limits(request.min_score, request.max_detections)
+        digest = self.router.digest(request.image) if self.router is not None else None
         prepared = await self._prepare(request.image, clock)
         wants_dicom = self._check_dicom_results(request, prepared)
         boxes = self._boxes(list(request.boxes), prepared.transform)
@@ -445,6 +446,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     segmentation=response.segmentation if segment else None,
                     masks=masks,
                     request_id=request.request_id,
+                    digest=digest,
                 )
             )
         response.timings.CopyFrom(clock.to_proto())
@@ -465,6 +467,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         clock = Clock(started=time.perf_counter())
         deadline = self._deadline()
+        digest = self.router.digest(request.image) if self.router is not None else None
         prepared = await self._prepare(request.image, clock)
         wants_dicom = self._check_dicom_results(request, prepared)
         response = await self._classify(prepared, deadline, clock)
@@ -475,7 +478,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
         if self.router is not None:
             response.review.extend(
-                await self._route(clock, image=request.image, prepared=prepared, classification=response)
+                await self._route(clock, image=request.image, prepared=prepared, classification=response, digest=digest)
             )
         return self._finish(response, prepared, clock, "Classify")
 
@@ -483,6 +486,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         clock = Clock(started=time.perf_counter())
         deadline = self._deadline()
         _detection_limits(request.min_score, request.max_detections)
+        digest = self.router.digest(request.image) if self.router is not None else None
         prepared = await self._prepare(request.image, clock)
         wants_dicom = self._check_dicom_results(request, prepared)
         response = await self._detect(
@@ -492,7 +496,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if wants_dicom:
             response.dicom_results.extend(await self._dicom_results(request.image, prepared, clock, detection=response))
         if self.router is not None:
-            response.review.extend(await self._route(clock, image=request.image, prepared=prepared, detection=response))
+            response.review.extend(
+                await self._route(clock, image=request.image, prepared=prepared, detection=response, digest=digest)
+            )
         return self._finish(response, prepared, clock, "Detect")
 
     async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
@@ -501,6 +507,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         prompts = self._prompts(request.prompts)
         if not prompts and not request.boxes:
             raise BadRequest("segmentation needs at least one text prompt or box prompt")
+        digest = self.router.digest(request.image) if self.router is not None else None
         prepared = await self._prepare(request.image, clock)
         wants_dicom = self._check_dicom_results(request, prepared)
         boxes = self._boxes(list(request.boxes), prepared.transform)
@@ -513,7 +520,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
         if self.router is not None:
             response.review.extend(
-                await self._route(clock, image=request.image, prepared=prepared, segmentation=response, masks=masks)
+                await self._route(
+                    clock, image=request.image, prepared=prepared, segmentation=response, masks=masks, digest=digest
+                )
             )
         return self._finish(response, prepared, clock, "Segment")
 
