@@ -268,6 +268,7 @@ def routing(args: argparse.Namespace, security: Security, scratch: Path) -> dict
             routed, plain = pb_grpc.InferenceStub(routed_channel), pb_grpc.InferenceStub(plain_channel)
             for name, datas in inputs(args.calls + args.warmup).items():
                 sides: dict[str, list[float]] = {"routed": [], "unrouted": []}
+                stages: dict[str, dict[str, list[float]]] = {"routed": {}, "unrouted": {}}
                 route_ms: list[float] = []
                 gaps: list[float] = []
                 for i, data in enumerate(datas):
@@ -280,8 +281,10 @@ def routing(args: argparse.Namespace, security: Security, scratch: Path) -> dict
                             continue
                         sides[side].append(took)
                         t = answer.timings
-                        stages = t.decode_ms + t.preprocess_ms + t.triton_ms + t.encode_ms + t.dicom_ms + t.route_ms
-                        gaps.append((t.total_ms - stages) / t.total_ms)
+                        added = t.decode_ms + t.preprocess_ms + t.triton_ms + t.encode_ms + t.dicom_ms + t.route_ms
+                        gaps.append((t.total_ms - added) / t.total_ms)
+                        for stage in ("decode", "preprocess", "triton", "route", "total"):
+                            stages[side].setdefault(stage, []).append(getattr(t, f"{stage}_ms"))
                         if side == "routed":
                             route_ms.append(t.route_ms)
                             assert answer.review and answer.review[0].queued, answer.review
@@ -290,6 +293,10 @@ def routing(args: argparse.Namespace, security: Security, scratch: Path) -> dict
                     "unrouted": percentiles(sides["unrouted"]),
                     "ratio_p50": round(statistics.median(sides["routed"]) / statistics.median(sides["unrouted"]), 3),
                     "route_stage_p50_ms": round(statistics.median(route_ms), 2),
+                    "stages_p50_ms": {
+                        side: {stage: round(statistics.median(v), 2) for stage, v in by_stage.items()}
+                        for side, by_stage in stages.items()
+                    },
                     "stages_short_of_total_max_pct": round(100 * max(gaps), 2),
                 }
                 results[name] = point

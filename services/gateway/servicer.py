@@ -388,8 +388,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         tasks = self._tasks(request, wants_segment=bool(prompts or request.boxes))
         if tasks.detect:
             _detection_limits(request.min_score, request.max_detections)
-        digest = self.router.digest(request.image) if self.router is not None else None
         prepared = await self._prepare(request.image, clock)
+        digest = self.router.digest(request.image) if self.router is not None else None
         wants_dicom = self._check_dicom_results(request, prepared)
         boxes = self._boxes(list(request.boxes), prepared.transform)
         encoded_ms = clock.encode_ms
@@ -467,8 +467,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         clock = Clock(started=time.perf_counter())
         deadline = self._deadline()
-        digest = self.router.digest(request.image) if self.router is not None else None
         prepared = await self._prepare(request.image, clock)
+        digest = self.router.digest(request.image) if self.router is not None else None
         wants_dicom = self._check_dicom_results(request, prepared)
         response = await self._classify(prepared, deadline, clock)
         clock.models_lap(clock.encode_ms)
@@ -486,8 +486,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         clock = Clock(started=time.perf_counter())
         deadline = self._deadline()
         _detection_limits(request.min_score, request.max_detections)
-        digest = self.router.digest(request.image) if self.router is not None else None
         prepared = await self._prepare(request.image, clock)
+        digest = self.router.digest(request.image) if self.router is not None else None
         wants_dicom = self._check_dicom_results(request, prepared)
         response = await self._detect(
             prepared, deadline, clock, min_score=request.min_score, max_detections=request.max_detections
@@ -507,8 +507,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         prompts = self._prompts(request.prompts)
         if not prompts and not request.boxes:
             raise BadRequest("segmentation needs at least one text prompt or box prompt")
-        digest = self.router.digest(request.image) if self.router is not None else None
         prepared = await self._prepare(request.image, clock)
+        digest = self.router.digest(request.image) if self.router is not None else None
         wants_dicom = self._check_dicom_results(request, prepared)
         boxes = self._boxes(list(request.boxes), prepared.transform)
         encoded_ms = clock.encode_ms
