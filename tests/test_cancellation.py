@@ -218,7 +218,7 @@ def test_the_request_timeout_counts_as_cancellation_and_spares_the_rest_of_the_b
         def respond(self, extra: None, results: list[int]) -> list[Any]:
             return [fake_pb.Tensor("first", np.array(results, np.int32))]
 
-    model = Slow()
+    model: Any = Slow()
     config = {"name": "slow", "max_batch_size": 1, "parameters": {}}
     model.initialize(
         {"model_name": "slow", "model_config": json.dumps(config), "model_repository": "/nowhere", "model_version": "1"}
@@ -239,7 +239,7 @@ def test_run_watched_leaves_a_wanted_call_alone_and_raises_cancelled_for_an_aban
     class Plain(base.TritonModel):
         pass
 
-    model = Plain()
+    model: Any = Plain()
     model.initialize(
         {
             "model_name": "plain",
