@@ -348,6 +348,17 @@ class EmbeddedTriton:
             self._supervisor.start()
 
     def _supervise(self) -> None:
+        # This thread forked the restarted servers, and the kernel sends their PDEATHSIG when it ends: a bug
+        # here must not end it (and them) silently.
+        while not self._stopping.is_set():
+            try:
+                self._supervise_until_stopped()
+                return
+            except Exception:
+                log.exception("the Triton supervisor failed; it starts over")
+                self._stopping.wait(1.0)
+
+    def _supervise_until_stopped(self) -> None:
         s = self.settings
         pause = s.restart_backoff_s
         while not self._stopping.is_set():
@@ -384,7 +395,8 @@ class EmbeddedTriton:
         process = self._process
         if process is None:
             return "is not running"
-        url = f"http://{s.host}:{s.http_port}/v2/health/live"
+        host = f"[{s.host}]" if ":" in s.host else s.host
+        url = f"http://{host}:{s.http_port}/v2/health/live"
         timeout = max(s.probe_timeout_s, s.hung_restart_s / 5)  # a few long probes: a slow server is not a hung one
         answered, next_probe = time.monotonic(), 0.0
         while not self._stopping.wait(0.1):
