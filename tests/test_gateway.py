@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -328,6 +329,22 @@ async def test_deadline_is_honoured(
     assert time.perf_counter() - answered < 2 * full_s + 1.0
 
 
+async def _loop_soon(review_server: ReviewServer, name: str, timeout_s: float = 15.0) -> Any:
+    """The human loop once the gateway's background delivery has reached the review service."""
+    import asyncio
+
+    from services.review.store import NotFound
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return review_server.store.describe(name)
+        except NotFound:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 async def test_unsure_detection_is_routed_to_review_and_a_sure_one_is_not(
     stub: pb_grpc.InferenceStub, review_server: ReviewServer
 ) -> None:
@@ -336,8 +353,9 @@ async def test_unsure_detection_is_routed_to_review_and_a_sure_one_is_not(
     unsure = await stub.Detect(pb.DetectRequest(image=pb.ImageInput(data=png_bytes(normal.image))))
     assert max((d.score for d in unsure.detections), default=0.0) < 0.5
     assert [r.flow_definition for r in unsure.review] == ["lesion-detection"]
-    assert unsure.review[0].routed and unsure.review[0].human_loop_name
-    loop = review_server.store.describe(unsure.review[0].human_loop_name)
+    # The answer leaves once the case is safe in the outbox (queued); the send follows it.
+    assert (unsure.review[0].queued or unsure.review[0].routed) and unsure.review[0].human_loop_name
+    loop = await _loop_soon(review_server, unsure.review[0].human_loop_name)
     assert loop.status == "InProgress" and loop.input_content["detection"]["model"]["name"] == "detector"
     assert review_server.store.images(loop.name)["image.png"][:4] == b"\x89PNG"
 
@@ -361,6 +379,7 @@ async def test_routed_case_reaches_a_reviewer_and_lands_as_a2i_output(
     normal = phantom(37, lesion_probability=0.0)
     answer = await stub.Detect(pb.DetectRequest(image=pb.ImageInput(data=png_bytes(normal.image))))
     name = answer.review[0].human_loop_name
+    await _loop_soon(review_server, name)  # delivered after the answer left
     # Earlier tests may have queued other loops and reviewers take the oldest first: answer them all.
     waiting, _ = review_server.store.list(flow="lesion-detection", status="InProgress")
     # With tokens the reviewer is the reviewer token's subject; without, the id the client names.

@@ -20,7 +20,7 @@ from services.rpc.call import Call, current_call, split_method
 from services.rpc.interceptor import RpcInterceptor, StreamBehavior, UnaryBehavior, iterate
 
 QUIET_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
-_STAGES = ("decode_ms", "preprocess_ms", "triton_ms", "encode_ms", "dicom_ms")
+_STAGES = ("decode_ms", "preprocess_ms", "triton_ms", "encode_ms", "dicom_ms", "route_ms")
 # The server learns the caller's deadline when the headers arrive, so its copy runs a little late: the
 # caller's own cancellation at its deadline can reach us first. A cancel this close to the deadline is it.
 _DEADLINE_SLACK_S = 0.1
