@@ -33,7 +33,6 @@ model config and inference stay open on loopback.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.util
 import itertools
 import logging
@@ -41,6 +40,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,7 +57,6 @@ from services.settings import PROJECT_ROOT, TritonSettings
 log = logging.getLogger("medgate.triton")
 server_log = logging.getLogger("medgate.triton.server")
 
-_PR_SET_PDEATHSIG = 1
 
 # Triton's restricted-protocol check: the header an HTTP call carries, and the protocols (gRPC) or APIs
 # (HTTP; same names) that need it. Inference, health, metadata and model config stay open. Over gRPC
@@ -200,10 +199,16 @@ def prepare_backend_dir(cache_dir: Path) -> Path:
     return cache_dir
 
 
-def _die_with_parent() -> None:
-    """In the child: ask the kernel to SIGTERM us when the parent dies (Linux), so no orphan keeps the ports."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _dying_with_parent(command: list[str]) -> list[str]:
+    """``command`` run so that the kernel SIGTERMs it when its parent dies (Linux), so no orphan keeps the ports.
+
+    util-linux's ``setpriv --pdeathsig`` sets it and execs the server. Not a ``preexec_fn``: that makes
+    subprocess fork and run Python in the child while gRPC's threads run in the parent, and gRPC's fork
+    handlers then restart a poller in the child whose epoll descriptor close_fds closes: the child aborted
+    (SIGABRT, "epoll_wait error: Bad file descriptor") whenever tests had served gRPC before the start.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command
 
 
 class EmbeddedTriton:
@@ -281,13 +286,12 @@ class EmbeddedTriton:
         # SIGKILL; the kernel sends it when the *thread* that forked exits, so a restart is forked by the
         # supervisor thread, which lives until stop().
         process = subprocess.Popen(
-            command,
+            _dying_with_parent(command),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
         )
         self._process, self.pgid, self._started_at = process, process.pid, time.monotonic()
         self._log_thread = threading.Thread(target=self._forward_log, args=(process,), name="triton-log", daemon=True)
