@@ -137,7 +137,7 @@ async def test_routed_case_appears_live_and_one_key_classifies(
 ) -> None:
     page = await _page(browser, review)
     await _sign_in_dev(page)
-    await page.wait_for_function("document.querySelector('#queue li') !== null")
+    await page.wait_for_selector("#queue li")  # no string evaluation: the page's CSP forbids eval
     started = time.monotonic()
     loop = await _route(clients, review, "chest-xray-classification", CLASSIFICATION)
     await page.wait_for_selector("body[data-ready]", timeout=5000)
