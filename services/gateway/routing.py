@@ -61,7 +61,7 @@ from services.review.flows import FlowDefinition, TaskType, summarize
 from services.review.outbox import SUFFIX, Outbox, OutboxFull, Pending
 from services.review.servicer import IMAGE_NAME
 from services.review.store import auto_loop_name
-from services.rpc.tls import is_loopback
+from services.rpc.tls import check_plaintext_allowed, is_loopback
 from services.settings import SecuritySettings
 
 log = logging.getLogger("medgate.gateway.routing")
@@ -153,6 +153,7 @@ def review_channel_credentials(security: SecuritySettings | None, target: str) -
         if security.auth and is_loopback(_target_host(target)):
             local = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
             return grpc.composite_channel_credentials(local, token)
+        check_plaintext_allowed(_target_host(target), security)  # cases carry images: plaintext only where allowed
         return None
     try:
         roots = Path(security.client_ca_file).read_bytes()
