@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.review.flows import FlowDefinition, InvalidArgument, ResultSummary, check_name
-from services.review.store.keys import IMAGE_NAME, auto_loop_name, canonical, check_id, decode_token, sha256
+from services.review.store.keys import (
+    IMAGE_NAME,
+    auto_loop_name,
+    canonical,
+    check_id,
+    decode_token,
+    encode_token,
+    sha256,
+)
 from services.review.store.model import (
     ACTIVATION_REASONS_KEY,
     MAX_LIST_RESULTS,
@@ -28,6 +36,7 @@ from services.review.store.model import (
     WorkEvent,
     parse_status,
 )
+from services.review.store.schema import row_loop
 
 logger = logging.getLogger("medgate.review.store")
 
@@ -71,6 +80,34 @@ class ListQuery:
     ascending: bool
     max_results: int
     after: tuple[float, int] | None
+
+    def sql(self, mark: str) -> tuple[str, tuple[Any, ...]]:
+        """``SELECT`` of one page (one row more, to know whether another page follows) with ``mark`` as the
+        driver's placeholder (``?`` for sqlite3, ``%s`` for psycopg): the same query on both backends."""
+        where, params = ["1 = 1"], []
+        for clause, value in (
+            ("flow = {}", self.flow),
+            ("status = {}", self.status),
+            ("created_at >= {}", self.created_after),
+            ("created_at < {}", self.created_before),
+        ):
+            if value is not None:
+                where.append(clause.format(mark))
+                params.append(value)
+        if self.after is not None:
+            where.append(f"(created_at, seq) {'>' if self.ascending else '<'} ({mark}, {mark})")
+            params.extend(self.after)
+        order = "ASC" if self.ascending else "DESC"
+        query = f"SELECT * FROM loops WHERE {' AND '.join(where)} ORDER BY created_at {order}, seq {order} LIMIT {mark}"
+        return query, (*params, self.max_results + 1)
+
+    def page(self, rows: Sequence[Any]) -> tuple[list[Loop], str | None]:
+        """The loops of a page and the token of the next one (None on the last page)."""
+        page = rows[: self.max_results]
+        token = None
+        if len(rows) > self.max_results:
+            token = encode_token(page[-1]["created_at"], page[-1]["seq"], self.key)
+        return [row_loop(row) for row in page], token
 
 
 class ReviewStoreBase(abc.ABC):

@@ -37,7 +37,6 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from services.review.flows import FlowDefinition, InvalidArgument, ReviewError
 from services.review.store.base import Changes, ReviewStoreBase
-from services.review.store.keys import encode_token
 from services.review.store.model import (
     ALL_REVIEWERS,
     FAILURE_EXPIRED,
@@ -370,37 +369,9 @@ class PostgresReviewStore(ReviewStoreBase):
         next_token: str | None = None,
     ) -> tuple[builtins.list[Loop], str | None]:
         query = self._list_query(flow, status, created_after, created_before, ascending, max_results, next_token)
-        where: builtins.list[str] = ["TRUE"]
-        params: builtins.list[Any] = []
-        if query.flow is not None:
-            where.append("flow = %s")
-            params.append(query.flow)
-        if query.status is not None:
-            where.append("status = %s")
-            params.append(query.status)
-        if query.created_after is not None:
-            where.append("created_at >= %s")
-            params.append(query.created_after)
-        if query.created_before is not None:
-            where.append("created_at < %s")
-            params.append(query.created_before)
-        if query.after is not None:
-            where.append("(created_at, seq) > (%s, %s)" if ascending else "(created_at, seq) < (%s, %s)")
-            params.extend(query.after)
-        order = "ASC" if ascending else "DESC"
+        sql, params = query.sql("%s")
         self._sweep_if_due()
-        rows = self._read(
-            lambda conn: conn.execute(
-                f"SELECT * FROM loops WHERE {' AND '.join(where)} ORDER BY created_at {order}, seq {order} LIMIT %s",
-                (*params, query.max_results + 1),
-            ).fetchall()
-        )
-        page = rows[: query.max_results]
-        token = None
-        if len(rows) > query.max_results:
-            last = page[-1]
-            token = encode_token(last["created_at"], last["seq"], query.key)
-        return [row_loop(row) for row in page], token
+        return query.page(self._read(lambda conn: conn.execute(sql, params).fetchall()))
 
     def stop(self, name: str) -> Loop:
         def work(conn: Connection, changes: Changes) -> Loop:

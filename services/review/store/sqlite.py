@@ -16,7 +16,6 @@ from typing import Any
 
 from services.review.flows import FlowDefinition, InvalidArgument, ReviewError
 from services.review.store.base import Changes, ReviewStoreBase
-from services.review.store.keys import encode_token
 from services.review.store.model import (
     FAILURE_EXPIRED,
     MAX_LIST_RESULTS,
@@ -215,36 +214,10 @@ class ReviewStore(ReviewStoreBase):
     ) -> tuple[builtins.list[Loop], str | None]:
         """ListHumanLoops: by creation time (newest first unless ``ascending``), paged by token."""
         query = self._list_query(flow, status, created_after, created_before, ascending, max_results, next_token)
-        where: builtins.list[str] = ["1 = 1"]
-        params: builtins.list[Any] = []
-        if query.flow is not None:
-            where.append("flow = ?")
-            params.append(query.flow)
-        if query.status is not None:
-            where.append("status = ?")
-            params.append(query.status)
-        if query.created_after is not None:
-            where.append("created_at >= ?")
-            params.append(query.created_after)
-        if query.created_before is not None:
-            where.append("created_at < ?")
-            params.append(query.created_before)
-        if query.after is not None:
-            where.append("(created_at, seq) > (?, ?)" if ascending else "(created_at, seq) < (?, ?)")
-            params.extend(query.after)
-        order = "ASC" if ascending else "DESC"
+        sql, params = query.sql("?")
         self._sweep_if_due()
         with self._reading() as conn:
-            rows = conn.execute(
-                f"SELECT * FROM loops WHERE {' AND '.join(where)} ORDER BY created_at {order}, seq {order} LIMIT ?",
-                (*params, max_results + 1),
-            ).fetchall()
-        page = rows[:max_results]
-        token = None
-        if len(rows) > max_results:
-            last = page[-1]
-            token = encode_token(last["created_at"], last["seq"], query.key)
-        return [row_loop(row) for row in page], token
+            return query.page(conn.execute(sql, params).fetchall())
 
     def stop(self, name: str) -> Loop:
         """StopHumanLoop: no more deliveries; open leases are cancelled. Stopping a stopped loop is a no-op."""
