@@ -103,18 +103,57 @@ class HumanLoop(_message.Message):
     def __init__(self, name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., status: _Optional[_Union[HumanLoopStatus, str]] = ..., creation_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_code: _Optional[str] = ..., failure_reason: _Optional[str] = ..., output_path: _Optional[str] = ..., answers: _Optional[int] = ..., task_count: _Optional[int] = ...) -> None: ...
 
 class StartHumanLoopRequest(_message.Message):
-    __slots__ = ("name", "flow_definition", "input_content_json", "image_png", "masks_packbits")
+    __slots__ = ("name", "flow_definition", "input_content_json", "image_png", "masks_packbits", "dicom")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FLOW_DEFINITION_FIELD_NUMBER: _ClassVar[int]
     INPUT_CONTENT_JSON_FIELD_NUMBER: _ClassVar[int]
     IMAGE_PNG_FIELD_NUMBER: _ClassVar[int]
     MASKS_PACKBITS_FIELD_NUMBER: _ClassVar[int]
+    DICOM_FIELD_NUMBER: _ClassVar[int]
     name: str
     flow_definition: str
     input_content_json: str
     image_png: bytes
     masks_packbits: bytes
-    def __init__(self, name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., input_content_json: _Optional[str] = ..., image_png: _Optional[bytes] = ..., masks_packbits: _Optional[bytes] = ...) -> None: ...
+    dicom: ReviewDicomSource
+    def __init__(self, name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., input_content_json: _Optional[str] = ..., image_png: _Optional[bytes] = ..., masks_packbits: _Optional[bytes] = ..., dicom: _Optional[_Union[ReviewDicomSource, _Mapping]] = ...) -> None: ...
+
+class ReviewDicomSource(_message.Message):
+    __slots__ = ("data", "frame", "ai_sr", "ai_seg", "seg_tracking_ids", "seg_tracking_uids", "models")
+    class ModelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _inference_pb2.ModelRef
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_inference_pb2.ModelRef, _Mapping]] = ...) -> None: ...
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    AI_SR_FIELD_NUMBER: _ClassVar[int]
+    AI_SEG_FIELD_NUMBER: _ClassVar[int]
+    SEG_TRACKING_IDS_FIELD_NUMBER: _ClassVar[int]
+    SEG_TRACKING_UIDS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    frame: int
+    ai_sr: DicomReference
+    ai_seg: DicomReference
+    seg_tracking_ids: _containers.RepeatedScalarFieldContainer[str]
+    seg_tracking_uids: _containers.RepeatedScalarFieldContainer[str]
+    models: _containers.MessageMap[str, _inference_pb2.ModelRef]
+    def __init__(self, data: _Optional[bytes] = ..., frame: _Optional[int] = ..., ai_sr: _Optional[_Union[DicomReference, _Mapping]] = ..., ai_seg: _Optional[_Union[DicomReference, _Mapping]] = ..., seg_tracking_ids: _Optional[_Iterable[str]] = ..., seg_tracking_uids: _Optional[_Iterable[str]] = ..., models: _Optional[_Mapping[str, _inference_pb2.ModelRef]] = ...) -> None: ...
+
+class DicomReference(_message.Message):
+    __slots__ = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "sop_class_uid")
+    STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    SERIES_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    SOP_CLASS_UID_FIELD_NUMBER: _ClassVar[int]
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    def __init__(self, study_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ..., sop_class_uid: _Optional[str] = ...) -> None: ...
 
 class DescribeHumanLoopRequest(_message.Message):
     __slots__ = ("name",)
