@@ -211,6 +211,18 @@ class ReviewSettings:
     web_port: int = 8080
     # A signed-in page left without a request this long is signed out (automatic logoff, 45 CFR 164.312(a)(2)(iii)).
     web_idle_timeout_s: float = 900.0
+    # Verified results as DICOM: a DICOM input whose answer was also written as DICOM keeps its source with
+    # the case (up to dicom_source_max_bytes; a larger one is reviewed without a verified DICOM result), and
+    # when its loop completes the reviewer's VERIFIED SR (and SEG where masks changed) is handed to the DICOM
+    # node, which sends it on like its own results. verified_dicom_dir: the node's outbox folder (the
+    # node's dicom.outbox_dir; empty = that setting, a node on this host). A result that cannot be built or
+    # handed over yet is tried again every verified_dicom_retry_interval_s, never dropped.
+    verified_dicom: bool = True
+    dicom_source_max_bytes: int = 64 * MIB
+    verified_dicom_dir: str = ""
+    verified_dicom_retry_interval_s: float = 5.0
+    # The verifying organization the verified SR names beside the reviewer (the hospital); empty = "unknown".
+    organization: str = ""
 
     @property
     def target(self) -> str:
