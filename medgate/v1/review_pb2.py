@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from medgate.v1 import inference_pb2 as medgate_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17medgate/v1/review.proto\x12\nmedgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1amedgate/v1/inference.proto\"\xf5\x01\n\x0e\x46lowDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\ttask_type\x18\x02 \x01(\x0e\x32\x14.medgate.v1.TaskType\x12\x12\n\ncategories\x18\x03 \x03(\t\x12\x12\n\ntask_count\x18\x04 \x01(\x05\x12*\n\"task_availability_lifetime_seconds\x18\x05 \x01(\x03\x12\x1f\n\x17task_time_limit_seconds\x18\x06 \x01(\x03\x12\"\n\x1a\x61\x63tivation_conditions_json\x18\x07 \x01(\t\x12\x13\n\x0boutput_path\x18\x08 \x01(\t\"-\n\x1d\x44\x65scribeFlowDefinitionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x1aListFlowDefinitionsRequest\"S\n\x1bListFlowDefinitionsResponse\x12\x34\n\x10\x66low_definitions\x18\x01 \x03(\x0b\x32\x1a.medgate.v1.FlowDefinition\"\xfa\x01\n\tHumanLoop\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x66low_definition\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.medgate.v1.HumanLoopStatus\x12\x31\n\rcreation_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x66\x61ilure_code\x18\x05 \x01(\t\x12\x16\n\x0e\x66\x61ilure_reason\x18\x06 \x01(\t\x12\x13\n\x0boutput_path\x18\x07 \x01(\t\x12\x0f\n\x07\x61nswers\x18\x08 \x01(\x05\x12\x12\n\ntask_count\x18\t \x01(\x05\"\xb3\x01\n\x15StartHumanLoopRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x66low_definition\x18\x02 \x01(\t\x12\x1a\n\x12input_content_json\x18\x03 \x01(\t\x12\x11\n\timage_png\x18\x04 \x01(\x0c\x12\x16\n\x0emasks_packbits\x18\x05 \x01(\x0c\x12,\n\x05\x64icom\x18\x06 \x01(\x0b\x32\x1d.medgate.v1.ReviewDicomSource\"\xbc\x02\n\x11ReviewDicomSource\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x66rame\x18\x02 \x01(\x05\x12)\n\x05\x61i_sr\x18\x03 \x01(\x0b\x32\x1a.medgate.v1.DicomReference\x12*\n\x06\x61i_seg\x18\x04 \x01(\x0b\x32\x1a.medgate.v1.DicomReference\x12\x18\n\x10seg_tracking_ids\x18\x05 \x03(\t\x12\x19\n\x11seg_tracking_uids\x18\x06 \x03(\t\x12\x39\n\x06models\x18\x07 \x03(\x0b\x32).medgate.v1.ReviewDicomSource.ModelsEntry\x1a\x43\n\x0bModelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.medgate.v1.ModelRef:\x02\x38\x01\"z\n\x0e\x44icomReference\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x03 \x01(\t\x12\x15\n\rsop_class_uid\x18\x04 \x01(\t\"(\n\x18\x44\x65scribeHumanLoopRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa4\x02\n\x15ListHumanLoopsRequest\x12\x17\n\x0f\x66low_definition\x18\x01 \x01(\t\x12\x37\n\x13\x63reation_time_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14\x63reation_time_before\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\nsort_order\x18\x04 \x01(\x0e\x32\x15.medgate.v1.SortOrder\x12\x13\n\x0bmax_results\x18\x05 \x01(\x05\x12\x12\n\nnext_token\x18\x06 \x01(\t\x12+\n\x06status\x18\x07 \x01(\x0e\x32\x1b.medgate.v1.HumanLoopStatus\"X\n\x16ListHumanLoopsResponse\x12*\n\x0bhuman_loops\x18\x01 \x03(\x0b\x32\x15.medgate.v1.HumanLoop\x12\x12\n\nnext_token\x18\x02 \x01(\t\"$\n\x14StopHumanLoopRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16\x44\x65leteHumanLoopRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\x17\x44\x65leteHumanLoopResponse\"Z\n\x12StreamCasesRequest\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12\x18\n\x10\x66low_definitions\x18\x02 \x03(\t\x12\x15\n\rmax_in_flight\x18\x03 \x01(\x05\"\xda\x03\n\nReviewCase\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x17\n\x0fhuman_loop_name\x18\x02 \x01(\t\x12\x17\n\x0f\x66low_definition\x18\x03 \x01(\t\x12\'\n\ttask_type\x18\x04 \x01(\x0e\x32\x14.medgate.v1.TaskType\x12\x12\n\ncategories\x18\x05 \x03(\t\x12\x31\n\rlease_expires\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\timage_png\x18\x07 \x01(\x0c\x12\x16\n\x0eoriginal_width\x18\x08 \x01(\x05\x12\x17\n\x0foriginal_height\x18\t \x01(\x05\x12&\n\x06scores\x18\n \x03(\x0b\x32\x16.medgate.v1.ClassScore\x12)\n\ndetections\x18\x0b \x03(\x0b\x32\x15.medgate.v1.Detection\x12)\n\x07prompts\x18\x0c \x03(\x0b\x32\x18.medgate.v1.PromptResult\x12\"\n\x05masks\x18\r \x01(\x0b\x32\x13.medgate.v1.NDArray\x12\x1a\n\x12input_content_json\x18\x0e \x01(\t\x12\x13\n\x0breviewer_id\x18\x0f \x01(\t\"\xb5\x01\n\x0cReviewAnswer\x12\x10\n\x06\x61\x63\x63\x65pt\x18\x01 \x01(\x08H\x00\x12\x17\n\rreject_reason\x18\x02 \x01(\tH\x00\x12\x0f\n\x05label\x18\x03 \x01(\tH\x00\x12)\n\x05\x62oxes\x18\x04 \x01(\x0b\x32\x18.medgate.v1.LabeledBoxesH\x00\x12#\n\x04mask\x18\x05 \x01(\x0b\x32\x13.medgate.v1.NDArrayH\x00\x12\x0f\n\x07\x63omment\x18\x06 \x01(\tB\x08\n\x06\x61nswer\"4\n\x0cLabeledBoxes\x12$\n\x05\x62oxes\x18\x01 \x03(\x0b\x32\x15.medgate.v1.Detection\"~\n\x13SubmitReviewRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65livery_id\x18\x02 \x01(\t\x12\x13\n\x0breviewer_id\x18\x03 \x01(\t\x12(\n\x06\x61nswer\x18\x04 \x01(\x0b\x32\x18.medgate.v1.ReviewAnswer\"W\n\x14SubmitReviewResponse\x12)\n\nhuman_loop\x18\x01 \x01(\x0b\x32\x15.medgate.v1.HumanLoop\x12\x14\n\x0crecorded_now\x18\x02 \x01(\x08\">\n\x12ReleaseCaseRequest\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x13\n\x0breviewer_id\x18\x02 \x01(\t\"\x15\n\x13ReleaseCaseResponse\"=\n\x11RenewLeaseRequest\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x13\n\x0breviewer_id\x18\x02 \x01(\t\"G\n\x12RenewLeaseResponse\x12\x31\n\rlease_expires\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*x\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18TASK_TYPE_CLASSIFICATION\x10\x01\x12\x17\n\x13TASK_TYPE_DETECTION\x10\x02\x12\x1a\n\x16TASK_TYPE_SEGMENTATION\x10\x03*\xd5\x01\n\x0fHumanLoopStatus\x12!\n\x1dHUMAN_LOOP_STATUS_UNSPECIFIED\x10\x00\x12!\n\x1dHUMAN_LOOP_STATUS_IN_PROGRESS\x10\x01\x12\x1f\n\x1bHUMAN_LOOP_STATUS_COMPLETED\x10\x02\x12\x1c\n\x18HUMAN_LOOP_STATUS_FAILED\x10\x03\x12\x1d\n\x19HUMAN_LOOP_STATUS_STOPPED\x10\x04\x12\x1e\n\x1aHUMAN_LOOP_STATUS_STOPPING\x10\x05*@\n\tSortOrder\x12\x19\n\x15SORT_ORDER_DESCENDING\x10\x00\x12\x18\n\x14SORT_ORDER_ASCENDING\x10\x01\x32\xa7\x07\n\x06Review\x12_\n\x16\x44\x65scribeFlowDefinition\x12).medgate.v1.DescribeFlowDefinitionRequest\x1a\x1a.medgate.v1.FlowDefinition\x12\x66\n\x13ListFlowDefinitions\x12&.medgate.v1.ListFlowDefinitionsRequest\x1a\'.medgate.v1.ListFlowDefinitionsResponse\x12J\n\x0eStartHumanLoop\x12!.medgate.v1.StartHumanLoopRequest\x1a\x15.medgate.v1.HumanLoop\x12P\n\x11\x44\x65scribeHumanLoop\x12$.medgate.v1.DescribeHumanLoopRequest\x1a\x15.medgate.v1.HumanLoop\x12W\n\x0eListHumanLoops\x12!.medgate.v1.ListHumanLoopsRequest\x1a\".medgate.v1.ListHumanLoopsResponse\x12H\n\rStopHumanLoop\x12 .medgate.v1.StopHumanLoopRequest\x1a\x15.medgate.v1.HumanLoop\x12Z\n\x0f\x44\x65leteHumanLoop\x12\".medgate.v1.DeleteHumanLoopRequest\x1a#.medgate.v1.DeleteHumanLoopResponse\x12G\n\x0bStreamCases\x12\x1e.medgate.v1.StreamCasesRequest\x1a\x16.medgate.v1.ReviewCase0\x01\x12Q\n\x0cSubmitReview\x12\x1f.medgate.v1.SubmitReviewRequest\x1a .medgate.v1.SubmitReviewResponse\x12N\n\x0bReleaseCase\x12\x1e.medgate.v1.ReleaseCaseRequest\x1a\x1f.medgate.v1.ReleaseCaseResponse\x12K\n\nRenewLease\x12\x1d.medgate.v1.RenewLeaseRequest\x1a\x1e.medgate.v1.RenewLeaseResponseBJ\n\x0eorg.medgate.v1P\x01Z6github.com/medgate/medgate/gen/go/medgate/v1;medgatev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17medgate/v1/review.proto\x12\nmedgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1amedgate/v1/inference.proto\"\xf5\x01\n\x0e\x46lowDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\ttask_type\x18\x02 \x01(\x0e\x32\x14.medgate.v1.TaskType\x12\x12\n\ncategories\x18\x03 \x03(\t\x12\x12\n\ntask_count\x18\x04 \x01(\x05\x12*\n\"task_availability_lifetime_seconds\x18\x05 \x01(\x03\x12\x1f\n\x17task_time_limit_seconds\x18\x06 \x01(\x03\x12\"\n\x1a\x61\x63tivation_conditions_json\x18\x07 \x01(\t\x12\x13\n\x0boutput_path\x18\x08 \x01(\t\"-\n\x1d\x44\x65scribeFlowDefinitionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x1aListFlowDefinitionsRequest\"S\n\x1bListFlowDefinitionsResponse\x12\x34\n\x10\x66low_definitions\x18\x01 \x03(\x0b\x32\x1a.medgate.v1.FlowDefinition\"\xfa\x01\n\tHumanLoop\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x66low_definition\x18\x02 \x01(\t\x12+\n\x06status\x18\x03 \x01(\x0e\x32\x1b.medgate.v1.HumanLoopStatus\x12\x31\n\rcreation_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x66\x61ilure_code\x18\x05 \x01(\t\x12\x16\n\x0e\x66\x61ilure_reason\x18\x06 \x01(\t\x12\x13\n\x0boutput_path\x18\x07 \x01(\t\x12\x0f\n\x07\x61nswers\x18\x08 \x01(\x05\x12\x12\n\ntask_count\x18\t \x01(\x05\"\xc9\x01\n\x15StartHumanLoopRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x66low_definition\x18\x02 \x01(\t\x12\x1a\n\x12input_content_json\x18\x03 \x01(\t\x12\x11\n\timage_png\x18\x04 \x01(\x0c\x12\x16\n\x0emasks_packbits\x18\x05 \x01(\x0c\x12,\n\x05\x64icom\x18\x06 \x01(\x0b\x32\x1d.medgate.v1.ReviewDicomSource\x12\x14\n\x0cmodality_png\x18\x07 \x01(\x0c\"\xbc\x02\n\x11ReviewDicomSource\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x66rame\x18\x02 \x01(\x05\x12)\n\x05\x61i_sr\x18\x03 \x01(\x0b\x32\x1a.medgate.v1.DicomReference\x12*\n\x06\x61i_seg\x18\x04 \x01(\x0b\x32\x1a.medgate.v1.DicomReference\x12\x18\n\x10seg_tracking_ids\x18\x05 \x03(\t\x12\x19\n\x11seg_tracking_uids\x18\x06 \x03(\t\x12\x39\n\x06models\x18\x07 \x03(\x0b\x32).medgate.v1.ReviewDicomSource.ModelsEntry\x1a\x43\n\x0bModelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.medgate.v1.ModelRef:\x02\x38\x01\"z\n\x0e\x44icomReference\x12\x1a\n\x12study_instance_uid\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x03 \x01(\t\x12\x15\n\rsop_class_uid\x18\x04 \x01(\t\"(\n\x18\x44\x65scribeHumanLoopRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa4\x02\n\x15ListHumanLoopsRequest\x12\x17\n\x0f\x66low_definition\x18\x01 \x01(\t\x12\x37\n\x13\x63reation_time_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x14\x63reation_time_before\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\nsort_order\x18\x04 \x01(\x0e\x32\x15.medgate.v1.SortOrder\x12\x13\n\x0bmax_results\x18\x05 \x01(\x05\x12\x12\n\nnext_token\x18\x06 \x01(\t\x12+\n\x06status\x18\x07 \x01(\x0e\x32\x1b.medgate.v1.HumanLoopStatus\"X\n\x16ListHumanLoopsResponse\x12*\n\x0bhuman_loops\x18\x01 \x03(\x0b\x32\x15.medgate.v1.HumanLoop\x12\x12\n\nnext_token\x18\x02 \x01(\t\"$\n\x14StopHumanLoopRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16\x44\x65leteHumanLoopRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\x17\x44\x65leteHumanLoopResponse\"Z\n\x12StreamCasesRequest\x12\x13\n\x0breviewer_id\x18\x01 \x01(\t\x12\x18\n\x10\x66low_definitions\x18\x02 \x03(\t\x12\x15\n\rmax_in_flight\x18\x03 \x01(\x05\"\xf0\x03\n\nReviewCase\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x17\n\x0fhuman_loop_name\x18\x02 \x01(\t\x12\x17\n\x0f\x66low_definition\x18\x03 \x01(\t\x12\'\n\ttask_type\x18\x04 \x01(\x0e\x32\x14.medgate.v1.TaskType\x12\x12\n\ncategories\x18\x05 \x03(\t\x12\x31\n\rlease_expires\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\timage_png\x18\x07 \x01(\x0c\x12\x16\n\x0eoriginal_width\x18\x08 \x01(\x05\x12\x17\n\x0foriginal_height\x18\t \x01(\x05\x12&\n\x06scores\x18\n \x03(\x0b\x32\x16.medgate.v1.ClassScore\x12)\n\ndetections\x18\x0b \x03(\x0b\x32\x15.medgate.v1.Detection\x12)\n\x07prompts\x18\x0c \x03(\x0b\x32\x18.medgate.v1.PromptResult\x12\"\n\x05masks\x18\r \x01(\x0b\x32\x13.medgate.v1.NDArray\x12\x1a\n\x12input_content_json\x18\x0e \x01(\t\x12\x13\n\x0breviewer_id\x18\x0f \x01(\t\x12\x14\n\x0cmodality_png\x18\x10 \x01(\x0c\"\xb5\x01\n\x0cReviewAnswer\x12\x10\n\x06\x61\x63\x63\x65pt\x18\x01 \x01(\x08H\x00\x12\x17\n\rreject_reason\x18\x02 \x01(\tH\x00\x12\x0f\n\x05label\x18\x03 \x01(\tH\x00\x12)\n\x05\x62oxes\x18\x04 \x01(\x0b\x32\x18.medgate.v1.LabeledBoxesH\x00\x12#\n\x04mask\x18\x05 \x01(\x0b\x32\x13.medgate.v1.NDArrayH\x00\x12\x0f\n\x07\x63omment\x18\x06 \x01(\tB\x08\n\x06\x61nswer\"4\n\x0cLabeledBoxes\x12$\n\x05\x62oxes\x18\x01 \x03(\x0b\x32\x15.medgate.v1.Detection\"~\n\x13SubmitReviewRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65livery_id\x18\x02 \x01(\t\x12\x13\n\x0breviewer_id\x18\x03 \x01(\t\x12(\n\x06\x61nswer\x18\x04 \x01(\x0b\x32\x18.medgate.v1.ReviewAnswer\"W\n\x14SubmitReviewResponse\x12)\n\nhuman_loop\x18\x01 \x01(\x0b\x32\x15.medgate.v1.HumanLoop\x12\x14\n\x0crecorded_now\x18\x02 \x01(\x08\">\n\x12ReleaseCaseRequest\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x13\n\x0breviewer_id\x18\x02 \x01(\t\"\x15\n\x13ReleaseCaseResponse\"=\n\x11RenewLeaseRequest\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x13\n\x0breviewer_id\x18\x02 \x01(\t\"G\n\x12RenewLeaseResponse\x12\x31\n\rlease_expires\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*x\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18TASK_TYPE_CLASSIFICATION\x10\x01\x12\x17\n\x13TASK_TYPE_DETECTION\x10\x02\x12\x1a\n\x16TASK_TYPE_SEGMENTATION\x10\x03*\xd5\x01\n\x0fHumanLoopStatus\x12!\n\x1dHUMAN_LOOP_STATUS_UNSPECIFIED\x10\x00\x12!\n\x1dHUMAN_LOOP_STATUS_IN_PROGRESS\x10\x01\x12\x1f\n\x1bHUMAN_LOOP_STATUS_COMPLETED\x10\x02\x12\x1c\n\x18HUMAN_LOOP_STATUS_FAILED\x10\x03\x12\x1d\n\x19HUMAN_LOOP_STATUS_STOPPED\x10\x04\x12\x1e\n\x1aHUMAN_LOOP_STATUS_STOPPING\x10\x05*@\n\tSortOrder\x12\x19\n\x15SORT_ORDER_DESCENDING\x10\x00\x12\x18\n\x14SORT_ORDER_ASCENDING\x10\x01\x32\xa7\x07\n\x06Review\x12_\n\x16\x44\x65scribeFlowDefinition\x12).medgate.v1.DescribeFlowDefinitionRequest\x1a\x1a.medgate.v1.FlowDefinition\x12\x66\n\x13ListFlowDefinitions\x12&.medgate.v1.ListFlowDefinitionsRequest\x1a\'.medgate.v1.ListFlowDefinitionsResponse\x12J\n\x0eStartHumanLoop\x12!.medgate.v1.StartHumanLoopRequest\x1a\x15.medgate.v1.HumanLoop\x12P\n\x11\x44\x65scribeHumanLoop\x12$.medgate.v1.DescribeHumanLoopRequest\x1a\x15.medgate.v1.HumanLoop\x12W\n\x0eListHumanLoops\x12!.medgate.v1.ListHumanLoopsRequest\x1a\".medgate.v1.ListHumanLoopsResponse\x12H\n\rStopHumanLoop\x12 .medgate.v1.StopHumanLoopRequest\x1a\x15.medgate.v1.HumanLoop\x12Z\n\x0f\x44\x65leteHumanLoop\x12\".medgate.v1.DeleteHumanLoopRequest\x1a#.medgate.v1.DeleteHumanLoopResponse\x12G\n\x0bStreamCases\x12\x1e.medgate.v1.StreamCasesRequest\x1a\x16.medgate.v1.ReviewCase0\x01\x12Q\n\x0cSubmitReview\x12\x1f.medgate.v1.SubmitReviewRequest\x1a .medgate.v1.SubmitReviewResponse\x12N\n\x0bReleaseCase\x12\x1e.medgate.v1.ReleaseCaseRequest\x1a\x1f.medgate.v1.ReleaseCaseResponse\x12K\n\nRenewLease\x12\x1d.medgate.v1.RenewLeaseRequest\x1a\x1e.medgate.v1.RenewLeaseResponseBJ\n\x0eorg.medgate.v1P\x01Z6github.com/medgate/medgate/gen/go/medgate/v1;medgatev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\016org.medgate.v1P\001Z6github.com/medgate/medgate/gen/go/medgate/v1;medgatev1'
   _globals['_REVIEWDICOMSOURCE_MODELSENTRY']._loaded_options = None
   _globals['_REVIEWDICOMSOURCE_MODELSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKTYPE']._serialized_start=3167
-  _globals['_TASKTYPE']._serialized_end=3287
-  _globals['_HUMANLOOPSTATUS']._serialized_start=3290
-  _globals['_HUMANLOOPSTATUS']._serialized_end=3503
-  _globals['_SORTORDER']._serialized_start=3505
-  _globals['_SORTORDER']._serialized_end=3569
+  _globals['_TASKTYPE']._serialized_start=3211
+  _globals['_TASKTYPE']._serialized_end=3331
+  _globals['_HUMANLOOPSTATUS']._serialized_start=3334
+  _globals['_HUMANLOOPSTATUS']._serialized_end=3547
+  _globals['_SORTORDER']._serialized_start=3549
+  _globals['_SORTORDER']._serialized_end=3613
   _globals['_FLOWDEFINITION']._serialized_start=101
   _globals['_FLOWDEFINITION']._serialized_end=346
   _globals['_DESCRIBEFLOWDEFINITIONREQUEST']._serialized_start=348
@@ -53,45 +53,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HUMANLOOP']._serialized_start=511
   _globals['_HUMANLOOP']._serialized_end=761
   _globals['_STARTHUMANLOOPREQUEST']._serialized_start=764
-  _globals['_STARTHUMANLOOPREQUEST']._serialized_end=943
-  _globals['_REVIEWDICOMSOURCE']._serialized_start=946
-  _globals['_REVIEWDICOMSOURCE']._serialized_end=1262
-  _globals['_REVIEWDICOMSOURCE_MODELSENTRY']._serialized_start=1195
-  _globals['_REVIEWDICOMSOURCE_MODELSENTRY']._serialized_end=1262
-  _globals['_DICOMREFERENCE']._serialized_start=1264
-  _globals['_DICOMREFERENCE']._serialized_end=1386
-  _globals['_DESCRIBEHUMANLOOPREQUEST']._serialized_start=1388
-  _globals['_DESCRIBEHUMANLOOPREQUEST']._serialized_end=1428
-  _globals['_LISTHUMANLOOPSREQUEST']._serialized_start=1431
-  _globals['_LISTHUMANLOOPSREQUEST']._serialized_end=1723
-  _globals['_LISTHUMANLOOPSRESPONSE']._serialized_start=1725
-  _globals['_LISTHUMANLOOPSRESPONSE']._serialized_end=1813
-  _globals['_STOPHUMANLOOPREQUEST']._serialized_start=1815
-  _globals['_STOPHUMANLOOPREQUEST']._serialized_end=1851
-  _globals['_DELETEHUMANLOOPREQUEST']._serialized_start=1853
-  _globals['_DELETEHUMANLOOPREQUEST']._serialized_end=1891
-  _globals['_DELETEHUMANLOOPRESPONSE']._serialized_start=1893
-  _globals['_DELETEHUMANLOOPRESPONSE']._serialized_end=1918
-  _globals['_STREAMCASESREQUEST']._serialized_start=1920
-  _globals['_STREAMCASESREQUEST']._serialized_end=2010
-  _globals['_REVIEWCASE']._serialized_start=2013
-  _globals['_REVIEWCASE']._serialized_end=2487
-  _globals['_REVIEWANSWER']._serialized_start=2490
-  _globals['_REVIEWANSWER']._serialized_end=2671
-  _globals['_LABELEDBOXES']._serialized_start=2673
-  _globals['_LABELEDBOXES']._serialized_end=2725
-  _globals['_SUBMITREVIEWREQUEST']._serialized_start=2727
-  _globals['_SUBMITREVIEWREQUEST']._serialized_end=2853
-  _globals['_SUBMITREVIEWRESPONSE']._serialized_start=2855
-  _globals['_SUBMITREVIEWRESPONSE']._serialized_end=2942
-  _globals['_RELEASECASEREQUEST']._serialized_start=2944
-  _globals['_RELEASECASEREQUEST']._serialized_end=3006
-  _globals['_RELEASECASERESPONSE']._serialized_start=3008
-  _globals['_RELEASECASERESPONSE']._serialized_end=3029
-  _globals['_RENEWLEASEREQUEST']._serialized_start=3031
-  _globals['_RENEWLEASEREQUEST']._serialized_end=3092
-  _globals['_RENEWLEASERESPONSE']._serialized_start=3094
-  _globals['_RENEWLEASERESPONSE']._serialized_end=3165
-  _globals['_REVIEW']._serialized_start=3572
-  _globals['_REVIEW']._serialized_end=4507
+  _globals['_STARTHUMANLOOPREQUEST']._serialized_end=965
+  _globals['_REVIEWDICOMSOURCE']._serialized_start=968
+  _globals['_REVIEWDICOMSOURCE']._serialized_end=1284
+  _globals['_REVIEWDICOMSOURCE_MODELSENTRY']._serialized_start=1217
+  _globals['_REVIEWDICOMSOURCE_MODELSENTRY']._serialized_end=1284
+  _globals['_DICOMREFERENCE']._serialized_start=1286
+  _globals['_DICOMREFERENCE']._serialized_end=1408
+  _globals['_DESCRIBEHUMANLOOPREQUEST']._serialized_start=1410
+  _globals['_DESCRIBEHUMANLOOPREQUEST']._serialized_end=1450
+  _globals['_LISTHUMANLOOPSREQUEST']._serialized_start=1453
+  _globals['_LISTHUMANLOOPSREQUEST']._serialized_end=1745
+  _globals['_LISTHUMANLOOPSRESPONSE']._serialized_start=1747
+  _globals['_LISTHUMANLOOPSRESPONSE']._serialized_end=1835
+  _globals['_STOPHUMANLOOPREQUEST']._serialized_start=1837
+  _globals['_STOPHUMANLOOPREQUEST']._serialized_end=1873
+  _globals['_DELETEHUMANLOOPREQUEST']._serialized_start=1875
+  _globals['_DELETEHUMANLOOPREQUEST']._serialized_end=1913
+  _globals['_DELETEHUMANLOOPRESPONSE']._serialized_start=1915
+  _globals['_DELETEHUMANLOOPRESPONSE']._serialized_end=1940
+  _globals['_STREAMCASESREQUEST']._serialized_start=1942
+  _globals['_STREAMCASESREQUEST']._serialized_end=2032
+  _globals['_REVIEWCASE']._serialized_start=2035
+  _globals['_REVIEWCASE']._serialized_end=2531
+  _globals['_REVIEWANSWER']._serialized_start=2534
+  _globals['_REVIEWANSWER']._serialized_end=2715
+  _globals['_LABELEDBOXES']._serialized_start=2717
+  _globals['_LABELEDBOXES']._serialized_end=2769
+  _globals['_SUBMITREVIEWREQUEST']._serialized_start=2771
+  _globals['_SUBMITREVIEWREQUEST']._serialized_end=2897
+  _globals['_SUBMITREVIEWRESPONSE']._serialized_start=2899
+  _globals['_SUBMITREVIEWRESPONSE']._serialized_end=2986
+  _globals['_RELEASECASEREQUEST']._serialized_start=2988
+  _globals['_RELEASECASEREQUEST']._serialized_end=3050
+  _globals['_RELEASECASERESPONSE']._serialized_start=3052
+  _globals['_RELEASECASERESPONSE']._serialized_end=3073
+  _globals['_RENEWLEASEREQUEST']._serialized_start=3075
+  _globals['_RENEWLEASEREQUEST']._serialized_end=3136
+  _globals['_RENEWLEASERESPONSE']._serialized_start=3138
+  _globals['_RENEWLEASERESPONSE']._serialized_end=3209
+  _globals['_REVIEW']._serialized_start=3616
+  _globals['_REVIEW']._serialized_end=4551
 # @@protoc_insertion_point(module_scope)

@@ -103,20 +103,22 @@ class HumanLoop(_message.Message):
     def __init__(self, name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., status: _Optional[_Union[HumanLoopStatus, str]] = ..., creation_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_code: _Optional[str] = ..., failure_reason: _Optional[str] = ..., output_path: _Optional[str] = ..., answers: _Optional[int] = ..., task_count: _Optional[int] = ...) -> None: ...
 
 class StartHumanLoopRequest(_message.Message):
-    __slots__ = ("name", "flow_definition", "input_content_json", "image_png", "masks_packbits", "dicom")
+    __slots__ = ("name", "flow_definition", "input_content_json", "image_png", "masks_packbits", "dicom", "modality_png")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FLOW_DEFINITION_FIELD_NUMBER: _ClassVar[int]
     INPUT_CONTENT_JSON_FIELD_NUMBER: _ClassVar[int]
     IMAGE_PNG_FIELD_NUMBER: _ClassVar[int]
     MASKS_PACKBITS_FIELD_NUMBER: _ClassVar[int]
     DICOM_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_PNG_FIELD_NUMBER: _ClassVar[int]
     name: str
     flow_definition: str
     input_content_json: str
     image_png: bytes
     masks_packbits: bytes
     dicom: ReviewDicomSource
-    def __init__(self, name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., input_content_json: _Optional[str] = ..., image_png: _Optional[bytes] = ..., masks_packbits: _Optional[bytes] = ..., dicom: _Optional[_Union[ReviewDicomSource, _Mapping]] = ...) -> None: ...
+    modality_png: bytes
+    def __init__(self, name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., input_content_json: _Optional[str] = ..., image_png: _Optional[bytes] = ..., masks_packbits: _Optional[bytes] = ..., dicom: _Optional[_Union[ReviewDicomSource, _Mapping]] = ..., modality_png: _Optional[bytes] = ...) -> None: ...
 
 class ReviewDicomSource(_message.Message):
     __slots__ = ("data", "frame", "ai_sr", "ai_seg", "seg_tracking_ids", "seg_tracking_uids", "models")
@@ -214,7 +216,7 @@ class StreamCasesRequest(_message.Message):
     def __init__(self, reviewer_id: _Optional[str] = ..., flow_definitions: _Optional[_Iterable[str]] = ..., max_in_flight: _Optional[int] = ...) -> None: ...
 
 class ReviewCase(_message.Message):
-    __slots__ = ("delivery_id", "human_loop_name", "flow_definition", "task_type", "categories", "lease_expires", "image_png", "original_width", "original_height", "scores", "detections", "prompts", "masks", "input_content_json", "reviewer_id")
+    __slots__ = ("delivery_id", "human_loop_name", "flow_definition", "task_type", "categories", "lease_expires", "image_png", "original_width", "original_height", "scores", "detections", "prompts", "masks", "input_content_json", "reviewer_id", "modality_png")
     DELIVERY_ID_FIELD_NUMBER: _ClassVar[int]
     HUMAN_LOOP_NAME_FIELD_NUMBER: _ClassVar[int]
     FLOW_DEFINITION_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +232,7 @@ class ReviewCase(_message.Message):
     MASKS_FIELD_NUMBER: _ClassVar[int]
     INPUT_CONTENT_JSON_FIELD_NUMBER: _ClassVar[int]
     REVIEWER_ID_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_PNG_FIELD_NUMBER: _ClassVar[int]
     delivery_id: str
     human_loop_name: str
     flow_definition: str
@@ -245,7 +248,8 @@ class ReviewCase(_message.Message):
     masks: _inference_pb2.NDArray
     input_content_json: str
     reviewer_id: str
-    def __init__(self, delivery_id: _Optional[str] = ..., human_loop_name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., task_type: _Optional[_Union[TaskType, str]] = ..., categories: _Optional[_Iterable[str]] = ..., lease_expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., image_png: _Optional[bytes] = ..., original_width: _Optional[int] = ..., original_height: _Optional[int] = ..., scores: _Optional[_Iterable[_Union[_inference_pb2.ClassScore, _Mapping]]] = ..., detections: _Optional[_Iterable[_Union[_inference_pb2.Detection, _Mapping]]] = ..., prompts: _Optional[_Iterable[_Union[_inference_pb2.PromptResult, _Mapping]]] = ..., masks: _Optional[_Union[_inference_pb2.NDArray, _Mapping]] = ..., input_content_json: _Optional[str] = ..., reviewer_id: _Optional[str] = ...) -> None: ...
+    modality_png: bytes
+    def __init__(self, delivery_id: _Optional[str] = ..., human_loop_name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., task_type: _Optional[_Union[TaskType, str]] = ..., categories: _Optional[_Iterable[str]] = ..., lease_expires: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., image_png: _Optional[bytes] = ..., original_width: _Optional[int] = ..., original_height: _Optional[int] = ..., scores: _Optional[_Iterable[_Union[_inference_pb2.ClassScore, _Mapping]]] = ..., detections: _Optional[_Iterable[_Union[_inference_pb2.Detection, _Mapping]]] = ..., prompts: _Optional[_Iterable[_Union[_inference_pb2.PromptResult, _Mapping]]] = ..., masks: _Optional[_Union[_inference_pb2.NDArray, _Mapping]] = ..., input_content_json: _Optional[str] = ..., reviewer_id: _Optional[str] = ..., modality_png: _Optional[bytes] = ...) -> None: ...
 
 class ReviewAnswer(_message.Message):
     __slots__ = ("accept", "reject_reason", "label", "boxes", "mask", "comment")
