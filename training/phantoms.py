@@ -38,6 +38,12 @@ MAX_SIDE = 2500
 # Lesion diameters, expressed in pixels of the 1024 model square (so they scale with the image):
 # about 4 mm nodules through 6 cm masses on a 35 cm field of view.
 LESION_DIAMETER_MODEL = (12.0, 180.0)
+# Lesion kinds: "standard" (the above, the reference models' training distribution) and "faint": low-contrast
+# nodules of a middling size, which the reference detector mostly misses (the weak kind that review and
+# retraining target, tests/test_retrain_loop.py). FAINT_CONTRAST scales the standard contrast draw.
+LESION_KINDS = ("standard", "faint")
+FAINT_DIAMETER_MODEL = (28.0, 70.0)
+FAINT_CONTRAST = (0.06, 0.12)
 _SUBPIXEL_SHIFT = 4
 _SUBPIXEL = float(1 << _SUBPIXEL_SHIFT)
 
@@ -205,8 +211,16 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     lesion_probability: float = 0.5,
+    lesion_kind: str = "standard",
 ) -> Phantom:
-    """One random PA chest-radiograph phantom (see the module docstring for conventions)."""
+    """One random PA chest-radiograph phantom (see the module docstring for conventions).
+
+    ``lesion_kind``: ``standard`` or ``faint`` (see :data:`LESION_KINDS`); the standard kind draws exactly
+    the random numbers it always did, so the cached training sets stay valid.
+    """
+    if lesion_kind not in LESION_KINDS:
+        raise ValueError(f"lesion_kind must be one of {LESION_KINDS}, not {lesion_kind!r}")
+    faint = lesion_kind == "faint"
     H, W = _random_size(rng, height, width)
     model_scale = 1024.0 / max(H, W)  # original pixels -> model pixels
     # Smooth densities are rendered on a work grid no larger than the model square, then resized.
@@ -420,7 +434,8 @@ def generate(
                 continue
             k = int(rng.integers(0, len(ys)))
             py, px = float(ys[k]) + rng.uniform(0, step), float(xs[k]) + rng.uniform(0, step)
-            diameter = math.exp(rng.uniform(*np.log(LESION_DIAMETER_MODEL))) / model_scale
+            sizes = FAINT_DIAMETER_MODEL if faint else LESION_DIAMETER_MODEL
+            diameter = math.exp(rng.uniform(*np.log(sizes))) / model_scale
             poly = _lesion_polygon(rng, px, py, diameter / 2)
             gap = max(1, round(3 / model_scale))  # keep lesions >= ~3 model pixels apart
             x0, y0 = np.floor(poly.min(0)).astype(int) - 2 - gap
@@ -451,8 +466,8 @@ def generate(
                     float(ys_m.max() + 1 + y0),
                 ]
             )
-            contrast = rng.uniform(0.14, 0.5) * air / 0.55
-            if diameter * model_scale < 30:  # small nodules are usually solid or calcified
+            contrast = rng.uniform(*(FAINT_CONTRAST if faint else (0.14, 0.5))) * air / 0.55
+            if diameter * model_scale < 30 and not faint:  # small nodules are usually solid or calcified
                 contrast *= rng.uniform(1.1, 1.5)
             # density on the work grid, in a padded crop
             r_w = diameter / 2 * ws
