@@ -156,8 +156,31 @@ class GatewaySettings:
     http_score_max_items: int = 256
     http_score_max_masks: int = 256
     http_score_in_flight: int = 4
+    # Per-request cost (services/gateway/cost.py), estimated before any model runs: each unit of model work
+    # priced in milliseconds (measured on an idle 2-core CPU: a LiteMedSAM encoder pass ~540 ms, a classifier,
+    # detector or text-segmenter pass 10-30 ms, decode and letterbox ~3 ms per megapixel). A request priced over
+    # max_request_cost_ms is refused RESOURCE_EXHAUSTED naming both (0 = no limit): by default 16 scattered boxes
+    # (17 passes) still fit. One over light_request_cost_ms goes to the box model at Triton priority level 2.
+    max_request_cost_ms: float = 15_000.0
+    cost_encoder_pass_ms: float = 600.0
+    cost_image_pass_ms: float = 20.0
+    cost_megapixel_ms: float = 3.0
+    light_request_cost_ms: float = 1_000.0
+    # By-reference input (ImageInput.reference, services/imaging/ingest/reference.py). Comma-separated allow-lists,
+    # empty = that kind of reference refused: directories a file path must resolve under (symlinks and `..`
+    # resolved first), and DICOMweb base URLs (scheme, host, port and path prefix must match) a WADO-RS instance
+    # URL must start with. A fetch takes at most reference_timeout_s (and never more than the call's deadline)
+    # and at most ingest.max_input_bytes; redirects are not followed.
+    reference_roots: str = ""
+    reference_base_urls: str = ""
+    reference_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
+        for name in ("max_request_cost_ms", "cost_encoder_pass_ms", "cost_image_pass_ms", "cost_megapixel_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"gateway.{name} must be 0 or more")
+        if self.reference_timeout_s <= 0:
+            raise ValueError("gateway.reference_timeout_s must be positive")
         if self.log_format not in {"text", "json"}:
             raise ValueError(f"gateway.log_format must be text or json, not {_quoted(self.log_format)}")
 
@@ -211,6 +234,31 @@ class ReviewSettings:
     web_port: int = 8080
     # A signed-in page left without a request this long is signed out (automatic logoff, 45 CFR 164.312(a)(2)(iii)).
     web_idle_timeout_s: float = 900.0
+    # A page session ends this long after sign-in however active it is (a shift); then sign in again.
+    web_session_max_s: float = 12 * 3600.0
+    # Sign-in through the hospital's identity provider at security.oidc_issuer (OIDC authorization code
+    # with PKCE S256, services/review/web/oidc.py): the page's client id there. Empty: no such sign-in (the
+    # embedded default signs in with its development tokens).
+    web_oidc_client_id: str = ""
+    # A confidential client's secret, read from this file (never from the settings); empty: a public client.
+    web_oidc_client_secret_file: str = ""
+    # How a confidential client authenticates at the token endpoint: client_secret_basic or client_secret_post.
+    web_oidc_client_auth: str = "client_secret_basic"
+    # The callback registered at the IdP (https://review.example.org/auth/callback); empty: the address the
+    # browser used to reach this listener, plus /auth/callback (set it behind a reverse proxy).
+    web_oidc_redirect_uri: str = ""
+    # Where the IdP sends the browser after sign-out (register it there); empty: the page's own address.
+    web_oidc_post_logout_redirect_uri: str = ""
+    # Space-separated scopes asked for; openid is required.
+    web_oidc_scopes: str = "openid profile"
+    # A sign-in started and not finished within this long is forgotten; at most this many wait at once
+    # (each costs memory before anyone has authenticated).
+    web_oidc_sign_in_timeout_s: float = 600.0
+    web_oidc_max_pending_sign_ins: int = 10_000
+    # The page's access token is renewed (refresh-token grant) this long before it expires.
+    web_oidc_refresh_before_s: float = 60.0
+    # Per request to the identity provider (discovery, token endpoint).
+    web_oidc_http_timeout_s: float = 10.0
     # Verified results as DICOM: a DICOM input whose answer was also written as DICOM keeps its source with
     # the case (up to dicom_source_max_bytes; a larger one is reviewed without a verified DICOM result), and
     # when its loop completes the reviewer's VERIFIED SR (and SEG where masks changed) is handed to the DICOM
@@ -227,6 +275,18 @@ class ReviewSettings:
     @property
     def target(self) -> str:
         return self.url or f"{self.host}:{self.port}"
+
+    def __post_init__(self) -> None:
+        if self.web_oidc_client_auth not in {"client_secret_basic", "client_secret_post"}:
+            raise ValueError("review.web_oidc_client_auth must be client_secret_basic or client_secret_post")
+        if self.web_oidc_client_id and "openid" not in self.web_oidc_scopes.split():
+            raise ValueError("review.web_oidc_scopes must include openid")
+        positive = ("web_idle_timeout_s", "web_session_max_s", "web_oidc_sign_in_timeout_s", "web_oidc_http_timeout_s")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"review.{name} must be positive")
+        if self.web_oidc_max_pending_sign_ins < 1 or self.web_oidc_refresh_before_s < 0:
+            raise ValueError("review.web_oidc_max_pending_sign_ins must be >= 1 and web_oidc_refresh_before_s >= 0")
 
 
 @dataclass(frozen=True)
