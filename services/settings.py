@@ -37,6 +37,9 @@ class TritonSettings:
     log_verbose: int = 0
     # More tritonserver flags for the embedded server, as one shell-quoted string.
     extra_args: str = ""
+    # > 0: the embedded server polls its repository this often (seconds) and loads new model versions as they
+    # land (a trained candidate); 0: it loads the repository once, at start (Triton's default).
+    repository_poll_s: float = 0.0
     # Tensors through /dev/shm instead of the gRPC message: "auto" (when Triton is on loopback and can
     # map the regions), "on" or "off". The bound is per gateway worker.
     shared_memory: str = "auto"
@@ -103,6 +106,50 @@ class ModelNames:
     def as_dict(self) -> dict[str, str]:
         """Configured roles only: an empty name turns a role off (its RPCs answer UNIMPLEMENTED)."""
         return {item.name: getattr(self, item.name) for item in dataclasses.fields(self) if getattr(self, item.name)}
+
+
+@dataclass(frozen=True)
+class VersionSettings:
+    """Which version of each role's Triton model answers, the candidate shadowing it, and when one may be promoted.
+
+    A pin here wins; else ``file`` (written by ``medgate train`` and ``medgate models promote|rollback``, re-read
+    by every gateway worker at most every ``reload_interval_s``, so a promotion needs no restart); else the
+    highest version Triton had loaded when the gateway connected. A version dropped into the repository never
+    answers until it is promoted.
+    """
+
+    classifier: str = ""
+    detector: str = ""
+    segmenter_text: str = ""
+    segmenter_box: str = ""
+    file: Path = PROJECT_ROOT / "var" / "model_versions.json"
+    reload_interval_s: float = 1.0
+    # Shadow: this fraction of live classify/detect answers is also computed by the role's candidate version,
+    # off the caller's path (the answer is never changed), and the two are compared (metrics, report file).
+    shadow_fraction: float = 0.0
+    # Shadow calls in flight per worker; a request beyond that is not shadowed (counted as skipped).
+    shadow_max_in_flight: int = 2
+    shadow_timeout_s: float = 30.0
+    shadow_report_file: Path = PROJECT_ROOT / "var" / "shadow" / "comparisons.jsonl"
+    # Detections agree when each box scoring >= shadow_min_score on one side has one on the other at IoU >= shadow_iou.
+    shadow_iou: float = 0.5
+    shadow_min_score: float = 0.5
+    # medgate models promote: the candidate's AP50 (reviewed held-out, phantom held-out) may be at most this much
+    # below the serving version's on the same cases (the sampling noise of a few hundred lesions).
+    promote_tolerance: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.shadow_fraction <= 1.0:
+            raise ValueError(f"versions.shadow_fraction must be within [0, 1], not {self.shadow_fraction}")
+        for role in ("classifier", "detector", "segmenter_text", "segmenter_box"):
+            pin = getattr(self, role)
+            if pin and not (pin.isdigit() and int(pin) > 0):
+                raise ValueError(f"versions.{role} must be a positive version number or empty, not {_quoted(pin)}")
+
+    def pins(self) -> dict[str, str]:
+        """The roles pinned by settings."""
+        roles = ("classifier", "detector", "segmenter_text", "segmenter_box")
+        return {role: getattr(self, role) for role in roles if getattr(self, role)}
 
 
 @dataclass(frozen=True)
@@ -428,6 +475,7 @@ class Settings:
     triton: TritonSettings = field(default_factory=TritonSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     models: ModelNames = field(default_factory=ModelNames)
+    versions: VersionSettings = field(default_factory=VersionSettings)
     ingest: IngestLimits = field(default_factory=IngestLimits)
     review: ReviewSettings = field(default_factory=ReviewSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
