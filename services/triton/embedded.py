@@ -258,8 +258,16 @@ class EmbeddedTriton:
             f"--exit-timeout-secs={s.exit_timeout_s}",
             f"--grpc-restricted-protocol={restricted}",
             f"--http-restricted-api={restricted}",
+            *self.poll_args(),
             *shlex.split(s.extra_args),
         ]
+
+    def poll_args(self) -> list[str]:
+        """Poll mode when triton.repository_poll_s > 0: a version landing in the repository loads without a restart."""
+        seconds = self.settings.repository_poll_s
+        if seconds <= 0:
+            return []
+        return ["--model-control-mode=poll", f"--repository-poll-secs={max(1, round(seconds))}"]
 
     def start(self) -> None:
         if self._process is not None:
