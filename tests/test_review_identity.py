@@ -113,12 +113,13 @@ def test_a_version_1_store_is_migrated_and_keeps_its_decisions(tmp_path: Path) -
     with sqlite3.connect(old) as conn:
         conn.executescript(f"{SCHEMA}; PRAGMA user_version=1;")
         conn.execute(f"ATTACH DATABASE '{db}' AS new")
-        for table in ("loops", "images", "deliveries"):
-            conn.execute(f"INSERT INTO {table} SELECT * FROM new.{table}")
+        for table in ("loops", "images", "deliveries"):  # version 1's columns (later versions added some)
+            names = ", ".join(row[1] for row in conn.execute(f"PRAGMA main.table_info({table})"))
+            conn.execute(f"INSERT INTO {table} SELECT {names} FROM new.{table}")
         columns = "id, loop_seq, reviewer, delivery_id, answer_json, payload_digest, accepted_at, submitted_at"
         conn.execute(f"INSERT INTO decisions SELECT {columns} FROM new.decisions")
     with ReviewStore(old) as store:
-        assert store._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert store._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         (before,) = store.decisions("case-1")
         assert (before.reviewer_id, before.issuer, before.subject, before.worker_id) == ("dr-old", None, None, "dr-old")
         assert "workerMetadata" not in output_document(store.describe("case-1"), [before])["humanAnswers"][0]

@@ -13,6 +13,9 @@ from services.review.store.base import ReviewStoreBase
 from services.review.store.keys import auto_loop_name
 from services.review.store.model import (
     ACTIVATION_REASONS_KEY,
+    DICOM_CONTEXT_NAME,
+    DICOM_PENDING,
+    DICOM_SOURCE_NAME,
     FAILURE_EXPIRED,
     MAX_ID_CHARS,
     MAX_LIST_RESULTS,
@@ -59,6 +62,9 @@ def open_store(settings: ReviewSettings, *, owner: bool = True) -> ReviewStoreBa
 
 __all__ = [
     "ACTIVATION_REASONS_KEY",
+    "DICOM_CONTEXT_NAME",
+    "DICOM_PENDING",
+    "DICOM_SOURCE_NAME",
     "FAILURE_EXPIRED",
     "MAX_ID_CHARS",
     "MAX_LIST_RESULTS",

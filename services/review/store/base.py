@@ -296,6 +296,19 @@ class ReviewStoreBase(abc.ABC):
     @abc.abstractmethod
     def mark_output(self, name: str, output_path: str) -> None: ...
 
+    @abc.abstractmethod
+    def pending_dicom(self, limit: int = MAX_LIST_RESULTS) -> builtins.list[Loop]:
+        """Completed loops whose verified DICOM result is not handed over yet, oldest first (an outbox: kept
+        across crashes, and the same loop is built again until it is marked)."""
+
+    @abc.abstractmethod
+    def mark_dicom(self, name: str, state: str, note: str = "") -> None:
+        """Record what became of a loop's verified DICOM result: 'sent', 'failed' or 'skipped', and which or why."""
+
+    @abc.abstractmethod
+    def dicom_state(self, name: str) -> tuple[str | None, str | None]:
+        """(state, note) of a loop's verified DICOM result; (None, None) for a loop without a DICOM source."""
+
     # -- argument checks every backend makes alike -------------------------------------------------
 
     @staticmethod

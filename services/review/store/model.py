@@ -16,6 +16,16 @@ MAX_ID_CHARS = 128
 MAX_REVIEWER_CHARS = 512
 FAILURE_EXPIRED = "Expired"
 ACTIVATION_REASONS_KEY = "humanLoopActivationReasons"
+# A loop's attachments for its verified DICOM result: the source instance's bytes and what refers to the
+# AI results (services/review/completion.py); a loop started with DICOM_SOURCE_NAME is 'pending' until then.
+DICOM_SOURCE_NAME = "source.dcm"
+DICOM_CONTEXT_NAME = "dicom.json"
+DICOM_PENDING = "pending"
+
+
+def initial_dicom_state(images: Mapping[str, bytes]) -> str | None:
+    """A new loop's dicom_state: pending when it carries a DICOM source for a verified result, else none."""
+    return DICOM_PENDING if DICOM_SOURCE_NAME in images else None
 
 
 class NotFound(ReviewError, LookupError):

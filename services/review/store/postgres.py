@@ -54,6 +54,7 @@ from services.review.store.model import (
     NotYourLease,
     StoreUnavailable,
     WorkEvent,
+    initial_dicom_state,
     parse_status,
 )
 from services.review.store.postgres_schema import migrate
@@ -310,8 +311,9 @@ class PostgresReviewStore(ReviewStoreBase):
             self._expire_in(conn, now, changes)
             inserted = conn.execute(
                 "INSERT INTO loops (name, flow, task_type, status, input_json, input_hash, input_digest,"
-                " image_names, task_count, task_time_limit_s, created_at, expires_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING RETURNING seq",
+                " image_names, task_count, task_time_limit_s, created_at, expires_at, dicom_state)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (name) DO NOTHING RETURNING seq",
                 (
                     name,
                     flow.name,
@@ -325,6 +327,7 @@ class PostgresReviewStore(ReviewStoreBase):
                     flow.task_time_limit_s,
                     now,
                     now + flow.task_availability_lifetime_s,
+                    initial_dicom_state(checked.images),
                 ),
             ).fetchone()
             if inserted is None:
@@ -727,6 +730,29 @@ class PostgresReviewStore(ReviewStoreBase):
                 raise NotFound(f"human loop {name} not found")
 
         self._write(work)
+
+    def pending_dicom(self, limit: int = MAX_LIST_RESULTS) -> builtins.list[Loop]:
+        rows = self._read(
+            lambda conn: conn.execute(
+                "SELECT * FROM loops WHERE dicom_state = 'pending' AND status = 'Completed' ORDER BY seq LIMIT %s",
+                (limit,),
+            ).fetchall()
+        )
+        return [row_loop(row) for row in rows]
+
+    def mark_dicom(self, name: str, state: str, note: str = "") -> None:
+        def work(conn: Connection, changes: Changes) -> None:
+            updated = conn.execute(
+                "UPDATE loops SET dicom_state = %s, dicom_note = %s WHERE name = %s", (state, note, name)
+            ).rowcount
+            if updated == 0:
+                raise NotFound(f"human loop {name} not found")
+
+        self._write(work)
+
+    def dicom_state(self, name: str) -> tuple[str | None, str | None]:
+        row = self._read(lambda conn: self._loop_row(conn, name))
+        return row["dicom_state"], row["dicom_note"]
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -80,6 +80,11 @@ MIGRATIONS: dict[int, tuple[str, str]] = {
         "decisions keep the token's issuer and subject of a verified reviewer",
         "ALTER TABLE decisions ADD COLUMN reviewer_issuer TEXT, ADD COLUMN reviewer_subject TEXT",
     ),
+    2: (
+        "loops keep the state of their verified DICOM result",
+        "ALTER TABLE loops ADD COLUMN dicom_state TEXT, ADD COLUMN dicom_note TEXT;"
+        " CREATE INDEX loops_dicom_pending ON loops (seq) WHERE dicom_state = 'pending'",
+    ),
 }
 BASE_DESCRIPTION = "loops, images, deliveries, decisions"
 

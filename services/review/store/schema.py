@@ -11,7 +11,7 @@ from services.review.store.model import Decision, Loop, LoopStatus
 
 # One numbering for both backends: version n means the same tables and columns in SQLite and PostgreSQL
 # (postgres_schema.py), each reaching it by its own statements.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Version 1, as first released; later versions are MIGRATIONS applied on top, to new and old files alike,
 # so a fresh database and a migrated one are built by the same statements.
@@ -81,6 +81,14 @@ MIGRATIONS: dict[int, str] = {
     1: """
 ALTER TABLE decisions ADD COLUMN reviewer_issuer TEXT;
 ALTER TABLE decisions ADD COLUMN reviewer_subject TEXT;
+""",
+    # Verified results as DICOM (services/review/completion.py): NULL for a loop without a DICOM source;
+    # 'pending' from the start of one that has it until its verified result is handed to the DICOM node
+    # ('sent'), or cannot be built from it ('failed', 'skipped'); dicom_note says which object or why.
+    2: """
+ALTER TABLE loops ADD COLUMN dicom_state TEXT;
+ALTER TABLE loops ADD COLUMN dicom_note TEXT;
+CREATE INDEX loops_dicom_pending ON loops (seq) WHERE dicom_state = 'pending';
 """,
 }
 

@@ -30,6 +30,7 @@ from services.review.store.model import (
     LoopStatus,
     NotFound,
     NotYourLease,
+    initial_dicom_state,
     parse_status,
 )
 from services.review.store.schema import migrate, row_decision, row_loop
@@ -164,8 +165,8 @@ class ReviewStore(ReviewStoreBase):
             else:
                 seq = conn.execute(
                     "INSERT INTO loops (name, flow, task_type, status, input_json, input_hash, input_digest,"
-                    " image_names, task_count, task_time_limit_s, created_at, expires_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " image_names, task_count, task_time_limit_s, created_at, expires_at, dicom_state)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         name,
                         flow.name,
@@ -179,6 +180,7 @@ class ReviewStore(ReviewStoreBase):
                         flow.task_time_limit_s,
                         now,
                         now + flow.task_availability_lifetime_s,
+                        initial_dicom_state(attached),
                     ),
                 ).lastrowid
                 conn.executemany(
@@ -491,6 +493,25 @@ class ReviewStore(ReviewStoreBase):
         with self._transaction() as (conn, _changes):
             self._seq(conn, name)
             conn.execute("UPDATE loops SET output_path = ? WHERE name = ?", (output_path, name))
+
+    def pending_dicom(self, limit: int = MAX_LIST_RESULTS) -> builtins.list[Loop]:
+        with self._reading() as conn:
+            rows = conn.execute(
+                "SELECT * FROM loops WHERE dicom_state = 'pending' AND status = 'Completed' ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [row_loop(row) for row in rows]
+
+    def mark_dicom(self, name: str, state: str, note: str = "") -> None:
+        with self._transaction() as (conn, _changes):
+            self._seq(conn, name)
+            conn.execute("UPDATE loops SET dicom_state = ?, dicom_note = ? WHERE name = ?", (state, note, name))
+
+    def dicom_state(self, name: str) -> tuple[str | None, str | None]:
+        with self._reading() as conn:
+            self._seq(conn, name)
+            row = conn.execute("SELECT dicom_state, dicom_note FROM loops WHERE name = ?", (name,)).fetchone()
+        return row["dicom_state"], row["dicom_note"]
 
     # -- internals ------------------------------------------------------------------------------
 
