@@ -54,6 +54,7 @@ from google.protobuf import json_format
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import review_pb2 as rpb
 from medgate.v1 import review_pb2_grpc as rpb_grpc
+from services.gateway.review_image import ModalityImage, modality_image
 from services.imaging.arrays import WireArray, encode_array
 from services.imaging.prepare import PreparedImage
 from services.metrics import REVIEW_OUTBOX_PENDING, REVIEW_ROUTED
@@ -373,12 +374,12 @@ class ReviewRouter:
             if case.request is None:
                 continue
             if case.routing.queued:
-                self._deliver_later(case.request, prepared.model_image)
+                self._deliver_later(case.request, prepared)
             else:
                 # The outbox cannot keep it: send it now, on the caller's time, rather than lose it.
                 log.error("review outbox cannot keep %s (%s); sending it now", case.request.name, case.problem)
-                png = await loop.run_in_executor(self.executor, _png, prepared.model_image)
-                await self._start(_with_image(case.request, png), case.routing, case.problem)
+                png, modality = await loop.run_in_executor(self.executor, _review_images, prepared)
+                await self._start(_with_image(case.request, png, modality), case.routing, case.problem)
         return [case.routing for case in cases]
 
     def _keep(self, request: rpb.StartHumanLoopRequest) -> None:
@@ -411,26 +412,31 @@ class ReviewRouter:
             raise
         self._held += len(payload)
 
-    def _deliver_later(self, request: rpb.StartHumanLoopRequest, image: np.ndarray) -> None:
+    def _deliver_later(self, request: rpb.StartHumanLoopRequest, prepared: PreparedImage) -> None:
         self._delivering.add(request.name)
-        task = asyncio.create_task(self._deliver(request, image), name=f"review hand-off {request.name}")
+        task = asyncio.create_task(self._deliver(request, prepared), name=f"review hand-off {request.name}")
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
 
-    async def _deliver(self, request: rpb.StartHumanLoopRequest, image: np.ndarray) -> None:
-        """After the answer: the handed-off case to the review service, with its image compressed; out of the outbox
-        once the service has it. A service that cannot be reached leaves it to the outbox's retries."""
+    async def _deliver(self, request: rpb.StartHumanLoopRequest, prepared: PreparedImage) -> None:
+        """After the answer: the handed-off case to the review service, with its image compressed and (grey DICOM)
+        its 16-bit modality image; out of the outbox once the service has it. A service that cannot be reached
+        leaves it to the outbox's retries, with the outbox entry replaced by the complete request."""
         loop = asyncio.get_running_loop()
         entry = Pending(request.name, self.outbox.directory / f"{request.name}{SUFFIX}")
         try:
             await loop.run_in_executor(self._background, _sync, entry.path)
-            png = await loop.run_in_executor(self._background, _png, image)
+            png, modality = await loop.run_in_executor(self._background, _review_images, prepared)
+            complete = _with_image(request, png, modality)
             try:
-                await self.stub.StartHumanLoop(_with_image(request, png), timeout=self.timeout_s)
+                await self.stub.StartHumanLoop(complete, timeout=self.timeout_s)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code in _RETRYABLE:
                     log.warning("review service %s: %s kept in the outbox, will be sent again", code.name, request.name)
+                    if modality is not None:  # the retries send the 16-bit image too; else they send what was kept
+                        with contextlib.suppress(OutboxFull, OSError, ValueError):
+                            await loop.run_in_executor(self._background, self._keep, complete)
                     return
                 if code is not grpc.StatusCode.ALREADY_EXISTS:
                     log.warning("review service refused human loop %s: %s", request.name, code.name)
@@ -543,10 +549,22 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
-def _with_image(request: rpb.StartHumanLoopRequest, png: bytes) -> rpb.StartHumanLoopRequest:
+def _review_images(prepared: PreparedImage) -> tuple[bytes, ModalityImage | None]:
+    """The compressed 8-bit review image and, for a grey DICOM input, the 16-bit modality image (after the answer)."""
+    return _png(prepared.model_image), modality_image(prepared)
+
+
+def _with_image(
+    request: rpb.StartHumanLoopRequest, png: bytes, modality: ModalityImage | None = None
+) -> rpb.StartHumanLoopRequest:
     copy = rpb.StartHumanLoopRequest()
     copy.CopyFrom(request)
     copy.image_png = png
+    if modality is not None:
+        copy.modality_png = modality.png
+        content = json.loads(copy.input_content_json or "{}")
+        content["modalityImage"] = modality.meta
+        copy.input_content_json = json.dumps(content, sort_keys=True)
     return copy
 
 
