@@ -33,6 +33,7 @@ from services.gateway.convert import (
     request_array,
     transform_proto,
 )
+from services.gateway.cost import BoxWindows, CostPrices, RequestCost, check_budget, estimate
 from services.gateway.routing import ReviewRouter
 from services.imaging.ingest import InputKind
 from services.imaging.masks import EncodedMasks, encode_masks
@@ -48,6 +49,9 @@ from services.triton.client import TritonModels
 ResponseT = TypeVar("ResponseT", pb.ClassifyResponse, pb.DetectResponse, pb.SegmentResponse)
 ClassifyOrMore = pb.ClassifyRequest | pb.DetectRequest | pb.SegmentRequest | pb.AnalyzeRequest
 PROMPT_SEPARATOR = "&"
+# Triton priority levels of the box model (its config.pbtxt): a request priced over light_request_cost_ms is
+# queued behind the light ones. A model without priority levels takes every request at its default level.
+LIGHT_PRIORITY, HEAVY_PRIORITY = 1, 2
 
 
 @dataclass
@@ -139,6 +143,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.models = models
         self.executor = executor
         self.router = router
+        limits = settings.gateway
+        self.prices = CostPrices(
+            encoder_pass_ms=limits.cost_encoder_pass_ms,
+            image_pass_ms=limits.cost_image_pass_ms,
+            megapixel_ms=limits.cost_megapixel_ms,
+            max_request_cost_ms=limits.max_request_cost_ms,
+        )
 
     # --- request parsing -----------------------------------------------------------------------
 
@@ -177,6 +188,27 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 )
         original = np.array([box_tuple(b) for b in boxes], dtype=np.float64).reshape(-1, 4)
         return transform.boxes_to_model(original).astype(np.float32)
+
+    def _cost(
+        self, prepared: PreparedImage, *, image_passes: int, prompts: int = 0, boxes: np.ndarray | None = None
+    ) -> RequestCost:
+        """The request's estimated cost, refused (CostTooHigh: RESOURCE_EXHAUSTED) over the budget; before any model."""
+        info = prepared.decoded.info
+        box_model = self.models.models.get("segmenter_box")
+        windows = BoxWindows.from_parameters(box_model.parameters if box_model is not None else {})
+        cost = estimate(
+            self.prices,
+            pixels=info.rows * info.columns * max(1, info.frames),
+            image_passes=image_passes,
+            prompts=prompts,
+            boxes=boxes,
+            windows=windows,
+        )
+        check_budget(cost, self.prices)
+        return cost
+
+    def _priority(self, cost: RequestCost) -> int:
+        return HEAVY_PRIORITY if cost.ms > self.settings.gateway.light_request_cost_ms else LIGHT_PRIORITY
 
     async def _prepare(self, image: pb.ImageInput, clock: Clock) -> PreparedImage:
         source = image.WhichOneof("source")
@@ -297,6 +329,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         *,
         prompts: list[str],
         boxes: np.ndarray,
+        priority: int = LIGHT_PRIORITY,
     ) -> tuple[pb.SegmentResponse, np.ndarray]:
         """The response and the model-space masks [N, 1024, 1024] (kept for review routing).
 
@@ -306,7 +339,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if not prompts and len(boxes) == 0:
             raise BadRequest("segmentation needs at least one text prompt or box prompt")
         text_call = self.models.segment_text(prepared.model_image, prompts, deadline=deadline) if prompts else None
-        box_call = self.models.segment_boxes(prepared.model_image, boxes, deadline=deadline) if len(boxes) else None
+        box_call = (
+            self.models.segment_boxes(prepared.model_image, boxes, deadline=deadline, priority=priority)
+            if len(boxes)
+            else None
+        )
         async with asyncio.TaskGroup() as group:
             text_task = group.create_task(text_call) if text_call else None
             box_task = group.create_task(box_call) if box_call else None
@@ -392,6 +429,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         digest = self.router.digest(request.image) if self.router is not None else None
         wants_dicom = self._check_dicom_results(request, prepared)
         boxes = self._boxes(list(request.boxes), prepared.transform)
+        cost = self._cost(
+            prepared,
+            image_passes=int(tasks.classify) + int(tasks.detect) + int(tasks.segment and bool(prompts)),
+            prompts=len(prompts) if tasks.segment else 0,
+            boxes=boxes if tasks.segment else None,
+        )
         encoded_ms = clock.encode_ms
         async with asyncio.TaskGroup() as group:
             classify = group.create_task(self._classify(prepared, deadline, clock)) if tasks.classify else None
@@ -405,7 +448,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 else None
             )
             segment = (
-                group.create_task(self._segment(prepared, deadline, clock, request, prompts=prompts, boxes=boxes))
+                group.create_task(
+                    self._segment(
+                        prepared, deadline, clock, request, prompts=prompts, boxes=boxes, priority=self._priority(cost)
+                    )
+                )
                 if tasks.segment
                 else None
             )
@@ -470,6 +517,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         prepared = await self._prepare(request.image, clock)
         digest = self.router.digest(request.image) if self.router is not None else None
         wants_dicom = self._check_dicom_results(request, prepared)
+        self._cost(prepared, image_passes=1)
         response = await self._classify(prepared, deadline, clock)
         clock.models_lap(clock.encode_ms)
         if wants_dicom:
@@ -489,6 +537,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         prepared = await self._prepare(request.image, clock)
         digest = self.router.digest(request.image) if self.router is not None else None
         wants_dicom = self._check_dicom_results(request, prepared)
+        self._cost(prepared, image_passes=1)
         response = await self._detect(
             prepared, deadline, clock, min_score=request.min_score, max_detections=request.max_detections
         )
@@ -511,8 +560,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         digest = self.router.digest(request.image) if self.router is not None else None
         wants_dicom = self._check_dicom_results(request, prepared)
         boxes = self._boxes(list(request.boxes), prepared.transform)
+        cost = self._cost(prepared, image_passes=int(bool(prompts)), prompts=len(prompts), boxes=boxes)
         encoded_ms = clock.encode_ms
-        response, masks = await self._segment(prepared, deadline, clock, request, prompts=prompts, boxes=boxes)
+        response, masks = await self._segment(
+            prepared, deadline, clock, request, prompts=prompts, boxes=boxes, priority=self._priority(cost)
+        )
         clock.models_lap(encoded_ms)
         if wants_dicom:
             response.dicom_results.extend(

@@ -376,8 +376,12 @@ class TritonModels:
         *,
         deadline: float,
         sized_outputs: dict[str, tuple[tuple[int, ...], np.dtype[Any]]] | None = None,
+        priority: int = 0,
     ) -> dict[str, np.ndarray]:
-        """Run one request; ``sized_outputs`` (shape, dtype known in advance) may come back through shared memory."""
+        """Run one request; ``sized_outputs`` (shape, dtype known in advance) may come back through shared memory.
+
+        ``priority``: Triton's priority level (1 = highest; 0 or a level the model lacks = its default level).
+        """
         tried = False
         while True:
             if not self.watch.up:
@@ -396,6 +400,7 @@ class TritonModels:
                         outputs=requested,
                         client_timeout=remaining,
                         timeout=request_timeout_us(remaining),
+                        priority=priority,
                     )
                 )
                 TRITON_SECONDS.labels(model=info.name).observe(time.perf_counter() - started)
@@ -506,9 +511,9 @@ class TritonModels:
         return result["masks"][0], result["scores"][0], categories
 
     async def segment_boxes(
-        self, image: np.ndarray, boxes: np.ndarray, *, deadline: float
+        self, image: np.ndarray, boxes: np.ndarray, *, deadline: float, priority: int = 0
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Masks [N, 1024, 1024] uint8 and predicted IoU [N] for N model-space boxes."""
+        """Masks [N, 1024, 1024] uint8 and predicted IoU [N] for N model-space boxes (``priority``: see _infer)."""
         info = self._role("segmenter_box")
         result = await self._infer(
             info,
@@ -516,6 +521,7 @@ class TritonModels:
             ["masks", "scores"],
             deadline=deadline,
             sized_outputs={"masks": _masks_shape(len(boxes))},
+            priority=priority,
         )
         return result["masks"][0], result["scores"][0]
 
