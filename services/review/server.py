@@ -67,6 +67,7 @@ class ReviewServer:
                 self.audit,
                 idle_timeout_s=settings.web_idle_timeout_s,
                 secure_cookie=security.tls,
+                settings=settings,
             )
         self.security = security
         self.web: WebListener | None = None

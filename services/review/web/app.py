@@ -57,8 +57,9 @@ from services.security.errors import Unauthenticated
 from services.security.identity import Identity, Role
 from services.security.policy import roles_for
 from services.security.tokens import TokenVerifier
-from services.settings import SecuritySettings
+from services.settings import ReviewSettings, SecuritySettings
 
+from .oidc import OidcSignIn
 from .sessions import Session, Sessions
 
 log = logging.getLogger("medgate.review.web")
@@ -249,17 +250,21 @@ class ReviewPage:
         idle_timeout_s: float,
         secure_cookie: bool,
         verifier: TokenVerifier | None = None,
+        settings: ReviewSettings | None = None,
     ) -> None:
         self.servicer = servicer
         self.security = security
         self.audit = audit
         self.verifier = verifier or TokenVerifier(security)
-        self.sessions = Sessions(idle_timeout_s=idle_timeout_s)
+        web = settings or ReviewSettings()
+        self.sessions = Sessions(idle_timeout_s=idle_timeout_s, max_age_s=web.web_session_max_s)
         self.secure_cookie = secure_cookie
         self.cookie = "__Host-medgate-review" if secure_cookie else "medgate-review"
         self.closing = asyncio.Event()
+        self.sign_in = OidcSignIn(self, web)  # the IdP's sign-in (/auth/login, /auth/callback) when configured
         self.app = Starlette(
             routes=[
+                *self.sign_in.routes,
                 Route("/", self.index),
                 Route("/api/session", self.session, methods=["GET"]),
                 Route("/api/session/token", self.sign_in_token, methods=["POST"]),
@@ -371,6 +376,7 @@ class ReviewPage:
             raise AssertionError("unreachable")
         if request.method == "POST":
             self._check_csrf(request, session)
+        await self.sign_in.refresh_if_due(session)
         try:
             identity = await self.verifier.verify_async(session.token, peer=self._peer(request))
         except Unauthenticated as exc:
@@ -385,6 +391,8 @@ class ReviewPage:
         body: dict[str, Any] = {
             "signedIn": session is not None,
             "devSignIn": self.dev_token_path is not None,
+            "oidcSignIn": self.sign_in.enabled,
+            "tokenSignIn": not self.sign_in.enabled,  # with an IdP's sign-in configured, only that
             "idleTimeoutS": self.sessions.idle_timeout_s,
         }
         if session is not None:
@@ -425,6 +433,8 @@ class ReviewPage:
         return response
 
     async def sign_in_token(self, request: Request) -> Response:
+        if self.sign_in.enabled:
+            raise HttpError(404, "NOT_FOUND", "sign in through the identity provider (/auth/login)")
         try:
             body = await request.json()
         except ValueError:
@@ -443,12 +453,14 @@ class ReviewPage:
 
     async def sign_out(self, request: Request) -> Response:
         session = self.sessions.get(request.cookies.get(self.cookie), touch=False)
+        end_session = ""
         if session is not None:
             self._check_csrf(request, session)
             self.sessions.drop(session.session_id)
             with contextlib.suppress(Exception):
                 await self._audit(SIGN_OUT, "OK", request, session.identity)
-        response = JSONResponse(self._session_json(None))
+            end_session = await self.sign_in.end_session_url(session, request)  # the page then ends the IdP's too
+        response = JSONResponse(self._session_json(None) | {"endSessionUrl": end_session})
         response.delete_cookie(self.cookie, path="/", secure=self.secure_cookie, httponly=True, samesite="strict")
         return response
 

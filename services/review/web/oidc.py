@@ -1,0 +1,594 @@
+"""The reviewer page's sign-in through the hospital's identity provider: OIDC authorization code with PKCE (S256).
+
+The page is a relying party of ``security.oidc_issuer``, the same issuer whose tokens the gRPC API takes.
+``/auth/login`` sends the browser to the IdP with a fresh ``state`` (bound to this browser by a short-lived
+SameSite=Lax cookie), ``nonce`` and S256 ``code_challenge``; ``/auth/callback`` takes the code back once,
+exchanges it with the ``code_verifier`` (as a public or a confidential client), checks the ID token
+(signature from the issuer's JWKS, issuer, audience = our client id, expiry, nonce) and then the access
+token with the very :class:`~services.security.tokens.TokenVerifier` of the gRPC API: the identity and
+roles of the page are those a gRPC call with that token would have. Only then is a server-side session
+made; the access token is renewed with the refresh token before it expires, and sign-out sends the browser
+to the IdP's ``end_session_endpoint`` when it has one. Every refusal is an HTML page that says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import html
+import json
+import logging
+import secrets
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jwt
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from services.security.errors import Unauthenticated
+from services.security.identity import Identity
+from services.settings import ReviewSettings, SecuritySettings
+
+from .sessions import Session
+
+if TYPE_CHECKING:
+    from .app import ReviewPage
+
+log = logging.getLogger("medgate.review.web")
+
+LOGIN_PATH, CALLBACK_PATH = "/auth/login", "/auth/callback"
+_MAX_RESPONSE_BYTES = 1 << 20
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class SignInRefused(Exception):
+    """A sign-in that stops here: ``status`` and a message for the person in front of the browser."""
+
+    def __init__(
+        self, status: int, title: str, message: str, *, audit: str = "UNAUTHENTICATED", identity: Identity | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.title, self.message, self.audit = status, title, message, audit
+        self.identity = identity  # who was refused, when the tokens were good (no reviewer role)
+
+
+# --- PKCE, state and nonce (pure) --------------------------------------------------------------------
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def pkce_verifier() -> str:
+    """86 characters of [A-Za-z0-9_-] (RFC 7636 allows 43-128 unreserved characters): 512 random bits."""
+    return secrets.token_urlsafe(64)
+
+
+def pkce_challenge(verifier: str) -> str:
+    """The S256 code challenge: BASE64URL(SHA256(ASCII(code_verifier))) without padding (RFC 7636 4.2)."""
+    return _b64url(hashlib.sha256(verifier.encode("ascii")).digest())
+
+
+@dataclass(frozen=True)
+class PendingSignIn:
+    """What one browser's sign-in keeps here between the redirect to the IdP and the callback."""
+
+    state: str
+    nonce: str
+    verifier: str
+    binding: str  # the value of this browser's sign-in cookie: a state replayed in another browser is refused
+    redirect_uri: str
+    started: float
+
+    @property
+    def challenge(self) -> str:
+        return pkce_challenge(self.verifier)
+
+
+class PendingSignIns:
+    """Sign-ins under way, each usable once and only from the browser that started it, for ``timeout_s``.
+
+    Bounded: past ``capacity`` the oldest is forgotten (its callback then says the sign-in expired), so
+    a flood of unauthenticated ``/auth/login`` requests costs a fixed amount of memory.
+    """
+
+    def __init__(self, *, timeout_s: float, capacity: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.timeout_s, self.capacity, self._clock = timeout_s, capacity, clock
+        self._pending: OrderedDict[str, PendingSignIn] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def begin(self, redirect_uri: str) -> PendingSignIn:
+        now = self._clock()
+        while self._pending:
+            oldest = next(iter(self._pending.values()))
+            if now - oldest.started <= self.timeout_s and len(self._pending) < self.capacity:
+                break
+            self._pending.popitem(last=False)
+        pending = PendingSignIn(
+            state=secrets.token_urlsafe(32),
+            nonce=secrets.token_urlsafe(32),
+            verifier=pkce_verifier(),
+            binding=secrets.token_urlsafe(32),
+            redirect_uri=redirect_uri,
+            started=now,
+        )
+        self._pending[pending.state] = pending
+        return pending
+
+    def finish(self, state: str | None, binding: str | None) -> PendingSignIn:
+        """The sign-in ``state`` names, once; refused when unknown, used, expired or from another browser."""
+        pending = self._pending.get(state or "")
+        if pending is None:
+            raise SignInRefused(400, "Sign-in not recognised", "This sign-in is unknown, already used or expired.")
+        if not binding or not secrets.compare_digest(binding, pending.binding):
+            # Not consumed: a forged callback must not cancel the real user's sign-in under way.
+            raise SignInRefused(
+                400, "Sign-in not recognised", "This sign-in was not started in this browser (state mismatch)."
+            )
+        del self._pending[pending.state]
+        if self._clock() - pending.started > self.timeout_s:
+            raise SignInRefused(400, "Sign-in expired", "This sign-in took too long; please start again.")
+        return pending
+
+
+def verify_id_token(
+    token: str,
+    key: jwt.PyJWK,
+    *,
+    algorithms: list[str],
+    issuer: str,
+    client_id: str,
+    nonce: str,
+    leeway_s: float,
+) -> dict[str, Any]:
+    """The ID token's claims, checked as OIDC Core 3.1.3.7 asks (signature, iss, aud/azp, exp, iat, nonce)."""
+    try:
+        alg = str(jwt.get_unverified_header(token).get("alg", ""))
+        if alg not in algorithms:
+            raise SignInRefused(401, "Sign-in failed", f"The ID token's algorithm {alg[:16]!r} is not accepted.")
+        claims = jwt.decode(
+            token,
+            key.key,
+            algorithms=[alg],
+            audience=client_id,
+            issuer=issuer,
+            leeway=leeway_s,
+            options={"require": ["exp", "iat", "iss", "aud", "sub"]},
+        )
+    except jwt.PyJWTError as exc:
+        raise SignInRefused(401, "Sign-in failed", f"The ID token was not accepted ({type(exc).__name__}).") from None
+    audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+    azp = claims.get("azp")
+    if (len(audiences) > 1 or azp is not None) and azp != client_id:
+        raise SignInRefused(401, "Sign-in failed", "The ID token was issued to another client (azp).")
+    if not secrets.compare_digest(str(claims.get("nonce", "")), nonce):
+        raise SignInRefused(401, "Sign-in failed", "The ID token does not answer this sign-in (nonce mismatch).")
+    return claims
+
+
+# --- the identity provider over HTTP (blocking: called on executor threads) --------------------------
+
+
+@dataclass(frozen=True)
+class ProviderMetadata:
+    """The parts of the discovery document a relying party uses."""
+
+    issuer: str
+    authorization_endpoint: str
+    token_endpoint: str
+    end_session_endpoint: str
+
+    @classmethod
+    def from_discovery(cls, document: dict[str, Any], issuer: str) -> ProviderMetadata:
+        if str(document.get("issuer", "")).rstrip("/") != issuer:
+            raise ValueError("the discovery document names another issuer")
+        methods = document.get("code_challenge_methods_supported")
+        if isinstance(methods, list) and "S256" not in methods:
+            raise ValueError("the identity provider does not support PKCE with S256")
+        endpoints = {k: str(document.get(k, "")) for k in ("authorization_endpoint", "token_endpoint")}
+        end_session = str(document.get("end_session_endpoint", ""))
+        for url in [*endpoints.values(), end_session]:
+            if url:
+                check_endpoint(url)
+        if not all(endpoints.values()):
+            raise ValueError("the discovery document lacks authorization_endpoint or token_endpoint")
+        return cls(issuer=issuer, end_session_endpoint=end_session, **endpoints)
+
+
+def check_endpoint(url: str) -> None:
+    """HTTPS, or plain HTTP on loopback only (a test IdP): codes, tokens and the client secret cross it."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" or (parts.scheme == "http" and (parts.hostname or "") in _LOOPBACK):
+        return
+    raise ValueError(f"identity provider endpoints must be https:// (plain http on loopback only), not {url[:80]!r}")
+
+
+def _http_json(
+    url: str, *, timeout_s: float, form: dict[str, str] | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """(status, JSON object) of a GET, or of a form POST when ``form``; an error status is an answer too."""
+    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Accept": "application/json", **(headers or {})})
+    if data is not None:
+        request.add_header("Content-Type", "application/x-www-form-urlencoded")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            status, body = response.status, response.read(_MAX_RESPONSE_BYTES)
+    except urllib.error.HTTPError as error:
+        status, body = error.code, error.read(_MAX_RESPONSE_BYTES)
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise ValueError(f"{urllib.parse.urlsplit(url).path} answered HTTP {status} without a JSON object")
+    return status, document
+
+
+@dataclass(frozen=True)
+class OidcClient:
+    """The page as a client of the IdP, from the settings (``review.web_oidc_*``, ``security.oidc_issuer``)."""
+
+    issuer: str
+    client_id: str
+    client_secret: str = ""
+    client_auth: str = "client_secret_basic"
+    redirect_uri: str = ""
+    post_logout_redirect_uri: str = ""
+    scopes: str = "openid profile"
+    http_timeout_s: float = 10.0
+
+    @classmethod
+    def from_settings(cls, review: ReviewSettings, security: SecuritySettings) -> OidcClient | None:
+        if not review.web_oidc_client_id:
+            return None
+        if not security.oidc_issuer:
+            raise ValueError("review.web_oidc_client_id is set but security.oidc_issuer is not: which IdP?")
+        check_endpoint(security.oidc_issuer)
+        secret = ""
+        if review.web_oidc_client_secret_file:
+            secret = Path(review.web_oidc_client_secret_file).read_text().strip()
+            if not secret:
+                raise ValueError("review.web_oidc_client_secret_file is empty")
+        return cls(
+            issuer=security.oidc_issuer.rstrip("/"),
+            client_id=review.web_oidc_client_id,
+            client_secret=secret,
+            client_auth=review.web_oidc_client_auth,
+            redirect_uri=review.web_oidc_redirect_uri,
+            post_logout_redirect_uri=review.web_oidc_post_logout_redirect_uri,
+            scopes=review.web_oidc_scopes,
+            http_timeout_s=review.web_oidc_http_timeout_s,
+        )
+
+    def discover(self) -> ProviderMetadata:
+        status, document = _http_json(f"{self.issuer}/.well-known/openid-configuration", timeout_s=self.http_timeout_s)
+        if status != 200:
+            raise ValueError(f"discovery answered HTTP {status}")
+        return ProviderMetadata.from_discovery(document, self.issuer)
+
+    def token_request(self, provider: ProviderMetadata, form: dict[str, str]) -> dict[str, Any]:
+        """POST to the token endpoint as this client; an error answer is a :class:`SignInRefused`."""
+        form = dict(form)
+        headers: dict[str, str] = {}
+        if not self.client_secret:
+            form["client_id"] = self.client_id  # a public client: PKCE is its only proof
+        elif self.client_auth == "client_secret_post":
+            form |= {"client_id": self.client_id, "client_secret": self.client_secret}
+        else:  # client_secret_basic: both parts form-urlencoded first (RFC 6749 2.3.1)
+            pair = f"{urllib.parse.quote_plus(self.client_id)}:{urllib.parse.quote_plus(self.client_secret)}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        status, answer = _http_json(provider.token_endpoint, timeout_s=self.http_timeout_s, form=form, headers=headers)
+        if status != 200:
+            code = str(answer.get("error", f"HTTP {status}"))[:64]
+            raise SignInRefused(
+                401, "Sign-in failed", f"The identity provider refused to exchange the sign-in code ({code})."
+            )
+        if str(answer.get("token_type", "")).lower() != "bearer" or not isinstance(answer.get("access_token"), str):
+            raise SignInRefused(502, "Sign-in failed", "The identity provider's token answer has no bearer token.")
+        return answer
+
+
+def _page(status: int, title: str, message: str) -> HTMLResponse:
+    """A plain page (no script: the page's CSP holds) that says what happened and leads back to sign-in."""
+    t, m = html.escape(title), html.escape(message)
+    body = (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>medgate review: {t}</title>'
+        '<link rel="stylesheet" href="/static/style.css"></head><body><header><strong>medgate review</strong>'
+        f'</header><section id="signin"><h1>{t}</h1><p id="signin-problem" class="error" role="alert">{m}</p>'
+        '<p><a href="/">Back to sign-in</a></p></section></body></html>'
+    )
+    return HTMLResponse(body, status_code=status)
+
+
+def _expiry(access_token: str) -> float:
+    """The access token's ``exp`` (already verified by the TokenVerifier; read again here for the refresh)."""
+    claims = jwt.decode(access_token, options={"verify_signature": False})
+    return float(claims.get("exp", 0))
+
+
+class OidcSignIn:
+    """The sign-in routes of one :class:`~services.review.web.app.ReviewPage` (off when no client is set)."""
+
+    def __init__(self, page: ReviewPage, review: ReviewSettings) -> None:
+        self.page = page
+        self.client = OidcClient.from_settings(review, page.security)
+        self.pending = PendingSignIns(
+            timeout_s=review.web_oidc_sign_in_timeout_s, capacity=review.web_oidc_max_pending_sign_ins
+        )
+        self.refresh_before_s = review.web_oidc_refresh_before_s
+        self.cookie = "__Host-medgate-signin" if page.secure_cookie else "medgate-signin"
+        self._provider: ProviderMetadata | None = None
+        self._provider_at = 0.0
+        self.routes = [
+            Route(LOGIN_PATH, self.login, methods=["GET"]),
+            Route(CALLBACK_PATH, self.callback, methods=["GET"]),
+        ]
+
+    @property
+    def enabled(self) -> bool:
+        return self.client is not None
+
+    async def _run(self, work: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+    async def provider(self) -> ProviderMetadata:
+        """The IdP's endpoints, discovered off the event loop and kept for ``security.jwks_cache_s``."""
+        assert self.client is not None
+        if self._provider is None or time.monotonic() - self._provider_at > self.page.security.jwks_cache_s:
+            try:
+                self._provider = await self._run(self.client.discover)
+            except Exception as exc:
+                log.warning("the identity provider's discovery failed: %s", type(exc).__name__)
+                raise SignInRefused(
+                    503, "Identity provider unavailable", "The identity provider cannot be reached; try again shortly."
+                ) from None
+            self._provider_at = time.monotonic()
+        return self._provider
+
+    def _redirect_uri(self, request: Request) -> str:
+        assert self.client is not None
+        return self.client.redirect_uri or f"{request.url.scheme}://{request.url.netloc}{CALLBACK_PATH}"
+
+    # --- routes ----------------------------------------------------------------------------------
+
+    async def login(self, request: Request) -> Response:
+        if self.client is None:
+            return _page(404, "Not available", "Sign-in through an identity provider is not configured here.")
+        try:
+            provider = await self.provider()
+        except SignInRefused as refused:
+            return _page(refused.status, refused.title, refused.message)
+        pending = self.pending.begin(self._redirect_uri(request))
+        query = urllib.parse.urlencode(
+            {
+                "response_type": "code",
+                "client_id": self.client.client_id,
+                "redirect_uri": pending.redirect_uri,
+                "scope": self.client.scopes,
+                "state": pending.state,
+                "nonce": pending.nonce,
+                "code_challenge": pending.challenge,
+                "code_challenge_method": "S256",
+            }
+        )
+        sep = "&" if "?" in provider.authorization_endpoint else "?"
+        response = RedirectResponse(f"{provider.authorization_endpoint}{sep}{query}", status_code=303)
+        # Lax, not Strict: the IdP's redirect back is a cross-site navigation that must carry it.
+        response.set_cookie(
+            self.cookie,
+            pending.binding,
+            max_age=int(self.pending.timeout_s),
+            httponly=True,
+            secure=self.page.secure_cookie,
+            samesite="lax",
+            path="/",
+        )
+        return response
+
+    async def callback(self, request: Request) -> Response:
+        try:
+            session = await self._finish(request)
+        except SignInRefused as refused:
+            await self._audit_refusal(request, refused)
+            response: Response = _page(refused.status, refused.title, refused.message)
+        else:
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(
+                self.page.cookie,
+                session.session_id,
+                httponly=True,
+                secure=self.page.secure_cookie,
+                samesite="strict",
+                path="/",
+            )
+            log.info("reviewer signed in on the web page through the identity provider")
+        response.delete_cookie(self.cookie, path="/", secure=self.page.secure_cookie, httponly=True, samesite="lax")
+        return response
+
+    async def _audit_refusal(self, request: Request, refused: SignInRefused) -> None:
+        from .app import SIGN_IN
+
+        with contextlib.suppress(Exception):  # the writer logs a failure as CRITICAL; the refusal stands
+            await self.page._audit(SIGN_IN, refused.audit, request, refused.identity)
+
+    async def _finish(self, request: Request) -> Session:
+        from .app import PAGE_ROLES, SIGN_IN, HttpError
+
+        if self.client is None:
+            raise SignInRefused(404, "Not available", "Sign-in through an identity provider is not configured here.")
+        params = request.query_params
+        pending = self.pending.finish(params.get("state"), request.cookies.get(self.cookie))
+        if params.get("error"):
+            error = params["error"][:64]
+            raise SignInRefused(401, "Sign-in refused", f"The identity provider did not sign you in ({error}).")
+        code = params.get("code", "")
+        if not code or len(code) > 4096:
+            raise SignInRefused(400, "Sign-in failed", "The identity provider sent no sign-in code.")
+        provider = await self.provider()
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": pending.redirect_uri,
+            "code_verifier": pending.verifier,
+        }
+        answer = await self._token_request(provider, form)
+        id_token = answer.get("id_token")
+        if not isinstance(id_token, str):
+            raise SignInRefused(502, "Sign-in failed", "The identity provider sent no ID token (is openid a scope?).")
+        claims = await self._id_claims(id_token, pending.nonce)
+        identity = await self._access_identity(request, answer["access_token"])
+        if identity.subject != str(claims["sub"]):
+            raise SignInRefused(401, "Sign-in failed", "The ID token and the access token name different users.")
+        if not identity.has_any(PAGE_ROLES):
+            raise SignInRefused(
+                403,
+                "Not a reviewer",
+                f"You are signed in as {identity.name or identity.subject}, but this account has no reviewer role. "
+                "Ask your administrator for the reviewer role at the identity provider.",
+                audit="PERMISSION_DENIED",
+                identity=identity,
+            )
+        try:
+            await self.page._audit_or_withhold(SIGN_IN, "OK", request, identity)
+        except HttpError as exc:
+            raise SignInRefused(503, "Sign-in not recorded", exc.message, audit="UNAVAILABLE") from None
+        self.page.sessions.drop(request.cookies.get(self.page.cookie))
+        refresh = answer.get("refresh_token")
+        return self.page.sessions.create(
+            answer["access_token"],
+            identity,
+            refresh_token=refresh if isinstance(refresh, str) else "",
+            id_token=id_token,
+            token_expires_at=_expiry(answer["access_token"]),
+        )
+
+    async def _token_request(self, provider: ProviderMetadata, form: dict[str, str]) -> dict[str, Any]:
+        assert self.client is not None
+        client = self.client
+        try:
+            answer: dict[str, Any] = await self._run(lambda: client.token_request(provider, form))
+        except SignInRefused:
+            raise
+        except Exception as exc:
+            log.warning("the identity provider's token endpoint failed: %s", type(exc).__name__)
+            raise SignInRefused(
+                503, "Identity provider unavailable", "The identity provider's token endpoint cannot be reached."
+            ) from None
+        return answer
+
+    async def _id_claims(self, id_token: str, nonce: str) -> dict[str, Any]:
+        """The ID token checked with the signing keys the gRPC API uses for this issuer (one key cache)."""
+        assert self.client is not None
+        keys = self.page.verifier.keys
+        try:
+            kid = jwt.get_unverified_header(id_token).get("kid")
+        except jwt.PyJWTError:
+            raise SignInRefused(401, "Sign-in failed", "The ID token is not a JWT.") from None
+        key = keys.cached(str(kid) if kid is not None else None)
+        if key is None:
+            try:
+                await self._run(keys.refresh)
+            except Exception as exc:
+                log.warning("the identity provider's signing keys could not be loaded: %s", type(exc).__name__)
+            key = keys.cached(str(kid) if kid is not None else None)
+        if key is None:
+            raise SignInRefused(401, "Sign-in failed", "The ID token is signed with a key the issuer does not publish.")
+        security = self.page.security
+        return verify_id_token(
+            id_token,
+            key,
+            algorithms=security.algorithm_list,
+            issuer=self.client.issuer,
+            client_id=self.client.client_id,
+            nonce=nonce,
+            leeway_s=security.clock_skew_s,
+        )
+
+    async def _access_identity(self, request: Request, access_token: str) -> Identity:
+        """Who the access token says, by the gRPC API's own rules (issuer, audience, expiry, signature, roles)."""
+        try:
+            return await self.page.verifier.verify_async(access_token, peer=self.page._peer(request))
+        except Unauthenticated as exc:
+            raise SignInRefused(
+                401,
+                "Sign-in failed",
+                f"The access token is not valid for medgate ({exc}): the IdP must issue it for audience "
+                f"{self.page.security.audience!r}.",
+            ) from None
+
+    # --- the session's life ------------------------------------------------------------------------
+
+    async def refresh_if_due(self, session: Session) -> None:
+        """Renew the session's access token with its refresh token shortly before it expires.
+
+        A failure leaves the old token in place: while it lasts the reviewer works on, and once it
+        expires the next check signs the page out.
+        """
+        if self.client is None or not session.refresh_token:
+            return
+        if time.time() < session.token_expires_at - self.refresh_before_s:
+            return
+        async with session.refreshing:
+            if time.time() < session.token_expires_at - self.refresh_before_s:
+                return
+            try:
+                provider = await self.provider()
+                form = {"grant_type": "refresh_token", "refresh_token": session.refresh_token}
+                answer = await self._token_request(provider, form)
+                identity = await self.page.verifier.verify_async(answer["access_token"])
+            except (SignInRefused, Unauthenticated) as exc:
+                log.warning("the page's access token could not be renewed: %s", type(exc).__name__)
+                session.refresh_token = ""
+                return
+            if identity.principal != session.identity.principal:
+                session.refresh_token = ""
+                return
+            session.token = answer["access_token"]
+            session.token_expires_at = _expiry(session.token)
+            if isinstance(answer.get("refresh_token"), str):
+                session.refresh_token = answer["refresh_token"]
+            if isinstance(answer.get("id_token"), str):
+                session.id_token = answer["id_token"]
+
+    async def end_session_url(self, session: Session | None, request: Request) -> str:
+        """Where the browser goes to end the IdP's session too (RP-initiated logout); empty when it cannot."""
+        if self.client is None or session is None or not session.id_token:
+            return ""
+        try:
+            provider = await self.provider()
+        except SignInRefused:
+            return ""
+        if not provider.end_session_endpoint:
+            return ""
+        back = self.client.post_logout_redirect_uri or f"{request.url.scheme}://{request.url.netloc}/"
+        query = urllib.parse.urlencode(
+            {"id_token_hint": session.id_token, "post_logout_redirect_uri": back, "client_id": self.client.client_id}
+        )
+        sep = "&" if "?" in provider.end_session_endpoint else "?"
+        return f"{provider.end_session_endpoint}{sep}{query}"
+
+
+__all__ = [
+    "OidcClient",
+    "OidcSignIn",
+    "PendingSignIns",
+    "ProviderMetadata",
+    "SignInRefused",
+    "pkce_challenge",
+    "pkce_verifier",
+    "verify_id_token",
+]
