@@ -39,10 +39,14 @@ function showSignIn(data, message) {
   $("work").hidden = true; $("signout").hidden = true; $("lease").hidden = true; $("who").textContent = "";
   $("signin").hidden = false;
   $("dev-block").hidden = !(data && data.devSignIn);
+  $("oidc-block").hidden = !(data && data.oidcSignIn);
+  $("token-block").hidden = !!(data && data.tokenSignIn === false);
   $("signin-error").textContent = message || "";
 }
 
-function signedOut(message) { showSignIn({ devSignIn: !$("dev-block").hidden }, message); }
+function signedOut(message) {
+  showSignIn({ devSignIn: !$("dev-block").hidden, oidcSignIn: !$("oidc-block").hidden, tokenSignIn: !$("token-block").hidden }, message);
+}
 
 function signedIn(data) {
   state.session = data;
@@ -487,7 +491,11 @@ function startLeaseClock() {
 $("dev-signin").onclick = () => signIn("/api/session/dev");
 $("token-signin").onclick = () => signIn("/api/session/token", { token: $("token").value });
 $("token-file").onchange = async (e) => { const f = e.target.files[0]; if (f) $("token").value = (await f.text()).trim(); };
-$("signout").onclick = async () => { await api("/api/session/signout").catch(() => {}); signedOut("Signed out."); };
+$("signout").onclick = async () => {
+  const d = await api("/api/session/signout").catch(() => ({}));
+  signedOut("Signed out.");
+  if (d.endSessionUrl) location.assign(d.endSessionUrl); // the identity provider's session ends too
+};
 $("submit").onclick = submit;
 $("skip").onclick = skip;
 $("help-button").onclick = () => $("help").showModal();
