@@ -18,6 +18,7 @@ from medgate.v1 import inference_pb2 as ipb
 from medgate.v1 import review_pb2 as pb
 from services.imaging.preprocess import MODEL_SIZE
 from services.review.flows import FlowDefinition, InvalidArgument, TaskType, conditions_to_json, validate_answer
+from services.review.masks import labeled_image, wire_masks
 from services.review.output import output_key
 from services.review.store import Delivery, Loop, LoopStatus
 
@@ -35,6 +36,8 @@ _TASK_TYPE = {
 }
 IMAGE_NAME = "image.png"
 MASKS_NAME = "masks.packbits"
+# The 16-bit modality values of a grey DICOM case (StartHumanLoopRequest.modality_png).
+MODALITY_NAME = "modality.png"
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -91,20 +94,31 @@ def answer_content(flow: FlowDefinition, loop: Loop, answer: pb.ReviewAnswer) ->
         content = _boxes_answer([_detection_dict(d) for d in answer.boxes.boxes])
     else:
         mask = answer.mask
-        if list(mask.shape) not in ([MODEL_SIZE, MODEL_SIZE], [1, MODEL_SIZE, MODEL_SIZE]):
-            raise InvalidArgument(f"a corrected mask must be {MODEL_SIZE}x{MODEL_SIZE}, got {list(mask.shape)}")
+        masks = wire_masks(mask, MODEL_SIZE)
+        prompts = [str(p.get("prompt", "")) for p in content_prompts(loop)]
+        if len(mask.shape) == 3 and masks.shape[0] > 1 and masks.shape[0] != len(prompts):
+            raise InvalidArgument(f"this case has {len(prompts)} prompts; a corrected mask per prompt needs as many")
+        labels = prompts if masks.shape[0] == len(prompts) else ["foreground"]
         content = {
             "mask": {
                 "data": base64.b64encode(mask.data).decode(),
                 "shape": list(mask.shape),
                 "dtype": mask.dtype or "uint8",
                 "encoding": ipb.ArrayEncoding.Name(mask.encoding),
-            }
+            },
+            # A2I's semantic-segmentation answer: one colour per prompt in a PNG.
+            "annotatedResult": labeled_image(masks, [label or f"mask {i + 1}" for i, label in enumerate(labels)]),
         }
     if answer.comment:
         content["comment"] = answer.comment
     validate_answer(flow, content)
     return content
+
+
+def content_prompts(loop: Loop) -> list[dict[str, Any]]:
+    """The segmentation prompts of a case's input content, in mask order."""
+    prompts = loop.input_content.get("segmentation", {}).get("prompts", [])
+    return [p for p in prompts if isinstance(p, dict)] if isinstance(prompts, list) else []
 
 
 def _detection_dict(detection: ipb.Detection) -> dict[str, Any]:
@@ -178,6 +192,7 @@ def case_proto(delivery: Delivery, flow: FlowDefinition | None, images: Mapping[
         original_height=int(content.get("transform", {}).get("originalHeight", 0)),
         input_content_json=json.dumps(content, sort_keys=True),
         reviewer_id=delivery.reviewer_id,
+        modality_png=images.get(MODALITY_NAME, b""),
     )
     with contextlib.suppress(json_format.ParseError):
         for score in content.get("classification", {}).get("scores", []):

@@ -15,7 +15,6 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
@@ -27,15 +26,15 @@ from medgate.v1 import review_pb2_grpc as pb_grpc
 from services.review.convert import (
     IMAGE_NAME,
     MASKS_NAME,
-    answer_content,
+    MODALITY_NAME,
     case_proto,
     flow_proto,
     loop_proto,
     status_value,
 )
+from services.review.decide import Reviewer, submit_decision
 from services.review.flows import FlowDefinition, InvalidArgument
-from services.review.output import write_output
-from services.review.store import Delivery, Loop, LoopStatus, NotFound, NotYourLease, ReviewStoreBase
+from services.review.store import Delivery, Loop, NotFound, NotYourLease, ReviewStoreBase
 from services.review.store.waiters import FlowWaiters
 from services.rpc.call import current_call
 
@@ -50,15 +49,6 @@ IDLE_RECHECK_S = 30.0
 BUSY_RECHECK_S = 0.05
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Reviewer:
-    """Who is reviewing: ``key`` in the store; ``issuer`` and ``subject`` when a token said so."""
-
-    key: str
-    issuer: str | None = None
-    subject: str | None = None
 
 
 def reviewer_of(requested: str) -> Reviewer:
@@ -142,6 +132,8 @@ class ReviewServicer(pb_grpc.ReviewServicer):
         images = {IMAGE_NAME: request.image_png} if request.image_png else {}
         if request.masks_packbits:
             images[MASKS_NAME] = request.masks_packbits
+        if request.modality_png:
+            images[MODALITY_NAME] = request.modality_png
         input_hash = str(content.get("inputHash", "")) or request.name
         loop = await self._run(
             lambda: self.store.start_loop(flow, request.name, content, input_hash, images=images or None)
@@ -250,22 +242,14 @@ class ReviewServicer(pb_grpc.ReviewServicer):
         reviewer = reviewer_of(request.reviewer_id)
 
         def submit() -> tuple[Loop, bool]:
-            loop = self.store.loop_of_delivery(request.delivery_id)
-            flow = self._flow(loop.flow)
-            content = answer_content(flow, loop, request.answer)
-            decision = self.store.submit(
-                request.decision_id,
-                reviewer.key,
-                content,
+            return submit_decision(
+                self.store,
+                self.flows,
+                reviewer,
                 delivery_id=request.delivery_id,
-                issuer=reviewer.issuer,
-                subject=reviewer.subject,
+                decision_id=request.decision_id,
+                answer=request.answer,
             )
-            loop = self.store.describe(loop.name)
-            if loop.status is LoopStatus.COMPLETED and not loop.output_path and flow.output_dir is not None:
-                write_output(self.store, loop.name, flow.output_dir)
-                loop = self.store.describe(loop.name)
-            return loop, not decision.replayed
 
         # The store's work event for this decision wakes the reviewer's stream if it was full.
         loop, recorded_now = await self._run(submit)

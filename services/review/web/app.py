@@ -12,7 +12,6 @@ for; every action is an audit event as its RPC would be, written before the answ
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -22,16 +21,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import grpc
-import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from medgate.v1 import inference_pb2 as ipb
 from medgate.v1 import review_pb2 as pb
 from services.audit import (
     Action,
@@ -44,11 +40,10 @@ from services.audit import (
     requestor,
 )
 from services.audit.events import ParticipantObject
-from services.review.convert import MASKS_NAME, answer_content
-from services.review.flows import InvalidArgument, validate_answer
-from services.review.output import write_output
+from services.review.convert import MODALITY_NAME
+from services.review.decide import submit_decision
 from services.review.servicer import Reviewer, ReviewServicer, reviewer_of
-from services.review.store import Loop, LoopStatus, NotFound
+from services.review.store import Loop, NotFound
 from services.rpc.call import Call, begin
 from services.rpc.interceptors.audit import RPC_EVENTS, WITHHELD
 from services.rpc.status import status_for
@@ -59,6 +54,7 @@ from services.security.policy import roles_for
 from services.security.tokens import TokenVerifier
 from services.settings import ReviewSettings, SecuritySettings
 
+from .cases import case_json, decision_id, page_answer, parse_answer
 from .oidc import OidcSignIn
 from .sessions import Session, Sessions
 
@@ -76,8 +72,6 @@ CSRF_HEADER = "x-medgate-csrf"
 # Server-Sent Events: a comment line this often keeps proxies from closing an idle stream, and the
 # session (idle time-out, token expiry) is checked as often.
 KEEPALIVE_S = 5.0
-# A moved box corner under this many model pixels is rounding, not a correction.
-BOX_TOLERANCE_PX = 0.5
 _HTTP = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -112,130 +106,6 @@ class _StreamContext:
 
     async def send_initial_metadata(self, metadata: Any) -> None:
         return None
-
-
-def task_name(task_type: int) -> str:
-    return pb.TaskType.Name(task_type).removeprefix("TASK_TYPE_").lower()
-
-
-def _png_data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
-def _mask_pngs(masks: ipb.NDArray) -> list[str]:
-    """Each mask of a case as a 1-bit-looking PNG (0/255), for the page to tint and draw."""
-    if not masks.data or len(masks.shape) != 3:
-        return []
-    count, height, width = (int(v) for v in masks.shape)
-    bits = np.unpackbits(np.frombuffer(masks.data, np.uint8))[: count * height * width]
-    stack = bits.reshape(count, height, width) * np.uint8(255)
-    return [_png_data_url(cv2.imencode(".png", m)[1].tobytes()) for m in stack]
-
-
-def _box(d: ipb.Detection) -> list[float]:
-    b = d.model_box if d.HasField("model_box") else d.box
-    return [b.x0, b.y0, b.x1, b.y1]
-
-
-def case_json(case: pb.ReviewCase) -> dict[str, Any]:
-    """A case as the page draws it; every coordinate is in the 1024x1024 image the model saw."""
-
-    return {
-        "deliveryId": case.delivery_id,
-        "humanLoopName": case.human_loop_name,
-        "flow": case.flow_definition,
-        "taskType": task_name(case.task_type),
-        "categories": list(case.categories),
-        "leaseExpiresMs": case.lease_expires.ToMilliseconds(),
-        "image": _png_data_url(case.image_png) if case.image_png else "",
-        "originalWidth": case.original_width,
-        "originalHeight": case.original_height,
-        "scores": [{"label": s.label, "score": round(s.score, 4)} for s in case.scores],
-        "detections": [
-            {
-                "label": d.label,
-                "score": round(d.score, 4),
-                "box": _box(d),
-            }
-            for d in case.detections
-        ],
-        "prompts": [{"prompt": p.prompt, "category": p.category, "score": round(p.score, 4)} for p in case.prompts],
-        "masks": _mask_pngs(case.masks),
-    }
-
-
-def decision_id(delivery_id: str) -> str:
-    """One decision per delivery: a double click, a retry or a reload replays it instead of deciding twice."""
-    return f"web:{delivery_id}"
-
-
-def _model_boxes(loop: Loop) -> list[tuple[str, list[float]]]:
-    boxes = []
-    for det in loop.input_content.get("detection", {}).get("detections", []):
-        mb = det.get("modelBox", det.get("model_box", {}))
-        boxes.append((str(det.get("label", "")), [float(mb.get(k, 0.0)) for k in ("x0", "y0", "x1", "y1")]))
-    return boxes
-
-
-def _boxes_modified(loop: Loop, boxes: list[ipb.Detection]) -> bool:
-    model = _model_boxes(loop)
-    if len(model) != len(boxes):
-        return True
-    for (label, coords), det in zip(model, boxes, strict=True):
-        mine = [det.model_box.x0, det.model_box.y0, det.model_box.x1, det.model_box.y1]
-        if label != det.label or any(abs(a - b) > BOX_TOLERANCE_PX for a, b in zip(coords, mine, strict=True)):
-            return True
-    return False
-
-
-def _number(value: Any, what: str) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not np.isfinite(value):
-        raise InvalidArgument(f"{what} must be a number")
-    return float(value)
-
-
-def _union_mask(store_images: dict[str, bytes], loop: Loop, accepted: list[bool]) -> ipb.NDArray:
-    """The masks the reviewer accepted as one [1024, 1024] mask (A2I's segmentation answer is one labelled image)."""
-    shape = [int(v) for v in loop.input_content.get("masksShape", [])]
-    data = store_images.get(MASKS_NAME)
-    if data is None or len(shape) != 3 or shape[0] != len(accepted):
-        raise InvalidArgument(f"this case has {shape[0] if len(shape) == 3 else 0} masks, {len(accepted)} decided")
-    bits = np.unpackbits(np.frombuffer(data, np.uint8))[: int(np.prod(shape))].reshape(shape)
-    union = np.zeros(shape[1:], np.uint8)
-    for keep, mask in zip(accepted, bits, strict=True):
-        if keep:
-            union |= mask
-    return ipb.NDArray(
-        data=np.packbits(union).tobytes(), shape=shape[1:], dtype="uint8", encoding=ipb.ARRAY_ENCODING_PACKBITS
-    )
-
-
-def parse_answer(body: Any) -> tuple[str, Any]:
-    """(kind, value) of the page's answer: label, boxes, masks, accept or reject."""
-    if not isinstance(body, dict) or not isinstance(body.get("answer"), dict):
-        raise InvalidArgument("the body must be a JSON object with an answer object")
-    answer = body["answer"]
-    kind = answer.get("kind")
-    if kind == "label" and isinstance(answer.get("label"), str):
-        return kind, answer["label"]
-    if kind == "reject" and isinstance(answer.get("reason"), str):
-        return kind, answer["reason"][:1000] or "not reviewable"
-    if kind == "accept":
-        return kind, True
-    if kind == "boxes" and isinstance(answer.get("boxes"), list) and len(answer["boxes"]) <= 1000:
-        boxes = []
-        for i, b in enumerate(answer["boxes"]):
-            if not isinstance(b, dict) or not isinstance(b.get("label"), str):
-                raise InvalidArgument(f"boxes[{i}] needs a label")
-            x0, y0, x1, y1 = (_number(b.get(k), f"boxes[{i}].{k}") for k in ("x0", "y0", "x1", "y1"))
-            box = ipb.Box(x0=min(x0, x1), y0=min(y0, y1), x1=max(x0, x1), y1=max(y0, y1))
-            boxes.append(ipb.Detection(label=b["label"], model_box=box))
-        return kind, boxes
-    if kind == "masks" and isinstance(answer.get("accepted"), list):
-        if not all(isinstance(v, bool) for v in answer["accepted"]):
-            raise InvalidArgument("masks.accepted must be a list of true/false, one per mask")
-        return kind, answer["accepted"]
-    raise InvalidArgument("answer.kind must be label, boxes, masks, accept or reject, with its value")
 
 
 class ReviewPage:
@@ -274,6 +144,7 @@ class ReviewPage:
                 Route("/api/cases/{delivery_id}/renew", self.renew, methods=["POST"]),
                 Route("/api/cases/{delivery_id}/release", self.release, methods=["POST"]),
                 Route("/api/cases/{delivery_id}/submit", self.submit, methods=["POST"]),
+                Route("/api/cases/{delivery_id}/modality.png", self.modality_png, methods=["GET"]),
                 Mount("/static", StaticFiles(directory=STATIC), name="static"),
             ],
             exception_handlers={HttpError: self._http_error},  # type: ignore[dict-item]
@@ -598,53 +469,40 @@ class ReviewPage:
         return JSONResponse({"humanLoopName": loop.name, "status": loop.status.value, "recordedNow": recorded_now})
 
     def _submit(self, reviewer: Reviewer, delivery_id: str, kind: str, value: Any, comment: str) -> tuple[Loop, bool]:
-        """SubmitReview's store calls (on a store thread), with A2I's ``initialValueModified`` in the answer."""
+        """SubmitReview's own store calls (on a store thread), the answer made from the case."""
         store = self.servicer.store
-        loop = store.loop_of_delivery(delivery_id)
-        flow = self.servicer.flows.get(loop.flow)
-        if flow is None:
-            raise NotFound("flow definition not found (ListFlowDefinitions names them)")
-        extra: dict[str, Any] = {}
-        if kind == "label":
-            answer = pb.ReviewAnswer(label=value)
-            scores = loop.input_content.get("classification", {}).get("scores", [])
-            extra["initialValueModified"] = not scores or scores[0].get("label") != value
-        elif kind == "boxes":
-            answer = pb.ReviewAnswer(boxes=pb.LabeledBoxes(boxes=value))
-            extra["initialValueModified"] = _boxes_modified(loop, value)
-        elif kind == "masks":
-            prompts = loop.input_content.get("segmentation", {}).get("prompts", [])
-            if all(value) and len(value) == len(prompts):
-                answer = pb.ReviewAnswer(accept=True)
-            else:
-                answer = pb.ReviewAnswer(mask=_union_mask(store.images(loop.name), loop, value))
-            extra["initialValueModified"] = not all(value)
-            extra["maskDecisions"] = [
-                {"prompt": str(p.get("prompt", "")), "category": str(p.get("category", "")), "accepted": keep}
-                for p, keep in zip(prompts, value, strict=False)
-            ]
-        elif kind == "accept":
-            answer = pb.ReviewAnswer(accept=True)
-            extra["initialValueModified"] = False
-        else:
-            answer = pb.ReviewAnswer(reject_reason=value)
-        if comment:
-            answer.comment = comment
-        content = answer_content(flow, loop, answer) | extra
-        validate_answer(flow, content)
-        decision = store.submit(
-            decision_id(delivery_id),
-            reviewer.key,
-            content,
+        return submit_decision(
+            store,
+            self.servicer.flows,
+            reviewer,
             delivery_id=delivery_id,
-            issuer=reviewer.issuer,
-            subject=reviewer.subject,
+            decision_id=decision_id(delivery_id),
+            answer=lambda loop: page_answer(store, loop, kind, value, comment),
         )
-        loop = store.describe(loop.name)
-        if loop.status is LoopStatus.COMPLETED and not loop.output_path and flow.output_dir is not None:
-            write_output(store, loop.name, flow.output_dir)
-            loop = store.describe(loop.name)
-        return loop, not decision.replayed
+
+    async def modality_png(self, request: Request) -> Response:
+        """A leased case's 16-bit modality image (a PNG the page decodes itself: canvases read 8 bits only).
+
+        Only the reviewer holding the lease gets it; the case's delivery was audited when it was streamed.
+        """
+        delivery = request.path_params["delivery_id"]
+
+        async def work(call: Call) -> bytes:
+            reviewer = reviewer_of("").key
+            store = self.servicer.store
+
+            def read() -> bytes:
+                if not any(d.delivery_id == delivery for d in store.open_deliveries(reviewer)):
+                    raise NotFound("no open lease of yours has this delivery id")
+                data = store.images(store.loop_of_delivery(delivery).name).get(MODALITY_NAME)
+                if data is None:
+                    raise NotFound("this case has no 16-bit image (its input was not grey DICOM)")
+                return data
+
+            return await self.servicer._run(read)
+
+        _, _, data = await self._act(request, STREAM, work)
+        return Response(data, media_type="image/png", headers={"cache-control": "private, no-store"})
 
 
 class _SecurityHeaders:
