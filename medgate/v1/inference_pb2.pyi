@@ -87,18 +87,28 @@ class Window(_message.Message):
     def __init__(self, center: _Optional[float] = ..., width: _Optional[float] = ...) -> None: ...
 
 class ImageInput(_message.Message):
-    __slots__ = ("data", "array", "kind", "frame", "window")
+    __slots__ = ("data", "array", "reference", "kind", "frame", "window")
     DATA_FIELD_NUMBER: _ClassVar[int]
     ARRAY_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     array: NDArray
+    reference: ImageReference
     kind: InputKind
     frame: int
     window: Window
-    def __init__(self, data: _Optional[bytes] = ..., array: _Optional[_Union[NDArray, _Mapping]] = ..., kind: _Optional[_Union[InputKind, str]] = ..., frame: _Optional[int] = ..., window: _Optional[_Union[Window, _Mapping]] = ...) -> None: ...
+    def __init__(self, data: _Optional[bytes] = ..., array: _Optional[_Union[NDArray, _Mapping]] = ..., reference: _Optional[_Union[ImageReference, _Mapping]] = ..., kind: _Optional[_Union[InputKind, str]] = ..., frame: _Optional[int] = ..., window: _Optional[_Union[Window, _Mapping]] = ...) -> None: ...
+
+class ImageReference(_message.Message):
+    __slots__ = ("file_path", "wadors_url")
+    FILE_PATH_FIELD_NUMBER: _ClassVar[int]
+    WADORS_URL_FIELD_NUMBER: _ClassVar[int]
+    file_path: str
+    wadors_url: str
+    def __init__(self, file_path: _Optional[str] = ..., wadors_url: _Optional[str] = ...) -> None: ...
 
 class OutputOptions(_message.Message):
     __slots__ = ("mask_space", "mask_encoding", "dicom_results")
