@@ -48,6 +48,13 @@ REVIEW_QUEUE_DEPTH = Gauge(
     multiprocess_mode="livemax",
 )
 
+SHADOW_COMPARISONS = Counter(
+    "medgate_shadow_comparisons",
+    "Answers also computed by a role's candidate version (services/gateway/shadow.py), by outcome:"
+    " agree, disagree, error (the candidate failed) or skipped (too many shadow calls in flight).",
+    ["role", "serving", "candidate", "outcome"],
+)
+
 
 def observe_stages(rpc: str, model: str, input_kind: str, seconds: dict[str, float]) -> None:
     """``model``: the Triton models the request used, sorted and joined by '+' (e.g. classifier+detector)."""
