@@ -30,6 +30,7 @@ from services.gateway.servicer import InferenceServicer
 from services.http.server import HttpServer
 from services.logs import configure_logging
 from services.metrics import cleanup_multiprocess, prepare_multiprocess, serve_metrics
+from services.review.completion import config_from
 from services.review.flows import load_flows
 from services.review.outbox import Outbox
 from services.review.server import ReviewServer
@@ -108,6 +109,7 @@ class GatewayServer:
                 retry_interval_s=settings.review.outbox_retry_interval_s,
                 max_message_bytes=settings.review.route_max_message_bytes,
                 security=settings.security,
+                dicom_source_max_bytes=settings.review.dicom_source_max_bytes,
             )
         self.rpc.add(
             INFERENCE_SERVICE,
@@ -233,7 +235,7 @@ async def serve_worker(settings: Settings, triton_url: str, *, with_review: bool
     tune_allocator(settings.gateway.malloc_mmap_threshold_bytes, settings.gateway.malloc_trim_threshold_bytes)
     # The review service runs here only when the gateway routes to this machine's (review.url empty).
     local_review = with_review and settings.review.enabled and not settings.review.url
-    review = ReviewServer(settings.review, settings.security) if local_review else None
+    review = ReviewServer(settings.review, settings.security, verified=config_from(settings)) if local_review else None
     if review is not None:
         await review.start()
     server = GatewayServer(settings, triton_url, serve_metrics=metrics)
@@ -249,7 +251,7 @@ async def serve_worker(settings: Settings, triton_url: str, *, with_review: bool
 
 
 async def serve_review(settings: Settings) -> None:
-    review = ReviewServer(settings.review, settings.security)
+    review = ReviewServer(settings.review, settings.security, verified=config_from(settings))
     await review.start()
     try:
         await _until_signal()

@@ -494,6 +494,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     masks=masks,
                     request_id=request.request_id,
                     digest=digest,
+                    dicom_results=response.dicom_results,
                 )
             )
         response.timings.CopyFrom(clock.to_proto())
@@ -526,7 +527,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
         if self.router is not None:
             response.review.extend(
-                await self._route(clock, image=request.image, prepared=prepared, classification=response, digest=digest)
+                await self._route(
+                    clock,
+                    image=request.image,
+                    prepared=prepared,
+                    classification=response,
+                    digest=digest,
+                    dicom_results=response.dicom_results,
+                )
             )
         return self._finish(response, prepared, clock, "Classify")
 
@@ -546,7 +554,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             response.dicom_results.extend(await self._dicom_results(request.image, prepared, clock, detection=response))
         if self.router is not None:
             response.review.extend(
-                await self._route(clock, image=request.image, prepared=prepared, detection=response, digest=digest)
+                await self._route(
+                    clock,
+                    image=request.image,
+                    prepared=prepared,
+                    detection=response,
+                    digest=digest,
+                    dicom_results=response.dicom_results,
+                )
             )
         return self._finish(response, prepared, clock, "Detect")
 
@@ -573,7 +588,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if self.router is not None:
             response.review.extend(
                 await self._route(
-                    clock, image=request.image, prepared=prepared, segmentation=response, masks=masks, digest=digest
+                    clock,
+                    image=request.image,
+                    prepared=prepared,
+                    segmentation=response,
+                    masks=masks,
+                    digest=digest,
+                    dicom_results=response.dicom_results,
                 )
             )
         return self._finish(response, prepared, clock, "Segment")

@@ -11,6 +11,7 @@ from medgate.v1 import review_pb2 as pb
 from medgate.v1 import review_pb2_grpc as pb_grpc
 from services.audit import AuditLog
 from services.metrics import REVIEW_QUEUE_DEPTH
+from services.review.completion import CompletionConfig, VerifiedDicom
 from services.review.flows import load_flows
 from services.review.output import flush_outputs
 from services.review.servicer import ReviewServicer
@@ -29,8 +30,18 @@ class ReviewServer:
     """One review server per SQLite file (its leases assume a single owner process), or several on one
     PostgreSQL database (``review.store_url``): replicas that serve the same flows."""
 
-    def __init__(self, settings: ReviewSettings, security: SecuritySettings | None = None) -> None:
-        """``security`` None: plaintext, no tokens (loopback tools and tests that do not exercise security)."""
+    def __init__(
+        self,
+        settings: ReviewSettings,
+        security: SecuritySettings | None = None,
+        *,
+        verified: CompletionConfig | None = None,
+    ) -> None:
+        """``security`` None: plaintext, no tokens (loopback tools and tests that do not exercise security).
+
+        ``verified``: where completed loops' verified DICOM results go (``completion.config_from``); None
+        writes none (loops with a DICOM source then stay pending in the store until a server that has it).
+        """
         self.settings = settings
         self.flows = load_flows(settings.flows_file)
         self.store = open_store(settings)
@@ -73,6 +84,14 @@ class ReviewServer:
         self.web: WebListener | None = None
         self.web_port = 0
         self._housekeeping: asyncio.Task[None] | None = None
+        # Verified DICOM results: built on their own thread (a SEG of a large image takes a while), woken by
+        # each completed loop and every retry interval.
+        self.verified = VerifiedDicom(self.store, self.flows, verified) if verified is not None else None
+        self._verified_task: asyncio.Task[None] | None = None
+        self._verified_wake = asyncio.Event()
+        self._verified_executor = ThreadPoolExecutor(1, thread_name_prefix="medgate-review-dicom")
+        if self.verified is not None:
+            self.servicer.on_completed = self._verified_wake.set
 
     async def start(self, *, port: int | None = None, web_port: int | None = None) -> int:
         """Serve gRPC (and the reviewer page); a gRPC port of 0 gives the page a free port too, unless ``web_port``."""
@@ -89,6 +108,8 @@ class ReviewServer:
             self.web = WebListener(self.page.app, host=self.settings.web_host, port=web_port, security=self.security)
             self.web_port = await self.web.start()
         self._housekeeping = asyncio.create_task(self._housekeep())
+        if self.verified is not None:
+            self._verified_task = asyncio.create_task(self._verify_forever(self.verified))
         log.info("review service on %s:%d with flows %s", self.settings.host, self.port, ", ".join(self.flows))
         return self.port
 
@@ -105,7 +126,22 @@ class ReviewServer:
                 log.warning("review housekeeping failed", exc_info=True)
             await asyncio.sleep(self.settings.housekeeping_interval_s)
 
+    async def _verify_forever(self, verified: VerifiedDicom) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._verified_wake.clear()
+            try:
+                await loop.run_in_executor(self._verified_executor, verified.run_once)
+            except Exception as exc:  # the store or a bug; the loops stay pending and are tried again
+                log.warning("verified DICOM results: a round failed (%s)", type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._verified_wake.wait(), timeout=verified.config.retry_interval_s)
+
     async def stop(self) -> None:
+        if self._verified_task is not None:
+            self._verified_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._verified_task
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -117,5 +153,6 @@ class ReviewServer:
         await self.rpc.stop()
         if self.audit is not None:
             await self.audit.application_stopped()
+        self._verified_executor.shutdown(wait=True)
         self.executor.shutdown(wait=True)
         self.store.close()

@@ -23,6 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from medgate.v1 import review_pb2 as pb
 from medgate.v1 import review_pb2_grpc as pb_grpc
+from services.review.completion import dicom_attachments
 from services.review.convert import (
     IMAGE_NAME,
     MASKS_NAME,
@@ -34,7 +35,7 @@ from services.review.convert import (
 )
 from services.review.decide import Reviewer, submit_decision
 from services.review.flows import FlowDefinition, InvalidArgument
-from services.review.store import Delivery, Loop, NotFound, NotYourLease, ReviewStoreBase
+from services.review.store import Delivery, Loop, LoopStatus, NotFound, NotYourLease, ReviewStoreBase
 from services.review.store.waiters import FlowWaiters
 from services.rpc.call import current_call
 
@@ -86,6 +87,8 @@ class ReviewServicer(pb_grpc.ReviewServicer):
         self.max_in_flight = max_in_flight_per_reviewer
         self.waiters = FlowWaiters()
         self._unsubscribe: Callable[[], None] | None = None
+        # Called on the event loop after a decision completed its loop: wakes the verified DICOM result's worker.
+        self.on_completed: Callable[[], None] | None = None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hand the store's work events (from store threads, or another replica) to the waiters on ``loop``."""
@@ -134,6 +137,8 @@ class ReviewServicer(pb_grpc.ReviewServicer):
             images[MASKS_NAME] = request.masks_packbits
         if request.modality_png:
             images[MODALITY_NAME] = request.modality_png
+        if request.HasField("dicom") and request.dicom.data:
+            images.update(dicom_attachments(request.dicom))  # for the verified DICOM result on completion
         input_hash = str(content.get("inputHash", "")) or request.name
         loop = await self._run(
             lambda: self.store.start_loop(flow, request.name, content, input_hash, images=images or None)
@@ -253,6 +258,8 @@ class ReviewServicer(pb_grpc.ReviewServicer):
 
         # The store's work event for this decision wakes the reviewer's stream if it was full.
         loop, recorded_now = await self._run(submit)
+        if loop.status is LoopStatus.COMPLETED and self.on_completed is not None:
+            self.on_completed()  # the verified DICOM result is built after this answer, off the caller's path
         return pb.SubmitReviewResponse(human_loop=loop_proto(loop), recorded_now=recorded_now)
 
     async def ReleaseCase(

@@ -86,8 +86,13 @@ def build_seg(
     series_number: int = SEG_SERIES_NUMBER,
     series_description: str = SEG_SERIES_DESCRIPTION,
     content_description: str = SEG_CONTENT_DESCRIPTION,
+    uids: tuple[str, str] | None = None,
 ) -> tuple[DicomResult, Dataset]:
-    """The SEG as Part 10 bytes, and its data set (the SR references it). ``masks``: [N, rows, columns], 0/1."""
+    """The SEG as Part 10 bytes, and its data set (the SR references it). ``masks``: [N, rows, columns], 0/1.
+
+    ``uids``: its (series, SOP instance) UIDs when the caller derives them (see :func:`.sr.build_sr`).
+    """
+    series_uid, instance_uid = uids or (generate_uid(), generate_uid())
     started = time.perf_counter()
     src = source.dataset
     if masks.ndim != 3 or masks.shape[0] != len(segments) or len(segments) == 0:
@@ -117,9 +122,9 @@ def build_seg(
                 pixel_array=pixel_array,
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
                 segment_descriptions=descriptions,
-                series_instance_uid=generate_uid(),
+                series_instance_uid=series_uid,
                 series_number=series_number,
-                sop_instance_uid=generate_uid(),
+                sop_instance_uid=instance_uid,
                 instance_number=1,
                 manufacturer=device.manufacturer,
                 manufacturer_model_name=device.model_name,

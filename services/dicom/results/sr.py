@@ -187,8 +187,14 @@ def build_sr(
     verification: Verification | None = None,
     series_number: int | None = None,
     series_description: str | None = None,
+    uids: tuple[str, str] | None = None,
 ) -> DicomResult:
-    """The TID 1500 report as a Comprehensive 3D SR (Part 10 bytes); ``seg`` is the SEG it references, if any."""
+    """The TID 1500 report as a Comprehensive 3D SR (Part 10 bytes); ``seg`` is the SEG it references, if any.
+
+    ``uids``: its (series, SOP instance) UIDs, when the caller derives them (the same verified result built
+    twice is then the same object, which the DICOM node sends once); new ones otherwise.
+    """
+    series_uid, instance_uid = uids or (generate_uid(), generate_uid())
     started = time.perf_counter()
     verified = verification is not None
     with silenced():
@@ -206,9 +212,9 @@ def build_sr(
             sr = hd.sr.Comprehensive3DSR(
                 evidence=evidence,
                 content=report,
-                series_instance_uid=generate_uid(),
+                series_instance_uid=series_uid,
                 series_number=series_number or (VERIFIED_SR_SERIES_NUMBER if verified else SR_SERIES_NUMBER),
-                sop_instance_uid=generate_uid(),
+                sop_instance_uid=instance_uid,
                 instance_number=1,
                 manufacturer=device.manufacturer,
                 is_complete=True,

@@ -20,6 +20,8 @@ How a review answer maps onto ``reviewed`` (values the review service holds for 
 
 from __future__ import annotations
 
+from pydicom.uid import generate_uid
+
 from services.dicom.results.inputs import AIResults, Device, DicomResult, SegReference
 from services.dicom.results.seg import build_seg
 from services.dicom.results.source import read_source
@@ -39,8 +41,13 @@ def build_verified_results(
     limits: IngestLimits,
     ai_seg: SegReference | None = None,
     device: Device | None = None,
+    uid_seed: str | None = None,
 ) -> list[DicomResult]:
-    """The reviewer's SEG (only when a mask changed or there is no AI SEG to point at) and the VERIFIED SR."""
+    """The reviewer's SEG (only when a mask changed or there is no AI SEG to point at) and the VERIFIED SR.
+
+    ``uid_seed`` (e.g. the human loop's name): the objects' series and SOP instance UIDs are derived from
+    it, so building the same review again (a retry after a crash) gives the same objects, sent once.
+    """
     source = read_source(data, frame=frame, limits=limits)
     device = device or Device.for_algorithms(reviewed.algorithms())
     objects: list[DicomResult] = []
@@ -57,10 +64,22 @@ def build_verified_results(
             series_number=VERIFIED_SEG_SERIES_NUMBER,
             series_description=VERIFIED_SEG_SERIES_DESCRIPTION,
             content_description="AI segmentation corrected by a reviewer",
+            uids=_uids(uid_seed, "seg"),
         )
         objects.append(seg)
         segments = seg.segments
     elif not reviewed.segments:
         segments = None
-    objects.append(build_sr(source, reviewed, device=device, seg=segments, verification=verification))
+    objects.append(
+        build_sr(source, reviewed, device=device, seg=segments, verification=verification, uids=_uids(uid_seed, "sr"))
+    )
     return objects
+
+
+def _uids(seed: str | None, kind: str) -> tuple[str, str] | None:
+    if seed is None:
+        return None
+    return (
+        generate_uid(entropy_srcs=["medgate verified", seed, kind, "series"]),
+        generate_uid(entropy_srcs=["medgate verified", seed, kind, "instance"]),
+    )
