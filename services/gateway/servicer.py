@@ -35,6 +35,7 @@ from services.gateway.convert import (
 )
 from services.gateway.cost import BoxWindows, CostPrices, RequestCost, check_budget, estimate
 from services.gateway.routing import ReviewRouter
+from services.gateway.shadow import Shadow
 from services.imaging.ingest import InputKind
 from services.imaging.masks import EncodedMasks, encode_masks
 from services.imaging.prepare import PreparedImage, prepare
@@ -143,6 +144,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.models = models
         self.executor = executor
         self.router = router
+        # A share of classify/detect answers is also computed by the role's candidate version (versions.shadow_*).
+        self.shadow = Shadow(models, settings.versions)
         limits = settings.gateway
         self.prices = CostPrices(
             encoder_pass_ms=limits.cost_encoder_pass_ms,
@@ -284,8 +287,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     # --- the tasks -----------------------------------------------------------------------------
 
     async def _classify(self, prepared: PreparedImage, deadline: float, clock: Clock) -> pb.ClassifyResponse:
-        probabilities = await self.models.classify(prepared.model_image, deadline=deadline)
-        info = self.models.models["classifier"]
+        info = self.models.served("classifier")  # the version this answer names is the one asked
+        probabilities = await self.models.classify(prepared.model_image, deadline=deadline, version=info.version)
+        self.shadow.offer_classification(prepared.model_image, info.name, info.version, probabilities)
         clock.models.add(info.name)
         labels = info.labels or [f"class_{i}" for i in range(len(probabilities))]
         order = np.argsort(-probabilities, kind="stable")
@@ -300,8 +304,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _detect(
         self, prepared: PreparedImage, deadline: float, clock: Clock, *, min_score: float, max_detections: int
     ) -> pb.DetectResponse:
-        boxes, scores, labels = await self.models.detect(prepared.model_image, deadline=deadline)
-        info = self.models.models["detector"]
+        info = self.models.served("detector")
+        boxes, scores, labels = await self.models.detect(prepared.model_image, deadline=deadline, version=info.version)
+        self.shadow.offer_detection(prepared.model_image, info.name, info.version, boxes, scores)
         clock.models.add(info.name)
         keep = scores >= min_score
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
@@ -358,7 +363,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             masks.extend(text_masks[: len(prompts)])
             categories.extend(text_categories[: len(prompts)])
             scores.extend(float(s) for s in text_scores[: len(prompts)])
-            text_info = self.models.models["segmenter_text"]
+            text_info = self.models.served("segmenter_text")
             clock.models.add(text_info.name)
             models.append(pb.ModelRef(name=text_info.name, version=text_info.version))
         if box_task is not None:
@@ -366,7 +371,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             masks.extend(box_masks[: len(boxes)])
             categories.extend("other" for _ in range(len(boxes)))
             scores.extend(float(s) for s in box_scores[: len(boxes)])
-            box_info = self.models.models["segmenter_box"]
+            box_info = self.models.served("segmenter_box")
             clock.models.add(box_info.name)
             models.append(pb.ModelRef(name=box_info.name, version=box_info.version))
         space = output.mask_space

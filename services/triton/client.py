@@ -14,6 +14,7 @@ after it, until Triton is back) is answered UNAVAILABLE; an answer, and the call
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+from services.gateway.versions import ServingVersions
 from services.imaging.preprocess import MODEL_SIZE
 from services.metrics import TRITON_SECONDS
 from services.settings import Settings, TritonSettings
@@ -197,6 +199,8 @@ class TritonModels:
         self.keepalive_time_ms = keepalive_time_ms
         self._shm_min_bytes = shared_memory_min_tensor_bytes
         self.models: dict[str, ModelInfo] = {}
+        # Which version each role's calls name (settings pins, the versions file); None: the highest at connect.
+        self.versions: ServingVersions | None = None
         self._client: triton_aio.InferenceServerClient | None = None
         self._shared_memory = shared_memory
         self._shm_max_bytes = shared_memory_max_bytes
@@ -218,7 +222,7 @@ class TritonModels:
     def from_settings(cls, url: str, settings: Settings) -> TritonModels:
         """The image roles of ``settings.models`` on the Triton at ``url``, with every Triton limit from settings."""
         triton = settings.triton
-        return cls(
+        models = cls(
             url,
             settings.models.as_dict(),
             retry_backoff_s=settings.gateway.triton_retry_backoff_s,
@@ -238,6 +242,9 @@ class TritonModels:
                 *([settings.report.model] if settings.report.enabled and settings.report.model else []),
             ],
         )
+        v = settings.versions
+        models.versions = ServingVersions(v.file, v.pins(), reload_interval_s=v.reload_interval_s)
+        return models
 
     @property
     def uses_shared_memory(self) -> bool:
@@ -299,6 +306,8 @@ class TritonModels:
             info.labels = [s.strip() for s in parameters.get("labels", "").split(",") if s.strip()]
             models[role] = info
         self.models = models
+        if self.versions is not None:
+            self.versions.loaded = {role: info.version for role, info in models.items()}
         if self._wants_shared_memory() and self._shm is None:
             remove_stale_regions()
             self._shm = SharedMemoryPool(self.client, max_bytes=self._shm_max_bytes, headers=self.admin_headers)
@@ -397,6 +406,7 @@ class TritonModels:
                     self.client.infer(
                         info.name,
                         inputs,
+                        model_version=info.version,
                         outputs=requested,
                         client_timeout=remaining,
                         timeout=request_timeout_us(remaining),
@@ -473,21 +483,31 @@ class TritonModels:
 
     # --- the four roles ------------------------------------------------------------------------
 
-    def _role(self, role: str) -> ModelInfo:
+    def _role(self, role: str, version: str = "") -> ModelInfo:
+        """The role's model as a call names it: ``version``, else the serving one (:meth:`served`)."""
+        info = self.served(role)
+        return dataclasses.replace(info, version=version) if version and version != info.version else info
+
+    def served(self, role: str) -> ModelInfo:
+        """The role's model with the version its calls name now: pinned in settings, in the versions file, or the
+        highest Triton had loaded at connect (so a version landing later never answers until it is promoted)."""
         info = self.models.get(role)
         if info is None:
             raise RoleNotServed(f"this server has no {role} model (settings.models.{role} is empty)")
-        return info
+        version = self.versions.serving(role) if self.versions is not None else ""
+        return dataclasses.replace(info, version=version) if version and version != info.version else info
 
-    async def classify(self, image: np.ndarray, *, deadline: float) -> np.ndarray:
-        """Probabilities [C] for one letterboxed uint8 image."""
-        info = self._role("classifier")
+    async def classify(self, image: np.ndarray, *, deadline: float, version: str = "") -> np.ndarray:
+        """Probabilities [C] for one letterboxed uint8 image (``version``: that one instead of the serving one)."""
+        info = self._role("classifier", version)
         result = await self._infer(info, [("image", image[None])], ["probabilities"], deadline=deadline)
         return result["probabilities"][0]
 
-    async def detect(self, image: np.ndarray, *, deadline: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Boxes [K, 4] (model space), scores [K], label indices [K], highest score first."""
-        info = self._role("detector")
+    async def detect(
+        self, image: np.ndarray, *, deadline: float, version: str = ""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boxes [K, 4] (model space), scores [K], label indices [K], highest score first (``version``: as classify)."""
+        info = self._role("detector", version)
         result = await self._infer(
             info, [("image", image[None])], ["boxes", "scores", "labels", "count"], deadline=deadline
         )
