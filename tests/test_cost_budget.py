@@ -212,7 +212,8 @@ async def budget_stub(triton_url: str) -> AsyncIterator[pb_grpc.InferenceStub]:
     server = GatewayServer(settings, triton_url)
     await server.start(port=0)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        options = [("grpc.max_receive_message_length", 64 << 20)]  # four 1024x1024 masks are 4 MiB
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options) as channel:
             yield pb_grpc.InferenceStub(channel)
     finally:
         await server.stop()
