@@ -1,15 +1,21 @@
 // The medgate reviewer page: sign-in, the live queue (Server-Sent Events), and the case view on a canvas.
-// Vanilla JS, no build step. Every coordinate of a case is in the 1024x1024 image the model saw.
+// Vanilla JS, no build step (image.js: window/level on the original values; paint.js: brush and eraser).
+// Every coordinate of a case is in the 1024x1024 image the model saw.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const SIZE = 1024;
 const CORNER_PX = 10; // screen pixels around a box corner that grab it for resizing
+// A lease that will not be renewed (no input since the last renewal) stops the page taking new cases this
+// long before it ends, so the expired case goes to another reviewer rather than straight back to this page.
+const PAUSE_BEFORE_EXPIRY_MS = 1500;
 const COLORS = ["#ff4d4d", "#4dd2ff", "#ffd24d", "#7dff4d", "#d24dff", "#ff9f4d"];
 
 const state = {
   session: null, events: null, queue: [], kase: null, work: null,
-  base: null, pixels: null, rendered: document.createElement("canvas"), maskImages: [],
+  base: null, pixels: null, rendered: document.createElement("canvas"), maskImages: [], maskBits: [],
+  img: null, rect: [0, 0, SIZE, SIZE], tool: null, brush: 12, cursor: null, stroke: null,
+  paused: false, expired: false, renewedAt: 0,
   view: { scale: 1, x: 0, y: 0 }, wl: { width: 255, level: 127.5, invert: false },
   drag: null, selected: -1, hideAll: false, opacity: 0.45,
   lastInput: Date.now(), leaseTimer: null, leaseTotalMs: 0, renewing: false, submitting: false,
@@ -88,24 +94,25 @@ function drawQueue() {
 
 // --- a case ------------------------------------------------------------------------------------------
 
-const storageKey = (deliveryId) => `medgate-review:${deliveryId}`;
+// Keyed by reviewer and loop: a case that comes back on a new lease after its lease expired keeps the work.
+const storageKey = (kase) => `medgate-review:${state.session ? state.session.subject : ""}:${kase.humanLoopName}`;
 
 function initialWork(kase) {
   return {
     label: kase.scores.length ? kase.scores[0].label : null,
     boxes: kase.detections.map((d) => ({ label: d.label, score: d.score, box: d.box.slice(), hidden: false })),
     masks: kase.masks.map(() => ({ accepted: true, hidden: false })),
-    comment: "", reject: false,
+    strokes: [], comment: "", reject: false,
   };
 }
 
-function save() { if (state.kase) localStorage.setItem(storageKey(state.kase.deliveryId), JSON.stringify(state.work)); }
+function save() { if (state.kase) localStorage.setItem(storageKey(state.kase), JSON.stringify(state.work)); }
 
 function showCase(kase) {
   if (state.kase && state.kase.deliveryId === kase.deliveryId) return;
   if (state.kase) return; // one case at a time (the stream holds one lease per page)
   state.kase = kase;
-  const kept = localStorage.getItem(storageKey(kase.deliveryId));
+  const kept = localStorage.getItem(storageKey(kase));
   state.work = kept ? JSON.parse(kept) : initialWork(kase);
   state.selected = -1;
   state.leaseTotalMs = Math.max(kase.leaseExpiresMs - Date.now(), 1);
@@ -113,41 +120,62 @@ function showCase(kase) {
   $("comment").value = state.work.comment || "";
   document.body.dataset.delivery = kase.deliveryId;
   setStatus(kept ? "Your unfinished work on this case was restored." : "");
+  state.rect = MedgateImage.contentRect(kase, SIZE);
+  state.expired = false; state.paused = false; state.tool = null; state.renewedAt = Date.now();
+  const masksReady = Promise.all(kase.masks.map(maskBits));
   const image = new Image();
-  image.onload = () => {
+  image.onload = async () => {
     const c = document.createElement("canvas"); c.width = SIZE; c.height = SIZE;
     const g = c.getContext("2d"); g.drawImage(image, 0, 0, SIZE, SIZE);
     state.pixels = g.getImageData(0, 0, SIZE, SIZE);
-    state.wl = { width: 255, level: 127.5, invert: false };
+    let img = MedgateImage.from8bit(state.pixels);
+    if (kase.modality) {
+      try {
+        const response = await fetch(kase.modality.url);
+        if (!response.ok) throw new Error(`HTTP ${response.status}`);
+        const decoded = await MedgateImage.decodePng16(await response.arrayBuffer());
+        if (decoded.width !== SIZE || decoded.height !== SIZE) throw new Error("unexpected size");
+        img = MedgateImage.fromModality(kase.modality, decoded);
+      } catch (e) { setStatus(`The 16-bit image could not be read (${e.message}): window/level on the 8-bit image.`, true); }
+    }
+    const bits = await masksReady;
+    if (state.kase !== kase) return;
+    state.maskBits = bits;
+    for (const stroke of state.work.strokes || []) if (bits[stroke.mask]) MedgatePaint.replay(bits[stroke.mask], SIZE, stroke);
+    state.maskImages = bits.map((b, i) => {
+      const canvas = document.createElement("canvas"); canvas.width = SIZE; canvas.height = SIZE;
+      MedgatePaint.tint(canvas, b, SIZE, COLORS[i % COLORS.length]);
+      return canvas;
+    });
+    state.img = img;
+    state.wl = MedgateImage.defaultWindow(img, state.rect, SIZE);
     renderImage(); fit(); drawPanel(); draw();
     document.body.dataset.ready = kase.deliveryId;
   };
   image.src = kase.image;
-  state.maskImages = kase.masks.map((src, i) => tintedMask(src, COLORS[i % COLORS.length]));
   startLeaseClock();
 }
 
-function tintedMask(src, color) {
-  const canvas = document.createElement("canvas"); canvas.width = SIZE; canvas.height = SIZE;
-  const image = new Image();
-  image.onload = () => {
-    const g = canvas.getContext("2d");
-    g.drawImage(image, 0, 0);
-    const data = g.getImageData(0, 0, SIZE, SIZE);
-    const [r, gg, b] = [1, 3, 5].map((i) => parseInt(color.slice(i, i + 2), 16));
-    for (let p = 0; p < data.data.length; p += 4) {
-      const on = data.data[p] > 127;
-      data.data[p] = r; data.data[p + 1] = gg; data.data[p + 2] = b; data.data[p + 3] = on ? 255 : 0;
-    }
-    g.putImageData(data, 0, 0); draw();
-  };
-  image.src = src;
-  return canvas;
+// A mask PNG (0/255) as 0/1 bytes, SIZE x SIZE.
+function maskBits(src) {
+  return new Promise((resolve) => {
+    const image = new Image();
+    image.onload = () => {
+      const c = document.createElement("canvas"); c.width = SIZE; c.height = SIZE;
+      const g = c.getContext("2d"); g.drawImage(image, 0, 0);
+      const data = g.getImageData(0, 0, SIZE, SIZE).data, bits = new Uint8Array(SIZE * SIZE);
+      for (let p = 0, q = 0; q < bits.length; p += 4, q++) bits[q] = data[p] > 127 ? 1 : 0;
+      resolve(bits);
+    };
+    image.onerror = () => resolve(new Uint8Array(SIZE * SIZE));
+    image.src = src;
+  });
 }
 
 function caseDone(message) {
-  if (state.kase) localStorage.removeItem(storageKey(state.kase.deliveryId));
-  state.kase = null; state.work = null; state.pixels = null;
+  if (state.kase) localStorage.removeItem(storageKey(state.kase));
+  state.kase = null; state.work = null; state.pixels = null; state.img = null; state.tool = null; state.stroke = null;
+  state.maskBits = []; state.maskImages = []; state.expired = false;
   clearInterval(state.leaseTimer); $("lease").hidden = true;
   $("waiting").hidden = false; $("actions").hidden = true; $("comment").hidden = true;
   $("task").replaceChildren(); $("items").replaceChildren(); $("items-title").hidden = true; $("opacity-block").hidden = true;
@@ -158,26 +186,26 @@ function caseDone(message) {
 
 function setStatus(text, error) { $("status").textContent = text || ""; $("status").className = error ? "error" : ""; }
 
-// --- window/level on the 8-bit image -----------------------------------------------------------------
+// --- window/level (image.js) ------------------------------------------------------------------------
+
+const fmt = (v) => (Math.abs(v) >= 100 || Number.isInteger(v) ? String(Math.round(v)) : v.toFixed(2));
 
 function renderImage() {
-  if (!state.pixels) return;
-  const { width, level, invert } = state.wl;
-  const lut = new Uint8ClampedArray(256);
-  const low = level - width / 2;
-  for (let v = 0; v < 256; v++) {
-    const out = Math.round(((v - low) / Math.max(width, 1)) * 255);
-    lut[v] = invert ? 255 - out : out;
-  }
-  const source = state.pixels.data;
-  const out = new ImageData(SIZE, SIZE);
-  for (let p = 0; p < source.length; p += 4) {
-    const v = lut[source[p]];
-    out.data[p] = v; out.data[p + 1] = v; out.data[p + 2] = v; out.data[p + 3] = 255;
-  }
-  state.rendered.width = SIZE; state.rendered.height = SIZE;
-  state.rendered.getContext("2d").putImageData(out, 0, 0);
-  $("wl").textContent = `W ${Math.round(width)} L ${Math.round(level)}${invert ? " inverted" : ""} (8-bit)`;
+  if (!state.img) return;
+  MedgateImage.render(state.img, state.wl, state.rendered, state.rect, SIZE);
+  const { width, level, invert, preset } = state.wl, img = state.img;
+  const source = img.bits === 16 ? `${img.modality || "DICOM"} 16-bit values` : "8-bit image";
+  $("wl").textContent = `W ${fmt(width)} L ${fmt(level)}${img.unit ? " " + img.unit : ""}${invert ? " inverted" : ""}`
+    + ` · ${preset || "custom"} · ${source}`;
+}
+
+function preset(index) {
+  if (!state.img) return;
+  const list = MedgateImage.presets(state.img, state.rect, SIZE);
+  if (index >= list.length) { setStatus(`No preset ${index + 1} for this image (${list.length} presets).`); return; }
+  const p = list[index];
+  state.wl = { width: p.width, level: p.level, invert: state.wl.invert, preset: `${index + 1}: ${p.name}` };
+  renderImage();
 }
 
 // --- drawing -----------------------------------------------------------------------------------------
@@ -203,7 +231,7 @@ const toImage = (sx, sy) => [(sx - state.view.x) / state.view.scale, (sy - state
 function draw() {
   ctx.setTransform(1, 0, 0, 1, 0, 0);
   ctx.fillStyle = "#000"; ctx.fillRect(0, 0, canvas.width, canvas.height);
-  if (!state.kase || !state.pixels) return;
+  if (!state.kase || !state.img) return;
   const { scale, x, y } = state.view;
   ctx.setTransform(scale, 0, 0, scale, x, y);
   ctx.imageSmoothingEnabled = scale < 1;
@@ -213,6 +241,11 @@ function draw() {
   ctx.globalAlpha = state.opacity;
   state.maskImages.forEach((m, i) => { if (!w.masks[i].hidden && w.masks[i].accepted) ctx.drawImage(m, 0, 0); });
   ctx.globalAlpha = 1;
+  if (state.tool && state.cursor) {
+    ctx.strokeStyle = state.tool === "erase" ? "#fff" : COLORS[Math.max(state.selected, 0) % COLORS.length];
+    ctx.lineWidth = 1.5 / scale;
+    ctx.beginPath(); ctx.arc(state.cursor[0], state.cursor[1], state.brush, 0, 2 * Math.PI); ctx.stroke();
+  }
   ctx.lineWidth = 2 / scale;
   ctx.font = `${13 / scale}px system-ui`;
   w.boxes.forEach((b, i) => {
@@ -264,6 +297,12 @@ function drawPanel() {
       const p = k.prompts[i] || {};
       items.push(itemRow(i, `${p.prompt || "mask " + (i + 1)} ${p.score !== undefined ? p.score.toFixed(2) : ""}`, m, true));
     });
+  }
+  if (k.taskType === "segmentation" && w.masks.length) {
+    const tool = document.createElement("p"); tool.id = "tool";
+    const target = state.selected >= 0 ? (k.prompts[state.selected] || {}).prompt || `mask ${state.selected + 1}` : "no mask";
+    tool.textContent = state.tool ? `${state.tool === "erase" ? "Eraser" : "Brush"} ${state.brush} px on ${target}` : "Brush b, eraser e, size [ ]";
+    task.append(tool);
   }
   $("items-title").hidden = items.length === 0 && k.taskType !== "detection";
   $("opacity-block").hidden = k.taskType !== "segmentation";
@@ -327,6 +366,12 @@ canvas.addEventListener("mousedown", (e) => {
   const sx = e.clientX - r.left, sy = e.clientY - r.top;
   const start = { sx, sy, view: { ...state.view }, wl: { ...state.wl } };
   if (e.button === 2 || e.ctrlKey) state.drag = { ...start, mode: "wl" };
+  else if (e.button === 0 && !e.shiftKey && state.tool && state.maskBits[state.selected]) {
+    const stroke = { mask: state.selected, erase: state.tool === "erase", r: state.brush, points: [toImage(sx, sy).map((v) => Math.round(v * 10) / 10)] };
+    state.work.masks[state.selected].accepted = true; // painting on a mask keeps it
+    state.stroke = stroke; state.drag = { ...start, mode: "paint" };
+    paint(stroke.points[0], stroke.points[0]);
+  }
   else if (e.button === 1 || e.shiftKey) state.drag = { ...start, mode: "pan" };
   else {
     const h = hit(sx, sy);
@@ -345,11 +390,19 @@ canvas.addEventListener("mousedown", (e) => {
 });
 window.addEventListener("mousemove", (e) => {
   const d = state.drag;
-  if (!d) return;
   const r = canvas.getBoundingClientRect();
+  if (state.tool) { state.cursor = toImage(e.clientX - r.left, e.clientY - r.top); if (!d) draw(); }
+  if (!d) return;
   const dx = e.clientX - r.left - d.sx, dy = e.clientY - r.top - d.sy;
   if (d.mode === "wl") {
-    state.wl.width = Math.max(1, d.wl.width + dx); state.wl.level = d.wl.level - dy; renderImage();
+    const step = MedgateImage.step(state.img);
+    state.wl = { ...state.wl, width: Math.max(step, d.wl.width + dx * step), level: d.wl.level - dy * step, preset: "custom" };
+    renderImage();
+  } else if (d.mode === "paint") {
+    const point = toImage(e.clientX - r.left, e.clientY - r.top).map((v) => Math.round(v * 10) / 10);
+    const pts = state.stroke.points;
+    paint(pts[pts.length - 1], point);
+    pts.push(point);
   } else if (d.mode === "pan") {
     state.view.x = d.view.x + dx; state.view.y = d.view.y + dy;
   } else {
@@ -368,6 +421,7 @@ window.addEventListener("mousemove", (e) => {
 window.addEventListener("mouseup", () => {
   const d = state.drag;
   state.drag = null;
+  if (d && d.mode === "paint" && state.work) { state.work.strokes.push(state.stroke); state.stroke = null; save(); drawPanel(); return; }
   if (!d || !state.work || d.mode === "wl" || d.mode === "pan") return;
   const b = state.work.boxes[d.index];
   b.box = [Math.min(b.box[0], b.box[2]), Math.min(b.box[1], b.box[3]), Math.max(b.box[0], b.box[2]), Math.max(b.box[1], b.box[3])]
@@ -380,6 +434,33 @@ canvas.addEventListener("wheel", (e) => {
   zoom(e.deltaY < 0 ? 1.15 : 1 / 1.15, e.clientX - r.left, e.clientY - r.top);
   e.preventDefault();
 }, { passive: false });
+
+function paint(a, b) {
+  const s = state.stroke, bits = state.maskBits[s.mask];
+  const rect = MedgatePaint.segment(bits, SIZE, a, b, s.r, s.erase ? 0 : 1);
+  MedgatePaint.tint(state.maskImages[s.mask], bits, SIZE, COLORS[s.mask % COLORS.length], rect);
+}
+
+function undoStroke() {
+  const w = state.work;
+  if (!w.strokes.length) return;
+  const { mask } = w.strokes.pop();
+  maskBits(state.kase.masks[mask]).then((bits) => {
+    for (const stroke of w.strokes) if (stroke.mask === mask) MedgatePaint.replay(bits, SIZE, stroke);
+    state.maskBits[mask] = bits;
+    MedgatePaint.tint(state.maskImages[mask], bits, SIZE, COLORS[mask % COLORS.length]);
+    save(); drawPanel(); draw();
+  });
+}
+
+function setTool(tool) {
+  const k = state.kase;
+  if (!k || k.taskType !== "segmentation" || !k.masks.length) return;
+  state.tool = state.tool === tool ? null : tool;
+  if (state.tool && state.selected < 0) state.selected = 0;
+  canvas.style.cursor = state.tool ? "none" : "";
+  drawPanel();
+}
 
 function zoom(factor, sx = canvas.width / 2, sy = canvas.height / 2) {
   const [ix, iy] = toImage(sx, sy);
@@ -399,12 +480,19 @@ document.addEventListener("keydown", (e) => {
   const items = k.taskType === "detection" ? w.boxes : k.taskType === "segmentation" ? w.masks : [];
   const sel = items[state.selected];
   let handled = true;
-  if (/^[1-9]$/.test(e.key)) choose(Number(e.key) - 1);
+  const digit = /^Digit[1-5]$/.test(e.code) ? Number(e.code.slice(5)) : 0;
+  if (digit && (e.shiftKey || k.taskType !== "classification")) preset(digit - 1); // W/L presets
+  else if (/^[1-9]$/.test(e.key)) choose(Number(e.key) - 1);
   else if (e.key === "0") { w.reject = !w.reject; save(); drawPanel(); }
   else if (e.key === "Enter") submit();
   else if (e.key === "s") skip();
   else if (e.key === "i") { state.wl.invert = !state.wl.invert; renderImage(); }
-  else if (e.key === "r") { state.wl = { width: 255, level: 127.5, invert: false }; renderImage(); }
+  else if (e.key === "r") { state.wl = MedgateImage.defaultWindow(state.img, state.rect, SIZE); renderImage(); }
+  else if (e.key === "b") setTool("brush");
+  else if (e.key === "e") setTool("erase");
+  else if (e.key === "[" || e.key === "]") { state.brush = MedgatePaint.clampRadius(Math.round(state.brush * (e.key === "]" ? 1.25 : 0.8))); drawPanel(); }
+  else if (e.key === "z" && k.taskType === "segmentation") undoStroke();
+  else if (e.key === "Escape" && state.tool) setTool(state.tool);
   else if (e.key === "f") fit();
   else if (e.key === "+" || e.key === "=") zoom(1.25);
   else if (e.key === "-") zoom(0.8);
@@ -432,13 +520,16 @@ function answer() {
   if (k.taskType === "detection") {
     return { kind: "boxes", boxes: w.boxes.map((b) => ({ label: b.label, x0: b.box[0], y0: b.box[1], x1: b.box[2], y1: b.box[3] })) };
   }
-  return w.masks.length ? { kind: "masks", accepted: w.masks.map((m) => m.accepted) } : { kind: "accept" };
+  if (!w.masks.length) return { kind: "accept" };
+  const painted = new Set((w.strokes || []).map((s) => s.mask));
+  const edits = w.masks.map((m, i) => (painted.has(i) && state.maskBits[i] ? MedgatePaint.packBase64(state.maskBits[i]) : null));
+  return { kind: "masks", accepted: w.masks.map((m) => m.accepted), edits };
 }
 
 async function submit() {
   const k = state.kase;
   if (!k || state.submitting) return;
-  if (Date.now() > k.leaseExpiresMs) { setStatus("The lease on this case has expired: it went back to the queue. Skip it (s).", true); return; }
+  if (state.expired || Date.now() > k.leaseExpiresMs) { leaseExpired(); return; }
   const a = answer();
   if (!a) { setStatus("Choose a category first (1-9), or 0 for none.", true); return; }
   state.submitting = true;
@@ -454,7 +545,25 @@ async function skip() {
   const k = state.kase;
   if (!k) return;
   try { await api(`/api/cases/${encodeURIComponent(k.deliveryId)}/release`); } catch (e) { if (e.status !== 409) { setStatus(e.message, true); return; } }
-  caseDone("Skipped: the case went back to the queue.");
+  const resumed = state.paused;
+  caseDone(resumed ? "Taking cases again." : "Skipped: the case went back to the queue.");
+  if (resumed) { state.paused = false; connect(); }
+}
+
+// Stop taking cases (the stream closes): the lease is about to lapse and nobody is working on this page.
+function pause() {
+  if (state.paused) return;
+  state.paused = true;
+  if (state.events) { state.events.close(); state.events = null; }
+}
+
+function leaseExpired() {
+  pause();
+  state.expired = true;
+  const el = $("lease");
+  el.textContent = "Lease expired: the case is back in the queue"; el.className = "lease expired";
+  setStatus("The lease on this case expired before you submitted: it went back to the queue for another reviewer."
+    + " Your work on it is kept on this page. Press s to take cases again.", true);
 }
 
 function startLeaseClock() {
@@ -465,18 +574,22 @@ function startLeaseClock() {
     if (!k) return;
     const left = k.leaseExpiresMs - Date.now();
     const el = $("lease");
-    if (left <= 0) { el.textContent = "Lease expired: the case is back in the queue"; el.className = "lease expired"; return; }
+    if (left <= 0 || state.expired) { leaseExpired(); return; }
     const s = Math.floor(left / 1000);
     el.textContent = `Lease ${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
     el.className = left < 60000 ? "lease low" : "lease";
-    const active = Date.now() - state.lastInput < 60000;
+    // Renewed while the reviewer works (any input since the case came or the last renewal); an idle page lets it lapse.
+    const active = state.lastInput > state.renewedAt;
     if (active && left < state.leaseTotalMs / 2 && !state.renewing) {
       state.renewing = true;
       try {
         const r = await api(`/api/cases/${encodeURIComponent(k.deliveryId)}/renew`);
-        if (state.kase === k) { k.leaseExpiresMs = r.leaseExpiresMs; state.leaseTotalMs = Math.max(r.leaseExpiresMs - Date.now(), 1); }
-      } catch (e) { setStatus(`The lease could not be renewed: ${e.message}`, true); } finally { state.renewing = false; }
-    }
+        if (state.kase === k) { k.leaseExpiresMs = r.leaseExpiresMs; state.leaseTotalMs = Math.max(r.leaseExpiresMs - Date.now(), 1); state.renewedAt = Date.now(); }
+      } catch (e) {
+        if (e.status === 409) { leaseExpired(); return; } // the lease ended on the server
+        setStatus(`The lease could not be renewed: ${e.message}`, true);
+      } finally { state.renewing = false; }
+    } else if (!active && left < PAUSE_BEFORE_EXPIRY_MS) pause();
     if (state.session && Date.now() - state.lastInput > state.session.idleTimeoutS * 1000) {
       await api("/api/session/signout").catch(() => {});
       signedOut("Signed out after being idle.");
@@ -503,5 +616,11 @@ $("opacity").oninput = (e) => { state.opacity = e.target.value / 100; draw(); };
 $("comment").oninput = (e) => { if (state.work) { state.work.comment = e.target.value; save(); } };
 window.addEventListener("resize", () => { resize(); fit(); });
 // For the browser tests and for scripting: image coordinates -> page coordinates of the canvas.
-window.medgateReview = { toPage: (x, y) => { const r = canvas.getBoundingClientRect(); const [sx, sy] = toScreen(x, y); return [r.left + sx, r.top + sy]; }, state };
+window.medgateReview = {
+  toPage: (x, y) => { const r = canvas.getBoundingClientRect(); const [sx, sy] = toScreen(x, y); return [r.left + sx, r.top + sy]; },
+  // The grey level the case view renders at image pixel (x, y) (before zoom), and on screen there.
+  pixel: (x, y) => state.rendered.getContext("2d").getImageData(Math.floor(x), Math.floor(y), 1, 1).data[0],
+  screenPixel: (x, y) => { const [sx, sy] = toScreen(x, y); return Array.from(ctx.getImageData(Math.floor(sx), Math.floor(sy), 1, 1).data.slice(0, 3)); },
+  state,
+};
 loadSession();
