@@ -184,6 +184,20 @@ def cmd_review(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune a role's serving model on reviewed cases; land it as the next Triton version (training/)."""
+    from training import train_from_review
+
+    return train_from_review.run(args)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """A role's model versions: list, promote on evidence, roll back, shadow report, a repository outside the tree."""
+    from clients import models
+
+    return models.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clients import infer
 
@@ -250,6 +264,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--source-prefix", default="", help="prefix for source-ref, e.g. s3://bucket/images/")
     review.set_defaults(func=cmd_review)
+
+    from training import train_from_review
+
+    train = commands.add_parser(
+        "train", help="fine-tune a role on reviewed cases (an exported manifest); land it as the next version"
+    )
+    train_from_review.add_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    from clients import models
+
+    models_parser = commands.add_parser(
+        "models", help="model versions: list, promote (on evidence), rollback, shadow-report, init-repository"
+    )
+    models.add_arguments(models_parser)
+    models_parser.set_defaults(func=cmd_models)
     return parser
 
 

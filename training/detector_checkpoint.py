@@ -34,7 +34,7 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | N
                     following[id(first)] = second
     order: list[nn.Conv2d] = []
     hooks = [
-        m.register_forward_hook(lambda mod, *_: order.append(mod))  # type: ignore[arg-type]
+        m.register_forward_hook(lambda mod, *_: order.append(mod))
         for m in model.modules()
         if isinstance(m, nn.Conv2d)
     ]
@@ -74,6 +74,7 @@ def detector_from_onnx(path: Path) -> Detector:
                 continue
             bn.weight.fill_(1.0)
             bn.bias.copy_(torch.from_numpy(bias.copy()))
+            assert bn.running_mean is not None and bn.running_var is not None
             bn.running_mean.zero_()
             bn.running_var.fill_(1.0 - bn.eps)
     model.eval()
