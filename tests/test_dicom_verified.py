@@ -1,0 +1,366 @@
+"""Verified results as DICOM when a human loop completes: a real review service, real DICOM, no Triton.
+
+Cases are started the way the gateway starts them (StartHumanLoopRequest with ``dicom``: the source's
+bytes and the AI SR/SEG built by the real builders), answered with SubmitReview over gRPC, and the
+review service's verified SR (and SEG) is looked for in the DICOM node's inbox. The path through the
+real gateway, Triton, the node and Orthanc is tests/test_dicom_verified_e2e.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from medgate.v1 import inference_pb2 as ipb
+from medgate.v1 import review_pb2 as pb
+from medgate.v1 import review_pb2_grpc as pb_grpc
+from services.dicom.results import (
+    AIResults,
+    Algorithm,
+    Classification,
+    Detection,
+    Detections,
+    Segment,
+    build_dicom_results,
+)
+from services.gateway.convert import dicom_object_proto
+from services.gateway.routing import review_dicom_source
+from services.imaging.arrays import encode_array
+from services.imaging.limits import IngestLimits
+from services.imaging.preprocess import Letterbox
+from services.review.completion import SENT, CompletionConfig
+from services.review.server import ReviewServer
+from services.settings import load_settings
+from tests.fixtures import PATIENT_ID, PATIENT_NAME, dicom_bytes, phantom, pydicom_data_file
+from tests.test_dicom_results import dciodvfy_errors
+
+FLOWS = """
+[[flows]]
+name = "cls"
+task_type = "classification"
+categories = ["normal", "lesion"]
+task_count = 1
+task_time_limit_s = 60
+activation_conditions = '{"ConditionType": "Sampling", "ConditionParameters": {"RandomSamplingPercentage": 100}}'
+
+[[flows]]
+name = "det"
+task_type = "detection"
+categories = ["lesion"]
+task_count = 1
+task_time_limit_s = 60
+activation_conditions = '{"ConditionType": "Sampling", "ConditionParameters": {"RandomSamplingPercentage": 100}}'
+
+[[flows]]
+name = "seg"
+task_type = "segmentation"
+categories = ["left lung", "right lung", "heart"]
+task_count = 1
+task_time_limit_s = 60
+activation_conditions = '{"ConditionType": "Sampling", "ConditionParameters": {"RandomSamplingPercentage": 100}}'
+"""
+CLASSIFIER = Algorithm("classifier", "1")
+DETECTOR = Algorithm("detector", "1")
+SEGMENTER = Algorithm("segmenter", "1")
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+@dataclass
+class Service:
+    server: ReviewServer
+    stub: pb_grpc.ReviewStub
+    outbox: Path
+
+    @property
+    def inbox(self) -> Path:
+        return self.outbox / "inbox"
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[Service]:
+    flows = tmp_path / "flows.toml"
+    flows.write_text(FLOWS)
+    settings = load_settings(
+        review={"store_path": tmp_path / "review.sqlite3", "flows_file": flows, "port": 0, "web_enabled": False},
+        security={"auth": False, "tls": False, "audit_dir": tmp_path / "audit"},
+    )
+    config = CompletionConfig(
+        handover_dir=tmp_path / "node-outbox", limits=IngestLimits(), organization="Radiology", retry_interval_s=0.3
+    )
+    server = ReviewServer(settings.review, settings.security, verified=config)
+    await server.start(port=0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield Service(server, pb_grpc.ReviewStub(channel), config.handover_dir)
+    finally:
+        await server.stop()
+
+
+def radiograph() -> bytes:
+    """A 2-D DX-like phantom radiograph (640x512) with patient data that must never reach a log."""
+    image = (phantom(3).image.astype(np.uint16) * 16)[:512, :640]
+    return dicom_bytes(np.ascontiguousarray(image))
+
+
+def header(data: bytes) -> Dataset:
+    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+
+
+def transform(letterbox: Letterbox) -> dict[str, Any]:
+    return {
+        "originalWidth": letterbox.original_width,
+        "originalHeight": letterbox.original_height,
+        "scale": letterbox.scale,
+        "scaleX": letterbox.scale_x,
+        "scaleY": letterbox.scale_y,
+        "padLeft": letterbox.pad_left,
+        "padTop": letterbox.pad_top,
+        "modelSize": letterbox.size,
+    }
+
+
+def start_request(
+    name: str, flow: str, source: bytes, ai: AIResults, content: dict[str, Any], models: dict[str, Algorithm]
+) -> tuple[pb.StartHumanLoopRequest, list[ipb.DicomObject]]:
+    """The case as the gateway's router sends it, with the AI objects built by the real builders."""
+    objects = [dicom_object_proto(o) for o in build_dicom_results(source, frame=0, results=ai, limits=IngestLimits())]
+    ds = header(source)
+    dicom = review_dicom_source(
+        source,
+        frame=0,
+        study_instance_uid=str(ds.StudyInstanceUID),
+        objects=objects,
+        models={task: ipb.ModelRef(name=a.name, version=a.version) for task, a in models.items()},
+    )
+    assert dicom is not None
+    letterbox = Letterbox.for_shape(int(ds.Rows), int(ds.Columns))
+    request = pb.StartHumanLoopRequest(
+        name=name,
+        flow_definition=flow,
+        input_content_json=json.dumps({"inputHash": name, "transform": transform(letterbox), **content}),
+        image_png=b"\x89PNG stand-in",
+        dicom=dicom,
+    )
+    return request, objects
+
+
+async def answer(stub: pb_grpc.ReviewStub, flow: str, reviewer: str, review: pb.ReviewAnswer) -> pb.HumanLoop:
+    stream = stub.StreamCases(pb.StreamCasesRequest(reviewer_id=reviewer, flow_definitions=[flow]))
+    case = await asyncio.wait_for(stream.read(), timeout=30)
+    stream.cancel()
+    assert b"DICM" not in case.SerializeToString(), "the source DICOM never goes to the reviewer"
+    submitted = await stub.SubmitReview(
+        pb.SubmitReviewRequest(
+            decision_id=f"{case.human_loop_name}-1", delivery_id=case.delivery_id, reviewer_id=reviewer, answer=review
+        )
+    )
+    return submitted.human_loop
+
+
+async def handed_over(service: Service, count: int, timeout_s: float = 30.0) -> list[Dataset]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        files = sorted(service.inbox.glob("*.dcm")) if service.inbox.exists() else []
+        if len(files) >= count:
+            return [pydicom.dcmread(f) for f in files]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no verified result in the node's inbox after {timeout_s:.0f} s")
+
+
+def content_items(ds: Dataset) -> Iterator[Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from content_items(item)
+
+
+def concept(item: Dataset) -> str:
+    return str(item.ConceptNameCodeSequence[0].CodeMeaning) if "ConceptNameCodeSequence" in item else ""
+
+
+def classification_of(sr: Dataset) -> list[str]:
+    return [str(i.ConceptCodeSequence[0].CodeMeaning) for i in content_items(sr) if concept(i) == "Classification"]
+
+
+def polylines(sr: Dataset) -> list[np.ndarray]:
+    return [
+        np.array(i.GraphicData, dtype=float).reshape(-1, 2) for i in content_items(sr) if i.get("ValueType") == "SCOORD"
+    ]
+
+
+def assert_verifies(sr: Dataset, source: bytes, ai_sr: ipb.DicomObject, reviewer: str) -> None:
+    """VERIFIED, in the source's study, the reviewer as verifying observer, the AI SR as predecessor."""
+    src = header(source)
+    assert sr.Modality == "SR" and sr.SOPClassUID == COMPREHENSIVE_3D_SR
+    assert (sr.VerificationFlag, sr.CompletionFlag) == ("VERIFIED", "COMPLETE")
+    assert sr.StudyInstanceUID == src.StudyInstanceUID and sr.PatientID == src.PatientID
+    assert sr.SeriesInstanceUID not in (src.SeriesInstanceUID, ai_sr.series_instance_uid)
+    (observer,) = sr.VerifyingObserverSequence
+    assert str(observer.VerifyingObserverName) == reviewer
+    assert observer.VerifyingOrganization == "Radiology"
+    (study,) = sr.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    (instance,) = series.ReferencedSOPSequence
+    assert study.StudyInstanceUID == src.StudyInstanceUID
+    assert (series.SeriesInstanceUID, instance.ReferencedSOPInstanceUID) == (
+        ai_sr.series_instance_uid,
+        ai_sr.sop_instance_uid,
+    )
+
+
+async def test_a_corrected_class_becomes_a_verified_sr_in_the_nodes_inbox(
+    service: Service, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    source = radiograph()
+    ai = AIResults(classification=Classification("lesion", 0.62, CLASSIFIER))
+    content = {
+        "classification": {
+            "scores": [{"label": "lesion", "score": 0.62}, {"label": "normal", "score": 0.38}],
+            "model": {"name": "classifier", "version": "1"},
+        }
+    }
+    request, objects = start_request("cls-1", "cls", source, ai, content, {"classify": CLASSIFIER})
+    await service.stub.StartHumanLoop(request)
+    started = time.perf_counter()
+    loop = await answer(service.stub, "cls", "dr-lee", pb.ReviewAnswer(label="normal"))
+    answered_ms = (time.perf_counter() - started) * 1000.0
+    assert loop.status == pb.HUMAN_LOOP_STATUS_COMPLETED
+    (sr,) = await handed_over(service, 1)
+    assert_verifies(sr, source, objects[-1], "dr-lee")
+    assert [m.lower() for m in classification_of(sr)] == ["normal"]
+    certainty = [i for i in content_items(sr) if concept(i) == "Certainty of Finding"]
+    assert certainty == [], "a reviewer's class has no model score"
+    assert dciodvfy_errors(Path(sr.filename).read_bytes(), tmp_path) == []
+    state = await asyncio.to_thread(service.server.store.dicom_state, "cls-1")
+    assert state == (SENT, f"SR {sr.SOPInstanceUID}")
+    logged = caplog.text
+    assert PATIENT_NAME.split("^")[0] not in logged and PATIENT_ID not in logged
+    assert answered_ms < 5000  # the build runs after the answer, not inside it
+
+
+async def test_an_accepted_detection_keeps_the_models_boxes_and_a_moved_box_is_mapped_to_source_pixels(
+    service: Service, tmp_path: Path
+) -> None:
+    source = radiograph()
+    letterbox = Letterbox.for_shape(512, 640)
+    box = (100.0, 120.0, 220.0, 260.0)  # source pixels
+    model_box = letterbox.boxes_to_model(np.array(box))[0]
+    ai = AIResults(detections=Detections([Detection(box, "lesion", 0.41)], DETECTOR))
+    detection = {
+        "label": "lesion",
+        "score": 0.41,
+        "box": dict(zip(("x0", "y0", "x1", "y1"), box, strict=True)),
+        "modelBox": dict(zip(("x0", "y0", "x1", "y1"), model_box.tolist(), strict=True)),
+    }
+    content = {"detection": {"detections": [detection], "model": {"name": "detector", "version": "1"}}}
+    request, objects = start_request("det-1", "det", source, ai, content, {"detect": DETECTOR})
+    await service.stub.StartHumanLoop(request)
+    moved = model_box + np.array([32.0, 16.0, 32.0, 16.0])  # the reviewer drags the box (1024 model space)
+    boxes = pb.ReviewAnswer(
+        boxes=pb.LabeledBoxes(
+            boxes=[ipb.Detection(label="lesion", model_box=ipb.Box(x0=moved[0], y0=moved[1], x1=moved[2], y1=moved[3]))]
+        )
+    )
+    assert (await answer(service.stub, "det", "dr-lee", boxes)).status == pb.HUMAN_LOOP_STATUS_COMPLETED
+    (sr,) = await handed_over(service, 1)
+    assert_verifies(sr, source, objects[-1], "dr-lee")
+    (line,) = polylines(sr)
+    x0, y0, x1, y1 = letterbox.boxes_to_original(moved)[0]
+    # The answer is rounded to 0.01 model pixels (A2I's boxes): about 0.01 source pixels here.
+    np.testing.assert_allclose(line[[0, 2]], [[x0, y0], [x1, y1]], atol=0.05)
+    assert abs(x0 - (box[0] + 32 / letterbox.scale_x)) < 0.05  # moved by 32 model pixels = 20 source pixels
+    assert dciodvfy_errors(Path(sr.filename).read_bytes(), tmp_path) == []
+
+
+async def test_a_corrected_mask_becomes_a_verified_seg_on_the_source_grid(service: Service, tmp_path: Path) -> None:
+    source = radiograph()
+    letterbox = Letterbox.for_shape(512, 640)
+    model_masks = np.zeros((1, 1024, 1024), np.uint8)
+    model_masks[0, 300:600, 200:500] = 1
+    ai = AIResults(
+        segments=[Segment("left lung", "lung", 0.55, SEGMENTER, prompt="left lung")],
+        masks=letterbox.mask_to_original(model_masks),
+    )
+    content = {
+        "segmentation": {"prompts": [{"prompt": "left lung", "category": "lung", "score": 0.55, "model": "segmenter"}]},
+        "masksShape": [1, 1024, 1024],
+    }
+    request, objects = start_request("seg-1", "seg", source, ai, content, {"segment": SEGMENTER})
+    request.masks_packbits = encode_array(model_masks, packbits=True).data
+    await service.stub.StartHumanLoop(request)
+    corrected = model_masks[0].copy()
+    corrected[300:600, 200:300] = 0  # the reviewer erases part of the model's mask
+    wire = encode_array(corrected, packbits=True)
+    mask = ipb.NDArray(data=wire.data, shape=list(wire.shape), dtype=wire.dtype, encoding=ipb.ARRAY_ENCODING_PACKBITS)
+    assert (await answer(service.stub, "seg", "dr-lee", pb.ReviewAnswer(mask=mask))).status == (
+        pb.HUMAN_LOOP_STATUS_COMPLETED
+    )
+    found = await handed_over(service, 2)
+    (seg,) = [d for d in found if d.Modality == "SEG"]
+    (sr,) = [d for d in found if d.Modality == "SR"]
+    assert_verifies(sr, source, objects[-1], "dr-lee")
+    assert seg.StudyInstanceUID == header(source).StudyInstanceUID
+    assert seg.SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
+    np.testing.assert_array_equal(seg.pixel_array.astype(np.uint8), letterbox.mask_to_original(corrected))
+    segment_refs = [
+        i for i in content_items(sr) if i.get("ValueType") == "IMAGE" and concept(i) == "Referenced Segment"
+    ]
+    assert [str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in segment_refs] == [seg.SOPInstanceUID]
+    for obj in (seg, sr):
+        assert dciodvfy_errors(Path(obj.filename).read_bytes(), tmp_path) == []
+
+
+async def test_a_node_folder_that_cannot_be_written_keeps_the_result_pending_and_it_is_sent_later(
+    service: Service,
+) -> None:
+    """The decision is recorded and answered at once; the verified result waits in the store, not lost."""
+    service.outbox.write_bytes(b"")  # a file where the node's folder should be: every hand-over fails
+    source = radiograph()
+    ai = AIResults(classification=Classification("lesion", 0.7, CLASSIFIER))
+    content = {"classification": {"scores": [{"label": "lesion", "score": 0.7}], "model": {"name": "classifier"}}}
+    request, objects = start_request("cls-2", "cls", source, ai, content, {"classify": CLASSIFIER})
+    await service.stub.StartHumanLoop(request)
+    loop = await answer(service.stub, "cls", "dr-lee", pb.ReviewAnswer(accept=True))
+    assert loop.status == pb.HUMAN_LOOP_STATUS_COMPLETED
+    await asyncio.sleep(1.0)  # several retry rounds
+    assert await asyncio.to_thread(service.server.store.dicom_state, "cls-2") == ("pending", None)
+    service.outbox.unlink()  # the folder can be written again
+    (sr,) = await handed_over(service, 1)
+    assert_verifies(sr, source, objects[-1], "dr-lee")
+    assert [m.lower() for m in classification_of(sr)] == ["lesion"]  # accepted: the model's class and score
+    assert [i for i in content_items(sr) if concept(i) == "Certainty of Finding"]
+
+
+async def test_a_rebuild_after_a_crash_is_the_same_object(service: Service) -> None:
+    """Handed over but not yet marked (a crash between the two): the next round writes the same SOP instance."""
+    source = radiograph()
+    ai = AIResults(classification=Classification("lesion", 0.7, CLASSIFIER))
+    content = {"classification": {"scores": [{"label": "lesion", "score": 0.7}], "model": {"name": "classifier"}}}
+    request, _ = start_request("cls-3", "cls", source, ai, content, {"classify": CLASSIFIER})
+    await service.stub.StartHumanLoop(request)
+    await answer(service.stub, "cls", "dr-lee", pb.ReviewAnswer(label="normal"))
+    (first,) = await handed_over(service, 1)
+    store = service.server.store
+    await asyncio.to_thread(store.mark_dicom, "cls-3", "pending")  # as if the mark had not been committed
+    assert service.server.verified is not None
+    await asyncio.to_thread(service.server.verified.run_once)
+    files = list(service.inbox.glob("*.dcm"))
+    assert [f.name for f in files] == [f"{first.SOPInstanceUID}.dcm"]
+
+
+def test_the_case_keeps_the_source_only_when_the_answer_was_written_as_dicom() -> None:
+    source = pydicom_data_file("CT_small.dcm").read_bytes()
+    assert review_dicom_source(source, frame=0, study_instance_uid="1.2", objects=[], models={}) is None
