@@ -137,8 +137,45 @@ def summary(case: pb.ReviewCase) -> str:
     return "\n".join(lines)
 
 
+def image_key(png: bytes) -> str:
+    """The key of a case's image in a ground-truth file: SHA-256 of its decoded grey pixels (1024x1024 uint8)."""
+    pixels = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest() if pixels is not None else ""
+
+
+_TRUTHS: dict[Path, dict[str, dict[str, Any]]] = {}
+
+
+def read_truths(path: Path) -> dict[str, dict[str, Any]]:
+    """A ground-truth file: JSON lines ``{"image_sha256": ..., "boxes": [[x0, y0, x1, y1], ...], "label": ...}``.
+
+    Boxes are in the case image's pixels (the 1024 model square the review service shows); read once per file.
+    """
+    if path not in _TRUTHS:
+        lines = [json.loads(text) for text in path.read_text().splitlines() if text.strip()]
+        _TRUTHS[path] = {str(line["image_sha256"]): line for line in lines}
+    return _TRUTHS[path]
+
+
+def truth_answer(path: Path, case: pb.ReviewCase) -> pb.ReviewAnswer:
+    """A scripted reviewer's answer: the true boxes of the case's image (a detection case) or its true label."""
+    truth = read_truths(path).get(image_key(case.image_png))
+    if truth is None:
+        return pb.ReviewAnswer(reject_reason="no ground truth for this image")
+    label = str(truth.get("label") or (case.categories[0] if case.categories else "lesion"))
+    if case.task_type != pb.TASK_TYPE_DETECTION:
+        return pb.ReviewAnswer(label=label)
+    boxes = [
+        ipb.Detection(label=label, model_box=ipb.Box(x0=b[0], y0=b[1], x1=b[2], y1=b[3]), score=1.0)
+        for b in truth.get("boxes", [])
+    ]
+    return pb.ReviewAnswer(boxes=pb.LabeledBoxes(boxes=boxes))
+
+
 def auto_answer(rule: str, case: pb.ReviewCase) -> pb.ReviewAnswer | None:
-    """``accept``, ``reject``, ``label:<name>``, or ``release`` (None: give the case back)."""
+    """``accept``, ``reject``, ``label:<name>``, ``truth:<file>`` (:func:`truth_answer`), or ``release`` (None)."""
+    if rule.startswith("truth:"):
+        return truth_answer(Path(rule.removeprefix("truth:")), case)
     if rule == "accept":
         return pb.ReviewAnswer(accept=True)
     if rule == "reject":
@@ -147,7 +184,7 @@ def auto_answer(rule: str, case: pb.ReviewCase) -> pb.ReviewAnswer | None:
         return pb.ReviewAnswer(label=rule.removeprefix("label:"))
     if rule == "release":
         return None
-    raise ValueError(f"unknown --auto rule {rule!r}: accept, reject, label:<name> or release")
+    raise ValueError(f"unknown --auto rule {rule!r}: accept, reject, label:<name>, truth:<file> or release")
 
 
 def ask(case: pb.ReviewCase) -> pb.ReviewAnswer | None:
@@ -257,7 +294,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--flow", action="append", help="flow definitions to review (default: all)")
     parser.add_argument("--max-in-flight", type=int, default=1, help="cases leased at once")
-    parser.add_argument("--auto", help="answer by rule: accept, reject, label:<name>, release")
+    parser.add_argument(
+        "--auto",
+        help="answer by rule: accept, reject, label:<name>, release, or truth:<file> (a scripted reviewer answering"
+        " with the boxes of a ground-truth file, JSON lines keyed by the image's pixel SHA-256)",
+    )
     parser.add_argument("--limit", type=int, help="stop after this many answers")
     parser.add_argument("--overlay-dir", type=Path, help="write each case's overlay PNG here")
     parser.add_argument("--open", action="store_true", help="open each overlay with xdg-open")
