@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -49,11 +50,20 @@ def array_of(message: pb.NDArray) -> np.ndarray:
     )
 
 
+def image_input(file: str, *, by_reference: bool = False) -> pb.ImageInput:
+    """The file's bytes, or with ``by_reference`` only its name for the gateway to read itself: a WADO-RS instance
+    URL (http:// or https://) or a path on the gateway's host (made absolute here), under its allow-lists."""
+    if not by_reference:
+        return pb.ImageInput(data=Path(file).read_bytes())
+    if file.startswith(("http://", "https://")):
+        return pb.ImageInput(reference=pb.ImageReference(wadors_url=file))
+    return pb.ImageInput(reference=pb.ImageReference(file_path=os.path.abspath(file)))
+
+
 def build_request(args: argparse.Namespace) -> pb.AnalyzeRequest:
-    data = Path(args.file).read_bytes()
     tasks = [TASKS[t] for t in args.task]
     request = pb.AnalyzeRequest(
-        image=pb.ImageInput(data=data),
+        image=image_input(args.file, by_reference=getattr(args, "by_reference", False)),
         tasks=tasks,
         prompts=args.prompts or "",
         boxes=args.box or [],
@@ -63,7 +73,7 @@ def build_request(args: argparse.Namespace) -> pb.AnalyzeRequest:
             dicom_results=getattr(args, "dicom_out", None) is not None,
         ),
         min_score=args.min_score,
-        request_id=Path(args.file).name,
+        request_id=Path(args.file.rstrip("/")).name,
     )
     if args.frame is not None:
         request.image.frame = args.frame
@@ -143,7 +153,14 @@ def write_overlay(path: Path, request: pb.AnalyzeRequest, response: pb.AnalyzeRe
     import cv2
 
     frame = request.image.frame if request.image.HasField("frame") else None
-    canvas = draw_overlay(model_image_of(request.image.data, frame=frame), response)
+    image = request.image
+    if image.WhichOneof("source") == "reference" and image.reference.WhichOneof("target") == "file_path":
+        data = Path(image.reference.file_path).read_bytes()  # the same host: read it here as the gateway did
+    elif image.WhichOneof("source") == "reference":
+        raise OSError("--overlay needs the image's bytes; a WADO-RS reference is read by the gateway only")
+    else:
+        data = image.data
+    canvas = draw_overlay(model_image_of(data, frame=frame), response)
     if not cv2.imwrite(str(path), canvas):
         raise OSError(f"could not write {path}")
 
@@ -199,7 +216,13 @@ def draw_overlay(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="a DICOM, PNG, JPEG, NIfTI or MetaImage file")
+    parser.add_argument("file", help="a DICOM, PNG, JPEG, NIfTI or MetaImage file (or, --by-reference, a WADO-RS URL)")
+    parser.add_argument(
+        "--by-reference",
+        action="store_true",
+        help="send only the file's absolute path (the gateway reads it, under gateway.reference_roots) or the "
+        "WADO-RS instance URL given as FILE (fetched with your token, under gateway.reference_base_urls)",
+    )
     parser.add_argument(
         "--task",
         action="append",

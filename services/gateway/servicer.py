@@ -8,6 +8,7 @@ only this service knows: which limits a request must fit, and how the answers ar
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import time
 from collections.abc import AsyncIterator
@@ -37,6 +38,7 @@ from services.gateway.cost import BoxWindows, CostPrices, RequestCost, check_bud
 from services.gateway.routing import ReviewRouter
 from services.gateway.shadow import Shadow
 from services.imaging.ingest import InputKind
+from services.imaging.ingest.reference import ReferencePolicy, fetch_wadors, read_file
 from services.imaging.masks import EncodedMasks, encode_masks
 from services.imaging.prepare import PreparedImage, prepare
 from services.imaging.preprocess import Letterbox
@@ -53,6 +55,18 @@ PROMPT_SEPARATOR = "&"
 # Triton priority levels of the box model (its config.pbtxt): a request priced over light_request_cost_ms is
 # queued behind the light ones. A model without priority levels takes every request at its default level.
 LIGHT_PRIORITY, HEAVY_PRIORITY = 1, 2
+# The caller's bearer token, passed on to a DICOMweb server named by ImageInput.reference (set per call; the tasks
+# an AnalyzeStream starts inherit it).
+_CALLER_TOKEN: contextvars.ContextVar[str] = contextvars.ContextVar("medgate_caller_token", default="")
+_BEARER = "bearer "
+
+
+def _bind_caller(context: grpc.aio.ServicerContext) -> None:
+    """Remember the caller's bearer token for this call's by-reference fetches."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str) and value[: len(_BEARER)].lower() == _BEARER:
+            _CALLER_TOKEN.set(value[len(_BEARER) :].strip())
+            return
 
 
 @dataclass
@@ -153,6 +167,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             megapixel_ms=limits.cost_megapixel_ms,
             max_request_cost_ms=limits.max_request_cost_ms,
         )
+        self.references = ReferencePolicy.from_settings(
+            limits.reference_roots,
+            limits.reference_base_urls,
+            max_bytes=settings.ingest.max_input_bytes,
+            timeout_s=limits.reference_timeout_s,
+        )
 
     # --- request parsing -----------------------------------------------------------------------
 
@@ -227,8 +247,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             array = request_array(image.array)
         elif source == "data" and image.data:
             data = image.data
+        elif source == "reference":
+            data = await self._dereference(image)
         else:
-            raise BadRequest("no image: set image.data (DICOM, PNG, JPEG, NIfTI bytes) or image.array")
+            raise BadRequest("no image: set image.data (DICOM, PNG, JPEG, NIfTI bytes), image.array or image.reference")
         kind = input_kind(image.kind)
         limits = self.settings.ingest
         prepared = await asyncio.get_running_loop().run_in_executor(
@@ -239,6 +261,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         clock.decode_ms += max(0.0, clock.lap() - prepared.preprocess_ms)
         clock.preprocess_ms += prepared.preprocess_ms
         return prepared
+
+    async def _dereference(self, image: pb.ImageInput) -> bytes:
+        """The bytes ``image.reference`` names, read off the event loop; they then stand in ``image.data``, so the
+        DICOM results, the review hand-off and its digest see the image as if it had been sent."""
+        reference = image.reference
+        target = reference.WhichOneof("target")
+        if target == "file_path":
+            data = await asyncio.to_thread(read_file, reference.file_path, self.references)
+        elif target == "wadors_url":
+            token, deadline = _CALLER_TOKEN.get(), self._deadline()
+            data = await asyncio.to_thread(
+                fetch_wadors, reference.wadors_url, self.references, token=token, deadline=deadline
+            )
+        else:
+            raise BadRequest("image.reference names nothing: set file_path or wadors_url")
+        image.data = data
+        return data
 
     @staticmethod
     def _check_dicom_results(request: ClassifyOrMore, prepared: PreparedImage) -> bool:
@@ -518,6 +557,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return response
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        _bind_caller(context)
         clock = Clock(started=time.perf_counter())
         deadline = self._deadline()
         prepared = await self._prepare(request.image, clock)
@@ -544,6 +584,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return self._finish(response, prepared, clock, "Classify")
 
     async def Detect(self, request: pb.DetectRequest, context: grpc.aio.ServicerContext) -> pb.DetectResponse:
+        _bind_caller(context)
         clock = Clock(started=time.perf_counter())
         deadline = self._deadline()
         _detection_limits(request.min_score, request.max_detections)
@@ -571,6 +612,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return self._finish(response, prepared, clock, "Detect")
 
     async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
+        _bind_caller(context)
         clock = Clock(started=time.perf_counter())
         deadline = self._deadline()
         prompts = self._prompts(request.prompts)
@@ -605,12 +647,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return self._finish(response, prepared, clock, "Segment")
 
     async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
+        _bind_caller(context)
         return await self._analyze(request)
 
     async def AnalyzeStream(
         self, request_iterator: AsyncIterator[pb.AnalyzeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AnalyzeStreamResponse]:
         """Up to ``gateway.stream_in_flight`` items at once; answers as they finish; a bad item ends nothing."""
+        _bind_caller(context)
         answers = answer_each(
             request_iterator,
             pb.AnalyzeStreamResponse,

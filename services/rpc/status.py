@@ -15,6 +15,7 @@ import uuid
 import grpc
 
 from services.imaging.errors import InvalidImage, LimitExceeded, UnsupportedCodec
+from services.imaging.ingest.reference import ReferenceNotFound, ReferenceUnavailable
 from services.report.limits import FindingsTooLong, InvalidFindings
 from services.review.flows import InvalidArgument as ReviewInvalidArgument
 from services.review.store import AlreadyExists, InvalidState, NotFound, NotYourLease, StoreUnavailable
@@ -35,6 +36,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidFindings, grpc.StatusCode.INVALID_ARGUMENT),
     (TritonRejected, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    (ReferenceNotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (InvalidState, grpc.StatusCode.FAILED_PRECONDITION),
     (UnsupportedCodec, grpc.StatusCode.FAILED_PRECONDITION),
@@ -44,6 +46,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (RoleNotServed, grpc.StatusCode.UNIMPLEMENTED),
     (TritonUnavailable, grpc.StatusCode.UNAVAILABLE),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (ReferenceUnavailable, grpc.StatusCode.UNAVAILABLE),
     (TritonDeadline, grpc.StatusCode.DEADLINE_EXCEEDED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ModelFailed, grpc.StatusCode.INTERNAL),

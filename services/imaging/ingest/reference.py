@@ -193,7 +193,6 @@ def fetch_wadors(url: str, policy: ReferencePolicy, *, token: str = "", deadline
         headers["Authorization"] = f"Bearer {token}"
     session = requests.Session()
     session.trust_env = False  # no proxy, netrc or CA bundle from the environment
-    session.max_redirects = 0
     try:
         with session.get(url, headers=headers, stream=True, allow_redirects=False, timeout=remaining) as answer:
             status = answer.status_code
@@ -217,6 +216,8 @@ def fetch_wadors(url: str, policy: ReferencePolicy, *, token: str = "", deadline
                 if time.monotonic() > stop:
                     raise TimeoutError(f"{field}: the fetch took longer than allowed")
             content_type = answer.headers.get("Content-Type", "")
+    except requests.TooManyRedirects:
+        raise ReferenceDenied(f"{field}: the DICOMweb server answered with a redirect, which is not followed") from None
     except requests.Timeout:
         raise TimeoutError(f"{field}: the fetch took longer than allowed") from None
     except requests.RequestException as exc:
