@@ -161,6 +161,10 @@ def cmd_review(args: argparse.Namespace) -> int:
             export.done(path)
         print(path)
         return 0
+    if args.review_command == "simulate":
+        from clients import review_simulate
+
+        return review_simulate.run(args)
     security = connect.from_args(args, Role.ADMIN)
     with connect.channel(args.target or settings.review.target, security) as channel:
         stub = pb_grpc.ReviewStub(channel)
@@ -246,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     reviewer.add_arguments(reviewer_parser)
     reviewer_parser.set_defaults(func=cmd_reviewer)
 
-    review = commands.add_parser("review", help="human loops: list, describe, stop, delete, flows, export-manifest")
+    review = commands.add_parser(
+        "review", help="human loops: list, describe, stop, delete, flows, export-manifest, simulate"
+    )
     review.add_argument("--target", help="review service host:port (default 127.0.0.1:50052)")
     from clients import connect
 
@@ -263,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--flow", required=True)
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--source-prefix", default="", help="prefix for source-ref, e.g. s3://bucket/images/")
+    from clients import review_simulate
+
+    simulate = review_commands.add_parser(
+        "simulate",
+        help="a folder through the gateway: share a flow sends to review, share of wrong answers caught",
+        description=review_simulate.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    review_simulate.add_arguments(simulate)
     review.set_defaults(func=cmd_review)
 
     from training import train_from_review

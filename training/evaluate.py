@@ -210,7 +210,8 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _triton(url: str | None) -> Iterator[str]:
+def _triton(url: str | None, *, repository: Path | None = None) -> Iterator[str]:
+    """``url`` when given, else the embedded Triton on free ports (on ``repository`` instead of the settings' one)."""
     if url:
         yield url
         return
@@ -221,6 +222,8 @@ def _triton(url: str | None) -> Iterator[str]:
     triton = dataclasses.replace(
         settings.triton, url="", http_port=_free_port(), grpc_port=_free_port(), metrics_port=_free_port()
     )
+    if repository is not None:
+        triton = dataclasses.replace(triton, model_repository=repository)
     with EmbeddedTriton(triton):
         yield triton.grpc_url
 

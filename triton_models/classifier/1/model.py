@@ -3,6 +3,8 @@
 Self-contained: numpy, onnxruntime, the standard library and ``medgate_model_base.py`` at the repository root.
 ``model.onnx`` next to this file is built by ``python -m training.train_classifier``: uint8 image
 [B,1,1024,1024] -> probabilities [B,2] (normal, lesion); normalisation happens inside the graph.
+``calibration.json`` beside it (``python -m training.fit_calibration``) holds the temperature applied here to the
+lesion logit, so that the top-class probability matches how often the class is right; the 0.5 decision is kept.
 
 Contract (see config.pbtxt): image uint8 [B,1024,1024] -> probabilities fp32 [B,2].  Every request
 gets exactly one response; all valid requests of a batch run as one ONNX Runtime call; a bad request
@@ -21,6 +23,7 @@ import triton_python_backend_utils as pb_utils
 # there would be a model Triton cannot load (see medgate_model_base's docstring).
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
+from medgate_calibration import Calibration  # noqa: E402
 from medgate_model_base import ImageBatchModel, Outputs, check_images, input_array  # noqa: E402
 
 OUTPUT = "probabilities"
@@ -31,12 +34,21 @@ class TritonPythonModel(ImageBatchModel[None, np.ndarray]):
     graph_outputs = (OUTPUT,)
     rebuild = "python -m training.train_classifier"
 
+    def setup(self, args: dict[str, str]) -> None:
+        self.calibration = Calibration.load(self.version_dir)
+        super().setup(args)
+
+    def details(self) -> str:
+        return ", " + self.calibration.describe()
+
     def parse(self, request: pb_utils.InferenceRequest) -> tuple[np.ndarray, None]:
         return check_images(input_array(request, "image")), None
 
     def run_images(self, images: np.ndarray, rows: list[tuple[None, int]]) -> list[np.ndarray]:
         assert self.session is not None
-        return list(self.session.run([OUTPUT], {"image": images})[0])
+        probabilities = self.session.run([OUTPUT], {"image": images})[0]
+        lesion = self.calibration("lesion_probability", probabilities[:, 1])
+        return list(np.stack([1.0 - lesion, lesion], axis=1).astype(np.float32))
 
     def respond(self, extra: None, results: list[np.ndarray]) -> Outputs:
         return [pb_utils.Tensor(OUTPUT, np.ascontiguousarray(np.stack(results).astype(np.float32)))]

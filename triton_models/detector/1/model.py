@@ -8,9 +8,11 @@ heatmap peaks sorted by score.
 Contract (see config.pbtxt): image uint8 [B,1024,1024] -> boxes fp32 [B,32,4], scores fp32 [B,32],
 labels int32 [B,32], count int32 [B,1].  Here: drop scores below ``min_score``, non-maximum
 suppression at ``nms_iou_threshold`` (both from config.pbtxt parameters), sort by score, pad with
-zeros after ``count``.  Every request gets exactly one response; all valid requests of a batch run
-as one ONNX Runtime call; a bad request gets an error response naming the problem (never image
-content) and the rest are still served.
+zeros after ``count``; then the kept scores go through ``calibration.json`` (a strictly increasing
+Platt map fitted by ``python -m training.fit_calibration``, so order, NMS and AP are unchanged) and say how
+often a box of that score is a true lesion at IoU 0.5.  Every request gets exactly one response; all
+valid requests of a batch run as one ONNX Runtime call; a bad request gets an error response naming the
+problem (never image content) and the rest are still served.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import triton_python_backend_utils as pb_utils
 # there would be a model Triton cannot load (see medgate_model_base's docstring).
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
+from medgate_calibration import Calibration  # noqa: E402
 from medgate_model_base import MODEL_SIZE, ImageBatchModel, Outputs, check_images, input_array  # noqa: E402
 
 MAX_DETECTIONS = 32
@@ -60,11 +63,12 @@ class TritonPythonModel(ImageBatchModel[None, Detections]):
 
     def setup(self, args: dict[str, str]) -> None:
         self.iou_threshold = self.float_param("nms_iou_threshold", 0.5, 0.0, 1.0)
-        self.min_score = self.float_param("min_score", 0.05, 0.0, 1.0)
+        self.min_score = self.float_param("min_score", 0.05, 0.0, 1.0)  # on the raw score, before calibration
+        self.calibration = Calibration.load(self.version_dir)
         super().setup(args)
 
     def details(self) -> str:
-        return f", min_score {self.min_score}, NMS IoU {self.iou_threshold}"
+        return f", min_score {self.min_score}, NMS IoU {self.iou_threshold}, {self.calibration.describe()}"
 
     def parse(self, request: pb_utils.InferenceRequest) -> tuple[np.ndarray, None]:
         return check_images(input_array(request, "image")), None
@@ -78,7 +82,7 @@ class TritonPythonModel(ImageBatchModel[None, Detections]):
         keep = nms(boxes, scores, self.iou_threshold)[:MAX_DETECTIONS]
         n = len(keep)
         out_boxes[:n] = np.clip(boxes[keep], 0.0, float(MODEL_SIZE))
-        out_scores[:n] = scores[keep]
+        out_scores[:n] = self.calibration("scores", scores[keep])
         return out_boxes, out_scores, out_labels, n
 
     def run_images(self, images: np.ndarray, rows: list[tuple[None, int]]) -> list[Detections]:

@@ -7,6 +7,12 @@ mask, 0 if empty) and areas fp32 [B,4], for four channels: 0 = patient's left lu
 radiograph), 1 = patient's right lung (image left), 2 = heart, 3 = lesion.  The network runs once per
 image whatever the prompts; each prompt then picks its channel(s) (a union for "lungs").
 
+Scores: ``calibration.json`` beside the graph (``python -m training.fit_calibration``, fitted on the calibration
+seed split) maps each channel's raw statistics to the probability that the prompt's mask is right (Dice >= 0.5;
+an empty mask is right when there is nothing to find). The lesion channel's probabilities stay within 0.5..0.56,
+so its raw mean sat at ~0.545 on every image; its score head reads the mean on the logit scale, the mask's area and
+whether it is empty (``medgate_calibration.mask_features``). Channels without a map keep the raw mean probability.
+
 Contract (see config.pbtxt): image uint8 [B,1024,1024], prompts bytes [B,N] -> masks uint8
 [B,N,1024,1024], scores fp32 [B,N], categories bytes [B,N].  Every request gets exactly one response;
 all images of valid requests run as one ONNX Runtime call (chunks of max_batch_size); a bad request
@@ -26,6 +32,7 @@ import triton_python_backend_utils as pb_utils
 # there would be a model Triton cannot load (see medgate_model_base's docstring).
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
+from medgate_calibration import Calibration, mask_features  # noqa: E402
 from medgate_model_base import (  # noqa: E402
     MODEL_SIZE,
     ImageBatchModel,
@@ -36,6 +43,8 @@ from medgate_model_base import (  # noqa: E402
 )
 
 LEFT_LUNG, RIGHT_LUNG, HEART, LESION = 0, 1, 2, 3
+CHANNEL_SCORES = ("left_lung", "right_lung", "heart", "lesion")  # calibration.json's names; a union is "lungs"
+UNION_SCORE = "lungs"
 
 # normalised prompt -> (channels, MedImageParse category)
 _LUNG = "lung"
@@ -78,10 +87,11 @@ class TritonPythonModel(ImageBatchModel[Plan, Masks]):
 
     def setup(self, args: dict[str, str]) -> None:
         self.max_prompts = self.int_param("max_prompts_per_image", 16)
+        self.calibration = Calibration.load(self.version_dir)
         super().setup(args)
 
     def details(self) -> str:
-        return f", {len(VOCABULARY)} prompt forms"
+        return f", {len(VOCABULARY)} prompt forms, {self.calibration.describe()}"
 
     def parse(self, request: pb_utils.InferenceRequest) -> tuple[np.ndarray, Plan]:
         image = input_array(request, "image")
@@ -122,16 +132,21 @@ class TritonPythonModel(ImageBatchModel[Plan, Masks]):
         masks = np.empty((n, MODEL_SIZE, MODEL_SIZE), np.uint8)
         scores = np.zeros((n,), np.float32)
         categories = np.empty((n,), dtype=np.object_)
+        raw4 = np.where(areas4 > 0, scores4, 0.0)
+        features4 = mask_features(raw4, areas4)
         for j, (channels, category) in enumerate(row):
             if len(channels) == 1:
                 c = channels[0]
                 masks[j] = masks4[c]
-                scores[j] = scores4[c] if areas4[c] > 0 else 0.0
+                one = {k: v[c : c + 1] for k, v in features4.items()}
+                scores[j] = self.calibration(CHANNEL_SCORES[c], raw4[c : c + 1], one)[0]
             else:
                 np.maximum.reduce([masks4[c] for c in channels], out=masks[j])
                 area = float(sum(areas4[c] for c in channels))
                 # area-weighted mean of the channels' mean probabilities = mean over the union
-                scores[j] = float(sum(scores4[c] * areas4[c] for c in channels)) / area if area > 0 else 0.0
+                raw = float(sum(raw4[c] * areas4[c] for c in channels)) / area if area > 0 else 0.0
+                union = mask_features(np.array([raw]), np.array([area]))
+                scores[j] = self.calibration(UNION_SCORE, np.array([raw]), union)[0]
             categories[j] = category.encode("utf-8")
         return masks, scores, categories
 

@@ -1,0 +1,250 @@
+"""Fit the score calibration of the reference models on the calibration seed split; write each calibration.json.
+
+    python -m training.fit_calibration [--count 800] [--box-count 40]
+
+The phantoms are ``training.common.load_split("calib")`` (seed ``CALIB_SEED``): never the training seed, never
+the held-out one that ``make eval-models`` and ``make eval-calibration`` score. Classifier, detector and text
+segmenter run through onnxruntime on the committed graphs (the bytes Triton serves), with the detector's
+model.py post-processing (min_score, NMS) repeated; LiteMedSAM runs through the embedded Triton with its
+calibration file left out, because its zoomed-window logic lives in model.py. Deterministic: same graphs and
+same phantoms give the same files (no randomness but the seeded box jitter).
+
+What is fitted, and why:
+  classifier      temperature on the lesion logit (keeps every decision: the 0.5 point is unchanged)
+  detector        Platt (strictly increasing: box order, NMS and AP50 unchanged) of "score" vs being a TP at IoU 0.5
+  segmenter_text  a logistic score head per channel over mask_features (empty, logit of the mean probability,
+                  log area) vs Dice >= 0.5 (an empty mask is right when there is nothing to find); channels with no
+                  wrong answer on the split keep their raw score (nothing to fit against)
+  segmenter_box   isotonic of the predicted IoU vs the real IoU (non-decreasing: the order of masks is kept)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training import common
+from training import metrics as M
+from training.calibration import (
+    SEG_SCORES,
+    box_prompts,
+    detector_outcomes,
+    mask_iou,
+    segmenter_outcomes,
+    serving_calibration,
+)
+
+MIN_SCORE = 0.05  # triton_models/detector/config.pbtxt: min_score
+NMS_IOU = 0.5  # and nms_iou_threshold
+BOX_SEED = 4_000_037
+
+
+def _write(folder: Path, scores: dict[str, Any], summary: dict[str, Any], count: int) -> None:
+    cal = serving_calibration()
+    path = folder / cal.FILE
+    data = {
+        "version": 1,
+        "fitted_on": f"{count} phantoms of the calibration split (seed {common.CALIB_SEED})",
+        "scores": scores,
+        "fit": summary,
+    }
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {path.relative_to(common.REPO)}", flush=True)
+
+
+def _summary(raw: np.ndarray, calibrated: np.ndarray, outcome: np.ndarray) -> dict[str, float]:
+    right = outcome >= 0.5
+    return {
+        "n": len(raw),
+        "wrong": int((~right).sum()),
+        "ece_raw": round(M.ece(raw, outcome), 4),
+        "ece_calibrated": round(M.ece(calibrated, outcome), 4),
+        "auroc_raw": round(M.auroc(raw, right), 4),
+        "auroc_calibrated": round(M.auroc(calibrated, right), 4),
+    }
+
+
+def fit_classifier(data: dict[str, np.ndarray]) -> None:
+    (probs,) = common.ort_run(
+        common.ort_session(common.MODELS_DIR / "classifier" / "1" / "model.onnx"), data["img1024"]
+    )
+    p_lesion = probs[:, 1].astype(np.float64)
+    labels = data["label"].astype(np.float64)
+    t = M.fit_temperature(p_lesion, labels)
+    spec = {"method": "platt", "a": 1.0 / t, "b": 0.0}
+    calibrated = serving_calibration().apply_map(spec, p_lesion)
+    correct = ((p_lesion >= 0.5) == (labels > 0)).astype(np.float64)
+    top_raw = np.maximum(p_lesion, 1 - p_lesion)
+    top_cal = np.maximum(calibrated, 1 - calibrated)
+    summary = {"temperature": round(t, 4), "top_class": _summary(top_raw, top_cal, correct)}
+    print(f"classifier: {summary}", flush=True)
+    _write(common.MODELS_DIR / "classifier" / "1", {"lesion_probability": spec}, summary, len(labels))
+
+
+def fit_detector(data: dict[str, np.ndarray]) -> None:
+    boxes, scores = common.ort_run(
+        common.ort_session(common.MODELS_DIR / "detector" / "1" / "model.onnx"), data["img1024"]
+    )
+    all_scores, all_hits = [], []
+    for i in range(len(boxes)):
+        ok = scores[i] >= MIN_SCORE
+        b, s = boxes[i][ok], scores[i][ok]
+        keep = common.nms(b, s, NMS_IOU)[:32]
+        truth = data["boxes"][i, : data["count"][i]]
+        hits, _ = detector_outcomes(b[keep], s[keep], truth)
+        all_scores.append(s[keep])
+        all_hits.append(hits)
+    raw = np.concatenate(all_scores).astype(np.float64)
+    tp = np.concatenate(all_hits).astype(np.float64)
+    a, b = M.fit_platt(raw, tp)
+    if a <= 0:
+        raise RuntimeError(f"detector: Platt slope {a} is not positive; the scores do not rank true positives")
+    spec = {"method": "platt", "a": a, "b": b}
+    summary = {
+        "platt": [round(a, 4), round(b, 4)],
+        "box": _summary(raw, serving_calibration().apply_map(spec, raw), tp),
+    }
+    print(f"detector: {summary}", flush=True)
+    _write(common.MODELS_DIR / "detector" / "1", {"scores": spec}, summary, len(boxes))
+
+
+def fit_segmenter_text(data: dict[str, np.ndarray]) -> None:
+    cal = serving_calibration()
+    session = common.ort_session(common.MODELS_DIR / "segmenter_text" / "1" / "model.onnx")
+    raw: dict[str, list[float]] = {k: [] for k in SEG_SCORES}
+    areas: dict[str, list[float]] = {k: [] for k in SEG_SCORES}
+    dices: dict[str, list[float]] = {k: [] for k in SEG_SCORES}
+    for i in range(0, len(data["img1024"]), 4):
+        masks, scores, area = session.run(None, {"image": data["img1024"][i : i + 4, None]})
+        truth = common.unpack_masks(data["masks"][i : i + 4])
+        for j in range(len(masks)):
+            for name, (score, pixels, d) in segmenter_outcomes(masks[j], scores[j], area[j], truth[j]).items():
+                raw[name].append(score)
+                areas[name].append(pixels)
+                dices[name].append(d)
+    maps: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
+    for name in SEG_SCORES:
+        r, a, dc = np.array(raw[name]), np.array(areas[name]), np.array(dices[name])
+        right = (dc >= 0.5).astype(np.float64)
+        features = cal.mask_features(r, a)
+        if right[features["empty"] == 0].min(initial=1.0) == 1.0:
+            summary[name] = {"kept_raw": "no wrong answer on the split to fit against"} | _summary(r, r, right)
+            continue
+        spec = _mask_head(features, right)
+        calibrated = cal.apply_map(spec, r, features)
+        summary[name] = _summary(r, calibrated, right) | {"spearman_raw": round(M.spearman(r, dc), 4)}
+        summary[name]["spearman_calibrated"] = round(M.spearman(calibrated, dc), 4)
+        maps[name] = spec
+    print(f"segmenter_text: {json.dumps(summary)}", flush=True)
+    _write(common.MODELS_DIR / "segmenter_text" / "1", maps, summary, len(data["img1024"]))
+
+
+def _mask_head(features: dict[str, np.ndarray], right: np.ndarray) -> dict[str, Any]:
+    """A logistic head over (logit of the mean probability, log area) fitted on the non-empty masks, and the
+    share of right answers among empty masks (with one imagined wrong one, so a clean split never says 1.0)
+    folded into the ``empty`` weight: for an empty mask the other two features are 0, so z = bias + w_empty."""
+    filled = features["empty"] == 0
+    names = ["logit_score", "log_area"]
+    x = np.stack([features[k][filled] for k in names], axis=1)
+    mean, std = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-9)
+    w = M.fit_logistic((x - mean) / std, right[filled], l2=1e-3)
+    weights = w[:-1] / std  # fitted on standardised features, folded back into plain weights
+    bias = float(w[-1] - (w[:-1] * mean / std).sum())
+    empty = ~filled
+    p_empty = (float(right[empty].sum()) + 0.0) / (float(empty.sum()) + 1.0) if empty.any() else 0.5
+    p_empty = min(max(p_empty, 1e-4), 1 - 1e-4)
+    w_empty = float(np.log(p_empty / (1 - p_empty))) - bias
+    return {
+        "method": "logistic",
+        "features": ["empty", *names],
+        "weights": [w_empty, *map(float, weights)],
+        "bias": bias,
+    }
+
+
+def fit_segmenter_box(data: dict[str, np.ndarray], count: int) -> None:
+    """Through the embedded Triton on a repository holding only segmenter_box, its calibration file left out."""
+    import tritonclient.grpc as triton_grpc
+
+    from training.evaluate import _input, _triton
+
+    source = common.MODELS_DIR / "segmenter_box"
+    with tempfile.TemporaryDirectory(prefix="medgate-fit-") as tmp:
+        repo = Path(tmp) / "models"
+        (repo / "segmenter_box" / "1").mkdir(parents=True)
+        shutil.copy(common.MODELS_DIR / "medgate_model_base.py", repo)
+        shutil.copy(common.MODELS_DIR / "medgate_calibration.py", repo)
+        shutil.copy(source / "config.pbtxt", repo / "segmenter_box")
+        for item in (source / "1").iterdir():
+            if item.suffix in (".onnx", ".py"):
+                (repo / "segmenter_box" / "1" / item.name).symlink_to(item)
+        predicted, real = [], []
+        rng = np.random.default_rng(BOX_SEED)
+        with _triton(None, repository=repo) as url:
+            client = triton_grpc.InferenceServerClient(url)
+            for i in range(count):
+                truth = common.unpack_masks(data["masks"][i])
+                targets = [truth[0], truth[1], truth[2]]
+                if truth[3].any():
+                    targets.append(truth[3])
+                boxes = box_prompts(targets, rng)
+                result = client.infer(
+                    "segmenter_box",
+                    [_input("image", data["img1024"][i][None], "UINT8"), _input("boxes", boxes[None], "FP32")],
+                )
+                for mask, target, score in zip(
+                    result.as_numpy("masks")[0], targets, result.as_numpy("scores")[0], strict=True
+                ):
+                    predicted.append(float(score))
+                    real.append(mask_iou(mask, target))
+            client.close()
+    p, r = np.array(predicted), np.array(real)
+    xs, ys = M.fit_isotonic(p, r)
+    spec = {"method": "isotonic", "x": xs, "y": ys}
+    calibrated = serving_calibration().apply_map(spec, p)
+    summary = {
+        "n_masks": len(p),
+        "ece_raw": round(M.ece(p, r), 4),
+        "ece_calibrated": round(M.ece(calibrated, r), 4),
+        "auroc_raw_iou_0.5": round(M.auroc(p, r >= 0.5), 4),
+        "spearman_raw": round(M.spearman(p, r), 4),
+    }
+    print(f"segmenter_box: {summary}", flush=True)
+    _write(source / "1", {"iou_predictions": spec}, summary, count)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=800, help="calibration phantoms for the fast models")
+    parser.add_argument("--box-count", type=int, default=40, help="of which this many go to LiteMedSAM (slow)")
+    parser.add_argument(
+        "--models", default="classifier,detector,segmenter_text,segmenter_box", help="comma-separated subset"
+    )
+    args = parser.parse_args(argv)
+    common.setup(0)
+    wanted = set(args.models.split(","))
+    started = time.time()
+    data = common.load_split("calib", args.count)
+    if "classifier" in wanted:
+        fit_classifier(data)
+    if "detector" in wanted:
+        fit_detector(data)
+    if "segmenter_text" in wanted:
+        fit_segmenter_text(data)
+    if "segmenter_box" in wanted:
+        fit_segmenter_box(data, args.box_count)
+    print(f"fitted in {time.time() - started:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
