@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 BOX_ONNX := triton_models/segmenter_box/1/encoder.onnx triton_models/segmenter_box/1/decoder.onnx
 IMPRESSION_INDEX := triton_models/impression/1/index.npz triton_models/impression/1/index.json
 
-.PHONY: setup lock run test test-fast lint models models-train models-box models-impression eval-models eval-report clean proto \
+.PHONY: setup lock run test test-fast lint models models-train models-box models-impression eval-models eval-report calibrate-models eval-calibration clean proto \
 	protoset bench bench-review bench-rpc bench-http bench-dicom ghz-fixtures loadtest
 
 setup: $(STAMP) $(BOX_ONNX) $(IMPRESSION_INDEX)
@@ -72,12 +72,20 @@ test-fast: $(STAMP) $(IMPRESSION_INDEX)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy services clients training triton_models/medgate_model_base.py
+	$(VENV)/bin/mypy services clients training triton_models/medgate_model_base.py triton_models/medgate_calibration.py
 	# Each Triton model's files are top-level modules (model, engine) in a folder named 1: one mypy run per model.
 	for version in triton_models/*/1; do $(VENV)/bin/mypy $$version/*.py || exit 1; done
 
 eval-models: setup
 	$(PY) -m training.evaluate --out bench/results/models.json
+
+# Score calibration: fit the maps each model applies (triton_models/*/1/calibration.json) on the calib seed split
+# (after models-train or models-box: they depend on the graphs); then the report on the held-out phantoms.
+calibrate-models: setup
+	$(PY) -m training.fit_calibration
+
+eval-calibration: setup
+	$(PY) -m training.calibration --out bench/results/calibration.json
 
 # ROUGE of the impression model on the IU test split through Triton, beside three baselines and seed 004.
 eval-report: setup
