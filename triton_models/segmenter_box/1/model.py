@@ -53,6 +53,7 @@ import triton_python_backend_utils as pb_utils
 # there would be a model Triton cannot load (see medgate_model_base's docstring).
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
+from medgate_calibration import Calibration  # noqa: E402
 from medgate_model_base import (  # noqa: E402
     CANCELLED,
     MODEL_SIZE,
@@ -83,6 +84,7 @@ class TritonPythonModel(TritonModel[Parsed]):
     def setup(self, args: dict[str, str]) -> None:
         threads = self.int_param("intra_op_threads", 2)
         self.max_boxes = self.int_param("max_boxes_per_image", 64)
+        self.calibration = Calibration.load(self.version_dir)  # calibration.json: predicted IoU -> real IoU
         self.decoder_chunk = max(1, self.int_param("decoder_chunk", 16))
         self.roi_max_side = float(self.params.get("roi_max_side", "400") or 0)  # 0 turns zooming off
         self.roi_factor = self.float_param("roi_factor", 2.5)
@@ -298,7 +300,7 @@ class TritonPythonModel(TritonModel[Parsed]):
                 answers.append(
                     [
                         pb_utils.Tensor("masks", masks),
-                        pb_utils.Tensor("scores", scores),
+                        pb_utils.Tensor("scores", self.calibration("iou_predictions", scores)),
                         pb_utils.Tensor("encoder_passes", passes),
                     ]
                 )
