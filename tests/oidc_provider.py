@@ -14,6 +14,7 @@ import base64
 import contextlib
 import datetime as dt
 import hashlib
+import html
 import re
 import secrets
 import socket
@@ -26,7 +27,7 @@ import jwt
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from services.security.credentials import jwks_of, mint_token, new_signing_key
@@ -82,6 +83,9 @@ class OidcProvider:
         self.access_lifetime_s = access_lifetime_s
         self.code_lifetime_s = code_lifetime_s
         self.user = TestUser()
+        # False: authorize redirects straight back (a live IdP session); True: it shows a page with a
+        # "Continue" link instead (as a consent screen would), so a test can read or alter the callback.
+        self.interactive = False
         self.clients: dict[str, TestClient] = {}
         self.issuer = ""
         # What happened, for the tests to assert on.
@@ -170,7 +174,12 @@ class OidcProvider:
 
         def back(**params: str) -> Response:
             params["state"] = q.get("state", "")
-            return RedirectResponse(f"{redirect_uri}?{urllib.parse.urlencode(params)}", status_code=302)
+            url = f"{redirect_uri}?{urllib.parse.urlencode(params)}"
+            if self.interactive:
+                link = html.escape(url, quote=True)
+                body = f'<!doctype html><title>test IdP</title><a id="continue" href="{link}">Continue</a>'
+                return HTMLResponse(body)
+            return RedirectResponse(url, status_code=302)
 
         if q.get("response_type") != "code" or "openid" not in q.get("scope", "").split():
             return back(error="unsupported_response_type")

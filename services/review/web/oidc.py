@@ -401,7 +401,16 @@ class OidcSignIn:
 
     async def callback(self, request: Request) -> Response:
         try:
-            session = await self._finish(request)
+            if self.client is None:
+                raise SignInRefused(404, "Not available", "Sign-in through an identity provider is not configured.")
+            # A callback that names no sign-in of this browser leaves the browser's own sign-in (and its
+            # cookie) alone: a forged link must not cancel a real sign-in under way.
+            pending = self.pending.finish(request.query_params.get("state"), request.cookies.get(self.cookie))
+        except SignInRefused as refused:
+            await self._audit_refusal(request, refused)
+            return _page(refused.status, refused.title, refused.message)
+        try:
+            session = await self._finish(request, pending)
         except SignInRefused as refused:
             await self._audit_refusal(request, refused)
             response: Response = _page(refused.status, refused.title, refused.message)
@@ -425,13 +434,10 @@ class OidcSignIn:
         with contextlib.suppress(Exception):  # the writer logs a failure as CRITICAL; the refusal stands
             await self.page._audit(SIGN_IN, refused.audit, request, refused.identity)
 
-    async def _finish(self, request: Request) -> Session:
+    async def _finish(self, request: Request, pending: PendingSignIn) -> Session:
         from .app import PAGE_ROLES, SIGN_IN, HttpError
 
-        if self.client is None:
-            raise SignInRefused(404, "Not available", "Sign-in through an identity provider is not configured here.")
         params = request.query_params
-        pending = self.pending.finish(params.get("state"), request.cookies.get(self.cookie))
         if params.get("error"):
             error = params["error"][:64]
             raise SignInRefused(401, "Sign-in refused", f"The identity provider did not sign you in ({error}).")
