@@ -9,6 +9,15 @@
    RG1_UNCI.dcm, with the gateway's own stage timings.
 2. Throughput of the gateway (plaintext, as in earlier runs) with 1 and 2 worker processes at 1, 4 and
    16 concurrent clients (each its own connection, so SO_REUSEPORT spreads them over the workers).
+3. Transport (``transport``): one unary call carrying RG1_UNCI.dcm's 7.2 MB over loopback to a bare gRPC server
+   process, with gRPC's defaults and with candidate HTTP/2 settings (frame size, stream window, BDP probe off,
+   TCP read chunks) on both ends, arms interleaved: what the settings of services/rpc/server.py were chosen by.
+4. Heavy/light mix (``mix``, issue 15 items 3 and 6): Classify on a 1024x1024 PNG at concurrency 4, alone and
+   beside one client looping a 16-box Segment on RG1_UNCI.dcm (16 encoder passes); p50/p99 of each and the p99
+   ratio (target <= 2). ``--box-nice N`` runs it on a copy of the model repository whose box model runs at nice N
+   (0: as before issue 15), for the side-by-side comparison.
+
+``--sections`` picks some of overhead, throughput, transport, mix (default: all).
 
 The secure arm runs on throwaway development credentials in a temporary folder, never var/credentials.
 
@@ -256,7 +265,164 @@ def throughput(
     }
 
 
+# --- transport: HTTP/2 settings for large messages -----------------------------------------------------------------
+
+_BIG = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+TRANSPORT_ARMS: dict[str, list[tuple[str, Any]]] = {
+    "grpc_defaults": [],
+    "frame_16m": [("grpc.http2.max_frame_size", (16 << 20) - 1)],
+    "window_8m": [("grpc.http2.lookahead_bytes", 8 << 20)],
+    "bdp_off_window_8m": [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 8 << 20)],
+    "tcp_read_4m": [
+        ("grpc.experimental.tcp_read_chunk_size", 4 << 20),
+        ("grpc.experimental.tcp_min_read_chunk_size", 1 << 20),
+        ("grpc.experimental.tcp_max_read_chunk_size", 16 << 20),
+    ],
+}
+
+
+def serve_transport(options_json: str, port: int) -> None:
+    """A bare grpc.aio server answering the length of what it got (``--serve-transport``, a child process)."""
+    import asyncio
+
+    options = [tuple(o) for o in json.loads(options_json)]
+
+    async def run() -> None:
+        server = grpc.aio.server(options=_BIG + options)
+
+        async def echo(request: bytes, context: Any) -> bytes:
+            return len(request).to_bytes(8, "little")
+
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Transport", {"Send": grpc.unary_unary_rpc_method_handler(echo)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+def transport(data: bytes, *, calls: int, warmup: int) -> dict[str, Any]:
+    """Each arm's settings on a server process and its client channel; one call of each arm per round."""
+    processes, stubs, channels = [], {}, []
+    try:
+        for arm, options in TRANSPORT_ARMS.items():
+            port = free_port()
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "bench.bench_gateway", "--serve-transport", json.dumps(options), str(port)]
+                )
+            )
+            ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=_BIG + options)
+            grpc.channel_ready_future(ch).result(timeout=60)
+            channels.append(ch)
+            stubs[arm] = ch.unary_unary("/bench.Transport/Send")
+        arms = list(stubs)
+        samples: dict[str, list[float]] = {arm: [] for arm in arms}
+        for index in range(warmup + calls):
+            for arm in arms[index % len(arms) :] + arms[: index % len(arms)]:
+                started = time.perf_counter()
+                stubs[arm](data, timeout=30)
+                if index >= warmup:
+                    samples[arm].append(time.perf_counter() - started)
+    finally:
+        for ch in channels:
+            ch.close()
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=10)
+    stats: dict[str, Any] = {arm: percentiles(values) for arm, values in samples.items()}
+    base = stats["grpc_defaults"]["p50_ms"]
+    for arm in arms:
+        stats[arm]["p50_over_defaults"] = round(stats[arm]["p50_ms"] / base, 3)
+    return {"input_bytes": len(data), "options": {a: dict(o) for a, o in TRANSPORT_ARMS.items()}, **stats}
+
+
+# --- heavy/light mix ------------------------------------------------------------------------------------------------
+
+
+def heavy_boxes() -> list[pb.Box]:
+    """16 boxes of 100 px, 300 px apart, over RG1_UNCI.dcm: each its own window (16 encoder passes)."""
+    return [
+        pb.Box(x0=300 + (i % 4) * 300, y0=300 + (i // 4) * 300, x1=400 + (i % 4) * 300, y1=400 + (i // 4) * 300)
+        for i in range(16)
+    ]
+
+
+def mix(
+    target: str, security: Security, light: pb.ClassifyRequest, heavy: pb.SegmentRequest, *, seconds: float
+) -> dict[str, Any]:
+    """Classify at concurrency 4 alone, then beside one client looping the heavy Segment."""
+    alone = throughput(target, security, light, clients=4, seconds=seconds)
+    heavy_times: list[float] = []
+    heavy_errors: list[str] = []
+    stop = threading.Event()
+    first = threading.Event()
+
+    def loop() -> None:
+        with channel(target, security, 99) as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            while not stop.is_set():
+                began = time.perf_counter()
+                call = stub.Segment.future(heavy, timeout=600)
+                first.set()
+                try:
+                    call.result()
+                    heavy_times.append(time.perf_counter() - began)
+                except grpc.RpcError as exc:
+                    heavy_errors.append(exc.code().name)
+                    if stop.is_set():
+                        break
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    first.wait(60)
+    time.sleep(1.0)  # the heavy call is inside the box model now
+    loaded = throughput(target, security, light, clients=4, seconds=seconds)
+    stop.set()
+    thread.join()
+    ratio = loaded["latency"]["p99_ms"] / max(alone["latency"]["p99_ms"], 1e-9)
+    return {
+        "classify_alone": alone,
+        "classify_beside_heavy": loaded,
+        "classify_p99_ratio": round(ratio, 3),
+        "classify_p50_ratio": round(loaded["latency"]["p50_ms"] / max(alone["latency"]["p50_ms"], 1e-9), 3),
+        "heavy_segments_done": len(heavy_times),
+        "heavy_segment_mean_s": round(float(np.mean(heavy_times)), 2) if heavy_times else None,
+        "heavy_errors": sorted(set(heavy_errors)),
+    }
+
+
+@contextlib.contextmanager
+def repository_with_box_nice(nice: int) -> Iterator[Path]:
+    """A copy of triton_models (models symlinked) whose box model's config says ``nice`` (for side by side)."""
+    source = ROOT / "triton_models"
+    with tempfile.TemporaryDirectory(prefix="medgate-bench-models-") as scratch:
+        copy = Path(scratch)
+        for entry in source.iterdir():
+            if entry.is_dir() and entry.name != "segmenter_box" and not entry.name.startswith("__"):
+                (copy / entry.name).symlink_to(entry)
+        box = copy / "segmenter_box"
+        box.mkdir()
+        (box / "1").symlink_to(source / "segmenter_box" / "1")
+        config = (source / "segmenter_box" / "config.pbtxt").read_text()
+        marker = 'key: "nice"\n  value: { string_value: "'
+        head, _, rest = config.partition(marker)
+        if not rest:
+            raise RuntimeError("segmenter_box/config.pbtxt has no nice parameter")
+        (box / "config.pbtxt").write_text(head + marker + str(nice) + rest[rest.index('"') :])
+        yield copy
+
+
+SECTIONS = ("overhead", "throughput", "transport", "mix")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) == 4 and sys.argv[1] == "--serve-transport":
+        serve_transport(sys.argv[2], int(sys.argv[3]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
@@ -265,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dicom", type=Path, help="RG1_UNCI.dcm from elsewhere (default: pydicom-data's copy)")
     parser.add_argument("--triton-url", default="", help="use this Triton (host:port) instead of starting one")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gateway.json")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--mix-seconds", type=float, default=30.0, help="each half of the heavy/light mix")
+    parser.add_argument("--box-nice", type=int, help="mix: run the box model at this nice level (a repository copy)")
     args = parser.parse_args(argv)
 
     import cv2
@@ -284,40 +453,58 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run": {"calls": args.calls, "warmup": args.warmup, "seconds": args.seconds, "clients": args.clients},
     }
+    sections = set(args.sections)
+    if "transport" in sections:
+        results["transport_rg1_unci"] = transport(dicom, calls=args.calls, warmup=args.warmup)
+        print(json.dumps(results["transport_rg1_unci"], indent=2), flush=True)
     with contextlib.ExitStack() as stack:
-        url = args.triton_url or stack.enter_context(EmbeddedTriton(triton_settings)).settings.grpc_url
+        if args.box_nice is not None:
+            repository = stack.enter_context(repository_with_box_nice(args.box_nice))
+            triton_settings = dataclasses.replace(triton_settings, model_repository=repository)
+            results["box_nice"] = args.box_nice
+        needs_triton = sections & {"overhead", "throughput", "mix"}
+        url = ""
+        if needs_triton:
+            url = args.triton_url or stack.enter_context(EmbeddedTriton(triton_settings)).settings.grpc_url
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="medgate-bench-")))
         plain = Security(stack_security.make_credentials(scratch / "credentials"), scratch / "audit")
         secure = dataclasses.replace(plain, secure=True)
-        arms = {"gateway": plain, "gateway_wire": plain, "gateway_tls_token": secure}
-        ports = {arm: free_port() for arm in arms}
-        with (
-            gateway_process(url, ports["gateway"], 1, plain),
-            gateway_process(url, ports["gateway_wire"], 1, plain, shared_memory="off"),
-            gateway_process(url, ports["gateway_tls_token"], 1, secure),
-        ):
-            targets = {arm: (f"127.0.0.1:{port}", arms[arm]) for arm, port in ports.items()}
-            results["overhead"] = [
-                overhead("png_1024", png, targets, url, calls=args.calls, warmup=args.warmup),
-                overhead("RG1_UNCI.dcm", dicom, targets, url, calls=args.calls // 2, warmup=args.warmup // 2),
-            ]
+        if "overhead" in sections:
+            arms = {"gateway": plain, "gateway_wire": plain, "gateway_tls_token": secure}
+            ports = {arm: free_port() for arm in arms}
+            with (
+                gateway_process(url, ports["gateway"], 1, plain),
+                gateway_process(url, ports["gateway_wire"], 1, plain, shared_memory="off"),
+                gateway_process(url, ports["gateway_tls_token"], 1, secure),
+            ):
+                targets = {arm: (f"127.0.0.1:{port}", arms[arm]) for arm, port in ports.items()}
+                results["overhead"] = [
+                    overhead("png_1024", png, targets, url, calls=args.calls, warmup=args.warmup),
+                    overhead("RG1_UNCI.dcm", dicom, targets, url, calls=args.calls // 2, warmup=args.warmup // 2),
+                ]
         request = pb.ClassifyRequest(image=pb.ImageInput(data=png))
         port = free_port()
         target = f"127.0.0.1:{port}"
-        sweeps: dict[str, Any] = {}
-        for workers in (1, 2):
-            with gateway_process(url, port, workers, plain):
-                for clients in args.clients:
-                    point = throughput(target, plain, request, clients=clients, seconds=args.seconds)
-                    sweeps[f"workers_{workers}_clients_{clients}"] = point
-                    print(f"workers {workers} clients {clients}: {point['rps']} rps", flush=True)
-        sweeps["scaling_2_over_1"] = {
-            f"clients_{c}": round(
-                sweeps[f"workers_2_clients_{c}"]["rps"] / max(sweeps[f"workers_1_clients_{c}"]["rps"], 1e-9), 3
-            )
-            for c in args.clients
-        }
-        results["throughput_png_1024"] = sweeps
+        if "throughput" in sections:
+            sweeps: dict[str, Any] = {}
+            for workers in (1, 2):
+                with gateway_process(url, port, workers, plain):
+                    for clients in args.clients:
+                        point = throughput(target, plain, request, clients=clients, seconds=args.seconds)
+                        sweeps[f"workers_{workers}_clients_{clients}"] = point
+                        print(f"workers {workers} clients {clients}: {point['rps']} rps", flush=True)
+            sweeps["scaling_2_over_1"] = {
+                f"clients_{c}": round(
+                    sweeps[f"workers_2_clients_{c}"]["rps"] / max(sweeps[f"workers_1_clients_{c}"]["rps"], 1e-9), 3
+                )
+                for c in args.clients
+            }
+            results["throughput_png_1024"] = sweeps
+        if "mix" in sections:
+            heavy = pb.SegmentRequest(image=pb.ImageInput(data=dicom), boxes=heavy_boxes())
+            with gateway_process(url, port, 1, plain):
+                results["heavy_light_mix"] = mix(target, plain, request, heavy, seconds=args.mix_seconds)
+            print(json.dumps(results["heavy_light_mix"], indent=2), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

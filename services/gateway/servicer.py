@@ -245,8 +245,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         data: bytes | None = None
         if source == "array":
             array = request_array(image.array)
-        elif source == "data" and image.data:
-            data = image.data
+        elif source == "data":
+            data = image.data  # upb copies a bytes field on every read (0.7 ms for 7 MB here): read it once
+            if not data:
+                raise BadRequest("no image: image.data is empty")
         elif source == "reference":
             data = await self._dereference(image)
         else:
