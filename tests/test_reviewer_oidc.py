@@ -311,3 +311,26 @@ async def test_an_idle_session_is_signed_out(
         await page.context.close()
     finally:
         await review.stop()
+
+
+async def test_the_access_token_is_renewed_with_the_refresh_token(
+    dev_credentials: DevCredentials, idp: OidcProvider, browser: Any, tmp_path: Path
+) -> None:
+    # Renew on every request (the provider's tokens last 300 s): each renewal rotates the refresh token.
+    review = await _review_server(tmp_path / "refresh", dev_credentials, idp, web_oidc_refresh_before_s=3600.0)
+    try:
+        page = await _page(browser, review)
+        await _sign_in(page)
+        (session,) = review.page.sessions._sessions.values()  # type: ignore[union-attr]
+        first_token, first_refresh = session.token, session.refresh_token
+        renewed = idp.refreshes
+        assert await _status(page, "/api/events") == 200
+        assert idp.refreshes > renewed and session.token != first_token and session.refresh_token != first_refresh
+        await _shot(page, "token-renewed")
+        # The provider forgets the refresh token (revoked): the page keeps working on its still-valid token.
+        idp._refresh.clear()
+        assert await _status(page, "/api/events") == 200
+        assert session.refresh_token == ""  # and asks no more
+        await page.context.close()
+    finally:
+        await review.stop()

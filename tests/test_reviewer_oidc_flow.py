@@ -28,7 +28,9 @@ from services.review.web.oidc import (
     pkce_verifier,
     verify_id_token,
 )
+from services.review.web.sessions import Sessions
 from services.security.credentials import SigningKey, mint_token, new_signing_key
+from services.security.identity import Identity
 from services.settings import SettingsError, load_settings
 from tests.oidc_provider import OidcProvider, TestClient
 
@@ -247,3 +249,17 @@ async def test_a_confidential_client_with_a_wrong_secret_is_refused(provider: Oi
     wrong = OidcClient(provider.issuer, "confidential-page", client_secret="guess")
     with pytest.raises(SignInRefused, match="invalid_client"):
         await run(None, _exchange, provider, wrong, code, verifier)
+
+
+def test_a_session_ends_when_idle_or_too_old() -> None:
+    clock = Clock()
+    sessions = Sessions(idle_timeout_s=60, max_age_s=600, clock=clock)
+    who = Identity(subject="dr-a", issuer="https://idp.example/r", roles=frozenset({"reviewer"}))
+    idle, busy = sessions.create("t1", who), sessions.create("t2", who)
+    assert idle.session_id != busy.session_id
+    for _ in range(10):
+        clock.now += 59
+        assert sessions.get(busy.session_id) is busy  # each request counts as activity
+    assert sessions.get(idle.session_id) is None  # nobody asked for over a minute
+    clock.now += 59
+    assert sessions.get(busy.session_id) is None  # active, but past the absolute lifetime (649 s > 600 s)
