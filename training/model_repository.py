@@ -68,12 +68,15 @@ def ensure_base(repository: Path, source: Path) -> None:
             target.symlink_to(module.resolve())
 
 
-def init_repository(repository: Path, source: Path) -> list[str]:
-    """An overlay repository: per model of ``source``, a real folder linking its config, labels and versions."""
+def init_repository(repository: Path, source: Path, models: list[str] | None = None) -> list[str]:
+    """An overlay repository: per model of ``source`` (or of ``models``), a real folder linking its config,
+    labels and versions; trained versions then land there as real folders."""
     repository.mkdir(parents=True, exist_ok=True)
     ensure_base(repository, source)
     made: list[str] = []
     for model in sorted(p for p in source.iterdir() if p.is_dir() and (p / "config.pbtxt").is_file()):
+        if models is not None and model.name not in models:
+            continue
         folder = repository / model.name
         folder.mkdir(exist_ok=True)
         for item in model.iterdir():
@@ -84,6 +87,13 @@ def init_repository(repository: Path, source: Path) -> list[str]:
                 link.symlink_to(item.resolve())
         made.append(model.name)
     return made
+
+
+def unloads(repository: Path, model: str, keep: str) -> bool:
+    """Whether one more version would push ``keep`` out of the versions the model's policy loads."""
+    latest = latest_policy(repository, model)
+    numbers = versions(repository, model)
+    return int(keep) not in [*numbers, (numbers or [0])[-1] + 1][-latest:]
 
 
 def land_version(

@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -107,10 +108,18 @@ def _phantom_set(split: str, count: int, *, full: bool) -> dict[str, np.ndarray]
     starts = range(0, count, common.CHUNK)
     if all((folder / f"{split}_{seed}_{s:06d}_{common.CHUNK}.npz").exists() for s in starts):
         return common.load_split(split, count)
+    cached = folder / f"{split}_{seed}_first_{count}.npz"  # the same phantoms, without generating a whole chunk
+    if cached.exists():
+        return dict(np.load(cached))
     pieces = [(seed, s, min(s + 25, count), full) for s in range(0, count, 25)]
     with ProcessPoolExecutor(max_workers=common.THREADS) as pool:
         parts = list(pool.map(common._chunk, pieces))
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / f".{cached.stem}.{os.getpid()}.tmp.npz"
+    np.savez(temporary, **data)
+    os.replace(temporary, cached)
+    return data
 
 
 def _pooled(images: np.ndarray) -> np.ndarray:
@@ -314,6 +323,15 @@ def run(args: argparse.Namespace) -> int:
     parent = args.parent or pinned or entry.serving or str(available[-1])
     if not (repository / args.model / parent).is_dir():
         print(f"error: version {parent} of {args.model} is not in {repository}", file=sys.stderr)
+        return 2
+    serving = pinned or entry.serving or parent
+    if repo.unloads(repository, args.model, serving):
+        print(
+            f"error: another version of {args.model} would make Triton unload version {serving}, which serves"
+            f" (its version_policy keeps the latest {repo.latest_policy(repository, args.model)}): promote or"
+            " remove the candidate first",
+            file=sys.stderr,
+        )
         return 2
     scratch = common.REPO / ".cache" / "train-from-review"
     scratch.mkdir(parents=True, exist_ok=True)
