@@ -8,10 +8,14 @@ plain stdlib HTTP servers for a redirect and for counting connections.
 
 from __future__ import annotations
 
+import asyncio
 import http.server
+import json
 import os
 import socket
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -140,15 +144,14 @@ def redirector(listener: _Listener) -> Iterator[_Redirector]:
 
 
 @pytest.fixture(scope="module")
-async def gateway_stub(
+async def gateway(
     triton_url: str, orthanc: Orthanc, root: Path, redirector: _Redirector
-) -> AsyncIterator[pb_grpc.InferenceStub]:
+) -> AsyncIterator[GatewayServer]:
     bases = f"{orthanc.dicomweb_url}, http://127.0.0.1:{redirector.port}/dicom-web"
     settings = load_settings(
         gateway={
             "port": 0,
             "metrics_port": -1,
-            "http_enabled": False,
             "reference_roots": str(root),
             "reference_base_urls": bases,
         },
@@ -157,10 +160,29 @@ async def gateway_stub(
     server = GatewayServer(settings, triton_url)
     await server.start(port=0)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield pb_grpc.InferenceStub(channel)
+        yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture(scope="module")
+async def gateway_stub(gateway: GatewayServer) -> AsyncIterator[pb_grpc.InferenceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        yield pb_grpc.InferenceStub(channel)
+
+
+def _post_json(port: int, route: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{route}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
 
 
 async def _classify(stub: pb_grpc.InferenceStub, image: pb.ImageInput) -> pb.ClassifyResponse:
@@ -189,6 +211,26 @@ async def test_a_file_under_the_root_answers_as_its_bytes(gateway_stub: pb_grpc.
     for path in (root / "sub" / SOURCE, root / "sub" / ".." / "sub" / SOURCE, root / "inside-link.dcm"):
         named = await _classify(gateway_stub, pb.ImageInput(reference=pb.ImageReference(file_path=str(path))))
         _same_answer(named, sent)
+
+
+async def test_the_http_face_takes_a_reference_too(
+    gateway: GatewayServer, gateway_stub: pb_grpc.InferenceStub, root: Path
+) -> None:
+    """POST /v1/classify mirrors ImageInput, so {"image": {"reference": {"file_path": ...}}} works there too."""
+    path = str(root / "sub" / SOURCE)
+    sent = await _classify(gateway_stub, pb.ImageInput(data=(root / "sub" / SOURCE).read_bytes()))
+    status, body = await asyncio.to_thread(
+        _post_json, gateway.http_port, "/v1/classify", {"image": {"reference": {"file_path": path}}}
+    )
+    assert status == 200, body
+    assert [(s["label"], round(s["score"], 5)) for s in body["scores"]] == [
+        (s.label, round(s.score, 5)) for s in sent.scores
+    ]
+    status, body = await asyncio.to_thread(
+        _post_json, gateway.http_port, "/v1/classify", {"image": {"reference": {"file_path": "/etc/passwd"}}}
+    )
+    assert status == 403, body
+    assert "passwd" not in json.dumps(body)
 
 
 async def test_paths_out_of_the_root_are_permission_denied(gateway_stub: pb_grpc.InferenceStub, root: Path) -> None:
@@ -301,3 +343,24 @@ def test_url_rules_on_their_own() -> None:
             check_url(bad, policy)
     with pytest.raises(ReferenceDenied, match="not enabled"):
         check_url(good, ReferencePolicy.from_settings("", "", max_bytes=1, timeout_s=1))
+
+
+async def test_medgate_infer_by_reference(
+    gateway: GatewayServer, root: Path, stored: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``medgate infer --by-reference`` sends the path (or the WADO-RS URL) instead of the bytes."""
+    import argparse
+
+    from clients import infer
+
+    parser = argparse.ArgumentParser()
+    infer.add_arguments(parser)
+    answers = []
+    for name in (str(root / "sub" / SOURCE), stored):
+        args = parser.parse_args([name, "--by-reference", "--task", "classify", "--json", "--token", TOKEN])
+        request = infer.build_request(args)
+        assert request.image.WhichOneof("source") == "reference" and not request.image.data
+        code = await asyncio.to_thread(infer.run, args, f"127.0.0.1:{gateway.port}")
+        assert code == 0
+        answers.append(json.loads(capsys.readouterr().out)["classification"]["scores"])
+    assert answers[0] == answers[1]
