@@ -277,6 +277,24 @@ async def test_a_tampered_state_is_refused_and_the_real_one_still_works(
         idp.interactive = False
 
 
+async def test_an_answer_naming_another_issuer_is_refused(
+    review: ReviewServer, idp: OidcProvider, browser: Any
+) -> None:
+    idp.interactive = True
+    try:
+        page = await _page(browser, review)
+        await page.click("#oidc-signin")
+        genuine = await (await page.wait_for_selector("#continue")).get_attribute("href")
+        mixed_up = f"{genuine}&{urllib.parse.urlencode({'iss': 'https://other-idp.example/realms/x'})}"
+        assert (await page.goto(mixed_up)).status == 401  # RFC 9207: the code was meant for another IdP
+        await page.wait_for_selector("#signin-problem:has-text('another identity provider')")
+        await _shot(page, "issuer-mix-up")
+        assert await _status(page, "/api/events") == 401
+        await page.context.close()
+    finally:
+        idp.interactive = False
+
+
 async def test_sign_out_ends_the_session_here_and_at_the_provider(
     review: ReviewServer, idp: OidcProvider, browser: Any
 ) -> None:

@@ -438,6 +438,9 @@ class OidcSignIn:
         from .app import PAGE_ROLES, SIGN_IN, HttpError
 
         params = request.query_params
+        assert self.client is not None
+        if "iss" in params and params["iss"].rstrip("/") != self.client.issuer:  # RFC 9207: an IdP mix-up
+            raise SignInRefused(401, "Sign-in failed", "The sign-in answer comes from another identity provider.")
         if params.get("error"):
             error = params["error"][:64]
             raise SignInRefused(401, "Sign-in refused", f"The identity provider did not sign you in ({error}).")
