@@ -183,6 +183,11 @@ async def test_sign_in_through_the_identity_provider_then_review_a_case(
 ) -> None:
     page = await _page(browser, review)
     assert await page.is_hidden("#dev-block") and await page.is_hidden("#token-block")
+    pasted = await page.evaluate(  # with the IdP's sign-in configured, a pasted token is not a way in
+        "fetch('/api/session/token', {method: 'POST', headers: {'x-medgate-csrf': 'signin', 'content-type':"
+        " 'application/json'}, body: JSON.stringify({token: 'x'})}).then(r => r.status)"
+    )
+    assert pasted == 404
     exchanged = len(idp.exchanges)
     await _sign_in(page)
     assert page.url == f"{_base(review)}/"
