@@ -162,6 +162,15 @@ async def test_window_level_presets_and_drag_work_on_hounsfield_units(
     assert await page.evaluate("window.medgateReview.state.kase.humanLoopName") == loop
     await page.wait_for_selector("#wl:has-text('CT 16-bit values')")
     hu, meta = _hounsfield(review, loop)
+    # The 16-bit values go only to the reviewer holding the lease.
+    url = await page.evaluate("window.medgateReview.state.kase.modality.url")
+    other = await _page(browser, review)
+    assert await other.evaluate("(u) => fetch(u).then((r) => r.status)", url) == 401
+    await _sign_in_token(other, _second_reviewer(dev_credentials))
+    await other.wait_for_selector("#work:not([hidden])")
+    assert await other.evaluate("(u) => fetch(u).then((r) => r.status)", url) == 404
+    await other.context.close()
+    assert await page.evaluate("(u) => fetch(u).then((r) => r.status)", url) == 200
     assert meta["modality"] == "CT" and meta["scale"] == 1.0
     at = np.array([hu[y, x] for x, y in SAMPLES])
     assert at.max() - at.min() > 500, "the samples should span soft tissue to bone"

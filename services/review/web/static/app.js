@@ -199,6 +199,13 @@ function renderImage() {
     + ` · ${preset || "custom"} · ${source}`;
 }
 
+let renderPending = false;
+function scheduleRender() {
+  if (renderPending) return;
+  renderPending = true;
+  requestAnimationFrame(() => { renderPending = false; renderImage(); draw(); });
+}
+
 function preset(index) {
   if (!state.img) return;
   const list = MedgateImage.presets(state.img, state.rect, SIZE);
@@ -397,7 +404,8 @@ window.addEventListener("mousemove", (e) => {
   if (d.mode === "wl") {
     const step = MedgateImage.step(state.img);
     state.wl = { ...state.wl, width: Math.max(step, d.wl.width + dx * step), level: d.wl.level - dy * step, preset: "custom" };
-    renderImage();
+    scheduleRender(); // once per frame: a 1024x1024 window takes tens of ms on a slow machine
+    return;
   } else if (d.mode === "paint") {
     const point = toImage(e.clientX - r.left, e.clientY - r.top).map((v) => Math.round(v * 10) / 10);
     const pts = state.stroke.points;
@@ -421,6 +429,7 @@ window.addEventListener("mousemove", (e) => {
 window.addEventListener("mouseup", () => {
   const d = state.drag;
   state.drag = null;
+  if (d && d.mode === "wl") { renderImage(); draw(); }
   if (d && d.mode === "paint" && state.work) { state.work.strokes.push(state.stroke); state.stroke = null; save(); drawPanel(); return; }
   if (!d || !state.work || d.mode === "wl" || d.mode === "pan") return;
   const b = state.work.boxes[d.index];
@@ -509,7 +518,7 @@ document.addEventListener("keydown", (e) => {
   else handled = false;
   if (handled) { e.preventDefault(); draw(); }
 });
-for (const kind of ["mousedown", "wheel", "input"]) document.addEventListener(kind, () => { state.lastInput = Date.now(); }, true);
+for (const kind of ["mousedown", "mousemove", "wheel", "input"]) document.addEventListener(kind, () => { state.lastInput = Date.now(); }, true);
 
 // --- submit, skip, lease -----------------------------------------------------------------------------
 
