@@ -90,7 +90,9 @@ class Service:
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[Service]:
+async def service(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Service]:
+    """A review service handing verified results to ``node-outbox``, retried every 0.3 s (or the indirect param)."""
+    retry_s = float(getattr(request, "param", 0.3))
     flows = tmp_path / "flows.toml"
     flows.write_text(FLOWS)
     settings = load_settings(
@@ -98,7 +100,7 @@ async def service(tmp_path: Path) -> AsyncIterator[Service]:
         security={"auth": False, "tls": False, "audit_dir": tmp_path / "audit"},
     )
     config = CompletionConfig(
-        handover_dir=tmp_path / "node-outbox", limits=IngestLimits(), organization="Radiology", retry_interval_s=0.3
+        handover_dir=tmp_path / "node-outbox", limits=IngestLimits(), organization="Radiology", retry_interval_s=retry_s
     )
     server = ReviewServer(settings.review, settings.security, verified=config)
     await server.start(port=0)
@@ -359,6 +361,22 @@ async def test_a_rebuild_after_a_crash_is_the_same_object(service: Service) -> N
     await asyncio.to_thread(service.server.verified.run_once)
     files = list(service.inbox.glob("*.dcm"))
     assert [f.name for f in files] == [f"{first.SOPInstanceUID}.dcm"]
+
+
+@pytest.mark.parametrize("service", [600.0], indirect=True)  # no retry round would come in time
+async def test_a_decision_made_outside_submitreview_wakes_the_worker(service: Service) -> None:
+    """The reviewer page and other replicas decide through the store: an ended lease wakes the worker at once."""
+    source = radiograph()
+    ai = AIResults(classification=Classification("lesion", 0.7, CLASSIFIER))
+    content = {"classification": {"scores": [{"label": "lesion", "score": 0.7}], "model": {"name": "classifier"}}}
+    request, objects = start_request("cls-4", "cls", source, ai, content, {"classify": CLASSIFIER})
+    await service.stub.StartHumanLoop(request)
+    await asyncio.sleep(0.5)  # the worker's first round has run and now waits for the (long) retry interval
+    store = service.server.store
+    (delivery,) = await asyncio.to_thread(store.lease, "dr-web", ["cls"])
+    await asyncio.to_thread(store.submit, "web-1", "dr-web", {"label": "normal"}, delivery_id=delivery.delivery_id)
+    (sr,) = await handed_over(service, 1, timeout_s=10.0)
+    assert_verifies(sr, source, objects[-1], "dr-web")
 
 
 def test_the_case_keeps_the_source_only_when_the_answer_was_written_as_dicom() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from medgate.v1 import review_pb2 as pb
@@ -88,6 +89,7 @@ class ReviewServer:
         # each completed loop and every retry interval.
         self.verified = VerifiedDicom(self.store, self.flows, verified) if verified is not None else None
         self._verified_task: asyncio.Task[None] | None = None
+        self._verified_unlisten: Callable[[], None] | None = None
         self._verified_wake = asyncio.Event()
         self._verified_executor = ThreadPoolExecutor(1, thread_name_prefix="medgate-review-dicom")
         if self.verified is not None:
@@ -109,6 +111,14 @@ class ReviewServer:
             self.web_port = await self.web.start()
         self._housekeeping = asyncio.create_task(self._housekeep())
         if self.verified is not None:
+            # Decisions made elsewhere (the reviewer page, another replica) end a lease too: any ended lease wakes
+            # the worker, which then looks for completed loops (an indexed query).
+            loop = asyncio.get_running_loop()
+            self._verified_unlisten = self.store.listen(
+                lambda event: (
+                    loop.call_soon_threadsafe(self._verified_wake.set) if event.reviewers or event.everything else None
+                )
+            )
             self._verified_task = asyncio.create_task(self._verify_forever(self.verified))
         log.info("review service on %s:%d with flows %s", self.settings.host, self.port, ", ".join(self.flows))
         return self.port
@@ -138,6 +148,8 @@ class ReviewServer:
                 await asyncio.wait_for(self._verified_wake.wait(), timeout=verified.config.retry_interval_s)
 
     async def stop(self) -> None:
+        if self._verified_unlisten is not None:
+            self._verified_unlisten()
         if self._verified_task is not None:
             self._verified_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
