@@ -3,10 +3,11 @@
 Every action goes through the review servicer's own logic with the caller's verified identity on the
 call record (:func:`services.rpc.call.begin`), so :func:`~services.review.servicer.reviewer_of`, the
 store calls, leases and decisions are those of the gRPC API: StreamCases pushes cases (one in flight
-per page), RenewLease and ReleaseCase are called as they are, and a submission makes the same store
-calls as SubmitReview, adding what A2I records beside the answer (``initialValueModified``, the
-per-mask decisions). Roles come from :mod:`services.security.policy` for the RPC each action stands
-for; every action is an audit event as its RPC would be, written before the answer leaves.
+per page), RenewLease and ReleaseCase are called as they are, and a submission goes through
+SubmitReview's own code (:func:`services.review.decide.submit_decision`), adding what A2I records
+beside the answer (``initialValueModified``, the per-mask decisions: :mod:`.cases`). Roles come from
+:mod:`services.security.policy` for the RPC each action stands for; every action is an audit event as
+its RPC would be, written before the answer leaves.
 """
 
 from __future__ import annotations
