@@ -382,3 +382,40 @@ async def test_a_decision_made_outside_submitreview_wakes_the_worker(service: Se
 def test_the_case_keeps_the_source_only_when_the_answer_was_written_as_dicom() -> None:
     source = pydicom_data_file("CT_small.dcm").read_bytes()
     assert review_dicom_source(source, frame=0, study_instance_uid="1.2", objects=[], models={}) is None
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_the_store_keeps_the_source_out_of_sight_and_pending_until_marked(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Both backends: pending from the start, listed once Completed, hidden from images() unless asked."""
+    from services.review.flows import load_flows
+    from services.review.store import DICOM_SOURCE_NAME, ReviewStore, ReviewStoreBase
+    from services.review.store.postgres import PostgresReviewStore
+
+    (tmp_path / "flows.toml").write_text(FLOWS)
+    flow = load_flows(tmp_path / "flows.toml")["cls"]
+    store: ReviewStoreBase
+    if backend == "postgres":
+        store = PostgresReviewStore(request.getfixturevalue("postgres_url"))
+    else:
+        store = ReviewStore(tmp_path / "review.sqlite3")
+    with store:
+        attached = {"image.png": b"png", DICOM_SOURCE_NAME: b"DICM source", "dicom.json": b"{}"}
+        store.start_loop(flow, "with-dicom", {}, "h1", images=attached)
+        store.start_loop(flow, "without", {}, "h2", images={"image.png": b"png"})
+        assert store.dicom_state("with-dicom") == ("pending", None)
+        assert store.dicom_state("without") == (None, None)
+        assert list(store.images("with-dicom")) == ["image.png"]
+        assert store.images("with-dicom", with_dicom=True) == attached
+        assert store.pending_dicom() == []  # not Completed yet
+        for reviewer in ("dr-a", "dr-b"):
+            deliveries = store.lease(reviewer, ["cls"])
+            for delivery in deliveries:
+                store.submit(
+                    f"{reviewer}-{delivery.loop.name}", reviewer, {"label": "normal"}, delivery_id=delivery.delivery_id
+                )
+        assert [loop.name for loop in store.pending_dicom()] == ["with-dicom"]
+        store.mark_dicom("with-dicom", SENT, "SR 1.2.3")
+        assert store.pending_dicom() == []
+        assert store.dicom_state("with-dicom") == (SENT, "SR 1.2.3")

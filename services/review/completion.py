@@ -392,7 +392,7 @@ class VerifiedDicom:
             flow,
             loop,
             self.store.decisions(loop.name),
-            self.store.images(loop.name),
+            self.store.images(loop.name, with_dicom=True),
             organization=self.config.organization,
         )
         if inputs is None:

@@ -186,8 +186,10 @@ class ReviewStoreBase(abc.ABC):
     def describe(self, name: str) -> Loop: ...
 
     @abc.abstractmethod
-    def images(self, name: str) -> dict[str, bytes]:
-        """The images attached to a loop, in attachment order."""
+    def images(self, name: str, *, with_dicom: bool = False) -> dict[str, bytes]:
+        """The images attached to a loop, in attachment order; the DICOM source and its context
+        (:data:`DICOM_SOURCE_NAME`, :data:`DICOM_CONTEXT_NAME`) only with ``with_dicom``: they hold patient
+        data for the verified DICOM result and never go to reviewers or exports."""
 
     @abc.abstractmethod
     def list(

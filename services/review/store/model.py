@@ -21,6 +21,7 @@ ACTIVATION_REASONS_KEY = "humanLoopActivationReasons"
 DICOM_SOURCE_NAME = "source.dcm"
 DICOM_CONTEXT_NAME = "dicom.json"
 DICOM_PENDING = "pending"
+DICOM_ATTACHMENTS = (DICOM_SOURCE_NAME, DICOM_CONTEXT_NAME)
 
 
 def initial_dicom_state(images: Mapping[str, bytes]) -> str | None:

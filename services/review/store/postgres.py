@@ -39,6 +39,7 @@ from services.review.flows import FlowDefinition, InvalidArgument, ReviewError
 from services.review.store.base import Changes, ReviewStoreBase
 from services.review.store.model import (
     ALL_REVIEWERS,
+    DICOM_ATTACHMENTS,
     FAILURE_EXPIRED,
     MAX_LIST_RESULTS,
     OPEN_STATUSES,
@@ -352,10 +353,15 @@ class PostgresReviewStore(ReviewStoreBase):
         self._sweep_if_due()
         return self._read(lambda conn: self._loop(conn, name))
 
-    def images(self, name: str) -> dict[str, bytes]:
+    def images(self, name: str, *, with_dicom: bool = False) -> dict[str, bytes]:
+        hidden = () if with_dicom else DICOM_ATTACHMENTS
+
         def read(conn: Connection) -> dict[str, bytes]:
             seq = self._loop_row(conn, name)["seq"]
-            rows = conn.execute("SELECT name, data FROM images WHERE loop_seq = %s ORDER BY position", (seq,))
+            rows = conn.execute(
+                "SELECT name, data FROM images WHERE loop_seq = %s AND name NOT IN (%s, %s) ORDER BY position",
+                (seq, *(hidden or ("", ""))),
+            )
             return {row["name"]: bytes(row["data"]) for row in rows}
 
         return self._read(read)

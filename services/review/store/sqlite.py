@@ -17,6 +17,7 @@ from typing import Any
 from services.review.flows import FlowDefinition, InvalidArgument, ReviewError
 from services.review.store.base import Changes, ReviewStoreBase
 from services.review.store.model import (
+    DICOM_ATTACHMENTS,
     FAILURE_EXPIRED,
     MAX_LIST_RESULTS,
     OPEN_STATUSES,
@@ -196,11 +197,15 @@ class ReviewStore(ReviewStoreBase):
         with self._reading() as conn:
             return self._loop(conn, name)
 
-    def images(self, name: str) -> dict[str, bytes]:
-        """The images attached to a loop, in attachment order."""
+    def images(self, name: str, *, with_dicom: bool = False) -> dict[str, bytes]:
+        """The images attached to a loop, in attachment order (the DICOM source only ``with_dicom``)."""
+        hidden = () if with_dicom else DICOM_ATTACHMENTS
         with self._reading() as conn:
             seq = self._seq(conn, name)
-            rows = conn.execute("SELECT name, data FROM images WHERE loop_seq = ? ORDER BY position", (seq,))
+            rows = conn.execute(
+                "SELECT name, data FROM images WHERE loop_seq = ? AND name NOT IN (?, ?) ORDER BY position",
+                (seq, *(hidden or ("", ""))),
+            )
             return {row["name"]: bytes(row["data"]) for row in rows}
 
     def list(
