@@ -48,6 +48,27 @@ REVIEW_QUEUE_DEPTH = Gauge(
     multiprocess_mode="livemax",
 )
 
+# The DICOM node's outbox (services/dicom/node) and the review service's verified results: a PACS that is down
+# shows as pending results growing and send failures, per destination ("AE@host:port" or the STOW-RS URL).
+DICOM_OUTBOX_PENDING = Gauge(
+    "medgate_dicom_outbox_pending",
+    "Results (SEG, SR) in the DICOM node's outbox not yet delivered, per destination.",
+    ["destination"],
+    multiprocess_mode="livemax",
+)
+DICOM_SENT = Counter("medgate_dicom_sent", "Results delivered by the DICOM node, per destination.", ["destination"])
+DICOM_SEND_FAILURES = Counter(
+    "medgate_dicom_send_failures",
+    "Results a destination did not take: retry (tried again later) or refused (moved aside for an operator).",
+    ["destination", "outcome"],
+)
+REVIEW_VERIFIED_DICOM = Counter(
+    "medgate_review_verified_dicom",
+    "Completed loops' verified DICOM results by outcome: sent (handed to the DICOM node), failed, skipped"
+    " (every reviewer rejected the case), waiting (the node's folder could not be written; tried again).",
+    ["outcome"],
+)
+
 SHADOW_COMPARISONS = Counter(
     "medgate_shadow_comparisons",
     "Answers also computed by a role's candidate version (services/gateway/shadow.py), by outcome:"
