@@ -26,7 +26,9 @@ from pydicom.data import get_testdata_file
 from medgate.v1 import inference_pb2 as ipb
 from medgate.v1 import review_pb2 as pb
 from medgate.v1 import review_pb2_grpc as pb_grpc
+from medgate.v1.inference_pb2_grpc import InferenceStub
 from services.gateway.routing import ReviewRouter
+from services.gateway.server import GatewayServer
 from services.imaging.limits import IngestLimits
 from services.imaging.prepare import prepare
 from services.review.flows import load_flows
@@ -52,6 +54,19 @@ task_count = 1
 task_time_limit_s = {LEASE_S}
 output_dir = "../var/review-output"
 """
+# Every classification of the gateway in the end-to-end test goes to review (a 100% sample).
+ALWAYS_FLOW = """
+[[flows]]
+name = "always-dicom"
+task_type = "classification"
+categories = ["normal", "lesion"]
+task_count = 1
+task_time_limit_s = 600
+output_dir = "../var/review-output"
+activation_conditions = '''
+{"ConditionType": "Sampling", "ConditionParameters": {"RandomSamplingPercentage": 100}}
+'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +74,7 @@ async def review(dev_credentials: DevCredentials, tmp_path_factory: pytest.TempP
     root = tmp_path_factory.mktemp("reviewer-page-review")
     flows = root / "config" / "flows.toml"
     flows.parent.mkdir()
-    flows.write_text((PROJECT_ROOT / "config" / "flows.toml").read_text() + SHORT_LEASE_FLOW)
+    flows.write_text((PROJECT_ROOT / "config" / "flows.toml").read_text() + SHORT_LEASE_FLOW + ALWAYS_FLOW)
     settings = load_settings(
         review={"store_path": root / "review.sqlite3", "flows_file": flows, "port": 0, "housekeeping_interval_s": 0.2},
         security=security_values(dev_credentials.directory, audit_dir=root / "audit"),
@@ -212,6 +227,59 @@ async def test_window_level_presets_and_drag_work_on_hounsfield_units(
     (answer,) = _output(review, loop)["humanAnswers"]
     assert answer["answerContent"]["initialValueModified"] is False
     assert shot.stat().st_size > 10_000
+    await page.context.close()
+
+
+async def test_a_dicom_classified_by_the_gateway_reaches_the_page_with_its_hounsfield_units(
+    review: ReviewServer,
+    browser: Any,
+    clients: Clients,
+    triton_url: str,
+    dev_credentials: DevCredentials,
+    tmp_path: Path,
+) -> None:
+    """End to end: Classify over gRPC (real Triton), routed by the gateway, windowed on the page with Shift+1-4
+    (digits choose categories in classification), answered with one key."""
+    flows = tmp_path / "config" / "flows.toml"
+    flows.parent.mkdir()
+    flows.write_text(ALWAYS_FLOW)
+    settings = load_settings(
+        gateway={"port": 0, "metrics_port": -1},
+        security=security_values(dev_credentials.directory, audit_dir=tmp_path / "audit"),
+        review={
+            "url": f"127.0.0.1:{review.port}",
+            "flows_file": flows,
+            "outbox_dir": tmp_path / "outbox",
+            "route_timeout_s": 5.0,
+        },
+    )
+    page = await _page(browser, review)
+    await _sign_in_dev(page)
+    gateway = GatewayServer(settings, triton_url)
+    await gateway.start(port=0)
+    try:
+        async with clients.channel(f"127.0.0.1:{gateway.port}", Role.INFERENCE) as channel:
+            data = Path(str(get_testdata_file("CT_small.dcm"))).read_bytes()
+            answer = await InferenceStub(channel).Classify(ipb.ClassifyRequest(image=ipb.ImageInput(data=data)))
+    finally:
+        await gateway.stop()
+    (routing,) = answer.review
+    assert routing.queued and routing.flow_definition == "always-dicom"
+    await page.wait_for_selector("body[data-ready]", timeout=15000)
+    assert await page.evaluate("window.medgateReview.state.kase.humanLoopName") == routing.human_loop_name
+    await page.wait_for_selector("#wl:has-text('CT 16-bit values')")
+    hu, meta = _hounsfield(review, routing.human_loop_name)
+    at = np.array([hu[y, x] for x, y in SAMPLES])
+    for key, (width, level) in {"Shift+1": (400, 40), "Shift+2": (1500, -600), "Shift+4": (80, 40)}.items():
+        await page.keyboard.press(key)
+        got = await _rendered(page)
+        assert np.abs(got - _expected(at, width, level, meta["invert"])).max() <= 1, key
+    await _shot(page, "gateway-dicom-classification")
+    await page.keyboard.press("2")  # lesion
+    await page.keyboard.press("Enter")
+    await page.wait_for_selector("#status:has-text('Submitted')")
+    (human,) = _output(review, routing.human_loop_name)["humanAnswers"]
+    assert human["answerContent"]["label"] == "lesion"
     await page.context.close()
 
 
