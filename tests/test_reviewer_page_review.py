@@ -402,6 +402,9 @@ async def test_an_expired_lease_is_reported_and_the_case_goes_to_another_reviewe
     assert await two.evaluate("window.medgateReview.state.kase.deliveryId") != first
     await _shot(two, "lease-expired-taken-over")
     assert review.store.decisions(request.name) == []
+    await one.keyboard.press("s")  # the first reviewer takes cases again; this one is the other's now
+    await one.wait_for_selector("#status:has-text('Taking cases again')")
+    assert await one.is_visible("#waiting")
     await two.keyboard.press("2")
     await two.keyboard.press("Enter")
     await two.wait_for_selector("#status:has-text('Submitted')")
