@@ -111,6 +111,12 @@ async def service(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
         await server.stop()
 
 
+def verified_count(outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("medgate_review_verified_dicom_total", {"outcome": outcome}) or 0.0
+
+
 def radiograph() -> bytes:
     """A 2-D DX-like phantom radiograph (640x512) with patient data that must never reach a log."""
     image = (phantom(3).image.astype(np.uint16) * 16)[:512, :640]
@@ -330,6 +336,7 @@ async def test_a_node_folder_that_cannot_be_written_keeps_the_result_pending_and
 ) -> None:
     """The decision is recorded and answered at once; the verified result waits in the store, not lost."""
     service.outbox.write_bytes(b"")  # a file where the node's folder should be: every hand-over fails
+    waiting_before = verified_count("waiting")
     source = radiograph()
     ai = AIResults(classification=Classification("lesion", 0.7, CLASSIFIER))
     content = {"classification": {"scores": [{"label": "lesion", "score": 0.7}], "model": {"name": "classifier"}}}
@@ -339,10 +346,13 @@ async def test_a_node_folder_that_cannot_be_written_keeps_the_result_pending_and
     assert loop.status == pb.HUMAN_LOOP_STATUS_COMPLETED
     await asyncio.sleep(1.0)  # several retry rounds
     assert await asyncio.to_thread(service.server.store.dicom_state, "cls-2") == ("pending", None)
+    assert verified_count("waiting") >= waiting_before + 2  # Prometheus: medgate_review_verified_dicom{outcome}
+    sent_before = verified_count("sent")
     service.outbox.unlink()  # the folder can be written again
     (sr,) = await handed_over(service, 1)
     assert_verifies(sr, source, objects[-1], "dr-lee")
     assert [m.lower() for m in classification_of(sr)] == ["lesion"]  # accepted: the model's class and score
+    assert verified_count("sent") == sent_before + 1
     assert [i for i in content_items(sr) if concept(i) == "Certainty of Finding"]
 
 

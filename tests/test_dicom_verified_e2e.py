@@ -325,5 +325,13 @@ async def test_a_ct_slice_sent_to_the_node_comes_back_into_orthanc_as_verified_s
         assert str(ds.SOPInstanceUID) in referenced
         for data in objects:
             assert dciodvfy_errors(data, tmp_path) == []
+        # Prometheus, as an operator watches the node: everything delivered to Orthanc, nothing left pending.
+        from prometheus_client import REGISTRY
+
+        label = {"destination": orthanc.destination}
+        assert (REGISTRY.get_sample_value("medgate_dicom_sent_total", label) or 0) >= 3  # the AI SR, two verified
+        await wait_for(
+            lambda: REGISTRY.get_sample_value("medgate_dicom_outbox_pending", label) == 0, what="an empty outbox"
+        )
     finally:
         await asyncio.to_thread(node.stop)

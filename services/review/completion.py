@@ -60,6 +60,7 @@ from services.dicom.results import (
 from services.imaging.arrays import decode_array
 from services.imaging.limits import IngestLimits
 from services.imaging.preprocess import Letterbox
+from services.metrics import REVIEW_VERIFIED_DICOM
 from services.review.convert import MASKS_NAME
 from services.review.flows import FlowDefinition, TaskType
 from services.review.store import (
@@ -455,6 +456,7 @@ class VerifiedDicom:
                 break
             for loop in batch:
                 state = self.process(loop)
+                REVIEW_VERIFIED_DICOM.labels(outcome=state or "waiting").inc()
                 if state == SENT:
                     done.sent += 1
                 elif state == FAILED:

@@ -23,6 +23,7 @@ from services.dicom.node.routes import RoutesFile
 from services.dicom.node.scp import StorageScp, ae_titles
 from services.dicom.node.send import REFUSED, RETRY, SENT, CStoreSender, Item, Outcome, StowSender
 from services.dicom.node.spool import Delivery, Instance, Result, Spool
+from services.metrics import DICOM_OUTBOX_PENDING, DICOM_SEND_FAILURES, DICOM_SENT
 from services.rpc.tls import check_plaintext_allowed, is_loopback
 from services.settings import Settings
 
@@ -298,8 +299,10 @@ class DicomNode:
     def _deliver(self, destination: Destination) -> None:
         wake = self._wake[destination.key]
         sender = self._sender(destination)
+        pending = DICOM_OUTBOX_PENDING.labels(destination=str(destination))
         while not self._stop.is_set():
             try:
+                pending.set(self.spool.pending_by_destination().get(destination.key, 0))
                 due = self.spool.due_deliveries(now=time.time(), destinations=[destination.key])
                 if due:
                     self._send_batch(destination, sender, due[:SEND_BATCH])
@@ -342,6 +345,9 @@ class DicomNode:
                     error,
                     path.parent,
                 )
+        DICOM_SENT.labels(destination=str(destination)).inc(sent)
+        DICOM_SEND_FAILURES.labels(destination=str(destination), outcome="retry").inc(retried)
+        DICOM_SEND_FAILURES.labels(destination=str(destination), outcome="refused").inc(refused)
         if sent:
             log.info("sent %d result(s) to %s", sent, destination)
         if retried:
