@@ -331,6 +331,42 @@ async def test_a_corrected_mask_becomes_a_verified_seg_on_the_source_grid(servic
         assert dciodvfy_errors(Path(obj.filename).read_bytes(), tmp_path) == []
 
 
+async def test_one_mask_per_prompt_marks_only_the_changed_ones_edited(service: Service, tmp_path: Path) -> None:
+    source = radiograph()
+    letterbox = Letterbox.for_shape(512, 640)
+    model_masks = np.zeros((2, 1024, 1024), np.uint8)
+    model_masks[0, 300:600, 200:500] = 1
+    model_masks[1, 300:600, 560:860] = 1
+    prompts = [("left lung", 0.55), ("right lung", 0.58)]
+    ai = AIResults(
+        segments=[Segment(p, "lung", score, SEGMENTER, prompt=p) for p, score in prompts],
+        masks=letterbox.mask_to_original(model_masks),
+    )
+    content = {
+        "segmentation": {
+            "prompts": [{"prompt": p, "category": "lung", "score": score, "model": "segmenter"} for p, score in prompts]
+        },
+        "masksShape": [2, 1024, 1024],
+    }
+    request, objects = start_request("seg-2", "seg", source, ai, content, {"segment": SEGMENTER})
+    ai_sr = objects[-1]
+    request.masks_packbits = encode_array(model_masks, packbits=True).data
+    await service.stub.StartHumanLoop(request)
+    corrected = model_masks.copy()
+    corrected[1, 300:400, 560:860] = 0  # only the right lung's mask is changed
+    wire = encode_array(corrected, packbits=True)
+    mask = ipb.NDArray(data=wire.data, shape=list(wire.shape), dtype=wire.dtype, encoding=ipb.ARRAY_ENCODING_PACKBITS)
+    await answer(service.stub, "seg", "dr-lee", pb.ReviewAnswer(mask=mask))
+    found = await handed_over(service, 2)
+    (seg,) = [d for d in found if d.Modality == "SEG"]
+    (sr,) = [d for d in found if d.Modality == "SR"]
+    assert_verifies(sr, source, ai_sr, "dr-lee")
+    assert [s.SegmentAlgorithmType for s in seg.SegmentSequence] == ["AUTOMATIC", "SEMIAUTOMATIC"]
+    frames = seg.pixel_array.astype(np.uint8)
+    np.testing.assert_array_equal(frames, letterbox.mask_to_original(corrected))
+    assert dciodvfy_errors(Path(str(seg.filename)).read_bytes(), tmp_path) == []
+
+
 async def test_a_node_folder_that_cannot_be_written_keeps_the_result_pending_and_it_is_sent_later(
     service: Service,
 ) -> None:

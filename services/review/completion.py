@@ -18,9 +18,10 @@ How an answer maps onto the verified result (what :func:`reviewed_results` does)
   SEG referenced, not copied);
 - a class: ``Classification(label)`` without score or algorithm (a person said so);
 - boxes (the 1024 image the reviewer saw): ``Detections`` in the source's pixels (the letterbox's inverse);
-- a mask (1024x1024): on the source's grid; one prompt's mask corrected is that segment, edited
-  (SEMIAUTOMATIC); the web page's per-prompt choice keeps the chosen prompts' model masks in a new SEG;
-  a single mask for several prompts is one MANUAL segment.
+- masks (1024x1024, one per prompt): on the source's grid, in a new SEG; a prompt whose mask the reviewer
+  changed is edited (SEMIAUTOMATIC), one left as it was stays the model's (AUTOMATIC, with its score);
+  the web page's per-prompt choice keeps the chosen prompts' model masks; a single mask for several
+  prompts is one MANUAL segment.
 
 With several reviewers (task_count 2-3): the majority class (the earliest reviewer who chose it), or the
 earliest answer that is not a rejection. Logs name the loop and the objects' UIDs, never patient data.
@@ -68,6 +69,7 @@ from services.review.store import (
     DICOM_SOURCE_NAME,
     Decision,
     Loop,
+    NotFound,
     ReviewStoreBase,
 )
 
@@ -215,13 +217,14 @@ def _model_masks(images: Mapping[str, bytes], content: Mapping[str, Any]) -> np.
     return decode_array(images[MASKS_NAME], tuple(shape), "uint8", packbits=True)
 
 
-def _answer_mask(answer: Mapping[str, Any]) -> np.ndarray:
+def _answer_masks(answer: Mapping[str, Any]) -> np.ndarray:
+    """The reviewer's mask answer as [K, 1024, 1024] 0/1: one mask, or one per prompt."""
     mask = answer["mask"]
     packbits = mask.get("encoding") == "ARRAY_ENCODING_PACKBITS"
     array = decode_array(
         base64.b64decode(mask["data"]), tuple(mask["shape"]), mask.get("dtype") or "uint8", packbits=packbits
     )
-    return (array.reshape(array.shape[-2:]) > 0).astype(np.uint8)
+    return (array.reshape(-1, *array.shape[-2:]) > 0).astype(np.uint8)
 
 
 def reviewed_results(
@@ -297,12 +300,17 @@ def reviewed_results(
             return AIResults(), None
         masks = letterbox.mask_to_original(_model_masks(images, content)[kept])
         return AIResults(segments=[segments[i] for i in kept], masks=masks), None
-    drawn = letterbox.mask_to_original(_answer_mask(answer))[np.newaxis]
-    if len(segments) == 1:
-        s = segments[0]
-        edited = Segment(s.label, s.category, None, s.algorithm, s.prompt, edited=True)
-        return AIResults(segments=[edited], masks=drawn), None
+    answered = _answer_masks(answer)
+    if len(answered) == len(segments):  # one mask per prompt: those that differ from the model's are edited
+        model = _model_masks(images, content) if MASKS_NAME in images else None
+        corrected = []
+        for i, s in enumerate(segments):
+            same = model is not None and np.array_equal(answered[i], model[i] != 0)
+            corrected.append(s if same else Segment(s.label, s.category, None, s.algorithm, s.prompt, edited=True))
+        return AIResults(segments=corrected, masks=letterbox.mask_to_original(answered)), None
+    # One mask for several prompts: the reviewer's own segment, drawn by hand (MANUAL).
     manual = Segment("corrected mask", "other", None, None, None, edited=True)
+    drawn = letterbox.mask_to_original(answered[:1])
     return AIResults(segments=[manual], masks=drawn), None
 
 
@@ -414,6 +422,8 @@ class VerifiedDicom:
         started = time.perf_counter()
         try:
             objects = self.build(loop)
+        except NotFound:  # deleted (DeleteHumanLoop) since it was listed: nothing left to verify
+            return SKIPPED
         except (CannotVerify, DicomResultError) as exc:
             note = str(exc)[:_NOTE_CHARS]  # our own messages: they name what is missing, never a value
             self.store.mark_dicom(loop.name, FAILED, note)
