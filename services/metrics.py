@@ -64,7 +64,7 @@ DICOM_SEND_FAILURES = Counter(
 )
 REVIEW_VERIFIED_DICOM = Counter(
     "medgate_review_verified_dicom",
-    "Completed loops' verified DICOM results by outcome: sent (handed to the DICOM node), failed, skipped"
+    "Completed loops' verified DICOM results by outcome: handed-over (to the DICOM node), failed, skipped"
     " (every reviewer rejected the case), waiting (the node's folder could not be written; tried again).",
     ["outcome"],
 )

@@ -41,7 +41,7 @@ from services.gateway.routing import review_dicom_source
 from services.imaging.arrays import encode_array
 from services.imaging.limits import IngestLimits
 from services.imaging.preprocess import Letterbox
-from services.review.completion import SENT, CompletionConfig
+from services.review.completion import HANDED_OVER, CompletionConfig
 from services.review.server import ReviewServer
 from services.settings import load_settings
 from tests.fixtures import PATIENT_ID, PATIENT_NAME, dicom_bytes, phantom, pydicom_data_file
@@ -253,7 +253,7 @@ async def test_a_corrected_class_becomes_a_verified_sr_in_the_nodes_inbox(
     assert certainty == [], "a reviewer's class has no model score"
     assert dciodvfy_errors(Path(sr.filename).read_bytes(), tmp_path) == []
     state = await asyncio.to_thread(service.server.store.dicom_state, "cls-1")
-    assert state == (SENT, f"SR {sr.SOPInstanceUID}")
+    assert state == (HANDED_OVER, f"SR {sr.SOPInstanceUID}")
     logged = caplog.text
     assert PATIENT_NAME.split("^")[0] not in logged and PATIENT_ID not in logged
     assert answered_ms < 5000  # the build runs after the answer, not inside it
@@ -383,12 +383,12 @@ async def test_a_node_folder_that_cannot_be_written_keeps_the_result_pending_and
     await asyncio.sleep(1.0)  # several retry rounds
     assert await asyncio.to_thread(service.server.store.dicom_state, "cls-2") == ("pending", None)
     assert verified_count("waiting") >= waiting_before + 2  # Prometheus: medgate_review_verified_dicom{outcome}
-    sent_before = verified_count("sent")
+    sent_before = verified_count("handed-over")
     service.outbox.unlink()  # the folder can be written again
     (sr,) = await handed_over(service, 1)
     assert_verifies(sr, source, objects[-1], "dr-lee")
     assert [m.lower() for m in classification_of(sr)] == ["lesion"]  # accepted: the model's class and score
-    assert verified_count("sent") == sent_before + 1
+    assert verified_count("handed-over") == sent_before + 1
     assert [i for i in content_items(sr) if concept(i) == "Certainty of Finding"]
 
 
@@ -462,6 +462,6 @@ def test_the_store_keeps_the_source_out_of_sight_and_pending_until_marked(
                     f"{reviewer}-{delivery.loop.name}", reviewer, {"label": "normal"}, delivery_id=delivery.delivery_id
                 )
         assert [loop.name for loop in store.pending_dicom()] == ["with-dicom"]
-        store.mark_dicom("with-dicom", SENT, "SR 1.2.3")
+        store.mark_dicom("with-dicom", HANDED_OVER, "SR 1.2.3")
         assert store.pending_dicom() == []
-        assert store.dicom_state("with-dicom") == (SENT, "SR 1.2.3")
+        assert store.dicom_state("with-dicom") == (HANDED_OVER, "SR 1.2.3")

@@ -39,7 +39,7 @@ from medgate.v1 import review_pb2_grpc as pb_grpc
 from services.dicom.node.node import DicomNode
 from services.gateway.server import GatewayServer
 from services.imaging.preprocess import Letterbox
-from services.review.completion import SENT, config_from
+from services.review.completion import HANDED_OVER, config_from
 from services.review.server import ReviewServer
 from services.security.credentials import SUBJECTS
 from services.security.identity import Role
@@ -124,7 +124,8 @@ async def stack(
         report={"enabled": False},
         security=shared_security,
     )
-    config = config_from(settings)
+    assert config_from(settings, node_here=False) is None  # `medgate review serve` alone: no node beside it
+    config = config_from(settings, node_here=True)
     assert config is not None and config.handover_dir == root / "node-outbox"
     review = ReviewServer(settings.review, settings.security, verified=config)
     await review.start(port=0)
@@ -231,7 +232,7 @@ async def test_a_radiograph_classified_routed_and_corrected_gives_a_verified_sr_
     assert [m.lower() for m in classification_of(sr)] == [corrected]
     assert dciodvfy_errors(Path(str(sr.filename)).read_bytes(), tmp_path) == []
     state, _ = await asyncio.to_thread(stack.review.store.dicom_state, loop.name)
-    assert state == SENT
+    assert state == HANDED_OVER
     for p in path:  # the next test's node takes the inbox: leave it empty
         p.unlink()
 

@@ -235,7 +235,8 @@ async def serve_worker(settings: Settings, triton_url: str, *, with_review: bool
     tune_allocator(settings.gateway.malloc_mmap_threshold_bytes, settings.gateway.malloc_trim_threshold_bytes)
     # The review service runs here only when the gateway routes to this machine's (review.url empty).
     local_review = with_review and settings.review.enabled and not settings.review.url
-    review = ReviewServer(settings.review, settings.security, verified=config_from(settings)) if local_review else None
+    verified = config_from(settings, node_here=True) if local_review else None  # `medgate serve` runs the node here
+    review = ReviewServer(settings.review, settings.security, verified=verified) if local_review else None
     if review is not None:
         await review.start()
     server = GatewayServer(settings, triton_url, serve_metrics=metrics)
@@ -250,8 +251,9 @@ async def serve_worker(settings: Settings, triton_url: str, *, with_review: bool
             await review.stop()
 
 
-async def serve_review(settings: Settings) -> None:
-    review = ReviewServer(settings.review, settings.security, verified=config_from(settings))
+async def serve_review(settings: Settings, *, node_here: bool = False) -> None:
+    """The review service on its own; ``node_here``: beside ``medgate serve``'s DICOM node (several workers)."""
+    review = ReviewServer(settings.review, settings.security, verified=config_from(settings, node_here=node_here))
     await review.start()
     try:
         await _until_signal()
@@ -270,7 +272,7 @@ def _worker_main(settings: Settings, triton_url: str) -> None:
 
 def _review_main(settings: Settings) -> None:
     _configure_child_logging(settings)
-    asyncio.run(serve_review(settings))
+    asyncio.run(serve_review(settings, node_here=True))
 
 
 def run_gateway(settings: Settings, triton_url: str) -> None:

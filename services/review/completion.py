@@ -75,7 +75,7 @@ from services.review.store import (
 
 log = logging.getLogger("medgate.review.dicom")
 
-SENT = "sent"
+HANDED_OVER = "handed-over"
 FAILED = "failed"
 SKIPPED = "skipped"
 # Tasks as the gateway names them in ReviewDicomSource.models.
@@ -97,18 +97,23 @@ class CompletionConfig:
     retry_interval_s: float = 5.0
 
 
-def config_from(settings: Any) -> CompletionConfig | None:
+def config_from(settings: Any, *, node_here: bool) -> CompletionConfig | None:
     """The configuration ``medgate serve`` uses; None when verified DICOM results are off or have nowhere to go.
 
-    ``review.verified_dicom_dir`` names the node's outbox folder; empty means this host's node
-    (``dicom.outbox_dir``), when it runs.
+    ``review.verified_dicom_dir`` names the node's outbox folder; empty means the node that ``medgate serve``
+    runs beside this review service (``node_here``: its ``dicom.outbox_dir``). A review service on its own
+    (``medgate review serve``) without that setting writes none: its loops stay pending, and it says so.
     """
     review = settings.review
     if not review.verified_dicom:
         return None
     folder = review.verified_dicom_dir.strip()
     if not folder:
-        if not settings.dicom.enabled:
+        if not (node_here and settings.dicom.enabled):
+            log.warning(
+                "verified DICOM results wait in the review store: no DICOM node runs beside this review service (set"
+                " review.verified_dicom_dir to the node's dicom.outbox_dir, shared, or review.verified_dicom=false)"
+            )
             return None
         folder = str(settings.dicom.outbox_dir)
     return CompletionConfig(
@@ -448,14 +453,14 @@ class VerifiedDicom:
                 self.config.retry_interval_s,
             )
             return None
-        self.store.mark_dicom(loop.name, SENT, " ".join(f"{o.kind} {o.sop_instance_uid}" for o in objects))
+        self.store.mark_dicom(loop.name, HANDED_OVER, " ".join(f"{o.kind} {o.sop_instance_uid}" for o in objects))
         log.info(
             "verified DICOM result of %s handed to the DICOM node: %s (%.0f ms)",
             loop.name,
             ", ".join(f"{o.kind} {o.sop_instance_uid}" for o in objects),
             (time.perf_counter() - started) * 1000.0,
         )
-        return SENT
+        return HANDED_OVER
 
     def run_once(self) -> Round:
         """Every pending loop, oldest first, until none is left or the node's folder cannot be written now."""
@@ -467,7 +472,7 @@ class VerifiedDicom:
             for loop in batch:
                 state = self.process(loop)
                 REVIEW_VERIFIED_DICOM.labels(outcome=state or "waiting").inc()
-                if state == SENT:
+                if state == HANDED_OVER:
                     done.sent += 1
                 elif state == FAILED:
                     done.failed += 1

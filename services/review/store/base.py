@@ -305,7 +305,7 @@ class ReviewStoreBase(abc.ABC):
 
     @abc.abstractmethod
     def mark_dicom(self, name: str, state: str, note: str = "") -> None:
-        """Record what became of a loop's verified DICOM result: 'sent', 'failed' or 'skipped', and which or why."""
+        """What became of a loop's verified DICOM result ('handed-over', 'failed', 'skipped'), and which or why."""
 
     @abc.abstractmethod
     def dicom_state(self, name: str) -> tuple[str | None, str | None]:

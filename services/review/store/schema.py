@@ -84,7 +84,7 @@ ALTER TABLE decisions ADD COLUMN reviewer_subject TEXT;
 """,
     # Verified results as DICOM (services/review/completion.py): NULL for a loop without a DICOM source;
     # 'pending' from the start of one that has it until its verified result is handed to the DICOM node
-    # ('sent'), or cannot be built from it ('failed', 'skipped'); dicom_note says which object or why.
+    # ('handed-over'), or cannot be built from it ('failed', 'skipped'); dicom_note says which object or why.
     2: """
 ALTER TABLE loops ADD COLUMN dicom_state TEXT;
 ALTER TABLE loops ADD COLUMN dicom_note TEXT;
