@@ -465,3 +465,52 @@ def test_the_store_keeps_the_source_out_of_sight_and_pending_until_marked(
         store.mark_dicom("with-dicom", HANDED_OVER, "SR 1.2.3")
         assert store.pending_dicom() == []
         assert store.dicom_state("with-dicom") == (HANDED_OVER, "SR 1.2.3")
+
+
+async def test_a_rejected_case_gets_no_verified_result_and_one_that_cannot_be_built_is_marked_failed(
+    service: Service,
+) -> None:
+    source = radiograph()
+    ai = AIResults(classification=Classification("lesion", 0.7, CLASSIFIER))
+    content = {"classification": {"scores": [{"label": "lesion", "score": 0.7}], "model": {"name": "classifier"}}}
+    rejected, _ = start_request("cls-5", "cls", source, ai, content, {"classify": CLASSIFIER})
+    await service.stub.StartHumanLoop(rejected)
+    await answer(service.stub, "cls", "dr-lee", pb.ReviewAnswer(reject_reason="wrong study"))
+    broken, _ = start_request("cls-6", "cls", source, ai, content, {"classify": CLASSIFIER})
+    broken.dicom.ClearField("ai_sr")  # no AI SR to verify: a gateway's bug, not something to retry forever
+    await service.stub.StartHumanLoop(broken)
+    await answer(service.stub, "cls", "dr-lee", pb.ReviewAnswer(label="normal"))
+    store = service.server.store
+
+    async def settled(name: str) -> tuple[str | None, str | None]:
+        for _ in range(100):
+            state = await asyncio.to_thread(store.dicom_state, name)
+            if state[0] != "pending":
+                return state
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{name} is still pending")
+
+    assert await settled("cls-5") == ("skipped", "every reviewer rejected the case")
+    assert await settled("cls-6") == ("failed", "the loop names no AI SR to verify")
+    assert not service.inbox.exists() or not list(service.inbox.iterdir())
+
+
+def test_with_several_reviewers_the_majority_class_and_its_first_reviewer_are_verified() -> None:
+    from services.review.completion import chosen_decision
+    from services.review.flows import TaskType
+    from services.review.store import Decision, LoopStatus
+
+    def decision(reviewer: str, answer: dict[str, Any], at: float) -> Decision:
+        return Decision(f"d-{reviewer}", "loop", reviewer, None, answer, at - 5, at, LoopStatus.COMPLETED)
+
+    votes = [
+        decision("dr-a", {"label": "lesion"}, 1.0),
+        decision("dr-b", {"rejected": True, "reason": "blurred"}, 2.0),
+        decision("dr-c", {"label": "normal"}, 3.0),
+        decision("dr-d", {"label": "normal"}, 4.0),
+    ]
+    chosen = chosen_decision(TaskType.CLASSIFICATION, votes)
+    assert chosen is not None and chosen.reviewer_id == "dr-c"
+    first = chosen_decision(TaskType.DETECTION, votes)
+    assert first is not None and first.reviewer_id == "dr-a"
+    assert chosen_decision(TaskType.DETECTION, [votes[1]]) is None

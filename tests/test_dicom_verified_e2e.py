@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -208,8 +209,9 @@ def verifies(tags: dict[str, Any], ai_sr_uid: str, study_uid: str) -> bool:
 
 
 async def test_a_radiograph_classified_routed_and_corrected_gives_a_verified_sr_in_the_nodes_inbox(
-    stack: Stack, clients: Clients, tmp_path: Path
+    stack: Stack, clients: Clients, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     source = pydicom_data_file("RG1_UNCI.dcm").read_bytes()
     async with clients.channel(f"127.0.0.1:{stack.gateway.port}", Role.INFERENCE) as channel:
         answer = await ipb_grpc.InferenceStub(channel).Classify(
@@ -233,6 +235,10 @@ async def test_a_radiograph_classified_routed_and_corrected_gives_a_verified_sr_
     assert dciodvfy_errors(Path(str(sr.filename)).read_bytes(), tmp_path) == []
     state, _ = await asyncio.to_thread(stack.review.store.dicom_state, loop.name)
     assert state == HANDED_OVER
+    # The verified SR copies the patient's header (correct DICOM); no log line of the whole path names them.
+    assert str(sr.PatientName) == str(src.PatientName) and sr.PatientID == src.PatientID
+    for value in (str(src.PatientName), str(src.PatientID), str(src.PatientBirthDate)):
+        assert value not in caplog.text
     for p in path:  # the next test's node takes the inbox: leave it empty
         p.unlink()
 
