@@ -37,7 +37,7 @@ from services.dicom.results import (
     build_dicom_results,
 )
 from services.gateway.convert import dicom_object_proto
-from services.gateway.routing import review_dicom_source
+from services.gateway.review_dicom import review_dicom_source
 from services.imaging.arrays import encode_array
 from services.imaging.limits import IngestLimits
 from services.imaging.preprocess import Letterbox

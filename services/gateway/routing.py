@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,15 +49,14 @@ from typing import Any
 import cv2
 import grpc
 import numpy as np
-import pydicom
 from google.protobuf import json_format
 
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import review_pb2 as rpb
 from medgate.v1 import review_pb2_grpc as rpb_grpc
+from services.gateway.review_dicom import case_dicom_source
 from services.gateway.review_image import ModalityImage, modality_image
 from services.imaging.arrays import WireArray, encode_array
-from services.imaging.ingest.quiet import quiet
 from services.imaging.prepare import PreparedImage
 from services.metrics import REVIEW_OUTBOX_PENDING, REVIEW_ROUTED
 from services.review.flows import FlowDefinition, TaskType, summarize
@@ -96,42 +94,6 @@ def input_hash(image: pb.ImageInput) -> str:
 
 def _as_dict(message: Any) -> dict[str, Any]:
     return json_format.MessageToDict(message)
-
-
-def review_dicom_source(
-    data: bytes,
-    *,
-    frame: int,
-    study_instance_uid: str,
-    objects: Sequence[pb.DicomObject],
-    models: Mapping[str, pb.ModelRef],
-) -> rpb.ReviewDicomSource | None:
-    """What a routed case keeps for its verified DICOM result: the source's bytes, the frame, the AI SR (and SEG,
-    with its segments' tracking IDs and UIDs read from its header) of this answer, the models per task
-    ("classify", "detect", "segment"). None without an AI SR (the answer was not written as DICOM)."""
-    source = rpb.ReviewDicomSource(data=data, frame=frame)
-    for item in objects:
-        reference = rpb.DicomReference(
-            study_instance_uid=study_instance_uid,
-            series_instance_uid=item.series_instance_uid,
-            sop_instance_uid=item.sop_instance_uid,
-            sop_class_uid=item.sop_class_uid,
-        )
-        if item.kind == "SR":
-            source.ai_sr.CopyFrom(reference)
-        elif item.kind == "SEG":
-            source.ai_seg.CopyFrom(reference)
-            with quiet():
-                seg = pydicom.dcmread(io.BytesIO(item.data), stop_before_pixels=True)
-            for segment in seg.get("SegmentSequence", []):
-                source.seg_tracking_ids.append(str(segment.get("TrackingID", "")))
-                source.seg_tracking_uids.append(str(segment.get("TrackingUID", "")))
-    if not source.HasField("ai_sr"):
-        return None
-    for task, model in models.items():
-        if model.name:
-            source.models[task].CopyFrom(model)
-    return source
 
 
 # Loop names this router knows to be in review: an image sent again is answered "routed" without a hand-off.
@@ -361,7 +323,7 @@ class ReviewRouter:
 
         ``digest``: :meth:`digest` of ``image``, started earlier (else it is computed here). ``dicom_results``:
         the answer's SEG and SR (a DICOM input with ``output.dicom_results``): then each case keeps the source
-        and their identifiers (:func:`review_dicom_source`) for its verified DICOM result.
+        and their identifiers (:mod:`services.gateway.review_dicom`) for its verified DICOM result.
         """
         loop = asyncio.get_running_loop()
         known = await digest if digest is not None else None
@@ -396,7 +358,7 @@ class ReviewRouter:
             packed = None
             if masks is not None and any(case.flow.task_type is TaskType.SEGMENTATION for case in fresh):
                 packed = encode_array(masks, packbits=True)
-            dicom = self._dicom_source(image, prepared, dicom_results, classification, detection, segmentation)
+            dicom = case_dicom_source(image, prepared, dicom_results, classification, detection, segmentation)
             for case in fresh:
                 case.request = self._request(
                     case.flow,
@@ -437,33 +399,6 @@ class ReviewRouter:
                 png, modality = await loop.run_in_executor(self.executor, _review_images, prepared)
                 await self._start(_with_image(case.request, png, modality), case.routing, case.problem)
         return [case.routing for case in cases]
-
-    @staticmethod
-    def _dicom_source(
-        image: pb.ImageInput,
-        prepared: PreparedImage,
-        dicom_results: Sequence[pb.DicomObject],
-        classification: pb.ClassifyResponse | None,
-        detection: pb.DetectResponse | None,
-        segmentation: pb.SegmentResponse | None,
-    ) -> rpb.ReviewDicomSource | None:
-        if not dicom_results:
-            return None
-        models = {}
-        if classification is not None:
-            models["classify"] = classification.model
-        if detection is not None:
-            models["detect"] = detection.model
-        if segmentation is not None and segmentation.models:
-            models["segment"] = segmentation.models[0]
-        info = prepared.decoded.info
-        return review_dicom_source(
-            image.data,
-            frame=info.frame,
-            study_instance_uid=info.identity.study_instance_uid,
-            objects=dicom_results,
-            models=models,
-        )
 
     def _keep(self, request: rpb.StartHumanLoopRequest) -> None:
         """Into the outbox, atomically (a temporary file renamed) and durably (file and folder fsynced).
