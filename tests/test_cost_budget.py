@@ -236,3 +236,9 @@ async def test_an_over_budget_segment_is_refused_before_the_model(budget_stub: p
     near = [pb.Box(x0=400 + 40 * i, y0=400, x1=420 + 40 * i, y1=420) for i in range(4)]
     answer = await budget_stub.Segment(pb.SegmentRequest(image=image, boxes=near), timeout=120)
     assert len(answer.prompts) == 4
+
+
+def test_a_box_model_that_does_not_say_it_groups_is_priced_one_pass_per_box() -> None:
+    _, cluster, _ = _cluster()
+    assert box_encoder_passes(cluster, BoxWindows.from_parameters({})) == 16
+    assert box_encoder_passes(cluster, BoxWindows.from_parameters({"roi_group_max_side": "256"})) < 16

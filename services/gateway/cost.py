@@ -49,8 +49,9 @@ class BoxWindows:
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str]) -> BoxWindows:
-        """From a model config's string parameters; absent or empty ones keep their defaults."""
-        d = cls()
+        """From a model config's string parameters; absent or empty ones keep their defaults, except grouping:
+        a box model that does not declare ``roi_group_max_side`` is taken not to group (a cost never too low)."""
+        d = cls(group_max_side=0)
 
         def num(key: str, default: float) -> float:
             raw = parameters.get(key, "")
