@@ -392,21 +392,37 @@ async def test_a_node_folder_that_cannot_be_written_keeps_the_result_pending_and
     assert [i for i in content_items(sr) if concept(i) == "Certainty of Finding"]
 
 
-async def test_a_rebuild_after_a_crash_is_the_same_object(service: Service) -> None:
-    """Handed over but not yet marked (a crash between the two): the next round writes the same SOP instance."""
+def test_a_rebuild_after_a_crash_is_the_same_object_and_the_source_is_dropped_once_handed_over(tmp_path: Path) -> None:
+    """Handed over but not marked (the service stopped between the two): the next round writes the same SOP
+    instance, which the node sends once; once marked, the store no longer holds the source."""
+    from services.dicom.node.handover import hand_over
+    from services.review.completion import VerifiedDicom, dicom_attachments
+    from services.review.flows import load_flows
+    from services.review.store import DICOM_SOURCE_NAME, ReviewStore
+
+    (tmp_path / "flows.toml").write_text(FLOWS)
+    flows = load_flows(tmp_path / "flows.toml")
     source = radiograph()
     ai = AIResults(classification=Classification("lesion", 0.7, CLASSIFIER))
     content = {"classification": {"scores": [{"label": "lesion", "score": 0.7}], "model": {"name": "classifier"}}}
     request, _ = start_request("cls-3", "cls", source, ai, content, {"classify": CLASSIFIER})
-    await service.stub.StartHumanLoop(request)
-    await answer(service.stub, "cls", "dr-lee", pb.ReviewAnswer(label="normal"))
-    (first,) = await handed_over(service, 1)
-    store = service.server.store
-    await asyncio.to_thread(store.mark_dicom, "cls-3", "pending")  # as if the mark had not been committed
-    assert service.server.verified is not None
-    await asyncio.to_thread(service.server.verified.run_once)
-    files = list(service.inbox.glob("*.dcm"))
-    assert [f.name for f in files] == [f"{first.SOPInstanceUID}.dcm"]
+    config = CompletionConfig(handover_dir=tmp_path / "node-outbox", limits=IngestLimits())
+    with ReviewStore(tmp_path / "review.sqlite3") as store:
+        images = {"image.png": request.image_png, **dicom_attachments(request.dicom)}
+        store.start_loop(flows["cls"], "cls-3", json.loads(request.input_content_json), "cls-3", images=images)
+        (delivery,) = store.lease("dr-lee", ["cls"])
+        store.submit("d-1", "dr-lee", {"label": "normal"}, delivery_id=delivery.delivery_id)
+        (loop,) = store.pending_dicom()
+        worker = VerifiedDicom(store, flows, config)
+        first = worker.build(loop)
+        assert first is not None
+        hand_over(first, config.handover_dir)  # ... and the service stops before marking it
+        assert worker.run_once().handed_over == 1
+        files = sorted((config.handover_dir / "inbox").glob("*.dcm"))
+        assert [f.name for f in files] == [f"{first[-1].sop_instance_uid}.dcm"]
+        assert store.dicom_state("cls-3") == (HANDED_OVER, f"SR {first[-1].sop_instance_uid}")
+        assert DICOM_SOURCE_NAME not in store.images("cls-3", with_dicom=True)
+        assert list(store.images("cls-3")) == ["image.png"]
 
 
 @pytest.mark.parametrize("service", [600.0], indirect=True)  # no retry round would come in time
@@ -462,9 +478,10 @@ def test_the_store_keeps_the_source_out_of_sight_and_pending_until_marked(
                     f"{reviewer}-{delivery.loop.name}", reviewer, {"label": "normal"}, delivery_id=delivery.delivery_id
                 )
         assert [loop.name for loop in store.pending_dicom()] == ["with-dicom"]
-        store.mark_dicom("with-dicom", HANDED_OVER, "SR 1.2.3")
+        store.mark_dicom("with-dicom", HANDED_OVER, "SR 1.2.3", drop_source=True)
         assert store.pending_dicom() == []
         assert store.dicom_state("with-dicom") == (HANDED_OVER, "SR 1.2.3")
+        assert store.images("with-dicom", with_dicom=True) == {"image.png": b"png"}
 
 
 async def test_a_rejected_case_gets_no_verified_result_and_one_that_cannot_be_built_is_marked_failed(

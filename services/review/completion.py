@@ -373,7 +373,7 @@ def verified_inputs(
 class Round:
     """What one pass over the pending loops did."""
 
-    sent: int = 0
+    handed_over: int = 0
     failed: int = 0
     skipped: int = 0
     waiting: int = 0  # could not be handed over now; tried again next round
@@ -440,7 +440,7 @@ class VerifiedDicom:
             log.error("verified DICOM result of %s cannot be built: %s", loop.name, note)
             return FAILED
         if objects is None:
-            self.store.mark_dicom(loop.name, SKIPPED, "every reviewer rejected the case")
+            self.store.mark_dicom(loop.name, SKIPPED, "every reviewer rejected the case", drop_source=True)
             log.info("verified DICOM result of %s skipped: the case was rejected", loop.name)
             return SKIPPED
         try:
@@ -453,7 +453,8 @@ class VerifiedDicom:
                 self.config.retry_interval_s,
             )
             return None
-        self.store.mark_dicom(loop.name, HANDED_OVER, " ".join(f"{o.kind} {o.sop_instance_uid}" for o in objects))
+        note = " ".join(f"{o.kind} {o.sop_instance_uid}" for o in objects)
+        self.store.mark_dicom(loop.name, HANDED_OVER, note, drop_source=True)  # the node has it now
         log.info(
             "verified DICOM result of %s handed to the DICOM node: %s (%.0f ms)",
             loop.name,
@@ -473,7 +474,7 @@ class VerifiedDicom:
                 state = self.process(loop)
                 REVIEW_VERIFIED_DICOM.labels(outcome=state or "waiting").inc()
                 if state == HANDED_OVER:
-                    done.sent += 1
+                    done.handed_over += 1
                 elif state == FAILED:
                     done.failed += 1
                 elif state == SKIPPED:

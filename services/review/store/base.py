@@ -304,8 +304,11 @@ class ReviewStoreBase(abc.ABC):
         across crashes, and the same loop is built again until it is marked)."""
 
     @abc.abstractmethod
-    def mark_dicom(self, name: str, state: str, note: str = "") -> None:
-        """What became of a loop's verified DICOM result ('handed-over', 'failed', 'skipped'), and which or why."""
+    def mark_dicom(self, name: str, state: str, note: str = "", *, drop_source: bool = False) -> None:
+        """What became of a loop's verified DICOM result ('handed-over', 'failed', 'skipped'), and which or why.
+
+        ``drop_source``: delete the DICOM source and its context in the same transaction (the store keeps patient
+        pixels no longer than the verified result needs them)."""
 
     @abc.abstractmethod
     def dicom_state(self, name: str) -> tuple[str | None, str | None]:

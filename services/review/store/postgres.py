@@ -746,13 +746,17 @@ class PostgresReviewStore(ReviewStoreBase):
         )
         return [row_loop(row) for row in rows]
 
-    def mark_dicom(self, name: str, state: str, note: str = "") -> None:
+    def mark_dicom(self, name: str, state: str, note: str = "", *, drop_source: bool = False) -> None:
         def work(conn: Connection, changes: Changes) -> None:
-            updated = conn.execute(
-                "UPDATE loops SET dicom_state = %s, dicom_note = %s WHERE name = %s", (state, note, name)
-            ).rowcount
-            if updated == 0:
+            row = conn.execute(
+                "UPDATE loops SET dicom_state = %s, dicom_note = %s WHERE name = %s RETURNING seq", (state, note, name)
+            ).fetchone()
+            if row is None:
                 raise NotFound(f"human loop {name} not found")
+            if drop_source:
+                conn.execute(
+                    "DELETE FROM images WHERE loop_seq = %s AND name IN (%s, %s)", (row["seq"], *DICOM_ATTACHMENTS)
+                )
 
         self._write(work)
 

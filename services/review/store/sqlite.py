@@ -507,10 +507,12 @@ class ReviewStore(ReviewStoreBase):
             ).fetchall()
         return [row_loop(row) for row in rows]
 
-    def mark_dicom(self, name: str, state: str, note: str = "") -> None:
+    def mark_dicom(self, name: str, state: str, note: str = "", *, drop_source: bool = False) -> None:
         with self._transaction() as (conn, _changes):
-            self._seq(conn, name)
+            seq = self._seq(conn, name)
             conn.execute("UPDATE loops SET dicom_state = ?, dicom_note = ? WHERE name = ?", (state, note, name))
+            if drop_source:
+                conn.execute("DELETE FROM images WHERE loop_seq = ? AND name IN (?, ?)", (seq, *DICOM_ATTACHMENTS))
 
     def dicom_state(self, name: str) -> tuple[str | None, str | None]:
         with self._reading() as conn:
