@@ -531,3 +531,59 @@ def test_with_several_reviewers_the_majority_class_and_its_first_reviewer_are_ve
     first = chosen_decision(TaskType.DETECTION, votes)
     assert first is not None and first.reviewer_id == "dr-a"
     assert chosen_decision(TaskType.DETECTION, [votes[1]]) is None
+
+
+@pytest.mark.parametrize(("max_message_bytes", "keeps_source"), [(64 << 20, True), (3 << 20, False)])
+async def test_routing_keeps_the_source_only_while_the_case_fits_one_message(
+    service: Service, tmp_path: Path, max_message_bytes: int, keeps_source: bool
+) -> None:
+    """The real router (no Triton: the answer is written by hand) in front of the real review service."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.gateway.routing import ReviewRouter
+    from services.imaging.prepare import prepare
+    from services.review.flows import load_flows
+    from services.review.outbox import Outbox
+
+    ds = pydicom.dcmread(io.BytesIO(radiograph()))
+    ds.private_block(0x0009, "medgate test", create=True).add_new(0x10, "OB", bytes(3 << 20))
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    source = buffer.getvalue()  # 3.6 MB: more than a 3 MiB message holds beside the case's images
+    prepared = prepare(source, limits=IngestLimits())
+    classification = ipb.ClassifyResponse(
+        scores=[ipb.ClassScore(label="lesion", score=0.6), ipb.ClassScore(label="normal", score=0.4)],
+        model=ipb.ModelRef(name="classifier", version="1"),
+        top_label="lesion",
+        top_score=0.6,
+    )
+    ai = AIResults(classification=Classification("lesion", 0.6, CLASSIFIER))
+    objects = [dicom_object_proto(o) for o in build_dicom_results(source, frame=0, results=ai, limits=IngestLimits())]
+    flows = {"cls": load_flows(service.server.settings.flows_file)["cls"]}
+    with ThreadPoolExecutor(2) as executor:
+        router = ReviewRouter(
+            flows,
+            f"127.0.0.1:{service.server.port}",
+            executor,
+            timeout_s=10.0,
+            outbox=Outbox(tmp_path / "gateway-outbox", max_bytes=1 << 30),
+            max_message_bytes=max_message_bytes,
+        )
+        try:
+            (routing,) = await router.route(
+                image=ipb.ImageInput(data=source),
+                prepared=prepared,
+                classification=classification,
+                dicom_results=objects,
+            )
+            assert routing.queued
+            assert ("no verified result" in routing.reasons[-2]) is not keeps_source
+            store = service.server.store
+            for _ in range(200):  # delivered after the answer, by the background hand-off
+                if store.queue_depth("cls"):
+                    break
+                await asyncio.sleep(0.05)
+            expected = ("pending", None) if keeps_source else (None, None)
+            assert await asyncio.to_thread(store.dicom_state, routing.human_loop_name) == expected
+        finally:
+            await router.close()

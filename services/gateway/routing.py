@@ -98,6 +98,8 @@ def _as_dict(message: Any) -> dict[str, Any]:
 
 # Loop names this router knows to be in review: an image sent again is answered "routed" without a hand-off.
 _KNOWN_LOOPS = 10_000
+# What a case's message needs beyond its fields' bytes (the DICOM context's UIDs, field headers): generous.
+_MESSAGE_MARGIN_BYTES = 64 * 1024
 _LOOP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # what the outbox takes as a file name
 
 
@@ -373,11 +375,13 @@ class ReviewRouter:
                     request_id=request_id,
                 )
                 if dicom is not None:
-                    if len(dicom.data) <= self.dicom_source_max_bytes:
+                    # The case must still fit one message to the review service, or it would never get there.
+                    room = self.max_message_bytes - case.request.ByteSize() - _MESSAGE_MARGIN_BYTES
+                    if len(dicom.data) <= min(self.dicom_source_max_bytes, room):
                         case.request.dicom.CopyFrom(dicom)
                     else:
                         case.routing.reasons.append(
-                            "DICOM source over review.dicom_source_max_bytes: no verified result"
+                            "DICOM source over review.dicom_source_max_bytes or the message limit: no verified result"
                         )
                 try:
                     self._keep(case.request)
