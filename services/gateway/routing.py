@@ -98,8 +98,9 @@ def _as_dict(message: Any) -> dict[str, Any]:
 
 # Loop names this router knows to be in review: an image sent again is answered "routed" without a hand-off.
 _KNOWN_LOOPS = 10_000
-# What a case's message needs beyond its fields' bytes (the DICOM context's UIDs, field headers): generous.
-_MESSAGE_MARGIN_BYTES = 64 * 1024
+# What a case's message carries beyond the bytes counted when its DICOM source is added: the 16-bit review image
+# added when it is sent (letterboxed to 1024x1024: 2 MiB at most, stored) and the DICOM context's UIDs.
+_MESSAGE_MARGIN_BYTES = 2 * 1024 * 1024 + 64 * 1024
 _LOOP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # what the outbox takes as a file name
 
 
