@@ -587,3 +587,20 @@ async def test_routing_keeps_the_source_only_while_the_case_fits_one_message(
             assert await asyncio.to_thread(store.dicom_state, routing.human_loop_name) == expected
         finally:
             await router.close()
+
+
+def test_where_verified_results_go(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Beside `medgate serve`'s node: its outbox; on its own: the configured folder, or none (with a warning)."""
+    from services.review.completion import config_from
+
+    node = {"outbox_dir": tmp_path / "node-outbox"}
+    beside = config_from(load_settings(dicom=node), node_here=True)
+    assert beside is not None and beside.handover_dir == tmp_path / "node-outbox"
+    assert config_from(load_settings(dicom={**node, "enabled": False}), node_here=True) is None
+    assert config_from(load_settings(dicom=node), node_here=False) is None  # `medgate review serve` alone
+    assert "verified DICOM results wait in the review store" in caplog.text
+    shared = load_settings(dicom=node, review={"verified_dicom_dir": str(tmp_path / "shared"), "organization": "X"})
+    alone = config_from(shared, node_here=False)
+    assert alone is not None and (alone.handover_dir, alone.organization) == (tmp_path / "shared", "X")
+    off = load_settings(dicom=node, review={"verified_dicom": False})
+    assert config_from(off, node_here=True) is None
