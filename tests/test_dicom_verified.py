@@ -604,3 +604,40 @@ def test_where_verified_results_go(tmp_path: Path, caplog: pytest.LogCaptureFixt
     assert alone is not None and (alone.handover_dir, alone.organization) == (tmp_path / "shared", "X")
     off = load_settings(dicom=node, review={"verified_dicom": False})
     assert config_from(off, node_here=True) is None
+
+
+def test_a_loop_that_cannot_be_mapped_is_marked_failed_and_does_not_hold_up_the_next(tmp_path: Path) -> None:
+    from services.review.completion import FAILED, VerifiedDicom, dicom_attachments
+    from services.review.flows import load_flows
+    from services.review.store import ReviewStore
+
+    (tmp_path / "flows.toml").write_text(FLOWS)
+    flows = load_flows(tmp_path / "flows.toml")
+    source = radiograph()
+    ai = AIResults(detections=Detections([Detection((10.0, 10.0, 50.0, 50.0), "lesion", 0.3)], DETECTOR))
+    good = {"detection": {"detections": [], "model": {"name": "detector", "version": "1"}}}
+    config = CompletionConfig(handover_dir=tmp_path / "node-outbox", limits=IngestLimits())
+    with ReviewStore(tmp_path / "review.sqlite3") as store:
+        for name, content in (("det-bad", {"detection": ["not", "an", "object"]}), ("det-good", good)):
+            request, _ = start_request(name, "det", source, ai, content, {"detect": DETECTOR})
+            images = {"image.png": request.image_png, **dicom_attachments(request.dicom)}
+            store.start_loop(flows["det"], name, json.loads(request.input_content_json), name, images=images)
+            (delivery,) = store.lease("dr-lee", ["det"])
+            store.submit(f"d-{name}", "dr-lee", {"accepted": True}, delivery_id=delivery.delivery_id)
+        done = VerifiedDicom(store, flows, config).run_once()
+        assert (done.failed, done.handed_over) == (1, 1)
+        assert store.dicom_state("det-bad") == (FAILED, "the loop's values cannot be mapped (AttributeError)")
+        assert store.dicom_state("det-good")[0] == HANDED_OVER
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "RG1_UNCI.dcm"])
+def test_nothing_detected_is_stated_as_finding_absent(name: str, tmp_path: Path) -> None:
+    """A detector that found nothing (or a reviewer who removed every box) still gets a conforming SR."""
+    data = pydicom_data_file(name).read_bytes()
+    results = AIResults(detections=Detections([], DETECTOR))
+    (ai,) = build_dicom_results(data, frame=0, results=results, limits=IngestLimits())
+    sr = pydicom.dcmread(io.BytesIO(ai.data))
+    findings = [i for i in content_items(sr) if concept(i) == "Finding"]
+    assert [str(i.ConceptCodeSequence[0].CodeMeaning) for i in findings] == ["Absent"]
+    assert polylines(sr) == []
+    assert dciodvfy_errors(ai.data, tmp_path) == []

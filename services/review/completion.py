@@ -399,16 +399,15 @@ class VerifiedDicom:
 
     def build(self, loop: Loop) -> list[DicomResult] | None:
         """The loop's verified objects (None: nothing to verify). Raises CannotVerify / DicomResultError for good."""
+        return self._build(loop, self.store.decisions(loop.name), self.store.images(loop.name, with_dicom=True))
+
+    def _build(
+        self, loop: Loop, decisions: Sequence[Decision], images: Mapping[str, bytes]
+    ) -> list[DicomResult] | None:
         flow = self.flows.get(loop.flow)
         if flow is None:
             raise CannotVerify("the loop's flow is no longer defined")
-        inputs = verified_inputs(
-            flow,
-            loop,
-            self.store.decisions(loop.name),
-            self.store.images(loop.name, with_dicom=True),
-            organization=self.config.organization,
-        )
+        inputs = verified_inputs(flow, loop, decisions, images, organization=self.config.organization)
         if inputs is None:
             return None
         return build_verified_results(
@@ -425,16 +424,19 @@ class VerifiedDicom:
     def process(self, loop: Loop) -> str | None:
         """Build and hand over one loop's result; the state recorded, or None when it waits for the next round."""
         started = time.perf_counter()
-        try:
-            objects = self.build(loop)
+        try:  # the store's errors (a database away, a locked file) end the round: the loop stays pending
+            decisions = self.store.decisions(loop.name)
+            images = self.store.images(loop.name, with_dicom=True)
         except NotFound:  # deleted (DeleteHumanLoop) since it was listed: nothing left to verify
             return SKIPPED
+        try:
+            objects = self._build(loop, decisions, images)
         except (CannotVerify, DicomResultError) as exc:
             note = str(exc)[:_NOTE_CHARS]  # our own messages: they name what is missing, never a value
             self.store.mark_dicom(loop.name, FAILED, note)
             log.error("verified DICOM result of %s cannot be built: %s", loop.name, note)
             return FAILED
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
+        except Exception as exc:  # a value the mapping or a library did not expect: never retried in a loop
             note = f"the loop's values cannot be mapped ({type(exc).__name__})"
             self.store.mark_dicom(loop.name, FAILED, note)
             log.error("verified DICOM result of %s cannot be built: %s", loop.name, note)

@@ -63,6 +63,9 @@ CLASSIFICATION = _sct("278201002", "Classification")
 CERTAINTY_OF_FINDING = _dcm("111012", "Certainty of Finding")
 PERCENT = CodedConcept("%", "UCUM", "Percent")
 IMAGING_PROCEDURE = _sct("363679005", "Imaging procedure")
+# A detection task that found nothing (or a reviewer who removed every box): Finding = Absent, stated.
+FINDING = _dcm("121071", "Finding")
+ABSENT = _sct("272519000", "Absent")
 
 PRIVATE_SCHEME = "99MEDGATE"
 

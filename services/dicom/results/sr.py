@@ -132,6 +132,18 @@ def measurement_groups(
                 source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(src, frames)],
             )
         )
+    if results.detections is not None and not results.detections.items:
+        # Nothing detected is a result too (and TID 1500 needs at least one group): Finding = Absent.
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="detection: none"),
+                algorithm_id=_algorithm_or_none(results.detections.algorithm),
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(codes.fresh(codes.FINDING), codes.fresh(codes.ABSENT))
+                ],
+                source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(src, frames)],
+            )
+        )
     if results.detections is not None:
         algorithm = results.detections.algorithm
         for number, d in enumerate(results.detections.items, start=1):
