@@ -507,7 +507,7 @@ async def test_a_rejected_case_gets_no_verified_result_and_one_that_cannot_be_bu
             await asyncio.sleep(0.1)
         raise AssertionError(f"{name} is still pending")
 
-    assert await settled("cls-5") == ("skipped", "every reviewer rejected the case")
+    assert await settled("cls-5") == ("skipped", "nothing to verify: the case was rejected, or no mask was kept")
     assert await settled("cls-6") == ("failed", "the loop names no AI SR to verify")
     assert not service.inbox.exists() or not list(service.inbox.iterdir())
 
@@ -641,3 +641,40 @@ def test_nothing_detected_is_stated_as_finding_absent(name: str, tmp_path: Path)
     assert [str(i.ConceptCodeSequence[0].CodeMeaning) for i in findings] == ["Absent"]
     assert polylines(sr) == []
     assert dciodvfy_errors(ai.data, tmp_path) == []
+
+
+def test_no_mask_kept_gives_no_verified_result(tmp_path: Path) -> None:
+    """The reviewer page's per-prompt choice with every mask turned down: nothing to state as verified."""
+    from services.review.completion import SKIPPED, VerifiedDicom, dicom_attachments
+    from services.review.flows import load_flows
+    from services.review.store import ReviewStore
+
+    (tmp_path / "flows.toml").write_text(FLOWS)
+    flows = load_flows(tmp_path / "flows.toml")
+    letterbox = Letterbox.for_shape(512, 640)
+    masks = np.zeros((1, 1024, 1024), np.uint8)
+    masks[0, 300:600, 200:500] = 1
+    segment = Segment("heart", "heart", 0.4, SEGMENTER, prompt="heart")
+    ai = AIResults(segments=[segment], masks=letterbox.mask_to_original(masks))
+    content = {
+        "segmentation": {"prompts": [{"prompt": "heart", "category": "heart", "score": 0.4, "model": "segmenter"}]},
+        "masksShape": [1, 1024, 1024],
+    }
+    request, _ = start_request("seg-x", "seg", radiograph(), ai, content, {"segment": SEGMENTER})
+    images = {
+        "image.png": request.image_png,
+        "masks.packbits": encode_array(masks, packbits=True).data,
+        **dicom_attachments(request.dicom),
+    }
+    config = CompletionConfig(handover_dir=tmp_path / "node-outbox", limits=IngestLimits())
+    with ReviewStore(tmp_path / "review.sqlite3") as store:
+        store.start_loop(flows["seg"], "seg-x", json.loads(request.input_content_json), "seg-x", images=images)
+        (delivery,) = store.lease("dr-lee", ["seg"])
+        answer = {
+            "mask": {"data": "", "shape": [1024, 1024]},
+            "maskDecisions": [{"prompt": "heart", "accepted": False}],
+        }
+        store.submit("d-x", "dr-lee", answer, delivery_id=delivery.delivery_id)
+        assert VerifiedDicom(store, flows, config).run_once().skipped == 1
+        assert store.dicom_state("seg-x")[0] == SKIPPED
+        assert not (tmp_path / "node-outbox").exists()

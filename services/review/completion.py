@@ -327,7 +327,8 @@ def verified_inputs(
     *,
     organization: str = "",
 ) -> VerifiedInputs | None:
-    """Everything ``build_verified_results`` takes for this loop; None when every reviewer rejected the case."""
+    """Everything ``build_verified_results`` takes for this loop; None when every reviewer rejected the case (or
+    kept no mask)."""
     if DICOM_SOURCE_NAME not in images or DICOM_CONTEXT_NAME not in images:
         raise CannotVerify("the loop has no DICOM source")
     try:
@@ -343,6 +344,8 @@ def verified_inputs(
     models = context.get("models") or {}
     ai_seg = _ai_seg(context)
     reviewed, seg = reviewed_results(flow, loop, decision.answer, images, models, ai_seg)
+    if reviewed.classification is None and reviewed.detections is None and not reviewed.segments:
+        return None  # the reviewer kept none of the model's masks and drew none: nothing to state as verified
     login = decision.subject or decision.reviewer_id
     study, series, instance, sop_class = ai_sr
     verification = Verification(
@@ -442,8 +445,9 @@ class VerifiedDicom:
             log.error("verified DICOM result of %s cannot be built: %s", loop.name, note)
             return FAILED
         if objects is None:
-            self.store.mark_dicom(loop.name, SKIPPED, "every reviewer rejected the case", drop_source=True)
-            log.info("verified DICOM result of %s skipped: the case was rejected", loop.name)
+            note = "nothing to verify: the case was rejected, or no mask was kept"
+            self.store.mark_dicom(loop.name, SKIPPED, note, drop_source=True)
+            log.info("verified DICOM result of %s skipped: %s", loop.name, note)
             return SKIPPED
         try:
             self._hand_over(objects, self.config.handover_dir)
