@@ -95,8 +95,9 @@ def test_serving_maps_by_hand(tmp_path: Path) -> None:
     head = {"method": "logistic", "features": ["a", "b"], "weights": [1.0, -2.0], "bias": 0.5, "then": iso}
     # z = 0.5 + 1.5 - 2 = 0 -> 0.5 -> isotonic 0.5 (between the knots: 0.1 + 0.8 * 0.75 = 0.7)
     assert cal.apply_map(head, np.zeros(1), {"a": np.array([1.5]), "b": np.array([1.0])})[0] == pytest.approx(0.7)
-    features = cal.mask_features(np.array([0.5, 0.0]), np.array([np.e - 1, 0.0]))
+    features = cal.mask_features(np.array([0.5, 0.0]), np.array([np.e - 1, 0.0]), np.array([0.9, 0.2]))
     assert features["empty"].tolist() == [0.0, 1.0]
+    assert features["empty_peak"] == pytest.approx([0.0, np.log(0.2 / 0.8)])  # only an empty mask reads its peak
     assert features["logit_score"] == pytest.approx([0.0, 0.0]) and features["log_area"] == pytest.approx([1.0, 0.0])
 
     assert cal.Calibration.load(str(tmp_path))("scores", np.array([0.3]))[0] == pytest.approx(0.3)  # no file

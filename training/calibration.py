@@ -92,19 +92,21 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def segmenter_outcomes(
-    masks4: np.ndarray, scores4: np.ndarray, areas4: np.ndarray, truth4: np.ndarray
-) -> dict[str, tuple[float, float, float]]:
-    """The text segmenter's raw graph outputs for one image -> {score name: (raw score, area, Dice)}.
+    masks4: np.ndarray, scores4: np.ndarray, areas4: np.ndarray, peaks4: np.ndarray, truth4: np.ndarray
+) -> dict[str, tuple[float, float, float, float]]:
+    """The text segmenter's raw graph outputs for one image -> {score name: (raw score, area, peak, Dice)}.
 
     Channels 0..3 are left lung, right lung, heart, lesion; ``lungs`` is the union prompt, whose raw score
-    model.py forms as the area-weighted mean of the two lung channels' scores.
+    model.py forms as the area-weighted mean of the two lung channels' scores (and whose peak is the larger).
     """
     out = {}
     for c, name in enumerate(SEG_SCORES[:4]):
-        out[name] = (float(scores4[c]) if areas4[c] > 0 else 0.0, float(areas4[c]), dice(masks4[c], truth4[c]))
+        raw = float(scores4[c]) if areas4[c] > 0 else 0.0
+        out[name] = (raw, float(areas4[c]), float(peaks4[c]), dice(masks4[c], truth4[c]))
     area = float(areas4[0] + areas4[1])
     score = float(scores4[0] * areas4[0] + scores4[1] * areas4[1]) / area if area > 0 else 0.0
-    out["lungs"] = (score, area, dice(masks4[0] | masks4[1], truth4[0] | truth4[1]))
+    peak = float(max(peaks4[0], peaks4[1]))
+    out["lungs"] = (score, area, peak, dice(masks4[0] | masks4[1], truth4[0] | truth4[1]))
     return out
 
 

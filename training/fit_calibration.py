@@ -15,7 +15,7 @@ What is fitted, and why:
   segmenter_text  a logistic score head per channel over mask_features (empty, logit of the mean probability,
                   log area) vs Dice >= 0.5 (an empty mask is right when there is nothing to find); channels with no
                   wrong answer on the split keep their raw score (nothing to fit against)
-  segmenter_box   isotonic of the predicted IoU vs the real IoU (non-decreasing: the order of masks is kept)
+  segmenter_box   Platt of the predicted IoU with the real IoU as a soft label (increasing: the order is kept)
 """
 
 from __future__ import annotations
@@ -119,23 +119,21 @@ def fit_detector(data: dict[str, np.ndarray]) -> None:
 def fit_segmenter_text(data: dict[str, np.ndarray]) -> None:
     cal = serving_calibration()
     session = common.ort_session(common.MODELS_DIR / "segmenter_text" / "1" / "model.onnx")
-    raw: dict[str, list[float]] = {k: [] for k in SEG_SCORES}
-    areas: dict[str, list[float]] = {k: [] for k in SEG_SCORES}
-    dices: dict[str, list[float]] = {k: [] for k in SEG_SCORES}
+    columns: dict[str, list[tuple[float, float, float, float]]] = {k: [] for k in SEG_SCORES}
     for i in range(0, len(data["img1024"]), 4):
-        masks, scores, area = session.run(None, {"image": data["img1024"][i : i + 4, None]})
+        masks, scores, area, peaks = session.run(
+            ["masks", "scores", "areas", "peaks"], {"image": data["img1024"][i : i + 4, None]}
+        )
         truth = common.unpack_masks(data["masks"][i : i + 4])
         for j in range(len(masks)):
-            for name, (score, pixels, d) in segmenter_outcomes(masks[j], scores[j], area[j], truth[j]).items():
-                raw[name].append(score)
-                areas[name].append(pixels)
-                dices[name].append(d)
+            for name, row in segmenter_outcomes(masks[j], scores[j], area[j], peaks[j], truth[j]).items():
+                columns[name].append(row)
     maps: dict[str, Any] = {}
     summary: dict[str, Any] = {}
     for name in SEG_SCORES:
-        r, a, dc = np.array(raw[name]), np.array(areas[name]), np.array(dices[name])
+        r, a, pk, dc = (np.array(column) for column in zip(*columns[name], strict=True))
         right = (dc >= 0.5).astype(np.float64)
-        features = cal.mask_features(r, a)
+        features = cal.mask_features(r, a, pk)
         if right[features["empty"] == 0].min(initial=1.0) == 1.0:
             summary[name] = {"kept_raw": "no wrong answer on the split to fit against"} | _summary(r, r, right)
             continue
@@ -149,24 +147,36 @@ def fit_segmenter_text(data: dict[str, np.ndarray]) -> None:
 
 
 def _mask_head(features: dict[str, np.ndarray], right: np.ndarray) -> dict[str, Any]:
-    """A logistic head over (logit of the mean probability, log area) fitted on the non-empty masks, and the
-    share of right answers among empty masks (with one imagined wrong one, so a clean split never says 1.0)
-    folded into the ``empty`` weight: for an empty mask the other two features are 0, so z = bias + w_empty."""
+    """One logistic map in two parts that never mix (each feature is 0 on the other part's masks):
+
+    non-empty masks: a logistic head over (logit of the mean probability, log area);
+    empty masks: a logistic head over the logit of the channel's peak probability, or, when the split holds no
+    wrong empty mask, the share of right ones with one imagined wrong one (a clean split never says 1.0), folded
+    into the ``empty`` weight: for an empty mask z = bias + w_empty + w_peak * empty_peak.
+    """
     filled = features["empty"] == 0
     names = ["logit_score", "log_area"]
     x = np.stack([features[k][filled] for k in names], axis=1)
     mean, std = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-9)
     w = M.fit_logistic((x - mean) / std, right[filled], l2=1e-3)
-    weights = w[:-1] / std  # fitted on standardised features, folded back into plain weights
+    weights = [float(v) for v in w[:-1] / std]  # fitted on standardised features, folded back into plain weights
     bias = float(w[-1] - (w[:-1] * mean / std).sum())
     empty = ~filled
-    p_empty = (float(right[empty].sum()) + 0.0) / (float(empty.sum()) + 1.0) if empty.any() else 0.5
-    p_empty = min(max(p_empty, 1e-4), 1 - 1e-4)
-    w_empty = float(np.log(p_empty / (1 - p_empty))) - bias
+    w_peak = 0.0
+    if empty.any() and 0 < right[empty].sum() < empty.sum():
+        peak = features["empty_peak"][empty][:, None]
+        p_mean, p_std = float(peak.mean()), max(float(peak.std()), 1e-9)
+        we = M.fit_logistic((peak - p_mean) / p_std, right[empty], l2=1e-3)
+        w_peak = float(we[0] / p_std)
+        z_empty = float(we[1] - we[0] * p_mean / p_std)
+    else:
+        p_empty = float(right[empty].sum()) / (float(empty.sum()) + 1.0) if empty.any() else 0.5
+        p_empty = min(max(p_empty, 1e-4), 1 - 1e-4)
+        z_empty = float(np.log(p_empty / (1 - p_empty)))
     return {
         "method": "logistic",
-        "features": ["empty", *names],
-        "weights": [w_empty, *map(float, weights)],
+        "features": ["empty", *names, "empty_peak"],
+        "weights": [z_empty - bias, *weights, w_peak],
         "bias": bias,
     }
 
@@ -208,8 +218,10 @@ def fit_segmenter_box(data: dict[str, np.ndarray], count: int) -> None:
                     real.append(mask_iou(mask, target))
             client.close()
     p, r = np.array(predicted), np.array(real)
-    xs, ys = M.fit_isotonic(p, r)
-    spec = {"method": "isotonic", "x": xs, "y": ys}
+    # Platt with the real IoU as a soft label: two parameters generalise from ~100 masks where an isotonic
+    # step function did not (held-out ECE 0.073 against 0.0 in-sample, on 30 phantoms).
+    a, b = M.fit_platt(p, r)
+    spec = {"method": "platt", "a": a, "b": b}
     calibrated = serving_calibration().apply_map(spec, p)
     summary = {
         "n_masks": len(p),

@@ -7,7 +7,10 @@ patient's right lung (image left), heart, lesion. The Triton model.py maps each 
 its channel(s). Graph: image uint8 [B,1,1024,1024] -> /255, 2x2 mean -> space-to-depth 256 ->
 U-Net (256..16) -> 4x4 logits per 256-pixel, pixel-shuffled to 512 -> bilinear to 1024 ->
 ``masks`` uint8 [B,4,1024,1024] (probability > 0.5), ``scores`` [B,4] (mean probability inside
-the mask, 0 when empty) and ``areas`` [B,4] (mask pixels).
+the mask, 0 when empty), ``areas`` [B,4] (mask pixels) and, appended after export by
+``training.segmenter_outputs``, ``peaks`` [B,4] (each channel's highest probability; the score head of
+an empty mask reads it). The calibration that model.py applies is fitted afterwards by
+``python -m training.fit_calibration`` (``make calibrate-models``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import common
+from training.segmenter_outputs import add_peaks
 
 ONNX_PATH = common.MODELS_DIR / "segmenter_text" / "1" / "model.onnx"
 SEED = 37
@@ -102,6 +106,7 @@ def main() -> None:
     print(f"training took {train_s:.0f}s", flush=True)
 
     common.export_onnx(Serving(model), ONNX_PATH, ["masks", "scores", "areas"])
+    add_peaks(ONNX_PATH)
     evaluate(args.heldout)
 
 
@@ -113,7 +118,7 @@ def evaluate(n: int) -> None:
     lesion_fp_images = 0
     t0 = time.time()
     for i in range(0, len(held["img1024"]), 4):
-        masks, _, _ = session.run(None, {"image": held["img1024"][i : i + 4, None]})
+        (masks,) = session.run(["masks"], {"image": held["img1024"][i : i + 4, None]})
         truth = common.unpack_masks(held["masks"][i : i + 4])
         for j in range(len(masks)):
             for c, name in enumerate(common.SEG_CHANNELS):

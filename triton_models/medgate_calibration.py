@@ -123,18 +123,22 @@ class Calibration:
         return "calibrated " + ", ".join(f"{k} ({v['method']})" for k, v in sorted(self.maps.items()))
 
 
-def mask_features(raw_scores: np.ndarray, areas: np.ndarray) -> dict[str, np.ndarray]:
+def mask_features(raw_scores: np.ndarray, areas: np.ndarray, peaks: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The statistics a mask's score head reads, from what a segmentation graph gives per mask.
 
-    ``raw_scores``: mean foreground probability inside the mask (0 when empty); ``areas``: mask pixels.
-    ``logit_score`` is that mean on the logit scale (the text segmenter's lesion channel keeps its probabilities
-    in 0.5..0.56, so the spread that tells good masks from bad lives in the logit's first decimals);
-    ``log_area`` is log(1 + pixels); ``empty`` is 1 for an empty mask (its other two features are then 0).
+    ``raw_scores``: mean foreground probability inside the mask (0 when empty); ``areas``: mask pixels; ``peaks``:
+    the channel's highest probability anywhere in the image (None: not given). ``logit_score`` is that mean on
+    the logit scale (the text segmenter's lesion channel keeps its probabilities in 0.5..0.56, so the spread that
+    tells good masks from bad lives in the logit's first decimals); ``log_area`` is log(1 + pixels); ``empty`` is
+    1 for an empty mask, whose other features are 0 but ``empty_peak``, the logit of its peak (a nodule the model
+    just missed lifts it towards 0.5; a clean image leaves it near 0).
     """
     area = np.asarray(areas, dtype=np.float64)
     empty = (area <= 0).astype(np.float64)
+    peak = np.zeros_like(area) if peaks is None else np.asarray(peaks, dtype=np.float64)
     return {
         "empty": empty,
         "logit_score": np.where(empty > 0, 0.0, _logit(raw_scores)),
         "log_area": np.log1p(np.maximum(area, 0.0)),
+        "empty_peak": np.where(empty > 0, _logit(peak) if peaks is not None else 0.0, 0.0),
     }

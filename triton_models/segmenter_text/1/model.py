@@ -3,15 +3,17 @@
 Self-contained: numpy, onnxruntime, the standard library and ``medgate_model_base.py`` at the repository root.
 ``model.onnx`` next to this file is built by ``python -m training.train_segmenter``: uint8 image
 [B,1,1024,1024] -> masks uint8 [B,4,1024,1024] (0/1), scores fp32 [B,4] (mean probability inside each
-mask, 0 if empty) and areas fp32 [B,4], for four channels: 0 = patient's left lung (image right on a PA
+mask, 0 if empty), areas fp32 [B,4] and peaks fp32 [B,4] (each channel's highest probability, added by
+``training.segmenter_outputs``), for four channels: 0 = patient's left lung (image right on a PA
 radiograph), 1 = patient's right lung (image left), 2 = heart, 3 = lesion.  The network runs once per
 image whatever the prompts; each prompt then picks its channel(s) (a union for "lungs").
 
 Scores: ``calibration.json`` beside the graph (``python -m training.fit_calibration``, fitted on the calibration
 seed split) maps each channel's raw statistics to the probability that the prompt's mask is right (Dice >= 0.5;
 an empty mask is right when there is nothing to find). The lesion channel's probabilities stay within 0.5..0.56,
-so its raw mean sat at ~0.545 on every image; its score head reads the mean on the logit scale, the mask's area and
-whether it is empty (``medgate_calibration.mask_features``). Channels without a map keep the raw mean probability.
+so its raw mean sat at ~0.545 on every image; its score head reads the mean on the logit scale, the mask's area,
+whether it is empty, and for an empty mask the channel's peak (``medgate_calibration.mask_features``). Channels
+without a map keep the raw mean probability.
 
 Contract (see config.pbtxt): image uint8 [B,1024,1024], prompts bytes [B,N] -> masks uint8
 [B,N,1024,1024], scores fp32 [B,N], categories bytes [B,N].  Every request gets exactly one response;
@@ -82,7 +84,7 @@ def normalise_prompt(raw: object) -> str:
 class TritonPythonModel(ImageBatchModel[Plan, Masks]):
     default_name = "segmenter_text"
     default_max_batch = 4
-    graph_outputs = ("masks", "scores", "areas")
+    graph_outputs = ("masks", "scores", "areas", "peaks")
     rebuild = "python -m training.train_segmenter"
 
     def setup(self, args: dict[str, str]) -> None:
@@ -125,7 +127,12 @@ class TritonPythonModel(ImageBatchModel[Plan, Masks]):
         return image, plan
 
     def _assemble(
-        self, masks4: np.ndarray, scores4: np.ndarray, areas4: np.ndarray, row: list[tuple[tuple[int, ...], str]]
+        self,
+        masks4: np.ndarray,
+        scores4: np.ndarray,
+        areas4: np.ndarray,
+        peaks4: np.ndarray,
+        row: list[tuple[tuple[int, ...], str]],
     ) -> Masks:
         """One image's four channels -> [N,1024,1024] masks, [N] scores, [N] categories."""
         n = len(row)
@@ -133,7 +140,7 @@ class TritonPythonModel(ImageBatchModel[Plan, Masks]):
         scores = np.zeros((n,), np.float32)
         categories = np.empty((n,), dtype=np.object_)
         raw4 = np.where(areas4 > 0, scores4, 0.0)
-        features4 = mask_features(raw4, areas4)
+        features4 = mask_features(raw4, areas4, peaks4)
         for j, (channels, category) in enumerate(row):
             if len(channels) == 1:
                 c = channels[0]
@@ -145,15 +152,19 @@ class TritonPythonModel(ImageBatchModel[Plan, Masks]):
                 area = float(sum(areas4[c] for c in channels))
                 # area-weighted mean of the channels' mean probabilities = mean over the union
                 raw = float(sum(raw4[c] * areas4[c] for c in channels)) / area if area > 0 else 0.0
-                union = mask_features(np.array([raw]), np.array([area]))
+                peak = np.array([max(peaks4[c] for c in channels)])
+                union = mask_features(np.array([raw]), np.array([area]), peak)
                 scores[j] = self.calibration(UNION_SCORE, np.array([raw]), union)[0]
             categories[j] = category.encode("utf-8")
         return masks, scores, categories
 
     def run_images(self, images: np.ndarray, rows: list[tuple[Plan, int]]) -> list[Masks]:
         assert self.session is not None
-        masks, scores, areas = self.session.run(["masks", "scores", "areas"], {"image": images})
-        return [self._assemble(masks[idx], scores[idx], areas[idx], plan[k]) for idx, (plan, k) in enumerate(rows)]
+        masks, scores, areas, peaks = self.session.run(list(self.graph_outputs), {"image": images})
+        return [
+            self._assemble(masks[idx], scores[idx], areas[idx], peaks[idx], plan[k])
+            for idx, (plan, k) in enumerate(rows)
+        ]
 
     def respond(self, extra: Plan, results: list[Masks]) -> Outputs:
         return [
