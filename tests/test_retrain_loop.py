@@ -83,10 +83,18 @@ def _env(**settings: Any) -> dict[str, str]:
     return env
 
 
-def _medgate(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "clients.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+async def _medgate(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a child process; awaited, so the servers on this test's event loop keep serving it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "clients.cli", *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    return subprocess.CompletedProcess(args, process.returncode or 0, out.decode(), err.decode())
 
 
 async def _detect_all(stub: pb_grpc.InferenceStub, images: list[np.ndarray]) -> list[pb.DetectResponse]:
@@ -239,9 +247,6 @@ async def test_reviewed_faint_lesions_retrain_shadow_and_promote(tmp_path: Path)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
                 stub = pb_grpc.InferenceStub(channel)
                 # 1. Before: version 1 misses most faint lesions; each is routed to review.
-                fresh_before = await _detect_all(stub, [s["image"] for s in fresh])
-                assert {a.model.version for a in fresh_before} == {"1"}
-                before = _gateway_ap50(fresh_before, fresh)
                 answers = await _detect_all(stub, [s["image"] for s in reviewed])
                 names = {a.review[0].human_loop_name for a in answers if a.review}
                 assert len(names) >= 0.9 * REVIEWED, f"only {len(names)} of {REVIEWED} faint cases were routed"
@@ -252,7 +257,7 @@ async def test_reviewed_faint_lesions_retrain_shadow_and_promote(tmp_path: Path)
                 )
 
                 # 2. The scripted reviewer answers each case with its true boxes; the cases are exported.
-                done = _medgate(
+                done = await _medgate(
                     "reviewer",
                     "--reviewer-id",
                     "scripted",
@@ -268,8 +273,13 @@ async def test_reviewed_faint_lesions_retrain_shadow_and_promote(tmp_path: Path)
                     timeout=120,
                 )
                 assert done.returncode == 0, done.stderr
+                assert done.stdout.count("submitted: loop COMPLETED") == len(names), done.stdout[-3000:]
+                # Faint lesions never reviewed (they are routed too, and stay InProgress: never exported).
+                fresh_before = await _detect_all(stub, [s["image"] for s in fresh])
+                assert {a.model.version for a in fresh_before} == {"1"}
+                before = _gateway_ap50(fresh_before, fresh)
                 exported = tmp_path / "export"
-                done = _medgate(
+                done = await _medgate(
                     "review",
                     "export-manifest",
                     "--flow",
@@ -281,10 +291,10 @@ async def test_reviewed_faint_lesions_retrain_shadow_and_promote(tmp_path: Path)
                 )
                 assert done.returncode == 0, done.stderr
                 manifest = exported / "output.manifest"
-                assert len(manifest.read_text().splitlines()) == len(names)
+                assert len(manifest.read_text().splitlines()) == len(names), done.stderr[-3000:]
 
                 # 3. Retrain: version 2 lands as the candidate; version 1 still serves.
-                done = _medgate(
+                done = await _medgate(
                     "train",
                     "--role",
                     "detector",
@@ -335,11 +345,11 @@ async def test_reviewed_faint_lesions_retrain_shadow_and_promote(tmp_path: Path)
                 assert len(lines) >= 6 and {(x["serving"], x["candidate"]) for x in lines} == {("1", "2")}
                 assert {x["outcome"] for x in lines} <= {"agree", "disagree"}
                 assert _metric(gateway.metrics_port, 'medgate_shadow_comparisons_total{candidate="2"') >= 6
-                shown = _medgate("models", "shadow-report", "detector", env=env, timeout=60)
+                shown = await _medgate("models", "shadow-report", "detector", env=env, timeout=60)
                 assert json.loads(shown.stdout)["1->2"]["compared"] == len(lines)
 
                 # 5. A deliberately degraded candidate is refused, with the reason; version 2 is accepted.
-                promoted = _medgate("models", "promote", "detector", "2", env=env, timeout=60)
+                promoted = await _medgate("models", "promote", "detector", "2", env=env, timeout=60)
                 assert promoted.returncode == 0, promoted.stderr
                 await asyncio.sleep(3 * versions["reload_interval_s"])  # type: ignore[operator]
                 after_answers = await _detect_all(stub, [s["image"] for s in fresh])
@@ -352,7 +362,7 @@ async def test_reviewed_faint_lesions_retrain_shadow_and_promote(tmp_path: Path)
                 client = triton_grpc.InferenceServerClient(triton.settings.grpc_url)
                 await _until(lambda: client.is_model_ready("detector", degraded), 60, "the degraded version loaded")
                 client.close()
-                refused = _medgate("models", "promote", "detector", degraded, env=env, timeout=60)
+                refused = await _medgate("models", "promote", "detector", degraded, env=env, timeout=60)
                 assert refused.returncode == 1
                 assert "worse than the serving version" in refused.stderr, refused.stderr
                 assert read_versions(versions_file)["detector"].serving == "2"

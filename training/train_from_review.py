@@ -149,8 +149,10 @@ def finetune(
     batch: int,
     lr: float,
     seed: int,
+    reviewed_share: float = 0.5,
 ) -> float:
-    """Fine-tune in place (BatchNorm frozen); each batch half reviewed cases, half replayed phantoms. Seconds taken."""
+    """Fine-tune in place (BatchNorm frozen); each batch ``reviewed_share`` reviewed cases, the rest replayed
+    standard phantoms. Seconds taken."""
     import torch
     import torch.nn.functional as F
 
@@ -166,7 +168,7 @@ def finetune(
     for i, case in enumerate(reviewed):
         n = min(len(case.boxes), reviewed_boxes.shape[1])
         reviewed_boxes[i, :n], reviewed_counts[i] = case.boxes[:n], n
-    half = max(1, batch // 2)
+    half = min(batch, max(1, round(batch * reviewed_share)))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     model.eval()  # frozen BatchNorm statistics: the recovered ones are the folded identity
     started = time.time()
