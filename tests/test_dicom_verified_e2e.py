@@ -293,9 +293,10 @@ async def test_a_ct_slice_sent_to_the_node_comes_back_into_orthanc_as_verified_s
         moved: list[float] = []
 
         def move_box(case: pb.ReviewCase) -> pb.ReviewAnswer:
-            if case.detections:  # drag the model's first box 40 model pixels right
+            if case.detections:  # drag the model's first box 40 model pixels sideways, staying in the image
                 b = case.detections[0].model_box
-                box = [b.x0 + 40, b.y0, b.x1 + 40, b.y1]
+                dx = 40.0 if b.x1 + 40 <= 1024 else -40.0
+                box = [b.x0 + dx, b.y0, b.x1 + dx, b.y1]
             else:  # the model found nothing: the reviewer draws one
                 box = [400.0, 420.0, 520.0, 560.0]
             moved.extend(box)
