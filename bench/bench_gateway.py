@@ -506,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["heavy_light_mix"] = mix(target, plain, request, heavy, seconds=args.mix_seconds)
             print(json.dumps(results["heavy_light_mix"], indent=2), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if set(args.sections) != set(SECTIONS) and args.out.exists():
+        # Some sections only: the other sections' results of an earlier run stay in the file.
+        results = {**json.loads(args.out.read_text()), **results}
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return 0
