@@ -178,10 +178,12 @@ async def answer(stub: pb_grpc.ReviewStub, flow: str, reviewer: str, review: pb.
     return submitted.human_loop
 
 
-async def handed_over(service: Service, count: int, timeout_s: float = 30.0) -> list[Dataset]:
+async def handed_over(service: Service | Path, count: int, timeout_s: float = 30.0) -> list[Dataset]:
+    """The objects in the node's inbox (of ``service``, or this folder) once there are ``count``."""
+    inbox = service.inbox if isinstance(service, Service) else service
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        files = sorted(service.inbox.glob("*.dcm")) if service.inbox.exists() else []
+        files = sorted(inbox.glob("*.dcm")) if inbox.exists() else []
         if len(files) >= count:
             return [pydicom.dcmread(f) for f in files]
         await asyncio.sleep(0.1)
@@ -678,3 +680,41 @@ def test_no_mask_kept_gives_no_verified_result(tmp_path: Path) -> None:
         assert VerifiedDicom(store, flows, config).run_once().skipped == 1
         assert store.dicom_state("seg-x")[0] == SKIPPED
         assert not (tmp_path / "node-outbox").exists()
+
+
+async def test_a_result_pending_when_the_service_stops_is_handed_over_by_the_next_start(tmp_path: Path) -> None:
+    flows = tmp_path / "flows.toml"
+    flows.write_text(FLOWS)
+    settings = load_settings(
+        review={"store_path": tmp_path / "review.sqlite3", "flows_file": flows, "port": 0, "web_enabled": False},
+        security={"auth": False, "tls": False, "audit_dir": tmp_path / "audit"},
+    )
+    outbox = tmp_path / "node-outbox"
+    config = CompletionConfig(
+        handover_dir=outbox, limits=IngestLimits(), organization="Radiology", retry_interval_s=0.2
+    )
+    outbox.write_bytes(b"")  # the node's folder cannot be written while this service runs
+    source = radiograph()
+    ai = AIResults(classification=Classification("lesion", 0.7, CLASSIFIER))
+    content = {"classification": {"scores": [{"label": "lesion", "score": 0.7}], "model": {"name": "classifier"}}}
+    request, objects = start_request("cls-r", "cls", source, ai, content, {"classify": CLASSIFIER})
+    first = ReviewServer(settings.review, settings.security, verified=config)
+    await first.start(port=0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+            stub = pb_grpc.ReviewStub(channel)
+            await stub.StartHumanLoop(request)
+            loop = await answer(stub, "cls", "dr-lee", pb.ReviewAnswer(label="normal"))
+            assert loop.status == pb.HUMAN_LOOP_STATUS_COMPLETED
+            await asyncio.sleep(0.5)
+    finally:
+        await first.stop()
+    outbox.unlink()
+    second = ReviewServer(settings.review, settings.security, verified=config)
+    await second.start(port=0)
+    try:
+        (sr,) = await handed_over(outbox / "inbox", 1)
+        assert_verifies(sr, source, objects[-1], "dr-lee")
+        assert (await asyncio.to_thread(second.store.dicom_state, "cls-r"))[0] == HANDED_OVER
+    finally:
+        await second.stop()
