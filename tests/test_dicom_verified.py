@@ -256,6 +256,8 @@ async def test_a_corrected_class_becomes_a_verified_sr_in_the_nodes_inbox(
     assert dciodvfy_errors(Path(sr.filename).read_bytes(), tmp_path) == []
     state = await asyncio.to_thread(service.server.store.dicom_state, "cls-1")
     assert state == (HANDED_OVER, f"SR {sr.SOPInstanceUID}")
+    described = await service.stub.DescribeHumanLoop(pb.DescribeHumanLoopRequest(name="cls-1"))
+    assert (described.verified_dicom_state, described.verified_dicom_note) == state
     logged = caplog.text
     assert PATIENT_NAME.split("^")[0] not in logged and PATIENT_ID not in logged
     assert answered_ms < 5000  # the build runs after the answer, not inside it
@@ -381,7 +383,7 @@ async def test_a_node_folder_that_cannot_be_written_keeps_the_result_pending_and
     request, objects = start_request("cls-2", "cls", source, ai, content, {"classify": CLASSIFIER})
     await service.stub.StartHumanLoop(request)
     loop = await answer(service.stub, "cls", "dr-lee", pb.ReviewAnswer(accept=True))
-    assert loop.status == pb.HUMAN_LOOP_STATUS_COMPLETED
+    assert loop.status == pb.HUMAN_LOOP_STATUS_COMPLETED and loop.verified_dicom_state == "pending"
     await asyncio.sleep(1.0)  # several retry rounds
     assert await asyncio.to_thread(service.server.store.dicom_state, "cls-2") == ("pending", None)
     assert verified_count("waiting") >= waiting_before + 2  # Prometheus: medgate_review_verified_dicom{outcome}

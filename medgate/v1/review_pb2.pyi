@@ -81,7 +81,7 @@ class ListFlowDefinitionsResponse(_message.Message):
     def __init__(self, flow_definitions: _Optional[_Iterable[_Union[FlowDefinition, _Mapping]]] = ...) -> None: ...
 
 class HumanLoop(_message.Message):
-    __slots__ = ("name", "flow_definition", "status", "creation_time", "failure_code", "failure_reason", "output_path", "answers", "task_count")
+    __slots__ = ("name", "flow_definition", "status", "creation_time", "failure_code", "failure_reason", "output_path", "answers", "task_count", "verified_dicom_state", "verified_dicom_note")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FLOW_DEFINITION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,8 @@ class HumanLoop(_message.Message):
     OUTPUT_PATH_FIELD_NUMBER: _ClassVar[int]
     ANSWERS_FIELD_NUMBER: _ClassVar[int]
     TASK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_DICOM_STATE_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_DICOM_NOTE_FIELD_NUMBER: _ClassVar[int]
     name: str
     flow_definition: str
     status: HumanLoopStatus
@@ -100,7 +102,9 @@ class HumanLoop(_message.Message):
     output_path: str
     answers: int
     task_count: int
-    def __init__(self, name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., status: _Optional[_Union[HumanLoopStatus, str]] = ..., creation_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_code: _Optional[str] = ..., failure_reason: _Optional[str] = ..., output_path: _Optional[str] = ..., answers: _Optional[int] = ..., task_count: _Optional[int] = ...) -> None: ...
+    verified_dicom_state: str
+    verified_dicom_note: str
+    def __init__(self, name: _Optional[str] = ..., flow_definition: _Optional[str] = ..., status: _Optional[_Union[HumanLoopStatus, str]] = ..., creation_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failure_code: _Optional[str] = ..., failure_reason: _Optional[str] = ..., output_path: _Optional[str] = ..., answers: _Optional[int] = ..., task_count: _Optional[int] = ..., verified_dicom_state: _Optional[str] = ..., verified_dicom_note: _Optional[str] = ...) -> None: ...
 
 class StartHumanLoopRequest(_message.Message):
     __slots__ = ("name", "flow_definition", "input_content_json", "image_png", "masks_packbits", "dicom", "modality_png")

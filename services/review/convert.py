@@ -58,6 +58,8 @@ def loop_proto(loop: Loop) -> pb.HumanLoop:
         output_path=str(output_key(loop)) if loop.output_path else "",
         answers=loop.answers,
         task_count=loop.task_count,
+        verified_dicom_state=loop.dicom_state or "",
+        verified_dicom_note=loop.dicom_note or "",
     )
 
 

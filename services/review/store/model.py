@@ -84,6 +84,9 @@ class Loop:
     failure_code: str | None
     failure_reason: str | None
     output_path: str | None
+    # The verified DICOM result's state and note (services/review/completion.py); None without a DICOM source.
+    dicom_state: str | None = None
+    dicom_note: str | None = None
 
 
 @dataclass(frozen=True)

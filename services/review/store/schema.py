@@ -136,7 +136,17 @@ def row_loop(row: Row) -> Loop:
         failure_code=row["failure_code"],
         failure_reason=row["failure_reason"],
         output_path=row["output_path"],
+        dicom_state=_column(row, "dicom_state"),
+        dicom_note=_column(row, "dicom_note"),
     )
+
+
+def _column(row: Row, name: str) -> Any:
+    """A column a query may not select (one written before schema 3's columns existed): None then."""
+    try:
+        return row[name]
+    except (IndexError, KeyError):
+        return None
 
 
 def row_decision(row: Row, loop_name: str, status: LoopStatus, *, replayed: bool = False) -> Decision:
