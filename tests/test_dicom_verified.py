@@ -384,9 +384,12 @@ async def test_a_node_folder_that_cannot_be_written_keeps_the_result_pending_and
     await service.stub.StartHumanLoop(request)
     loop = await answer(service.stub, "cls", "dr-lee", pb.ReviewAnswer(accept=True))
     assert loop.status == pb.HUMAN_LOOP_STATUS_COMPLETED and loop.verified_dicom_state == "pending"
-    await asyncio.sleep(1.0)  # several retry rounds
+    for _ in range(200):  # at least two retry rounds (0.3 s apart; longer on a busy machine)
+        if verified_count("waiting") >= waiting_before + 2:  # Prometheus: medgate_review_verified_dicom{outcome}
+            break
+        await asyncio.sleep(0.05)
+    assert verified_count("waiting") >= waiting_before + 2
     assert await asyncio.to_thread(service.server.store.dicom_state, "cls-2") == ("pending", None)
-    assert verified_count("waiting") >= waiting_before + 2  # Prometheus: medgate_review_verified_dicom{outcome}
     sent_before = verified_count("handed-over")
     service.outbox.unlink()  # the folder can be written again
     (sr,) = await handed_over(service, 1)
@@ -720,3 +723,27 @@ async def test_a_result_pending_when_the_service_stops_is_handed_over_by_the_nex
         assert (await asyncio.to_thread(second.store.dicom_state, "cls-r"))[0] == HANDED_OVER
     finally:
         await second.stop()
+
+
+async def test_a_loop_stopped_before_a_decision_drops_its_source(service: Service) -> None:
+    from services.review.store import DICOM_SOURCE_NAME
+
+    source = radiograph()
+    ai = AIResults(classification=Classification("lesion", 0.7, CLASSIFIER))
+    content = {"classification": {"scores": [{"label": "lesion", "score": 0.7}], "model": {"name": "classifier"}}}
+    request, _ = start_request("cls-s", "cls", source, ai, content, {"classify": CLASSIFIER})
+    await service.stub.StartHumanLoop(request)
+    stopped = await service.stub.StopHumanLoop(pb.StopHumanLoopRequest(name="cls-s"))
+    assert stopped.status == pb.HUMAN_LOOP_STATUS_STOPPED
+    store = service.server.store
+    for _ in range(100):
+        loop = await service.stub.DescribeHumanLoop(pb.DescribeHumanLoopRequest(name="cls-s"))
+        if loop.verified_dicom_state != "pending":
+            break
+        await asyncio.sleep(0.1)
+    assert (loop.verified_dicom_state, loop.verified_dicom_note) == (
+        "skipped",
+        "the loop ended Stopped without a decision",
+    )
+    assert DICOM_SOURCE_NAME not in await asyncio.to_thread(store.images, "cls-s", with_dicom=True)
+    assert not service.inbox.exists()

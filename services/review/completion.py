@@ -69,6 +69,7 @@ from services.review.store import (
     DICOM_SOURCE_NAME,
     Decision,
     Loop,
+    LoopStatus,
     NotFound,
     ReviewStoreBase,
 )
@@ -427,6 +428,11 @@ class VerifiedDicom:
     def process(self, loop: Loop) -> str | None:
         """Build and hand over one loop's result; the state recorded, or None when it waits for the next round."""
         started = time.perf_counter()
+        if loop.status is not LoopStatus.COMPLETED:  # expired or stopped: no decision to verify, no source to keep
+            self.store.mark_dicom(
+                loop.name, SKIPPED, f"the loop ended {loop.status} without a decision", drop_source=True
+            )
+            return SKIPPED
         try:  # the store's errors (a database away, a locked file) end the round: the loop stays pending
             decisions = self.store.decisions(loop.name)
             images = self.store.images(loop.name, with_dicom=True)

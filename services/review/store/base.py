@@ -300,8 +300,9 @@ class ReviewStoreBase(abc.ABC):
 
     @abc.abstractmethod
     def pending_dicom(self, limit: int = MAX_LIST_RESULTS) -> builtins.list[Loop]:
-        """Completed loops whose verified DICOM result is not handed over yet, oldest first (an outbox: kept
-        across crashes, and the same loop is built again until it is marked)."""
+        """Ended loops whose verified DICOM result is not settled yet, oldest first (an outbox: kept across
+        crashes, and the same loop is built again until it is marked): Completed ones to build, and Failed
+        or Stopped ones (expired, stopped) whose source is to be dropped."""
 
     @abc.abstractmethod
     def mark_dicom(self, name: str, state: str, note: str = "", *, drop_source: bool = False) -> None:

@@ -740,7 +740,8 @@ class PostgresReviewStore(ReviewStoreBase):
     def pending_dicom(self, limit: int = MAX_LIST_RESULTS) -> builtins.list[Loop]:
         rows = self._read(
             lambda conn: conn.execute(
-                "SELECT * FROM loops WHERE dicom_state = 'pending' AND status = 'Completed' ORDER BY seq LIMIT %s",
+                "SELECT * FROM loops WHERE dicom_state = 'pending' AND status IN ('Completed', 'Failed', 'Stopped')"
+                " ORDER BY seq LIMIT %s",
                 (limit,),
             ).fetchall()
         )

@@ -502,7 +502,8 @@ class ReviewStore(ReviewStoreBase):
     def pending_dicom(self, limit: int = MAX_LIST_RESULTS) -> builtins.list[Loop]:
         with self._reading() as conn:
             rows = conn.execute(
-                "SELECT * FROM loops WHERE dicom_state = 'pending' AND status = 'Completed' ORDER BY seq LIMIT ?",
+                "SELECT * FROM loops WHERE dicom_state = 'pending' AND status IN ('Completed', 'Failed', 'Stopped')"
+                " ORDER BY seq LIMIT ?",
                 (limit,),
             ).fetchall()
         return [row_loop(row) for row in rows]
