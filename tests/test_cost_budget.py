@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from types import ModuleType
+from typing import Any
 
 import grpc
 import numpy as np
@@ -197,6 +198,49 @@ def test_sixteen_nearby_boxes_share_encoder_passes(triton_url: str) -> None:
     assert grouped_s < 0.6 * alone_s, (grouped_s, alone_s)
     assert np.mean(agreement) >= 0.9 and min(agreement) >= 0.75, agreement
     assert np.mean(truth_grouped) >= np.mean(truth_alone) - 0.03, (truth_grouped, truth_alone)
+
+
+def test_a_light_box_call_goes_before_queued_heavy_ones(triton_url: str) -> None:
+    """Priority levels: while one heavy call (level 2) runs, a second heavy one and then a light one (level 1) queue;
+    the light one is answered first, not batched behind the heavy one."""
+    image, _, _ = _cluster(1)
+    scattered = np.array([[100 + 250 * i, 600, 140 + 250 * i, 640] for i in range(4)], np.float32)  # 4 passes
+    light = np.array([[400, 400, 430, 430]], np.float32)
+    done: dict[str, float] = {}
+    errors: list[Exception] = []
+    client = triton_grpc.InferenceServerClient(triton_url)
+
+    def send(name: str, boxes: np.ndarray, priority: int) -> None:
+        inputs = [
+            triton_grpc.InferInput("image", [1, 1024, 1024], "UINT8"),
+            triton_grpc.InferInput("boxes", [1, len(boxes), 4], "FP32"),
+        ]
+        inputs[0].set_data_from_numpy(image[None])
+        inputs[1].set_data_from_numpy(boxes[None])
+
+        def finished(result: Any, error: Exception | None) -> None:
+            if error is not None:
+                errors.append(error)
+            done[name] = time.perf_counter()
+
+        client.async_infer("segmenter_box", inputs, finished, priority=priority, client_timeout=600)
+
+    try:
+        _ask(client, image, light, grouped=True)  # warm-up
+        send("heavy_running", scattered, 2)
+        time.sleep(0.5)  # it is in the model now
+        send("heavy_queued", scattered, 2)
+        time.sleep(0.05)
+        send("light", light, 1)
+        deadline = time.monotonic() + 600
+        while len(done) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.close()
+    assert not errors, errors
+    order = sorted(done, key=done.__getitem__)
+    print(f"answered in order {order}; light {done['heavy_queued'] - done['light']:.2f} s before the queued heavy")
+    assert order == ["heavy_running", "light", "heavy_queued"], order
 
 
 # --- the gateway --------------------------------------------------------------------------------------------------
