@@ -364,3 +364,35 @@ async def test_medgate_infer_by_reference(
         assert code == 0
         answers.append(json.loads(capsys.readouterr().out)["classification"]["scores"])
     assert answers[0] == answers[1]
+
+
+def test_size_limit_and_deadline_of_a_fetch(orthanc: Orthanc, stored: str, root: Path) -> None:
+    """The instance as the archive stores it; over ingest.max_input_bytes refused; a silent server stops at the
+    deadline (the earlier of reference_timeout_s and the call's), not later."""
+    import time
+
+    from services.imaging.errors import LimitExceeded
+    from services.imaging.ingest.reference import fetch_wadors
+
+    original = pydicom_data_file(SOURCE).read_bytes()
+    policy = ReferencePolicy.from_settings("", orthanc.dicomweb_url, max_bytes=64 << 20, timeout_s=30)
+    assert fetch_wadors(stored, policy, token=TOKEN) == original
+    small = ReferencePolicy.from_settings(str(root), orthanc.dicomweb_url, max_bytes=1 << 20, timeout_s=30)
+    with pytest.raises(LimitExceeded):
+        fetch_wadors(stored, small)
+    with pytest.raises(LimitExceeded):
+        read_file(str(root / "sub" / SOURCE), small)
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts (in the kernel's backlog) and never answers
+    try:
+        port = silent.getsockname()[1]
+        url = f"http://127.0.0.1:{port}/dicom-web/studies/1/series/2/instances/3"
+        quiet = ReferencePolicy.from_settings("", f"http://127.0.0.1:{port}/dicom-web", max_bytes=1 << 20, timeout_s=30)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            fetch_wadors(url, quiet, deadline=started + 1.0)
+        assert time.monotonic() - started < 2.5
+    finally:
+        silent.close()
