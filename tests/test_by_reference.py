@@ -271,6 +271,19 @@ def test_a_symlink_swapped_in_after_the_check_is_caught(root: Path, tmp_path: Pa
     target.unlink()
 
 
+def test_only_regular_files_are_read(root: Path) -> None:
+    """A directory or a FIFO under the root is refused at once (a FIFO must not hang the read)."""
+    policy = ReferencePolicy.from_settings(str(root), "", max_bytes=64 << 20, timeout_s=5)
+    fifo = root / "pipe.dcm"
+    os.mkfifo(fifo)
+    try:
+        for path in (root / "sub", fifo):
+            with pytest.raises(ReferenceDenied, match="not a regular file"):
+                read_file(str(path), policy)
+    finally:
+        fifo.unlink()
+
+
 # --- DICOMweb ---------------------------------------------------------------------------------------------------
 
 

@@ -98,7 +98,9 @@ def read_file(path: str, policy: ReferencePolicy) -> bytes:
     field = "image.reference.file_path"
     resolved = check_file(path, policy)
     try:
-        fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        # O_NONBLOCK: a FIFO put under the root must not hang the open (it is refused as not a regular file).
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+        fd = os.open(resolved, flags)
     except FileNotFoundError:
         raise ReferenceNotFound(f"{field}: no such file under the allowed roots") from None
     except OSError:
