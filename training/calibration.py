@@ -331,7 +331,8 @@ def reliability_png(path: Path, title: str, entry: dict[str, Any]) -> None:
     cv2.putText(img, title, (x0, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     caption = f"ECE {entry['ece']:.3f}  AUROC {entry['auroc']:.3f}  n {entry['n']}  wrong {entry['wrong']}"
     cv2.putText(img, caption, (x0, 40), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, "score (bins); bars: observed", (x0, y0 + 48), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    legend = "x: score bin (count); blue: observed; red: mean score"
+    cv2.putText(img, legend, (x0, y0 + 48), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
     if not cv2.imwrite(str(path), img):
         raise OSError(f"could not write {path}")
 
