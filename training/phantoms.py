@@ -43,7 +43,7 @@ LESION_DIAMETER_MODEL = (12.0, 180.0)
 # retraining target, tests/test_retrain_loop.py). FAINT_CONTRAST scales the standard contrast draw.
 LESION_KINDS = ("standard", "faint")
 FAINT_DIAMETER_MODEL = (28.0, 70.0)
-FAINT_CONTRAST = (0.04, 0.08)
+FAINT_CONTRAST = (0.05, 0.10)
 _SUBPIXEL_SHIFT = 4
 _SUBPIXEL = float(1 << _SUBPIXEL_SHIFT)
 

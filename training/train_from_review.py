@@ -7,8 +7,11 @@ training and held-out (``--heldout-fraction``): a case's side never changes as m
 cases are never trained on, now or in a later round.
 
 Fine-tuning starts from the serving version's own weights (its ``model.pt`` when a fine-tune saved one, else
-recovered exactly from its ONNX, :mod:`training.detector_checkpoint`), with BatchNorm frozen, fixed seeds and
-each batch half reviewed cases, half standard training phantoms (replay, so the detector keeps what it knew).
+recovered exactly from its ONNX, :mod:`training.detector_checkpoint`), with BatchNorm and the encoder frozen
+(``--freeze``), fixed seeds and each batch half reviewed cases, half standard training phantoms (replay, so the
+detector keeps what it knew). Measured on faint lesions (48 reviewed, 100 steps): training every layer raised
+their AP50 0.35 -> 0.65 but cost 0.035 on the standard held-out set (0.96 with more replay, 0.97 at a third of
+the learning rate); with the encoder frozen, 0.35 -> 0.69 at a cost of 0.012, in half the time.
 The new ONNX and checkpoint land as the next numeric version of the Triton model
 (:mod:`training.model_repository`) with ``evaluation.json``: AP50 of the serving (parent) version and of the new
 one, on the reviewed held-out cases and on the standard phantom held-out set (the first ``--phantom-heldout``
@@ -150,6 +153,7 @@ def finetune(
     lr: float,
     seed: int,
     reviewed_share: float = 0.5,
+    frozen: tuple[str, ...] = (),
 ) -> float:
     """Fine-tune in place (BatchNorm frozen); each batch ``reviewed_share`` reviewed cases, the rest replayed
     standard phantoms. Seconds taken."""
@@ -169,6 +173,8 @@ def finetune(
         n = min(len(case.boxes), reviewed_boxes.shape[1])
         reviewed_boxes[i, :n], reviewed_counts[i] = case.boxes[:n], n
     half = min(batch, max(1, round(batch * reviewed_share)))
+    for name, parameter in model.named_parameters():  # frozen parts (e.g. "encoder") keep the serving weights
+        parameter.requires_grad_(not name.startswith(frozen))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     model.eval()  # frozen BatchNorm statistics: the recovered ones are the folded identity
     started = time.time()
@@ -228,7 +234,10 @@ def train_detector(args: argparse.Namespace, repository: Path, parent: str) -> d
     model, source = load_detector(parent_dir)
     print(f"fine-tuning version {parent} of {args.model} (weights from {source})", flush=True)
     replay = _phantom_set("train", args.replay, full=False)
-    train_s = finetune(model, train, replay, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    frozen = tuple(part for part in args.freeze.split(",") if part)
+    train_s = finetune(
+        model, train, replay, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, frozen=frozen
+    )
 
     work: Path = args.work
     onnx_path, checkpoint = work / "model.onnx", work / "model.pt"
@@ -265,6 +274,7 @@ def train_detector(args: argparse.Namespace, repository: Path, parent: str) -> d
             "steps": args.steps,
             "batch": args.batch,
             "lr": args.lr,
+            "frozen": list(frozen),
             "seed": args.seed,
             "seconds": round(train_s, 1),
             "started_from": source,
@@ -294,9 +304,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repository", type=Path, help="Triton model repository (default: triton.model_repository)")
     parser.add_argument("--parent", help="version to fine-tune (default: the serving one)")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--freeze",
+        default="encoder",
+        help="parts kept at the serving weights, comma-separated (encoder, decoder, neck; empty: train all)",
+    )
     parser.add_argument("--seed", type=int, default=17)
     parser.add_argument("--replay", type=int, default=200, help="standard training phantoms mixed into each batch")
     parser.add_argument("--heldout-fraction", type=float, default=0.3)
