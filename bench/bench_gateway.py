@@ -17,7 +17,11 @@
    ratio (target <= 2). ``--box-nice N`` runs it on a copy of the model repository whose box model runs at nice N
    (0: as before issue 15), for the side-by-side comparison.
 
-``--sections`` picks some of overhead, throughput, transport, mix (default: all).
+5. ``floor`` and ``direct16`` (issue 15 item 6, in ``bench/bench_floor.py``): Classify p50 from the Python client and
+   ghz (when on PATH) against the sum of in-process stage floors measured in the same run; the gateway against the
+   classifier called directly at 16 clients.
+
+``--sections`` picks some of overhead, throughput, transport, mix, floor, direct16 (default: all).
 
 The secure arm runs on throwaway development credentials in a temporary folder, never var/credentials.
 
@@ -97,7 +101,13 @@ class Security:
 
 @contextlib.contextmanager
 def gateway_process(
-    triton_url: str, port: int, workers: int, security: Security, *, shared_memory: str = "auto"
+    triton_url: str,
+    port: int,
+    workers: int,
+    security: Security,
+    *,
+    shared_memory: str = "auto",
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[None]:
     # Review routing off: this measures inference overhead. Metrics on a free port, to never clash.
     env = dict(
@@ -110,6 +120,7 @@ def gateway_process(
         MEDGATE_DICOM_ENABLED="false",  # no DICOM node here: it would want port 11112 beside a running stack
         MEDGATE_GATEWAY_METRICS_PORT="0",
         MEDGATE_GATEWAY_HTTP_PORT="0",  # each gateway's HTTP face on a free port (several run at once here)
+        **(extra_env or {}),
     )
     script = Path(sys.executable).parent / "medgate"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "clients.cli"]  # not pip-installed
@@ -416,7 +427,7 @@ def repository_with_box_nice(nice: int) -> Iterator[Path]:
         yield copy
 
 
-SECTIONS = ("overhead", "throughput", "transport", "mix")
+SECTIONS = ("overhead", "throughput", "transport", "mix", "floor", "direct16")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--mix-seconds", type=float, default=30.0, help="each half of the heavy/light mix")
     parser.add_argument("--box-nice", type=int, help="mix: run the box model at this nice level (a repository copy)")
+    parser.add_argument("--direct-seconds", type=float, default=5.0, help="direct16: each arm's window per round")
+    parser.add_argument("--direct-rounds", type=int, default=3, help="direct16: rounds of alternating windows")
     args = parser.parse_args(argv)
 
     import cv2
@@ -462,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             repository = stack.enter_context(repository_with_box_nice(args.box_nice))
             triton_settings = dataclasses.replace(triton_settings, model_repository=repository)
             results["box_nice"] = args.box_nice
-        needs_triton = sections & {"overhead", "throughput", "mix"}
+        needs_triton = sections & {"overhead", "throughput", "mix", "floor", "direct16"}
         url = ""
         if needs_triton:
             url = args.triton_url or stack.enter_context(EmbeddedTriton(triton_settings)).settings.grpc_url
@@ -505,6 +518,10 @@ def main(argv: list[str] | None = None) -> int:
             with gateway_process(url, port, 1, plain):
                 results["heavy_light_mix"] = mix(target, plain, request, heavy, seconds=args.mix_seconds)
             print(json.dumps(results["heavy_light_mix"], indent=2), flush=True)
+        if sections & {"floor", "direct16"}:
+            from bench import bench_floor
+
+            results.update(bench_floor.run_sections(sections, url, target, plain, png, dicom, args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if set(args.sections) != set(SECTIONS) and args.out.exists():
         # Some sections only: the other sections' results of an earlier run stay in the file.
