@@ -55,6 +55,10 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def ghz_path() -> str | None:
     return shutil.which("ghz")
 
@@ -396,7 +400,7 @@ def run_sections(
         files["png"].write_bytes(png)
         files["dicom"].write_bytes(dicom)
         if "floor" in sections:
-            before = load_average()
+            started, before = _now(), load_average()
             calls, warmup = args.calls, args.warmup
             inputs = [
                 floor("png_1024", png, target, security, url, calls=calls, warmup=warmup, reference=files["png"]),
@@ -412,6 +416,7 @@ def run_sections(
                 ),
             ]
             out["floor"] = {
+                "started": started,
                 "bench_allocator_tuned": tuned,
                 "ghz": ghz_path() or GHZ_ABSENT,
                 "load_average_before_after": [before, load_average()],
@@ -419,8 +424,8 @@ def run_sections(
             }
             print(json.dumps(out["floor"], indent=2), flush=True)
         if "direct16" in sections:
-            before = load_average()
+            started, before = _now(), load_average()
             point = direct16(target, security, png, url, seconds=args.direct_seconds, rounds=args.direct_rounds)
-            out["direct16"] = {**point, "load_average_before_after": [before, load_average()]}
+            out["direct16"] = {"started": started, **point, "load_average_before_after": [before, load_average()]}
             print(json.dumps(out["direct16"], indent=2), flush=True)
     return out
