@@ -7,7 +7,9 @@ Two sections of ``bench/bench_gateway.py`` (``--sections floor direct16``), in t
   interleaved round by round: decode (pydicom ``dcmread`` + ``pixel_array``; ``cv2.imdecode``), window to
   8 bit (the project's ``render``), letterbox to 1024 (the project's ``Letterbox``, INTER_AREA when
   shrinking) and a direct tritonclient gRPC call of the classifier on the prepared uint8 tensor. The
-  gateway's own stage timings from the answers say where the difference goes.
+  gateway's own stage timings from the answers say where the difference goes, with two more arms in the
+  rotation: the same file sent by reference (its path under ``gateway.reference_roots``: what moving the
+  bytes costs) and an empty health check (what any round trip to the gateway costs).
 - ``direct16``: req/s of the gateway's ``Classify`` (1024 PNG) at 16 concurrent clients against the
   classifier called directly through tritonclient with the same tensor at 16 clients, the same Python
   generator on both (and ghz on the gateway side when on PATH), arms alternating in short windows.
@@ -35,6 +37,7 @@ import grpc
 import numpy as np
 import pydicom
 import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import bench_gateway as gw
 from medgate.v1 import inference_pb2 as pb
@@ -165,7 +168,9 @@ def floor(
     by_path = pb.ImageInput(reference=pb.ImageReference(file_path=str(reference))) if reference else None
     ghz = ghz_path()
     ghz_every = max(1, min(ghz_every, calls))
-    arms = ["floor", "python", *(["python_by_reference"] if by_path else [])]
+    health = health_pb2_grpc.HealthStub(channel)  # an empty call: what any round trip to the gateway costs
+    arms = ["floor", "python", "roundtrip", *(["python_by_reference"] if by_path else [])]
+    roundtrips: list[float] = []
     by_reference: list[float] = []
     by_reference_timings: list[pb.StageTimings] = []
     floors: dict[str, list[float]] = {stage: [] for stage in ("decode", "window", "letterbox", "triton")}
@@ -196,6 +201,11 @@ def floor(
                         for stage, seconds in times.items():
                             floors[stage].append(seconds)
                         floor_sums.append(sum(times.values()))
+                elif arm == "roundtrip":
+                    began = time.perf_counter()
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=60)
+                    if index >= warmup:
+                        roundtrips.append(time.perf_counter() - began)
                 elif arm == "python_by_reference":
                     began = time.perf_counter()
                     response = stub.Classify(pb.ClassifyRequest(image=by_path), timeout=60)
@@ -230,6 +240,7 @@ def floor(
         "gateway_stage_p50_ms": stage_p50,
         # The part of the Python client's p50 that no gateway stage covers: gRPC both ways, (de)serialising.
         "python_e2e_outside_gateway_total_ms": round(python_stats["p50_ms"] - stage_p50["total_ms"], 3),
+        "empty_health_check_roundtrip": gw.percentiles(roundtrips),
         "gateway_stages_minus_floor_ms": {
             "decode_plus_preprocess_vs_decode_window_letterbox": round(
                 stage_p50["decode_ms"]
