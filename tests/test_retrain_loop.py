@@ -48,7 +48,7 @@ FRESH = 24  # faint phantoms never reviewed, for the before/after AP50 through t
 STEPS = 100
 REPLAY = 50
 PHANTOM_HELDOUT = 100
-FAINT_GAIN = 0.15  # AP50 on faint lesions rises at least this much (measured: about 0.3)
+FAINT_GAIN = 0.10  # AP50 on faint lesions rises at least this much (measured beforehand: 0.19)
 STANDARD_TOLERANCE = 0.02  # and falls at most this much on the standard held-out set (versions.promote_tolerance)
 
 FLOW = """
