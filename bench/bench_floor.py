@@ -122,10 +122,19 @@ class Floor:
 
 
 def _ghz_batch(
-    ghz: str, target: str, request_file: Path, *, calls: int, concurrency: int = 1, seconds: float = 0.0
+    ghz: str,
+    target: str,
+    request_file: Path,
+    *,
+    calls: int,
+    concurrency: int = 1,
+    seconds: float = 0.0,
+    method: str = "medgate.v1.Inference.Classify",
+    protoset: Path | None = None,
 ) -> dict[str, Any]:
-    """One ghz run by server reflection; its per-call latencies (s) or its duration's count."""
-    command = [ghz, "--insecure", "--call", "medgate.v1.Inference.Classify", "-B", str(request_file)]
+    """One ghz run (by server reflection unless ``protoset``); its per-call latencies (s) and its count."""
+    command = [ghz, "--insecure", "--call", method, "-B", str(request_file)]
+    command += ["--protoset", str(protoset)] if protoset else []
     command += ["-c", str(concurrency), "-t", "60s", "-O", "json"]
     command += ["-z", f"{seconds}s", "--duration-stop=wait"] if seconds else ["-n", str(calls)]
     done = subprocess.run([*command, target], capture_output=True, text=True, timeout=600, check=False)
@@ -315,6 +324,37 @@ def _load(
     return {"requests": sum(counts), "errors": sum(errors), "seconds": elapsed, "latencies": merged}
 
 
+def _triton_protoset(path: Path) -> None:
+    """Triton's gRPC API as a protoset for ghz (Triton serves no reflection), from tritonclient's own descriptors."""
+    from google.protobuf import descriptor_pb2
+    from google.protobuf.descriptor import FileDescriptor
+    from tritonclient.grpc import service_pb2
+
+    files = descriptor_pb2.FileDescriptorSet()
+    seen: set[str] = set()
+
+    def add(descriptor: FileDescriptor) -> None:
+        if descriptor.name in seen:
+            return
+        seen.add(descriptor.name)
+        for dependency in descriptor.dependencies:
+            add(dependency)
+        descriptor.CopyToProto(files.file.add())
+
+    add(service_pb2.DESCRIPTOR)
+    path.write_bytes(files.SerializeToString())
+
+
+def _triton_request(tensor: np.ndarray) -> bytes:
+    """The ModelInferRequest tritonclient sends for the classifier on ``tensor`` (raw contents), serialized."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name="classifier")
+    request.inputs.add(name="image", datatype="UINT8", shape=list(tensor.shape))
+    request.raw_input_contents.append(tensor.tobytes())
+    return request.SerializeToString()
+
+
 def direct16(
     target: str,
     security: gw.Security,
@@ -351,16 +391,32 @@ def direct16(
         arm: {"requests": 0, "errors": 0, "seconds": 0.0, "latencies": []} for arm in arms
     }
     if ghz:
-        totals["gateway_ghz"] = {"requests": 0, "errors": 0, "seconds": 0.0, "latencies": []}
+        for arm in ("gateway_ghz", "direct_triton_ghz"):
+            totals[arm] = {"requests": 0, "errors": 0, "seconds": 0.0, "latencies": []}
     with tempfile.TemporaryDirectory(prefix="medgate-bench-direct16-") as scratch:
         request_file = Path(scratch) / "classify.bin"
         request_file.write_bytes(request.SerializeToString())
+        triton_file, protoset = Path(scratch) / "infer.bin", Path(scratch) / "triton.protoset"
+        triton_file.write_bytes(_triton_request(tensor))
+        _triton_protoset(protoset)
         for round_index in range(rounds):
             names = list(totals)
             names = names[round_index % len(names) :] + names[: round_index % len(names)]
             for arm in names:
-                if arm == "gateway_ghz" and ghz:
-                    batch = _ghz_batch(ghz, target, request_file, calls=0, concurrency=clients, seconds=seconds)
+                if arm in ("gateway_ghz", "direct_triton_ghz") and ghz:
+                    direct = arm == "direct_triton_ghz"
+                    batch = _ghz_batch(
+                        ghz,
+                        triton_url if direct else target,
+                        triton_file if direct else request_file,
+                        calls=0,
+                        concurrency=clients,
+                        seconds=seconds,
+                        method="inference.GRPCInferenceService.ModelInfer"
+                        if direct
+                        else "medgate.v1.Inference.Classify",
+                        protoset=protoset if direct else None,
+                    )
                     point = {
                         "requests": len(batch["latencies"]),
                         "errors": batch["errors"],
@@ -385,8 +441,10 @@ def direct16(
     result["gateway_python_over_direct_rps"] = round(result["gateway_python"]["rps"] / direct_rps, 3)
     if ghz:
         result["gateway_ghz_over_direct_rps"] = round(result["gateway_ghz"]["rps"] / direct_rps, 3)
+        direct_ghz = max(result["direct_triton_ghz"]["rps"], 1e-9)
+        result["gateway_ghz_over_direct_ghz_rps"] = round(result["gateway_ghz"]["rps"] / direct_ghz, 3)
     else:
-        result["gateway_ghz"] = GHZ_ABSENT
+        result["gateway_ghz"] = result["direct_triton_ghz"] = GHZ_ABSENT
     return result
 
 
