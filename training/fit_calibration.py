@@ -1,6 +1,6 @@
 """Fit the score calibration of the reference models on the calibration seed split; write each calibration.json.
 
-    python -m training.fit_calibration [--count 800] [--box-count 40]
+    python -m training.fit_calibration [--count 800] [--box-count 80]
 
 The phantoms are ``training.common.load_split("calib")`` (seed ``CALIB_SEED``): never the training seed, never
 the held-out one that ``make eval-models`` and ``make eval-calibration`` score. Classifier, detector and text
@@ -241,7 +241,7 @@ def fit_segmenter_box(count: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=800, help="calibration phantoms for the fast models")
-    parser.add_argument("--box-count", type=int, default=40, help="of which this many go to LiteMedSAM (slow)")
+    parser.add_argument("--box-count", type=int, default=80, help="phantoms for LiteMedSAM (slow: ~5 s each here)")
     parser.add_argument(
         "--models", default="classifier,detector,segmenter_text,segmenter_box", help="comma-separated subset"
     )
