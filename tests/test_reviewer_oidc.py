@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import urllib.parse
 import uuid
@@ -32,24 +31,11 @@ from services.security.credentials import DevCredentials
 from services.settings import PROJECT_ROOT, load_settings
 from tests.conftest import security_values
 from tests.oidc_provider import OidcProvider, TestClient, TestUser
+from tests.test_reviewer_page import CHROMIUM, CHROMIUM_ARGS, _chromium_or_skip
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run", "--disable-sync",
-]  # fmt: skip
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", PROJECT_ROOT / "tmp" / "artifacts")) / "reviewer-oidc"
 CLIENT_ID, CLIENT_SECRET = "medgate-review", "page-secret"
 SESSION_COOKIE, SIGN_IN_COOKIE = "__Host-medgate-review", "__Host-medgate-signin"
-
-
-def _chromium_or_skip() -> None:
-    if Path(CHROMIUM).exists() and shutil.which(CHROMIUM):
-        return
-    message = f"{CHROMIUM} is missing (apt-get install chromium)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true but {message}: the reviewer page's browser tests must run in CI")
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
