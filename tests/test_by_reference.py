@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import pytest
@@ -28,17 +28,15 @@ from medgate.v1 import inference_pb2_grpc as pb_grpc
 from services.gateway.server import GatewayServer
 from services.imaging.ingest.reference import ReferenceDenied, ReferencePolicy, check_file, check_url, read_file
 from services.settings import load_settings
-from tests.fixtures import pydicom_data_file
+from tests.fixtures import pydicom_data_file, unavailable
 from tests.orthanc import Orthanc, OrthancUnavailable
 
 SOURCE = "RG1_UNCI.dcm"
 TOKEN = "test-token-for-the-archive"
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true but {reason}: the by-reference tests must run in CI")
-    pytest.skip(reason)
+def _unavailable(reason: str) -> NoReturn:
+    unavailable(reason, "the by-reference tests")
 
 
 class _Listener:

@@ -14,7 +14,6 @@ import datetime
 import io
 import json
 import logging
-import os
 import re
 import shutil
 import ssl
@@ -22,7 +21,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pydicom
 import pytest
@@ -35,6 +34,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from services.dicom.node.node import DicomNode
 from services.gateway.server import GatewayServer
 from services.settings import PROJECT_ROOT, load_settings
+from tests.fixtures import unavailable
 from tests.orthanc import Orthanc, OrthancUnavailable
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
@@ -43,10 +43,8 @@ COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 MIB = 1024 * 1024
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true but {reason}: the DICOM node tests must run in CI")
-    pytest.skip(reason)
+def _unavailable(reason: str) -> NoReturn:
+    unavailable(reason, "the DICOM node tests")
 
 
 @pytest.fixture(scope="module")
