@@ -334,7 +334,11 @@ async def test_a_ct_slice_sent_to_the_node_comes_back_into_orthanc_as_verified_s
         from prometheus_client import REGISTRY
 
         label = {"destination": orthanc.destination}
-        assert (REGISTRY.get_sample_value("medgate_dicom_sent_total", label) or 0) >= 3  # the AI SR, two verified
+        # Orthanc stores an object before our sender has read its C-STORE response and counted it: wait for the count.
+        await wait_for(
+            lambda: (REGISTRY.get_sample_value("medgate_dicom_sent_total", label) or 0) >= 3,  # the AI SR, two verified
+            what="three sends counted",
+        )
         await wait_for(
             lambda: REGISTRY.get_sample_value("medgate_dicom_outbox_pending", label) == 0, what="an empty outbox"
         )
