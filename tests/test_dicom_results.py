@@ -46,6 +46,7 @@ from services.dicom.results import (
     build_dicom_results,
     build_verified_results,
     codes,
+    read_source,
 )
 from services.gateway.server import GatewayServer
 from services.imaging.limits import IngestLimits
@@ -620,3 +621,39 @@ async def test_cli_batch_writes_dicom_results_for_dicom_files_only(
     for entry in entries:
         assert "data" not in entry  # the bytes live in the .dcm the entry names
         assert (out / entry["file"]).name == f"{entry['sop_instance_uid']}.dcm" and (out / entry["file"]).exists()
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCI.dcm", "CT_small.dcm", "emri_small.dcm", "JPEG2000.dcm"])
+def test_a_routed_case_keeps_the_source_header_without_its_pixels(name: str) -> None:
+    """What a routed case carries to the review store for its verified result: the header only, byte for byte."""
+    from services.dicom.results.source import header_bytes
+
+    data = pydicom_data_file(name).read_bytes()
+    kept = header_bytes(data)
+    assert len(kept) < min(64 * 1024, len(data))  # RG1_UNCI.dcm: 2 KiB of 7.2 MB
+    assert data.startswith(kept)
+    whole = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    cut = pydicom.dcmread(io.BytesIO(kept))
+    assert "PixelData" not in cut
+    assert [(e.tag, e.value) for e in cut] == [(e.tag, e.value) for e in whole]
+    assert cut.file_meta.TransferSyntaxUID == whole.file_meta.TransferSyntaxUID
+    # The builders read it as they read the whole file: the same identity, grid and frames.
+    assert read_source(kept, frame=0, limits=IngestLimits()).frames == read_source(
+        data, frame=0, limits=IngestLimits()
+    ).frames
+
+
+def test_a_source_that_cannot_be_cut_safely_is_kept_whole() -> None:
+    import gzip
+
+    from services.dicom.results.source import header_bytes
+
+    data = pydicom_data_file("CT_small.dcm").read_bytes()
+    wrapped = gzip.compress(data)
+    assert header_bytes(wrapped) == wrapped
+    deflated = io.BytesIO()
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.save_as(deflated, enforce_file_format=True)
+    assert header_bytes(deflated.getvalue()) == deflated.getvalue()
+    assert header_bytes(b"not DICOM at all") == b"not DICOM at all"

@@ -1,7 +1,7 @@
-"""What a routed case keeps for the reviewer's verified DICOM result: the source instance and the AI objects.
+"""What a routed case keeps for the reviewer's verified DICOM result: the source's header and the AI objects.
 
 The gateway hands the answer's SEG and SR (``output.dicom_results``) to routing; each case then carries
-:class:`ReviewDicomSource` (the source's bytes, the frame, the AI SR and SEG identifiers, the models) to the
+:class:`ReviewDicomSource` (the source's header bytes, the frame, the AI SR and SEG identifiers, the models) to the
 review service, which builds the VERIFIED SR from it when the loop completes (services/review/completion.py).
 Pure: no gRPC.
 """
@@ -15,6 +15,7 @@ import pydicom
 
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import review_pb2 as rpb
+from services.dicom.results.source import header_bytes
 from services.imaging.ingest.quiet import quiet
 from services.imaging.prepare import PreparedImage
 
@@ -27,10 +28,12 @@ def review_dicom_source(
     objects: Sequence[pb.DicomObject],
     models: Mapping[str, pb.ModelRef],
 ) -> rpb.ReviewDicomSource | None:
-    """What a routed case keeps for its verified DICOM result: the source's bytes, the frame, the AI SR (and SEG,
-    with its segments' tracking IDs and UIDs read from its header) of this answer, the models per task
-    ("classify", "detect", "segment"). None without an AI SR (the answer was not written as DICOM)."""
-    source = rpb.ReviewDicomSource(data=data, frame=frame)
+    """What a routed case keeps for its verified DICOM result: the source's header (its bytes up to the pixel
+    data, :func:`~services.dicom.results.source.header_bytes`: the verified SR and SEG copy attributes, never
+    pixels), the frame, the AI SR (and SEG, with its segments' tracking IDs and UIDs read from its header) of this
+    answer, the models per task ("classify", "detect", "segment"). None without an AI SR (the answer was not
+    written as DICOM)."""
+    source = rpb.ReviewDicomSource(data=header_bytes(data), frame=frame)
     for item in objects:
         reference = rpb.DicomReference(
             study_instance_uid=study_instance_uid,

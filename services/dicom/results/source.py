@@ -122,6 +122,34 @@ class SourceFrame:
         return view
 
 
+_PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as a little-endian data set writes it
+
+
+def header_bytes(data: bytes) -> bytes:
+    """``data`` cut just before its top-level Pixel Data: all that :func:`read_source` reads, a few KiB of a 7 MB image.
+
+    What a routed case keeps for its verified DICOM result until the loop completes, so that the durable hand-off
+    on the caller's path writes and fsyncs KiB instead of the whole image. Bytes it cannot cut safely (gzip, the
+    deflated or a big-endian transfer syntax, no pixel data, a header that does not read) are returned whole.
+    """
+    if data[:2] == GZIP_MAGIC:
+        return data
+    bare = not (len(data) >= 132 and data[128:132] == b"DICM")
+    stream = io.BytesIO(data)
+    with quiet():
+        try:
+            dataset = pydicom.dcmread(stream, stop_before_pixels=True, force=bare)
+        except Exception:  # ingest read it; whatever this is, keeping everything is the safe answer
+            return data
+    syntax = str(getattr(dataset, "file_meta", Dataset()).get("TransferSyntaxUID", ""))
+    if syntax in (pydicom.uid.DeflatedExplicitVRLittleEndian, pydicom.uid.ExplicitVRBigEndian):
+        return data
+    end = stream.tell()
+    if data[end : end + 4] != _PIXEL_DATA_TAG_LE:
+        return data  # stopped somewhere else (no pixel data, or float pixel data): keep it all
+    return data[:end]
+
+
 def read_source(data: bytes, *, frame: int, limits: IngestLimits) -> SourceFrame:
     """The DICOM header of ``data`` (Part 10, a bare data set, or either gzip-wrapped), checked for what results need.
 
