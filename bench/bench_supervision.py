@@ -266,7 +266,16 @@ def routing(args: argparse.Namespace, security: Security, scratch: Path) -> dict
             connect.channel(f"127.0.0.1:{plain_port}", security.client(), options=_big()) as plain_channel,
         ):
             routed, plain = pb_grpc.InferenceStub(routed_channel), pb_grpc.InferenceStub(plain_channel)
-            for name, datas in inputs(args.calls + args.warmup).items():
+            cases = [(name, datas, False) for name, datas in inputs(args.calls + args.warmup).items()]
+            # The SR too, and the case keeps the source's header for its verified SR: a pixel flipped (a new image
+            # to review, not one already in review).
+            flipped = [
+                d[:-4] + (int.from_bytes(d[-4:-2], "little") ^ 0x0FFF).to_bytes(2, "little") + d[-2:]
+                for d in cases[-1][1]
+            ]
+            cases.append(("RG1_UNCI.dcm with DICOM results", flipped, True))
+            for name, datas, dicom_out in cases:
+                output = pb.OutputOptions(dicom_results=dicom_out)
                 sides: dict[str, list[float]] = {"routed": [], "unrouted": []}
                 stages: dict[str, dict[str, list[float]]] = {"routed": {}, "unrouted": {}}
                 route_ms: list[float] = []
@@ -275,7 +284,8 @@ def routing(args: argparse.Namespace, security: Security, scratch: Path) -> dict
                     order = [("routed", routed), ("unrouted", plain)]
                     for side, stub in order if i % 2 == 0 else order[::-1]:
                         started = time.perf_counter()
-                        answer = stub.Classify(pb.ClassifyRequest(image=pb.ImageInput(data=data)), timeout=60)
+                        request = pb.ClassifyRequest(image=pb.ImageInput(data=data), output=output)
+                        answer = stub.Classify(request, timeout=60)
                         took = time.perf_counter() - started
                         if i < args.warmup:
                             continue
@@ -283,7 +293,7 @@ def routing(args: argparse.Namespace, security: Security, scratch: Path) -> dict
                         t = answer.timings
                         added = t.decode_ms + t.preprocess_ms + t.triton_ms + t.encode_ms + t.dicom_ms + t.route_ms
                         gaps.append((t.total_ms - added) / t.total_ms)
-                        for stage in ("decode", "preprocess", "triton", "route", "total"):
+                        for stage in ("decode", "preprocess", "triton", "dicom", "route", "total"):
                             stages[side].setdefault(stage, []).append(getattr(t, f"{stage}_ms"))
                         if side == "routed":
                             route_ms.append(t.route_ms)
