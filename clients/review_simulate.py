@@ -38,6 +38,7 @@ import numpy as np
 from clients import connect
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
+from services.imaging.boxes import box_iou
 from services.review.flows import (
     AllOf,
     AnyOf,
@@ -82,17 +83,6 @@ def load_labels(path: Path) -> dict[str, dict[str, Any]]:
     return dict(data["images"])
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return np.asarray(inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9))
-
-
 def detection_wrong(boxes: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> bool:
     """A false box or a missed lesion among the boxes scoring >= the operating point (greedy, IoU 0.5)."""
     shown = boxes[scores >= OPERATING_POINT].reshape(-1, 4)
@@ -100,7 +90,7 @@ def detection_wrong(boxes: np.ndarray, scores: np.ndarray, truth: np.ndarray) ->
     truth = truth.reshape(-1, 4)
     if len(shown) == 0 or len(truth) == 0:
         return len(shown) != len(truth)
-    overlaps = _iou(shown, truth)
+    overlaps = box_iou(shown, truth)
     used = np.zeros(len(truth), dtype=bool)
     for index in order:
         best = int(np.argmax(overlaps[index]))

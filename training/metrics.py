@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.imaging.boxes import box_iou
+
 ECE_BINS = 10
 
 
@@ -193,14 +195,7 @@ def match_detections(boxes: np.ndarray, scores: np.ndarray, truth: np.ndarray, i
     hits = np.zeros(len(b), dtype=bool)
     if len(b) == 0 or len(t) == 0:
         return hits
-    x0 = np.maximum(b[:, None, 0], t[None, :, 0])
-    y0 = np.maximum(b[:, None, 1], t[None, :, 1])
-    x1 = np.minimum(b[:, None, 2], t[None, :, 2])
-    y1 = np.minimum(b[:, None, 3], t[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    area_t = (t[:, 2] - t[:, 0]) * (t[:, 3] - t[:, 1])
-    overlaps = inter / np.maximum(area_b[:, None] + area_t[None, :] - inter, 1e-9)
+    overlaps = box_iou(b, t)
     used = np.zeros(len(t), dtype=bool)
     for index in np.argsort(-np.asarray(scores, dtype=np.float64).reshape(-1), kind="stable"):
         best = int(np.argmax(overlaps[index]))

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from services.imaging.boxes import box_iou
 from services.metrics import SHADOW_COMPARISONS
 from services.settings import VersionSettings
 
@@ -43,17 +44,6 @@ class Comparison:
     candidate_top: float
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return np.asarray(inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9))
-
-
 def compare_detections(
     serving: tuple[np.ndarray, np.ndarray], candidate: tuple[np.ndarray, np.ndarray], *, iou: float, min_score: float
 ) -> Comparison:
@@ -62,7 +52,7 @@ def compare_detections(
     sb, cb = sb[ss >= min_score].reshape(-1, 4), cb[cs >= min_score].reshape(-1, 4)
     matched = 0
     if len(sb) and len(cb):
-        overlaps = _iou(sb.astype(np.float64), cb.astype(np.float64))
+        overlaps = box_iou(sb, cb)
         used = np.zeros(len(cb), dtype=bool)
         for row in overlaps:
             row = np.where(used, -1.0, row)
