@@ -269,7 +269,7 @@ async def test_with_tokens_the_reviewer_is_the_token_and_output_json_says_so(
     assert answer["workerMetadata"] == {
         "identityData": {"identityProviderType": "OIDC", "issuer": ISSUER, "sub": "dr-a"}
     }
-    assert answer["answerContent"] == {"label": "lesion"}
+    assert answer["answerContent"] == {"label": "lesion", "initialValueModified": False}
 
 
 async def test_the_reviewer_client_without_tokens_needs_a_reviewer_id(

@@ -89,6 +89,28 @@ async def next_case(stub: pb_grpc.ReviewStub, reviewer: str, flows: list[str], t
         stream.cancel()
 
 
+@pytest.mark.parametrize(
+    ("answer", "modified"),
+    [
+        (pb.ReviewAnswer(label="lesion"), False),
+        (pb.ReviewAnswer(accept=True), False),
+        (pb.ReviewAnswer(label="normal"), True),
+    ],
+    ids=["the-models-class", "accepted", "another-class"],
+)
+async def test_a_grpc_reviewer_who_keeps_the_models_class_did_not_modify_it(
+    review: tuple[ReviewServer, pb_grpc.ReviewStub], tmp_path: Path, answer: pb.ReviewAnswer, modified: bool
+) -> None:
+    """A2I's initialValueModified in output.json, judged by the service for gRPC answers as for the page's."""
+    _, stub = review
+    await stub.StartHumanLoop(start_request("case-m"))  # the model: lesion 0.6
+    case = await next_case(stub, "dr-a", ["single"])
+    request = pb.SubmitReviewRequest(decision_id="d-m", delivery_id=case.delivery_id, reviewer_id="dr-a", answer=answer)
+    result = await stub.SubmitReview(request)
+    document = json.loads((tmp_path / "out" / result.human_loop.output_path).read_text())
+    assert document["humanAnswers"][0]["answerContent"]["initialValueModified"] is modified
+
+
 async def test_start_is_idempotent_by_name_and_refuses_other_input(
     review: tuple[ReviewServer, pb_grpc.ReviewStub],
 ) -> None:
@@ -135,7 +157,11 @@ async def test_case_is_pushed_answered_and_written_where_a2i_would(
     assert output.is_file()
     document = json.loads(output.read_text())
     assert document["humanLoopName"] == "case-a"
-    assert document["humanAnswers"][0]["answerContent"] == {"label": "normal", "comment": "no nodule"}
+    assert document["humanAnswers"][0]["answerContent"] == {
+        "label": "normal",
+        "comment": "no nodule",
+        "initialValueModified": True,  # the model said lesion
+    }
     assert document["humanAnswers"][0]["workerId"] == "dr-a"
     assert document["inputContent"]["classification"]["scores"][0]["label"] == "lesion"
 

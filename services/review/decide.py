@@ -1,8 +1,9 @@
 """A reviewer's decision, recorded one way whoever sends it (SubmitReview over gRPC, or the reviewer page).
 
-A2I's answerContent from the answer, anything the caller adds beside it (the page adds
-``initialValueModified`` and per-mask decisions), the flow's validation, the store's idempotent
-``submit``, and the output.json of a loop the decision completed. Pure: no gRPC; runs on a store thread.
+A2I's answerContent from the answer, with ``initialValueModified`` judged on the server
+(:mod:`.initial`), anything the caller adds beside it (the page's per-mask decisions), the flow's
+validation, the store's idempotent ``submit``, and the output.json of a loop the decision completed.
+Pure: no gRPC; runs on a store thread.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from medgate.v1 import review_pb2 as pb
 from services.review.convert import answer_content
 from services.review.flows import FlowDefinition, validate_answer
+from services.review.initial import initial_value_modified
 from services.review.output import write_output
 from services.review.store import Loop, LoopStatus, NotFound, ReviewStoreBase
 
@@ -57,6 +59,11 @@ def submit_decision(
     if extra:
         content |= extra
         validate_answer(flow, content)
+    if "initialValueModified" not in content:
+        images = store.images(loop.name) if answer.WhichOneof("answer") == "mask" else {}
+        modified = initial_value_modified(loop, answer, images)
+        if modified is not None:
+            content["initialValueModified"] = modified
     decision = store.submit(
         decision_id,
         reviewer.key,

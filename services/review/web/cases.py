@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
 from typing import Any
 
 import cv2
@@ -18,12 +17,11 @@ import numpy as np
 from medgate.v1 import inference_pb2 as ipb
 from medgate.v1 import review_pb2 as pb
 from services.imaging.preprocess import MODEL_SIZE
-from services.review.convert import MASKS_NAME, content_prompts
+from services.review.convert import content_prompts
 from services.review.flows import InvalidArgument
+from services.review.initial import boxes_modified, model_masks
 from services.review.store import Loop, ReviewStoreBase
 
-# A moved box corner under this many model pixels is rounding, not a correction.
-BOX_TOLERANCE_PX = 0.5
 MAX_MASKS = 64
 _MASK_BYTES = MODEL_SIZE * MODEL_SIZE // 8
 
@@ -79,25 +77,6 @@ def case_json(case: pb.ReviewCase) -> dict[str, Any]:
 def decision_id(delivery_id: str) -> str:
     """One decision per delivery: a double click, a retry or a reload replays it instead of deciding twice."""
     return f"web:{delivery_id}"
-
-
-def _model_boxes(loop: Loop) -> list[tuple[str, list[float]]]:
-    boxes = []
-    for det in loop.input_content.get("detection", {}).get("detections", []):
-        mb = det.get("modelBox", det.get("model_box", {}))
-        boxes.append((str(det.get("label", "")), [float(mb.get(k, 0.0)) for k in ("x0", "y0", "x1", "y1")]))
-    return boxes
-
-
-def _boxes_modified(loop: Loop, boxes: list[ipb.Detection]) -> bool:
-    model = _model_boxes(loop)
-    if len(model) != len(boxes):
-        return True
-    for (label, coords), det in zip(model, boxes, strict=True):
-        mine = [det.model_box.x0, det.model_box.y0, det.model_box.x1, det.model_box.y1]
-        if label != det.label or any(abs(a - b) > BOX_TOLERANCE_PX for a, b in zip(coords, mine, strict=True)):
-            return True
-    return False
 
 
 def _number(value: Any, what: str) -> float:
@@ -156,19 +135,11 @@ def parse_answer(body: Any) -> tuple[str, Any]:
     raise InvalidArgument("answer.kind must be label, boxes, masks, accept or reject, with its value")
 
 
-def _model_masks(images: Mapping[str, bytes], loop: Loop) -> np.ndarray:
-    shape = [int(v) for v in loop.input_content.get("masksShape", [])]
-    data = images.get(MASKS_NAME)
-    if data is None or len(shape) != 3 or shape[1:] != [MODEL_SIZE, MODEL_SIZE]:
-        return np.zeros((0, MODEL_SIZE, MODEL_SIZE), np.uint8)
-    return np.unpackbits(np.frombuffer(data, np.uint8))[: int(np.prod(shape))].reshape(shape)
-
-
 def _masks_answer(
     store: ReviewStoreBase, loop: Loop, accepted: list[bool], edits: list[bytes | None]
 ) -> tuple[pb.ReviewAnswer, dict[str, Any]]:
     """Each mask as the reviewer left it (the model's, painted over, or rejected), one per prompt."""
-    model = _model_masks(store.images(loop.name), loop)
+    model = model_masks(store.images(loop.name), loop)
     if model.shape[0] != len(accepted):
         raise InvalidArgument(f"this case has {model.shape[0]} masks, {len(accepted)} decided")
     final = model.copy()
@@ -209,7 +180,7 @@ def page_answer(
         extra["initialValueModified"] = not scores or scores[0].get("label") != value
     elif kind == "boxes":
         answer = pb.ReviewAnswer(boxes=pb.LabeledBoxes(boxes=value))
-        extra["initialValueModified"] = _boxes_modified(loop, value)
+        extra["initialValueModified"] = boxes_modified(loop, value)
     elif kind == "masks":
         answer, extra = _masks_answer(store, loop, *value)
     elif kind == "accept":
