@@ -1,8 +1,9 @@
 """The review store: human loops, leased deliveries and idempotent decisions, one interface for its backends."""
 
 # model: records, statuses and errors; keys: digests, loop names and page tokens every backend computes alike;
-# base: the interface, its semantics, argument checks and work events; sqlite (with schema): the embedded
-# backend; postgres (with postgres_schema): the one replicas share; waiters: who to wake for a work event.
+# base: the interface, its semantics, argument checks and work events; sql: the statements both backends run
+# alike; sqlite (with schema): the embedded backend; postgres (with postgres_schema): the one replicas share;
+# waiters: who to wake for a work event.
 
 from __future__ import annotations
 

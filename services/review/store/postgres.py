@@ -26,8 +26,8 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import psycopg
 import psycopg.errors
@@ -35,31 +35,20 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from services.review.flows import FlowDefinition, InvalidArgument, ReviewError
-from services.review.store.base import Changes, ReviewStoreBase
+from services.review.flows import ReviewError
+from services.review.store.base import Changes
 from services.review.store.model import (
     ALL_REVIEWERS,
-    DICOM_ATTACHMENTS,
     FAILURE_EXPIRED,
-    MAX_LIST_RESULTS,
-    OPEN_STATUSES,
-    AlreadyExists,
-    Decision,
     Delivery,
-    ExpiryReport,
-    InvalidState,
     LeaseBatch,
-    Loop,
     LoopStatus,
-    NotFound,
-    NotYourLease,
     StoreUnavailable,
     WorkEvent,
-    initial_dicom_state,
-    parse_status,
 )
 from services.review.store.postgres_schema import migrate
-from services.review.store.schema import row_decision, row_loop
+from services.review.store.schema import row_loop
+from services.review.store.sql import SqlReviewStore, one
 
 logger = logging.getLogger("medgate.review.store")
 
@@ -96,14 +85,6 @@ LOOP_CANDIDATES = (
 )
 
 
-def one(cursor: psycopg.Cursor[dict[str, Any]]) -> dict[str, Any]:
-    """The row of a query that always has exactly one (an aggregate, EXISTS)."""
-    row = cursor.fetchone()
-    if row is None:
-        raise ReviewError("the database answered an aggregate query without a row")
-    return row
-
-
 def redacted(url: str) -> str:
     """A connection URL fit for logs and messages: host, port and database, never a password."""
     try:
@@ -115,7 +96,7 @@ def redacted(url: str) -> str:
     return f"postgresql://{host}:{port}/{parts.get('dbname') or ''}"
 
 
-class PostgresReviewStore(ReviewStoreBase):
+class PostgresReviewStore(SqlReviewStore[Connection]):
     """Human loops, deliveries and decisions in PostgreSQL; thread-safe; ``now`` is injectable.
 
     ``url``: a libpq URL or key/value string (``postgresql://user@host:5432/medgate``); a password is
@@ -124,6 +105,9 @@ class PostgresReviewStore(ReviewStoreBase):
     work events (a server does; a command-line export does not need to). ``pool_timeout_s``: how long
     a call waits for a connection (the database down: then it fails, and the pool keeps reconnecting).
     """
+
+    PLACEHOLDER: ClassVar[str] = "%s"
+    GREATEST: ClassVar[str] = "GREATEST"
 
     def __init__(
         self,
@@ -231,6 +215,12 @@ class PostgresReviewStore(ReviewStoreBase):
                 time.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")
 
+    def _for_update(self, of: str = "") -> str:
+        return " FOR UPDATE" + (f" OF {of}" if of else "")
+
+    def _lost_race(self, what: str) -> NoReturn:
+        raise psycopg.errors.SerializationFailure(what)  # retryable: _write runs the transaction again
+
     def _after_failure(self, exc: BaseException) -> None:
         """After a dropped connection (a database restart drops them all), weed out the pool's dead ones
         before trying again, rather than meeting them one attempt at a time."""
@@ -294,124 +284,6 @@ class PostgresReviewStore(ReviewStoreBase):
         )
         return None if row is None or row["t"] is None else float(row["t"])
 
-    # -- loops ----------------------------------------------------------------------------------
-
-    def start_loop(
-        self,
-        flow: FlowDefinition,
-        name: str,
-        input_content: Mapping[str, Any],
-        input_hash: str,
-        *,
-        images: Mapping[str, bytes] | None = None,
-    ) -> Loop:
-        checked = self._checked_start(flow, name, input_content, input_hash, images)
-
-        def work(conn: Connection, changes: Changes) -> Loop:
-            now = self._now()
-            self._expire_in(conn, now, changes)
-            inserted = conn.execute(
-                "INSERT INTO loops (name, flow, task_type, status, input_json, input_hash, input_digest,"
-                " image_names, task_count, task_time_limit_s, created_at, expires_at, dicom_state)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (name) DO NOTHING RETURNING seq",
-                (
-                    name,
-                    flow.name,
-                    str(flow.task_type),
-                    str(LoopStatus.IN_PROGRESS),
-                    checked.content_json,
-                    input_hash,
-                    checked.digest,
-                    json.dumps(builtins.list(checked.images)),
-                    flow.task_count,
-                    flow.task_time_limit_s,
-                    now,
-                    now + flow.task_availability_lifetime_s,
-                    initial_dicom_state(checked.images),
-                ),
-            ).fetchone()
-            if inserted is None:
-                row = conn.execute("SELECT * FROM loops WHERE name = %s", (name,)).fetchone()
-                if row is None:  # deleted between our insert and this read: start again
-                    raise psycopg.errors.SerializationFailure("loop deleted concurrently")
-                if row["input_digest"] != checked.digest:
-                    raise AlreadyExists(f"human loop {name} already exists with a different input")
-                return row_loop(row)
-            if checked.images:
-                with conn.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO images (loop_seq, position, name, data) VALUES (%s, %s, %s, %s)",
-                        [(inserted["seq"], i, n, d) for i, (n, d) in enumerate(checked.images.items())],
-                    )
-            changes.work(flow.name, flow.task_count)
-            return self._loop(conn, name)
-
-        return self._write(work)
-
-    def describe(self, name: str) -> Loop:
-        self._sweep_if_due()
-        return self._read(lambda conn: self._loop(conn, name))
-
-    def images(self, name: str, *, with_dicom: bool = False) -> dict[str, bytes]:
-        hidden = () if with_dicom else DICOM_ATTACHMENTS
-
-        def read(conn: Connection) -> dict[str, bytes]:
-            seq = self._loop_row(conn, name)["seq"]
-            rows = conn.execute(
-                "SELECT name, data FROM images WHERE loop_seq = %s AND name NOT IN (%s, %s) ORDER BY position",
-                (seq, *(hidden or ("", ""))),
-            )
-            return {row["name"]: bytes(row["data"]) for row in rows}
-
-        return self._read(read)
-
-    def list(
-        self,
-        *,
-        flow: str | None = None,
-        status: LoopStatus | str | None = None,
-        created_after: float | None = None,
-        created_before: float | None = None,
-        ascending: bool = False,
-        max_results: int = MAX_LIST_RESULTS,
-        next_token: str | None = None,
-    ) -> tuple[builtins.list[Loop], str | None]:
-        query = self._list_query(flow, status, created_after, created_before, ascending, max_results, next_token)
-        sql, params = query.sql("%s")
-        self._sweep_if_due()
-        return query.page(self._read(lambda conn: conn.execute(sql, params).fetchall()))
-
-    def stop(self, name: str) -> Loop:
-        def work(conn: Connection, changes: Changes) -> Loop:
-            now = self._now()
-            self._expire_in(conn, now, changes)
-            row = self._loop_row(conn, name, lock=True)
-            loop = row_loop(row)
-            if loop.status in (LoopStatus.COMPLETED, LoopStatus.FAILED):
-                raise InvalidState(f"human loop {name} is {loop.status} and cannot be stopped")
-            if loop.status is not LoopStatus.STOPPED:
-                conn.execute(
-                    "UPDATE loops SET status = %s, ended_at = %s WHERE seq = %s",
-                    (str(LoopStatus.STOPPED), now, row["seq"]),
-                )
-                changes.freed(self._cancel_leases(conn, now, [row["seq"]]))
-                loop = self._loop(conn, name)
-            return loop
-
-        return self._write(work)
-
-    def delete(self, name: str) -> None:
-        def work(conn: Connection, changes: Changes) -> None:
-            self._expire_in(conn, self._now(), changes)
-            row = self._loop_row(conn, name, lock=True)
-            status = parse_status(row["status"])
-            if status in OPEN_STATUSES:
-                raise InvalidState(f"human loop {name} is {status}; stop it before deleting it")
-            conn.execute("DELETE FROM loops WHERE seq = %s", (row["seq"],))
-
-        self._write(work)
-
     # -- delivery -------------------------------------------------------------------------------
 
     def lease_batch(
@@ -424,13 +296,7 @@ class PostgresReviewStore(ReviewStoreBase):
             # One reviewer's lease calls one at a time, whichever replica serves them: max_in_flight holds.
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (REVIEWER_LOCK_PREFIX + reviewer_id,))
             self._expire_in(conn, now, changes)
-            in_flight = int(
-                one(
-                    conn.execute(
-                        "SELECT count(*) AS n FROM deliveries WHERE reviewer = %s AND state = 'leased'", (reviewer_id,)
-                    )
-                )["n"]
-            )
+            in_flight = int(one(self._count_leases(conn, reviewer_id))["n"])
             room = min(count, max_in_flight - in_flight)
             params = {"flows": flow_names, "now": now, "reviewer": reviewer_id}
             deliveries: builtins.list[Delivery] = []
@@ -505,277 +371,7 @@ class PostgresReviewStore(ReviewStoreBase):
         except psycopg.errors.LockNotAvailable:
             return []
 
-    def renew(self, delivery_id: str, reviewer_id: str) -> Delivery:
-        def work(conn: Connection, changes: Changes) -> Delivery:
-            now = self._now()
-            self._expire_in(conn, now, changes)
-            row = conn.execute(
-                "SELECT d.reviewer, d.state, d.leased_at, l.* FROM deliveries AS d"
-                " JOIN loops AS l ON l.seq = d.loop_seq WHERE d.id = %s FOR UPDATE OF d",
-                (delivery_id,),
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"delivery {delivery_id} not found")
-            if row["reviewer"] != reviewer_id:
-                raise NotYourLease(f"delivery {delivery_id} is leased to another reviewer")
-            if row["state"] != "leased":
-                raise InvalidState(f"delivery {delivery_id} is {row['state']}; only an open lease can be renewed")
-            expires = min(now + row["task_time_limit_s"], row["expires_at"])
-            conn.execute("UPDATE deliveries SET lease_expires_at = %s WHERE id = %s", (expires, delivery_id))
-            return Delivery(delivery_id, reviewer_id, row_loop(row), row["leased_at"], expires)
-
-        return self._write(work)
-
-    def release(self, delivery_id: str, reviewer_id: str) -> None:
-        def work(conn: Connection, changes: Changes) -> None:
-            now = self._now()
-            self._expire_in(conn, now, changes)
-            row = conn.execute(
-                "SELECT d.reviewer, d.state, l.flow FROM deliveries AS d JOIN loops AS l ON l.seq = d.loop_seq"
-                " WHERE d.id = %s FOR UPDATE OF d",
-                (delivery_id,),
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"delivery {delivery_id} not found")
-            if row["reviewer"] != reviewer_id:
-                raise NotYourLease(f"delivery {delivery_id} is leased to another reviewer")
-            if row["state"] == "leased":
-                conn.execute(
-                    "UPDATE deliveries SET state = 'released', ended_at = %s WHERE id = %s", (now, delivery_id)
-                )
-                changes.work(row["flow"])
-                changes.freed([reviewer_id])
-
-        self._write(work)
-
-    def submit(
-        self,
-        decision_id: str,
-        reviewer_id: str,
-        answer: Mapping[str, Any],
-        *,
-        delivery_id: str | None = None,
-        loop_name: str | None = None,
-        issuer: str | None = None,
-        subject: str | None = None,
-    ) -> Decision:
-        answer_json = self._checked_submit(decision_id, reviewer_id, answer, delivery_id, loop_name, issuer, subject)
-
-        def work(conn: Connection, changes: Changes) -> Decision:
-            now = self._now()
-            self._expire_in(conn, now, changes)
-            name = loop_name
-            accepted_at: float | None = None
-            if delivery_id is not None:
-                row = conn.execute(
-                    "SELECT d.reviewer, d.leased_at, l.name FROM deliveries AS d JOIN loops AS l ON l.seq = d.loop_seq"
-                    " WHERE d.id = %s",
-                    (delivery_id,),
-                ).fetchone()
-                if row is None:
-                    raise NotFound(f"delivery {delivery_id} not found")
-                if row["reviewer"] != reviewer_id:
-                    raise NotYourLease(f"delivery {delivery_id} is leased to another reviewer")
-                if name is not None and name != row["name"]:
-                    raise InvalidArgument(f"delivery {delivery_id} is not for human loop {name}")
-                name, accepted_at = row["name"], row["leased_at"]
-            if name is None:  # unreachable: checked above; narrows the type
-                raise InvalidArgument("submit needs a delivery_id or a loop_name")
-            # The loop's row lock orders the answers to one loop, across replicas.
-            loop_row = self._loop_row(conn, name, lock=True)
-            payload = self._decision_digest(name, reviewer_id, answer)
-            existing = conn.execute("SELECT * FROM decisions WHERE id = %s", (decision_id,)).fetchone()
-            if existing is not None:
-                if existing["payload_digest"] != payload:
-                    raise AlreadyExists(f"decision {decision_id} was already recorded with a different payload")
-                return row_decision(existing, name, parse_status(loop_row["status"]), replayed=True)
-            loop = row_loop(loop_row)
-            if loop.status is not LoopStatus.IN_PROGRESS:
-                raise InvalidState(f"human loop {name} is {loop.status}; it takes no more answers")
-            previous = conn.execute(
-                "SELECT id FROM decisions WHERE loop_seq = %s AND reviewer = %s", (loop_row["seq"], reviewer_id)
-            ).fetchone()
-            if previous is not None:
-                raise AlreadyExists(f"reviewer {reviewer_id} already answered human loop {name}")
-            if accepted_at is None:
-                lease_row = one(
-                    conn.execute(
-                        "SELECT MAX(leased_at) AS t FROM deliveries WHERE loop_seq = %s AND reviewer = %s",
-                        (loop_row["seq"], reviewer_id),
-                    )
-                )
-                accepted_at = now if lease_row["t"] is None else float(lease_row["t"])
-            conn.execute(
-                "INSERT INTO decisions (id, loop_seq, reviewer, delivery_id, answer_json, payload_digest,"
-                " accepted_at, submitted_at, reviewer_issuer, reviewer_subject)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    decision_id,
-                    loop_row["seq"],
-                    reviewer_id,
-                    delivery_id,
-                    answer_json,
-                    payload,
-                    accepted_at,
-                    now,
-                    issuer,
-                    subject,
-                ),
-            )
-            conn.execute(
-                "UPDATE deliveries SET state = 'answered', ended_at = %s"
-                " WHERE loop_seq = %s AND reviewer = %s AND (state = 'leased' OR id = %s)",
-                (now, loop_row["seq"], reviewer_id, delivery_id),
-            )
-            changes.freed([reviewer_id])
-            answers = loop.answers + 1
-            status = LoopStatus.COMPLETED if answers >= loop.task_count else LoopStatus.IN_PROGRESS
-            conn.execute(
-                "UPDATE loops SET answers = %s, status = %s, ended_at = %s WHERE seq = %s",
-                (answers, str(status), now if status is LoopStatus.COMPLETED else None, loop_row["seq"]),
-            )
-            if status is LoopStatus.COMPLETED:
-                changes.freed(self._cancel_leases(conn, now, [loop_row["seq"]]))
-            return Decision(
-                decision_id,
-                name,
-                reviewer_id,
-                delivery_id,
-                json.loads(answer_json),
-                accepted_at,
-                now,
-                status,
-                issuer=issuer,
-                subject=subject,
-            )
-
-        return self._write(work)
-
-    def decisions(self, name: str) -> builtins.list[Decision]:
-        def read(conn: Connection) -> builtins.list[Decision]:
-            row = self._loop_row(conn, name)
-            rows = conn.execute(
-                "SELECT * FROM decisions WHERE loop_seq = %s ORDER BY submitted_at, id", (row["seq"],)
-            ).fetchall()
-            return [row_decision(r, name, parse_status(row["status"])) for r in rows]
-
-        return self._read(read)
-
-    def expire(self) -> ExpiryReport:
-        def work(conn: Connection, changes: Changes) -> ExpiryReport:
-            failed, requeued = self._expire_in(conn, self._now(), changes)
-            return ExpiryReport(tuple(failed), requeued)
-
-        return self._write(work)
-
-    def queue_depth(self, flow: str | None = None) -> int:
-        now = self._now()
-        flow_filter = "" if flow is None else " AND l.flow = %s"
-        row = self._read(
-            lambda conn: one(
-                conn.execute(
-                    "SELECT COALESCE(SUM(GREATEST(0, l.task_count - l.answers - (SELECT count(*) FROM deliveries AS d"
-                    "   WHERE d.loop_seq = l.seq AND d.state = 'leased' AND d.lease_expires_at > %s))), 0) AS n"
-                    f" FROM loops AS l WHERE l.status = 'InProgress' AND l.expires_at > %s{flow_filter}",
-                    (now, now) if flow is None else (now, now, flow),
-                )
-            )
-        )
-        return int(row["n"])
-
-    def loop_of_delivery(self, delivery_id: str) -> Loop:
-        row = self._read(
-            lambda conn: conn.execute(
-                "SELECT l.* FROM deliveries AS d JOIN loops AS l ON l.seq = d.loop_seq WHERE d.id = %s", (delivery_id,)
-            ).fetchone()
-        )
-        if row is None:
-            raise NotFound(f"delivery {delivery_id} not found")
-        return row_loop(row)
-
-    def open_deliveries(self, reviewer_id: str) -> builtins.list[Delivery]:
-        now = self._now()
-        rows = self._read(
-            lambda conn: conn.execute(
-                "SELECT d.id AS delivery_id, d.leased_at, d.lease_expires_at, l.* FROM deliveries AS d"
-                " JOIN loops AS l ON l.seq = d.loop_seq WHERE d.reviewer = %s AND d.state = 'leased'"
-                " AND d.lease_expires_at > %s AND l.status = 'InProgress' ORDER BY d.leased_at, l.seq",
-                (reviewer_id, now),
-            ).fetchall()
-        )
-        return [
-            Delivery(row["delivery_id"], reviewer_id, row_loop(row), row["leased_at"], row["lease_expires_at"])
-            for row in rows
-        ]
-
-    def in_flight(self, reviewer_id: str) -> int:
-        row = self._read(
-            lambda conn: one(
-                conn.execute(
-                    "SELECT count(*) AS n FROM deliveries WHERE reviewer = %s AND state = 'leased'", (reviewer_id,)
-                )
-            )
-        )
-        return int(row["n"])
-
-    # -- output bookkeeping ---------------------------------------------------------------------
-
-    def pending_outputs(self, flow: str | None = None) -> builtins.list[Loop]:
-        flow_filter = "" if flow is None else " AND flow = %s"
-        rows = self._read(
-            lambda conn: conn.execute(
-                f"SELECT * FROM loops WHERE status = 'Completed' AND output_path IS NULL{flow_filter} ORDER BY seq",
-                () if flow is None else (flow,),
-            ).fetchall()
-        )
-        return [row_loop(row) for row in rows]
-
-    def mark_output(self, name: str, output_path: str) -> None:
-        def work(conn: Connection, changes: Changes) -> None:
-            if conn.execute("UPDATE loops SET output_path = %s WHERE name = %s", (output_path, name)).rowcount == 0:
-                raise NotFound(f"human loop {name} not found")
-
-        self._write(work)
-
-    def pending_dicom(self, limit: int = MAX_LIST_RESULTS) -> builtins.list[Loop]:
-        rows = self._read(
-            lambda conn: conn.execute(
-                "SELECT * FROM loops WHERE dicom_state = 'pending' AND status IN ('Completed', 'Failed', 'Stopped')"
-                " ORDER BY seq LIMIT %s",
-                (limit,),
-            ).fetchall()
-        )
-        return [row_loop(row) for row in rows]
-
-    def mark_dicom(self, name: str, state: str, note: str = "", *, drop_source: bool = False) -> None:
-        def work(conn: Connection, changes: Changes) -> None:
-            row = conn.execute(
-                "UPDATE loops SET dicom_state = %s, dicom_note = %s WHERE name = %s RETURNING seq", (state, note, name)
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"human loop {name} not found")
-            if drop_source:
-                conn.execute(
-                    "DELETE FROM images WHERE loop_seq = %s AND name IN (%s, %s)", (row["seq"], *DICOM_ATTACHMENTS)
-                )
-
-        self._write(work)
-
-    def dicom_state(self, name: str) -> tuple[str | None, str | None]:
-        row = self._read(lambda conn: self._loop_row(conn, name))
-        return row["dicom_state"], row["dicom_note"]
-
     # -- internals ------------------------------------------------------------------------------
-
-    def _sweep_if_due(self) -> None:
-        """Expire overdue loops before a read, so Describe and List never show an expired loop InProgress."""
-        due = self._read(
-            lambda conn: conn.execute(
-                "SELECT 1 FROM loops WHERE status = 'InProgress' AND expires_at <= %s LIMIT 1", (self._now(),)
-            ).fetchone()
-        )
-        if due is not None:
-            self.expire()
 
     def _expire_in(self, conn: Connection, now: float, changes: Changes) -> tuple[builtins.list[str], int]:
         """Fail overdue loops and requeue overdue leases; rows another transaction holds are left to it.
@@ -828,8 +424,7 @@ class PostgresReviewStore(ReviewStoreBase):
                 changes.freed([row["reviewer"]])
         return [row["name"] for row in failed], len(requeued)
 
-    @staticmethod
-    def _cancel_leases(conn: Connection, now: float, loop_seqs: Iterable[int]) -> builtins.list[str]:
+    def _cancel_leases(self, conn: Connection, now: float, loop_seqs: Iterable[int]) -> builtins.list[str]:
         """Close open leases on loops that take no more answers; the reviewers who held them."""
         rows = conn.execute(
             "UPDATE deliveries SET state = 'cancelled', ended_at = %s WHERE state = 'leased' AND loop_seq = ANY(%s)"
@@ -837,13 +432,3 @@ class PostgresReviewStore(ReviewStoreBase):
             (now, builtins.list(loop_seqs)),
         ).fetchall()
         return [row["reviewer"] for row in rows]
-
-    @staticmethod
-    def _loop_row(conn: Connection, name: str, *, lock: bool = False) -> dict[str, Any]:
-        row = conn.execute("SELECT * FROM loops WHERE name = %s" + (" FOR UPDATE" if lock else ""), (name,)).fetchone()
-        if row is None:
-            raise NotFound(f"human loop {name} not found")
-        return row
-
-    def _loop(self, conn: Connection, name: str) -> Loop:
-        return row_loop(self._loop_row(conn, name))
