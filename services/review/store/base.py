@@ -69,6 +69,20 @@ class StartInput:
 
 
 @dataclass(frozen=True)
+class SubmitInput:
+    """A submit call's arguments, checked, with the answer's canonical JSON."""
+
+    decision_id: str
+    reviewer_id: str
+    answer: Mapping[str, Any]
+    answer_json: str
+    delivery_id: str | None
+    loop_name: str | None
+    issuer: str | None
+    subject: str | None
+
+
+@dataclass(frozen=True)
 class ListQuery:
     """A list call's filters, checked; ``after`` is the decoded page token (created_at, seq)."""
 
@@ -170,7 +184,6 @@ class ReviewStoreBase(abc.ABC):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    @abc.abstractmethod
     def start_loop(
         self,
         flow: FlowDefinition,
@@ -181,6 +194,13 @@ class ReviewStoreBase(abc.ABC):
         images: Mapping[str, bytes] | None = None,
     ) -> Loop:
         """Start a loop, or return the one already started under this name with the same input."""
+        return self._start_loop(
+            flow, name, input_hash, self._checked_start(flow, name, input_content, input_hash, images)
+        )
+
+    @abc.abstractmethod
+    def _start_loop(self, flow: FlowDefinition, name: str, input_hash: str, checked: StartInput) -> Loop:
+        """:meth:`start_loop`, its arguments checked."""
 
     @abc.abstractmethod
     def describe(self, name: str) -> Loop: ...
@@ -191,7 +211,6 @@ class ReviewStoreBase(abc.ABC):
         (:data:`DICOM_SOURCE_NAME`, :data:`DICOM_CONTEXT_NAME`) only with ``with_dicom``: they hold patient
         data for the verified DICOM result and never go to reviewers or exports."""
 
-    @abc.abstractmethod
     def list(
         self,
         *,
@@ -208,6 +227,13 @@ class ReviewStoreBase(abc.ABC):
         ``created_after`` is inclusive and ``created_before`` exclusive (epoch seconds), so adjacent
         windows neither overlap nor leave gaps. A token only continues the query that issued it.
         """
+        return self._list(
+            self._list_query(flow, status, created_after, created_before, ascending, max_results, next_token)
+        )
+
+    @abc.abstractmethod
+    def _list(self, query: ListQuery) -> tuple[builtins.list[Loop], str | None]:
+        """:meth:`list`, its arguments checked."""
 
     @abc.abstractmethod
     def stop(self, name: str) -> Loop:
@@ -244,7 +270,6 @@ class ReviewStoreBase(abc.ABC):
         Raises :class:`NotFound` for an unknown delivery and :class:`NotYourLease` for another reviewer's.
         """
 
-    @abc.abstractmethod
     def submit(
         self,
         decision_id: str,
@@ -262,6 +287,13 @@ class ReviewStoreBase(abc.ABC):
         ``issuer#subject``), kept with the decision for A2I's identityData; both None without tokens.
         A delivery of another reviewer raises :class:`NotYourLease`, an unknown one :class:`NotFound`.
         """
+        return self._submit(
+            self._checked_submit(decision_id, reviewer_id, answer, delivery_id, loop_name, issuer, subject)
+        )
+
+    @abc.abstractmethod
+    def _submit(self, checked: SubmitInput) -> Decision:
+        """:meth:`submit`, its arguments checked."""
 
     @abc.abstractmethod
     def decisions(self, name: str) -> builtins.list[Decision]:
@@ -368,8 +400,7 @@ class ReviewStoreBase(abc.ABC):
         loop_name: str | None,
         issuer: str | None,
         subject: str | None,
-    ) -> str:
-        """The answer's canonical JSON, once every argument is checked."""
+    ) -> SubmitInput:
         check_id(decision_id, "decision_id")
         check_id(reviewer_id, "reviewer_id", max_chars=MAX_REVIEWER_CHARS)
         if (issuer is None) != (subject is None):
@@ -379,7 +410,7 @@ class ReviewStoreBase(abc.ABC):
         answer_json = canonical(answer, "answer")
         if delivery_id is None and loop_name is None:
             raise InvalidArgument("submit needs a delivery_id or a loop_name")
-        return answer_json
+        return SubmitInput(decision_id, reviewer_id, answer, answer_json, delivery_id, loop_name, issuer, subject)
 
     @staticmethod
     def _decision_digest(loop_name: str, reviewer_id: str, answer: Mapping[str, Any]) -> str:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import abc
 import builtins
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Generic, NoReturn, Protocol, TypeVar
 
 from services.review.flows import FlowDefinition, InvalidArgument, ReviewError
-from services.review.store.base import Changes, ReviewStoreBase
+from services.review.store.base import Changes, ListQuery, ReviewStoreBase, StartInput, SubmitInput
 from services.review.store.model import (
     DICOM_ATTACHMENTS,
     MAX_LIST_RESULTS,
@@ -114,17 +114,7 @@ class SqlReviewStore(ReviewStoreBase, Generic[C]):
 
     # -- loops ----------------------------------------------------------------------------------
 
-    def start_loop(
-        self,
-        flow: FlowDefinition,
-        name: str,
-        input_content: Mapping[str, Any],
-        input_hash: str,
-        *,
-        images: Mapping[str, bytes] | None = None,
-    ) -> Loop:
-        checked = self._checked_start(flow, name, input_content, input_hash, images)
-
+    def _start_loop(self, flow: FlowDefinition, name: str, input_hash: str, checked: StartInput) -> Loop:
         def work(conn: C, changes: Changes) -> Loop:
             now = self._now()
             self._expire_in(conn, now, changes)
@@ -189,18 +179,7 @@ class SqlReviewStore(ReviewStoreBase, Generic[C]):
 
         return self._read(read)
 
-    def list(
-        self,
-        *,
-        flow: str | None = None,
-        status: LoopStatus | str | None = None,
-        created_after: float | None = None,
-        created_before: float | None = None,
-        ascending: bool = False,
-        max_results: int = MAX_LIST_RESULTS,
-        next_token: str | None = None,
-    ) -> tuple[builtins.list[Loop], str | None]:
-        query = self._list_query(flow, status, created_after, created_before, ascending, max_results, next_token)
+    def _list(self, query: ListQuery) -> tuple[builtins.list[Loop], str | None]:
         sql, params = query.sql(self.PLACEHOLDER)
         self._sweep_if_due()
         return query.page(self._read(lambda conn: conn.execute(sql, params).fetchall()))
@@ -241,18 +220,7 @@ class SqlReviewStore(ReviewStoreBase, Generic[C]):
         def work(conn: C, changes: Changes) -> Delivery:
             now = self._now()
             self._expire_in(conn, now, changes)
-            row = conn.execute(
-                self._sql(
-                    "SELECT d.reviewer, d.state, d.leased_at, l.* FROM deliveries AS d"
-                    " JOIN loops AS l ON l.seq = d.loop_seq WHERE d.id = ?"
-                )
-                + self._for_update("d"),
-                (delivery_id,),
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"delivery {delivery_id} not found")
-            if row["reviewer"] != reviewer_id:
-                raise NotYourLease(f"delivery {delivery_id} is leased to another reviewer")
+            row = self._own_delivery(conn, delivery_id, reviewer_id, "d.state, d.leased_at, l.*", lock=True)
             if row["state"] != "leased":
                 raise InvalidState(f"delivery {delivery_id} is {row['state']}; only an open lease can be renewed")
             expires = min(now + row["task_time_limit_s"], row["expires_at"])
@@ -265,18 +233,7 @@ class SqlReviewStore(ReviewStoreBase, Generic[C]):
         def work(conn: C, changes: Changes) -> None:
             now = self._now()
             self._expire_in(conn, now, changes)
-            row = conn.execute(
-                self._sql(
-                    "SELECT d.reviewer, d.state, l.flow FROM deliveries AS d JOIN loops AS l ON l.seq = d.loop_seq"
-                    " WHERE d.id = ?"
-                )
-                + self._for_update("d"),
-                (delivery_id,),
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"delivery {delivery_id} not found")
-            if row["reviewer"] != reviewer_id:
-                raise NotYourLease(f"delivery {delivery_id} is leased to another reviewer")
+            row = self._own_delivery(conn, delivery_id, reviewer_id, "d.state, l.flow", lock=True)
             if row["state"] == "leased":
                 conn.execute(
                     self._sql("UPDATE deliveries SET state = 'released', ended_at = ? WHERE id = ?"), (now, delivery_id)
@@ -286,36 +243,16 @@ class SqlReviewStore(ReviewStoreBase, Generic[C]):
 
         self._write(work)
 
-    def submit(
-        self,
-        decision_id: str,
-        reviewer_id: str,
-        answer: Mapping[str, Any],
-        *,
-        delivery_id: str | None = None,
-        loop_name: str | None = None,
-        issuer: str | None = None,
-        subject: str | None = None,
-    ) -> Decision:
-        answer_json = self._checked_submit(decision_id, reviewer_id, answer, delivery_id, loop_name, issuer, subject)
+    def _submit(self, checked: SubmitInput) -> Decision:
+        decision_id, reviewer_id, delivery_id = checked.decision_id, checked.reviewer_id, checked.delivery_id
 
         def work(conn: C, changes: Changes) -> Decision:
             now = self._now()
             self._expire_in(conn, now, changes)
-            name = loop_name
+            name = checked.loop_name
             accepted_at: float | None = None
             if delivery_id is not None:
-                row = conn.execute(
-                    self._sql(
-                        "SELECT d.reviewer, d.leased_at, l.name FROM deliveries AS d"
-                        " JOIN loops AS l ON l.seq = d.loop_seq WHERE d.id = ?"
-                    ),
-                    (delivery_id,),
-                ).fetchone()
-                if row is None:
-                    raise NotFound(f"delivery {delivery_id} not found")
-                if row["reviewer"] != reviewer_id:
-                    raise NotYourLease(f"delivery {delivery_id} is leased to another reviewer")
+                row = self._own_delivery(conn, delivery_id, reviewer_id, "d.leased_at, l.name", lock=False)
                 if name is not None and name != row["name"]:
                     raise InvalidArgument(f"delivery {delivery_id} is not for human loop {name}")
                 name, accepted_at = row["name"], row["leased_at"]
@@ -323,7 +260,7 @@ class SqlReviewStore(ReviewStoreBase, Generic[C]):
                 raise InvalidArgument("submit needs a delivery_id or a loop_name")
             # The loop's row lock orders the answers to one loop, across PostgreSQL replicas.
             loop_row = self._loop_row(conn, name, lock=True)
-            payload = self._decision_digest(name, reviewer_id, answer)
+            payload = self._decision_digest(name, reviewer_id, checked.answer)
             existing = conn.execute(self._sql("SELECT * FROM decisions WHERE id = ?"), (decision_id,)).fetchone()
             if existing is not None:
                 if existing["payload_digest"] != payload:
@@ -357,12 +294,12 @@ class SqlReviewStore(ReviewStoreBase, Generic[C]):
                     loop_row["seq"],
                     reviewer_id,
                     delivery_id,
-                    answer_json,
+                    checked.answer_json,
                     payload,
                     accepted_at,
                     now,
-                    issuer,
-                    subject,
+                    checked.issuer,
+                    checked.subject,
                 ),
             )
             conn.execute(
@@ -386,12 +323,12 @@ class SqlReviewStore(ReviewStoreBase, Generic[C]):
                 name,
                 reviewer_id,
                 delivery_id,
-                json.loads(answer_json),
+                json.loads(checked.answer_json),
                 accepted_at,
                 now,
                 status,
-                issuer=issuer,
-                subject=subject,
+                issuer=checked.issuer,
+                subject=checked.subject,
             )
 
         return self._write(work)
@@ -526,6 +463,25 @@ class SqlReviewStore(ReviewStoreBase, Generic[C]):
         row = conn.execute(query, (name,)).fetchone()
         if row is None:
             raise NotFound(f"human loop {name} not found")
+        return row
+
+    def _own_delivery(self, conn: C, delivery_id: str, reviewer_id: str, columns: str, *, lock: bool) -> Any:
+        """A delivery's ``reviewer`` and ``columns`` (of deliveries ``d`` and loops ``l``), when it is the reviewer's.
+
+        :class:`NotFound` for an unknown delivery, :class:`NotYourLease` for another reviewer's; ``lock``: its row is
+        locked until the transaction ends."""
+        row = conn.execute(
+            self._sql(
+                f"SELECT d.reviewer, {columns} FROM deliveries AS d JOIN loops AS l ON l.seq = d.loop_seq"
+                " WHERE d.id = ?"
+            )
+            + (self._for_update("d") if lock else ""),
+            (delivery_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"delivery {delivery_id} not found")
+        if row["reviewer"] != reviewer_id:
+            raise NotYourLease(f"delivery {delivery_id} is leased to another reviewer")
         return row
 
     def _loop(self, conn: C, name: str) -> Loop:
