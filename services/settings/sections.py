@@ -1,21 +1,16 @@
-"""One settings object for every limit, port and path; read from the environment and an optional TOML file."""
+"""The settings, one frozen dataclass per section, each checking its own values (``__post_init__``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from services.imaging.limits import IngestLimits
 from services.report.limits import ReportLimits
+from services.settings.loader import quoted
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-ENV_PREFIX = "MEDGATE_"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -80,7 +75,7 @@ class TritonSettings:
 
     def __post_init__(self) -> None:
         if self.shared_memory not in {"auto", "on", "off"}:
-            raise ValueError(f"triton.shared_memory must be auto, on or off, not {_quoted(self.shared_memory)}")
+            raise ValueError(f"triton.shared_memory must be auto, on or off, not {quoted(self.shared_memory)}")
 
     @property
     def grpc_url(self) -> str:
@@ -144,7 +139,7 @@ class VersionSettings:
         for role in ("classifier", "detector", "segmenter_text", "segmenter_box"):
             pin = getattr(self, role)
             if pin and not (pin.isdigit() and int(pin) > 0):
-                raise ValueError(f"versions.{role} must be a positive version number or empty, not {_quoted(pin)}")
+                raise ValueError(f"versions.{role} must be a positive version number or empty, not {quoted(pin)}")
 
     def pins(self) -> dict[str, str]:
         """The roles pinned by settings."""
@@ -229,7 +224,7 @@ class GatewaySettings:
         if self.reference_timeout_s <= 0:
             raise ValueError("gateway.reference_timeout_s must be positive")
         if self.log_format not in {"text", "json"}:
-            raise ValueError(f"gateway.log_format must be text or json, not {_quoted(self.log_format)}")
+            raise ValueError(f"gateway.log_format must be text or json, not {quoted(self.log_format)}")
 
 
 @dataclass(frozen=True)
@@ -465,7 +460,7 @@ class DicomSettings:
 
     def __post_init__(self) -> None:
         if not 0 < len(self.ae_title.strip()) <= 16:
-            raise ValueError(f"dicom.ae_title must be 1 to 16 characters, not {_quoted(self.ae_title)}")
+            raise ValueError(f"dicom.ae_title must be 1 to 16 characters, not {quoted(self.ae_title)}")
         if self.max_associations < 1 or self.analyze_workers < 1 or self.max_attempts < 1:
             raise ValueError("dicom.max_associations, dicom.analyze_workers and dicom.max_attempts must be at least 1")
 
@@ -481,250 +476,3 @@ class Settings:
     report: ReportSettings = field(default_factory=ReportSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     dicom: DicomSettings = field(default_factory=DicomSettings)
-
-
-class SettingsError(ValueError):
-    """Unknown setting names or values a setting cannot take; ``problems`` holds one line per problem."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(problems))
-
-
-# MEDGATE_* environment variables that are not settings. Every other MEDGATE_* variable must name a
-# setting, so a typo stops start-up instead of leaving a limit at its default.
-NOT_SETTINGS: dict[str, str] = {
-    f"{ENV_PREFIX}CONFIG": "the TOML settings file, read by load_settings",
-    f"{ENV_PREFIX}BENCH_VERBOSE": "bench/bench_gateway.py: the gateways' logs on the bench's stderr",
-    f"{ENV_PREFIX}TOKEN": "clients/connect.py: the bearer token a client sends (a credential, not a setting)",
-}
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-# A refused value is never quoted when the setting's name suggests a secret, and cut short otherwise.
-_SECRET_WORDS = ("token", "key", "password", "passwd", "secret", "credential")
-_QUOTE_MAX_CHARS = 40
-_MESSAGE_MAX_CHARS = 300
-
-
-def _quoted(value: object, name: str = "") -> str:
-    """``value`` as an error message may show it: cut to a few dozen characters, hidden for secrets."""
-    if any(word in name.lower() for word in _SECRET_WORDS):
-        return "(value not shown: the name suggests a secret)"
-    text = value if isinstance(value, str) else repr(value)
-    if len(text) <= _QUOTE_MAX_CHARS:
-        return repr(text) if isinstance(value, str) else text
-    return f"{text[:_QUOTE_MAX_CHARS]!r}... ({len(text)} characters)"
-
-
-class _Refused(ValueError):
-    """One value a setting cannot take; the message says what it must be."""
-
-
-def _kind(like: Any) -> str:
-    if isinstance(like, bool):
-        return "true or false"
-    if isinstance(like, int):
-        return "an integer"
-    if isinstance(like, float):
-        return "a number"
-    if isinstance(like, Path):
-        return "a path"
-    return "a string"
-
-
-def _from_env(text: str, like: Any) -> Any:
-    """An environment variable's text as the type of the field's default, strictly."""
-    try:
-        if isinstance(like, bool):
-            word = text.strip().lower()
-            if word in _TRUE | _FALSE:
-                return word in _TRUE
-            raise _Refused("must be true or false (1/0, true/false, yes/no, on/off)")
-        if isinstance(like, int):
-            return int(text)
-        if isinstance(like, float):
-            number = float(text)
-            if not math.isfinite(number):
-                raise _Refused("must be a finite number")
-            return number
-    except _Refused:
-        raise
-    except ValueError:
-        raise _Refused(f"must be {_kind(like)}") from None
-    if isinstance(like, Path):
-        if not text.strip():
-            raise _Refused("must be a path, not empty")
-        return Path(text)
-    return text
-
-
-def _from_toml(value: Any, like: Any) -> Any:
-    """A TOML value checked against the type of the field's default (an int is accepted for a float)."""
-    if isinstance(like, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(like, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(like, float):
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        value = float(value) if ok else value
-    elif isinstance(like, Path):
-        ok = isinstance(value, str) and bool(value.strip())
-        value = Path(value) if ok else value
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        raise _Refused(f"must be {_kind(like)}, not {_toml_type(value)}")
-    return value
-
-
-def _toml_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "an empty string" if not value.strip() else "a string"
-    if isinstance(value, int | float):
-        return "a number"
-    return f"a {type(value).__name__}"
-
-
-def _suggestion(name: str, known: list[str]) -> str:
-    """`` (did you mean X?)`` for the closest known name, or nothing when none is close."""
-    close = difflib.get_close_matches(name, known, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
-def _setting_paths(section: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """Every setting under ``section`` as a path of field names, nested sections walked."""
-    paths: list[tuple[str, ...]] = []
-    for item in dataclasses.fields(section):
-        value = getattr(section, item.name)
-        if dataclasses.is_dataclass(value):
-            paths.extend(_setting_paths(value, (*path, item.name)))
-        else:
-            paths.append((*path, item.name))
-    return paths
-
-
-def _env_name(path: tuple[str, ...]) -> str:
-    return ENV_PREFIX + "_".join(path).upper()
-
-
-class _Loader:
-    """One pass over the defaults with a TOML table and the environment, collecting every problem."""
-
-    def __init__(self, defaults: Settings, source: str) -> None:
-        self.source = source
-        self.problems: list[str] = []
-        self.dotted = [".".join(path) for path in _setting_paths(defaults)]
-
-    def apply(self, section: Any, path: tuple[str, ...], table: dict[str, Any]) -> Any:
-        """``section`` with fields replaced from ``table`` and then the environment; problems noted, not raised."""
-        names = [item.name for item in dataclasses.fields(section)]
-        for key in table:
-            if key not in names:
-                self.problems.append(self._unknown_key(path, key, table[key], names))
-        changes: dict[str, Any] = {}
-        for name in names:
-            current = getattr(section, name)
-            dotted = ".".join((*path, name))
-            if dataclasses.is_dataclass(current):
-                inner = table.get(name, {})
-                if not isinstance(inner, dict):
-                    self.problems.append(
-                        f"{dotted} in {self.source} must be a table ([{dotted}]), not {_toml_type(inner)}"
-                    )
-                    inner = {}
-                changes[name] = self.apply(current, (*path, name), inner)
-                continue
-            if name in table:
-                try:
-                    changes[name] = _from_toml(table[name], current)
-                except _Refused as exc:
-                    self.problems.append(f"{dotted} in {self.source} {exc}")
-            env_name = _env_name((*path, name))
-            text = os.environ.get(env_name)
-            if text is not None:
-                try:
-                    changes[name] = _from_env(text, current)
-                except _Refused as exc:
-                    self.problems.append(f"{env_name} {exc}, not {_quoted(text, env_name)}")
-        try:
-            return dataclasses.replace(section, **changes)
-        except ValueError as exc:  # the section's own check (__post_init__), e.g. a limit that must be positive
-            message = " ".join(str(exc).split())
-            cut = message[:_MESSAGE_MAX_CHARS] + ("..." if len(message) > _MESSAGE_MAX_CHARS else "")
-            where = ".".join(path)
-            self.problems.append(cut if cut.startswith(where) else f"[{where}] {cut}")
-            return section
-
-    def _unknown_key(self, path: tuple[str, ...], key: str, value: Any, names: list[str]) -> str:
-        if not path and isinstance(value, dict):
-            return f"unknown section [{key}] in {self.source}" + _suggestion(f"[{key}]", [f"[{n}]" for n in names])
-        dotted = ".".join((*path, key))
-        elsewhere = [d for d in self.dotted if d.rsplit(".", 1)[-1] == key]  # e.g. store_path under [gateway]
-        if elsewhere:
-            choices = ", ".join(elsewhere[:-1]) + " or " + elsewhere[-1] if len(elsewhere) > 1 else elsewhere[0]
-            hint = f" (did you mean {choices}?)"
-        else:
-            hint = _suggestion(dotted, [".".join((*path, n)) for n in names])
-        return f"unknown setting {dotted} in {self.source}{hint}"
-
-    def unknown_environment(self) -> None:
-        """Note every MEDGATE_* variable that is neither a setting nor in NOT_SETTINGS."""
-        known = {_env_name(tuple(dotted.split("."))) for dotted in self.dotted}
-        suffixes = sorted(name.removeprefix(ENV_PREFIX) for name in known)
-        for name in sorted(os.environ):
-            if name.startswith(ENV_PREFIX) and name not in known and name not in NOT_SETTINGS:
-                close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1)
-                hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
-                self.problems.append(f"unknown setting {name}{hint}")
-
-
-def _read_table(config_path: Path, source: str) -> dict[str, Any]:
-    try:
-        return tomllib.loads(config_path.read_text())
-    except OSError as exc:
-        raise SettingsError([f"{source} cannot be read: {exc.strerror or exc}"]) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SettingsError([f"{source} is not valid TOML: {exc}"]) from None
-
-
-def load_settings(path: Path | None = None, **section_overrides: Any) -> Settings:
-    """Defaults, then the TOML file (``MEDGATE_CONFIG`` or ``path``), then ``MEDGATE_<SECTION>_<FIELD>``.
-
-    Example: ``MEDGATE_TRITON_GRPC_PORT=9001`` or ``[triton] grpc_port = 9001`` in the file. Unknown
-    sections, keys and ``MEDGATE_*`` variables (other than :data:`NOT_SETTINGS`) and values a setting
-    cannot take raise one :class:`SettingsError` naming each, with the nearest valid name.
-    """
-    config_env = f"{ENV_PREFIX}CONFIG"
-    table: dict[str, Any] = {}
-    source = "the settings file"
-    if path is None and config_env in os.environ:
-        if not os.environ[config_env].strip():
-            raise SettingsError([f"{config_env} is set but empty (unset it, or name a TOML file)"])
-        path = Path(os.environ[config_env])
-        source = f"{path} ({config_env})"
-    elif path is not None:
-        source = str(path)
-    if path is not None:
-        table = _read_table(path, source)
-    defaults = Settings()
-    loader = _Loader(defaults, source)
-    settings = loader.apply(defaults, (), table)
-    loader.unknown_environment()
-    if loader.problems:
-        raise SettingsError(loader.problems)
-    if section_overrides:
-        settings = dataclasses.replace(
-            settings,
-            **{
-                name: dataclasses.replace(getattr(settings, name), **values)
-                for name, values in section_overrides.items()
-            },
-        )
-    return settings
