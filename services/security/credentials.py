@@ -73,6 +73,19 @@ def token_file(role: Role | str) -> str:
     return f"{Role(role).value}.token"
 
 
+class _CredentialFile:
+    """A :class:`DevCredentials` attribute: the path of one credential file in its directory."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, credentials: DevCredentials, owner: type | None = None) -> Path:
+        return credentials.directory / self.name
+
+
+_FILES = (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY, SIGNING_KEY, JWKS)
+
+
 @dataclass(frozen=True)
 class DevCredentials:
     """Where the development credentials are, and which files this call wrote (empty when all were kept)."""
@@ -80,37 +93,14 @@ class DevCredentials:
     directory: Path
     written: tuple[str, ...] = ()
 
-    @property
-    def ca_cert(self) -> Path:
-        return self.directory / CA_CERT
-
-    @property
-    def ca_key(self) -> Path:
-        return self.directory / CA_KEY
-
-    @property
-    def server_cert(self) -> Path:
-        return self.directory / SERVER_CERT
-
-    @property
-    def server_key(self) -> Path:
-        return self.directory / SERVER_KEY
-
-    @property
-    def client_cert(self) -> Path:
-        return self.directory / CLIENT_CERT
-
-    @property
-    def client_key(self) -> Path:
-        return self.directory / CLIENT_KEY
-
-    @property
-    def signing_key(self) -> Path:
-        return self.directory / SIGNING_KEY
-
-    @property
-    def jwks(self) -> Path:
-        return self.directory / JWKS
+    ca_cert = _CredentialFile(CA_CERT)
+    ca_key = _CredentialFile(CA_KEY)
+    server_cert = _CredentialFile(SERVER_CERT)
+    server_key = _CredentialFile(SERVER_KEY)
+    client_cert = _CredentialFile(CLIENT_CERT)
+    client_key = _CredentialFile(CLIENT_KEY)
+    signing_key = _CredentialFile(SIGNING_KEY)
+    jwks = _CredentialFile(JWKS)
 
     def token_path(self, role: Role | str) -> Path:
         return self.directory / token_file(role)
@@ -120,8 +110,7 @@ class DevCredentials:
 
     @property
     def files(self) -> list[Path]:
-        names = [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY, SIGNING_KEY, JWKS]
-        return [self.directory / name for name in names] + [self.token_path(role) for role in Role]
+        return [self.directory / name for name in _FILES] + [self.token_path(role) for role in Role]
 
 
 # --- signing keys and tokens -------------------------------------------------------------------------------
