@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from services.durable import write_durable
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SUFFIX = ".pending"
@@ -46,18 +47,7 @@ class Outbox:
         if self.held_bytes() + len(payload) > self.max_bytes:
             raise OutboxFull(f"review outbox {self.directory} holds its limit of {self.max_bytes} bytes")
         target = self.directory / f"{name}{SUFFIX}"
-        fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=".incoming-")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
-        _fsync_dir(self.directory)
+        write_durable(target, payload, temporary_prefix=".incoming-")
         return target
 
     def pending(self) -> list[Pending]:
@@ -91,11 +81,3 @@ class Outbox:
             with contextlib.suppress(FileNotFoundError):
                 total += path.stat().st_size
         return total
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

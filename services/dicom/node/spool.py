@@ -28,7 +28,6 @@ import json
 import os
 import re
 import sqlite3
-import tempfile
 import threading
 import time
 import uuid
@@ -36,6 +35,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from services.durable import write_durable
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _SAFE = re.compile(r"[^A-Za-z0-9._@-]+")
@@ -87,30 +88,6 @@ def is_uid(value: str) -> bool:
 def safe_name(text: str) -> str:
     """A folder or file name made of ``text`` (destination keys, AE titles)."""
     return _SAFE.sub("_", text).strip("._") or "unnamed"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: Path, data: bytes) -> None:
-    """``data`` at ``path``, complete or not at all, on disk when this returns."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    _fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
