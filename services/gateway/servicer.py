@@ -11,7 +11,7 @@ import asyncio
 import contextvars
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -59,6 +59,7 @@ LIGHT_PRIORITY, HEAVY_PRIORITY = 1, 2
 # an AnalyzeStream starts inherit it).
 _CALLER_TOKEN: contextvars.ContextVar[str] = contextvars.ContextVar("medgate_caller_token", default="")
 _BEARER = "bearer "
+_NO_PARAMETERS: Mapping[str, str] = {}
 
 
 def _bind_caller(context: grpc.aio.ServicerContext) -> None:
@@ -102,6 +103,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             megapixel_ms=limits.cost_megapixel_ms,
             max_request_cost_ms=limits.max_request_cost_ms,
         )
+        self._windows: tuple[Mapping[str, str], BoxWindows] | None = None
         self.references = ReferencePolicy.from_settings(
             limits.reference_roots,
             limits.reference_base_urls,
@@ -152,18 +154,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> RequestCost:
         """The request's estimated cost, refused (CostTooHigh: RESOURCE_EXHAUSTED) over the budget; before any model."""
         info = prepared.decoded.info
-        box_model = self.models.models.get("segmenter_box")
-        windows = BoxWindows.from_parameters(box_model.parameters if box_model is not None else {})
         cost = estimate(
             self.prices,
             pixels=info.rows * info.columns * max(1, info.frames),
             image_passes=image_passes,
             prompts=prompts,
             boxes=boxes,
-            windows=windows,
+            windows=self._box_windows(),
         )
         check_budget(cost, self.prices)
         return cost
+
+    def _box_windows(self) -> BoxWindows:
+        """The box model's window parameters, parsed once per model configuration (not once per request)."""
+        box_model = self.models.models.get("segmenter_box")
+        parameters = box_model.parameters if box_model is not None else _NO_PARAMETERS
+        cached = self._windows
+        if cached is None or cached[0] is not parameters:
+            cached = self._windows = (parameters, BoxWindows.from_parameters(parameters))
+        return cached[1]
 
     def _priority(self, cost: RequestCost) -> int:
         return HEAVY_PRIORITY if cost.ms > self.settings.gateway.light_request_cost_ms else LIGHT_PRIORITY
@@ -493,81 +502,30 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         clock.observe(rpc, prepared)
         return response
 
-    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+    async def _single_task(
+        self,
+        rpc: str,
+        request: pb.ClassifyRequest | pb.DetectRequest | pb.SegmentRequest,
+        context: grpc.aio.ServicerContext,
+        field: str,
+        run: Callable[[PreparedImage, float, Clock], Awaitable[tuple[ResponseT, np.ndarray | None]]],
+    ) -> ResponseT:
+        """The one pipeline of Classify, Detect and Segment: decode, checks, ``run`` (its own checks, cost and model
+        call), DICOM results, review routing, the common fields. ``field`` names the answer for those two
+        (``classification``, ``detection`` or ``segmentation``); ``run`` returns the answer and any masks."""
         _bind_caller(context)
         clock = Clock(started=time.perf_counter())
         deadline = self._deadline()
         prepared = await self._prepare(request.image, clock)
         digest = self.router.digest(request.image) if self.router is not None else None
         wants_dicom = self._check_dicom_results(request, prepared)
-        self._cost(prepared, image_passes=1)
-        response = await self._classify(prepared, deadline, clock)
-        clock.models_lap(clock.encode_ms)
-        if wants_dicom:
-            response.dicom_results.extend(
-                await self._dicom_results(request.image, prepared, clock, classification=response)
-            )
-        if self.router is not None:
-            response.review.extend(
-                await self._route(
-                    clock,
-                    image=request.image,
-                    prepared=prepared,
-                    classification=response,
-                    digest=digest,
-                    dicom_results=response.dicom_results,
-                )
-            )
-        return self._finish(response, prepared, clock, "Classify")
-
-    async def Detect(self, request: pb.DetectRequest, context: grpc.aio.ServicerContext) -> pb.DetectResponse:
-        _bind_caller(context)
-        clock = Clock(started=time.perf_counter())
-        deadline = self._deadline()
-        _detection_limits(request.min_score, request.max_detections)
-        prepared = await self._prepare(request.image, clock)
-        digest = self.router.digest(request.image) if self.router is not None else None
-        wants_dicom = self._check_dicom_results(request, prepared)
-        self._cost(prepared, image_passes=1)
-        response = await self._detect(
-            prepared, deadline, clock, min_score=request.min_score, max_detections=request.max_detections
-        )
-        clock.models_lap(clock.encode_ms)
-        if wants_dicom:
-            response.dicom_results.extend(await self._dicom_results(request.image, prepared, clock, detection=response))
-        if self.router is not None:
-            response.review.extend(
-                await self._route(
-                    clock,
-                    image=request.image,
-                    prepared=prepared,
-                    detection=response,
-                    digest=digest,
-                    dicom_results=response.dicom_results,
-                )
-            )
-        return self._finish(response, prepared, clock, "Detect")
-
-    async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
-        _bind_caller(context)
-        clock = Clock(started=time.perf_counter())
-        deadline = self._deadline()
-        prompts = self._prompts(request.prompts)
-        if not prompts and not request.boxes:
-            raise BadRequest("segmentation needs at least one text prompt or box prompt")
-        prepared = await self._prepare(request.image, clock)
-        digest = self.router.digest(request.image) if self.router is not None else None
-        wants_dicom = self._check_dicom_results(request, prepared)
-        boxes = self._boxes(list(request.boxes), prepared.transform)
-        cost = self._cost(prepared, image_passes=int(bool(prompts)), prompts=len(prompts), boxes=boxes)
         encoded_ms = clock.encode_ms
-        response, masks = await self._segment(
-            prepared, deadline, clock, request, prompts=prompts, boxes=boxes, priority=self._priority(cost)
-        )
+        response, masks = await run(prepared, deadline, clock)
         clock.models_lap(encoded_ms)
+        answer: dict[str, Any] = {field: response}
         if wants_dicom:
             response.dicom_results.extend(
-                await self._dicom_results(request.image, prepared, clock, segmentation=response, masks=masks)
+                await self._dicom_results(request.image, prepared, clock, masks=masks, **answer)
             )
         if self.router is not None:
             response.review.extend(
@@ -575,13 +533,46 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     clock,
                     image=request.image,
                     prepared=prepared,
-                    segmentation=response,
                     masks=masks,
                     digest=digest,
                     dicom_results=response.dicom_results,
+                    **answer,
                 )
             )
-        return self._finish(response, prepared, clock, "Segment")
+        return self._finish(response, prepared, clock, rpc)
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        async def run(prepared: PreparedImage, deadline: float, clock: Clock) -> tuple[pb.ClassifyResponse, None]:
+            self._cost(prepared, image_passes=1)
+            return await self._classify(prepared, deadline, clock), None
+
+        return await self._single_task("Classify", request, context, "classification", run)
+
+    async def Detect(self, request: pb.DetectRequest, context: grpc.aio.ServicerContext) -> pb.DetectResponse:
+        _detection_limits(request.min_score, request.max_detections)
+
+        async def run(prepared: PreparedImage, deadline: float, clock: Clock) -> tuple[pb.DetectResponse, None]:
+            self._cost(prepared, image_passes=1)
+            response = await self._detect(
+                prepared, deadline, clock, min_score=request.min_score, max_detections=request.max_detections
+            )
+            return response, None
+
+        return await self._single_task("Detect", request, context, "detection", run)
+
+    async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
+        prompts = self._prompts(request.prompts)
+        if not prompts and not request.boxes:
+            raise BadRequest("segmentation needs at least one text prompt or box prompt")
+
+        async def run(prepared: PreparedImage, deadline: float, clock: Clock) -> tuple[pb.SegmentResponse, np.ndarray]:
+            boxes = self._boxes(list(request.boxes), prepared.transform)
+            cost = self._cost(prepared, image_passes=int(bool(prompts)), prompts=len(prompts), boxes=boxes)
+            return await self._segment(
+                prepared, deadline, clock, request, prompts=prompts, boxes=boxes, priority=self._priority(cost)
+            )
+
+        return await self._single_task("Segment", request, context, "segmentation", run)
 
     async def Analyze(self, request: pb.AnalyzeRequest, context: grpc.aio.ServicerContext) -> pb.AnalyzeResponse:
         _bind_caller(context)
