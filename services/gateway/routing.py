@@ -6,15 +6,15 @@ second loop.
 Routing stays off the caller's path: the answer waits only for the input's hash (about 4 ms for a 7 MB
 DICOM), the flows' conditions and a durable hand-off, not for the PNG encoding (20 ms) or the review
 service. The hand-off is the on-disk outbox (``services/review/outbox.py``): the case's StartHumanLoop
-request, with the review image as an uncompressed PNG (1 ms to write instead of 20), is renamed into
-place before the answer leaves, so a gateway killed a moment later loses nothing. The routing entry
-says so honestly: ``queued``, with the loop name. A background task then fsyncs it (against the machine
-going down as well; 2 ms the caller does not wait for), sends the case (with the image compressed, on the
-executor) and takes it out of the outbox when the service has it; a review
-service that cannot be reached leaves it there, and the outbox's retry task sends it again until the
-service takes it. An image this router already knows to be in review answers ``routed`` ("already in
-review") without a hand-off. Only when the outbox cannot keep a case (full, or its disk fails) is it sent
-while the caller waits, as before.
+request, with the review image as an uncompressed PNG (1 ms to write instead of 20) and, for an answer
+written as DICOM, the source's header only (never its pixels), is written, fsynced and renamed into place
+before the answer leaves, so neither a gateway killed nor a machine going down a moment later loses it
+(about 2 ms here). The routing entry says so honestly: ``queued``, with the loop name. A background task
+then sends the case (with the image compressed, on the executor) and takes it out of the outbox when the
+service has it; a review service that cannot be reached leaves it there, and the outbox's retry task sends
+it again until the service takes it. An image this router already knows to be in review answers
+``routed`` ("already in review") without a hand-off. Only when the outbox cannot keep a case (full, or its
+disk fails) is it sent while the caller waits, as before.
 
 The channel to the review service follows ``security``: with TLS on, the review server's certificate
 must chain to ``security.client_ca_file`` (the CA of medgate's nodes: the embedded default signs the
@@ -35,7 +35,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 import threading
 import time
 import zlib
@@ -54,6 +53,7 @@ from google.protobuf import json_format
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import review_pb2 as rpb
 from medgate.v1 import review_pb2_grpc as rpb_grpc
+from services.durable import write_durable
 from services.gateway.review_dicom import case_dicom_source
 from services.gateway.review_image import ModalityImage, modality_image
 from services.imaging.arrays import WireArray, encode_array
@@ -406,7 +406,8 @@ class ReviewRouter:
         return [case.routing for case in cases]
 
     def _keep(self, request: rpb.StartHumanLoopRequest) -> None:
-        """Into the outbox, atomically (a temporary file renamed) and durably (file and folder fsynced).
+        """Into the outbox, atomically (a temporary file renamed) and durably (file and folder fsynced): the
+        outbox's own write, with its size counted at most once a second (not a folder listing per case).
 
         An answer that says ``queued`` is a promise: the case must survive the machine going down right
         after, not only the gateway process, so the fsyncs (about 2 ms here for an uncompressed 1 MiB PNG)
@@ -420,19 +421,7 @@ class ReviewRouter:
             raise OutboxFull(f"review outbox {self.outbox.directory} holds its limit of {self.outbox.max_bytes} bytes")
         if not _LOOP_NAME.match(request.name):
             raise ValueError(f"outbox name {request.name!r} is not a plain loop name")
-        fd, temporary = tempfile.mkstemp(dir=self.outbox.directory, prefix=".incoming-")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            target = self.outbox.directory / f"{request.name}{SUFFIX}"
-            os.replace(temporary, target)
-            _sync(target)  # the rename (the folder); the file itself is already on disk
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
+        write_durable(self.outbox.directory / f"{request.name}{SUFFIX}", payload, temporary_prefix=".incoming-")
         self._held += len(payload)
 
     def _deliver_later(self, request: rpb.StartHumanLoopRequest, prepared: PreparedImage) -> None:
@@ -448,7 +437,6 @@ class ReviewRouter:
         loop = asyncio.get_running_loop()
         entry = Pending(request.name, self.outbox.directory / f"{request.name}{SUFFIX}")
         try:
-            await loop.run_in_executor(self._background, _sync, entry.path)
             png, modality = await loop.run_in_executor(self._background, _review_images, prepared)
             complete = _with_image(request, png, modality)
             try:
@@ -555,21 +543,6 @@ def _nice() -> None:
     """Lower this thread's CPU priority (Linux sets nice values per thread); nothing where that is not allowed."""
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-
-
-def _sync(path: Path) -> None:
-    """fsync a handed-off file and its folder (the rename); gone already (delivered by another worker) is fine."""
-    with contextlib.suppress(FileNotFoundError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _review_images(prepared: PreparedImage) -> tuple[bytes, ModalityImage | None]:
