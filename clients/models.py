@@ -2,10 +2,15 @@
 
 Promotion switches the version every gateway worker names in its Triton calls by rewriting the versions file
 (``versions.file``), which the workers re-read within ``versions.reload_interval_s``: no restart. It is refused,
-with the reason, unless the candidate's ``evaluation.json`` (written by ``medgate train``) compares it with the
-version serving now and it is not worse on either held-out set (AP50 at most ``versions.promote_tolerance``
-below), and Triton has the version loaded. Rollback goes back to the version that served before, with no
-evidence needed (it served already), as long as Triton still has it loaded.
+with the reason, unless the candidate's ``evaluation.json`` (written by ``medgate train``) is the role's, compares
+it with the version serving now and it is not worse on either held-out set (the role's metric, :data:`ROLE_METRIC`:
+AP50 for the detector, accuracy for the classifier, at most ``versions.promote_tolerance`` below), and Triton has
+the version loaded. Rollback goes back to the version that served before, with no evidence needed (it served
+already), as long as Triton still has it loaded.
+
+Every promote and rollback, done or refused, writes an audit event (Security Alert / Software Configuration:
+the OS user, the role, the model and the versions; nothing else) to ``security.audit_dir``; a trail that cannot be
+written stops the command before the versions file changes.
 """
 
 from __future__ import annotations
@@ -18,11 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.audit.log import AuditWriteError
 from services.gateway.versions import RoleVersions, read_versions, write_versions
 from services.settings import Settings, load_settings
 from training import model_repository as repo
 
-METRICS = ("reviewed_heldout_ap50", "phantom_heldout_ap50")
+# The metric a role's evaluation.json compares on its two held-out sets (training/retrain_<role>.py writes it).
+ROLE_METRIC = {"detector": "ap50", "classifier": "accuracy"}
+
+
+def metrics(role: str) -> tuple[str, str]:
+    metric = ROLE_METRIC[role]
+    return f"reviewed_heldout_{metric}", f"phantom_heldout_{metric}"
 
 
 @dataclass
@@ -36,6 +48,9 @@ def judge(report: dict[str, Any] | None, serving: str, tolerance: float) -> Verd
     """Whether a candidate's evaluation report lets it replace ``serving``; every reason when it does not."""
     if report is None:
         return Verdict(False, ["it has no evaluation.json (medgate train writes one)"])
+    role = str(report.get("role", "detector"))
+    if role not in ROLE_METRIC:
+        return Verdict(False, [f"its evaluation is for role {role!r}, which has no promotion rule"])
     parent = str(report.get("parent_version", ""))
     if parent != serving:
         return Verdict(
@@ -44,7 +59,7 @@ def judge(report: dict[str, Any] | None, serving: str, tolerance: float) -> Verd
         )
     evaluation = report.get("evaluation", {})
     verdict = Verdict(True)
-    for metric in METRICS:
+    for metric in metrics(role):
         before = float(evaluation.get("parent", {}).get(metric, math.nan))
         after = float(evaluation.get("candidate", {}).get(metric, math.nan))
         verdict.evidence[metric] = {"serving": before, "candidate": after}
@@ -102,7 +117,10 @@ def promote(settings: Settings, role: str, version: str, *, check_loaded: bool =
     latest = repo.latest_policy(repository, model)
     if int(version) not in repo.served_versions(repository, model, latest):
         return Verdict(False, [f"version {version} is not among the {latest} latest that Triton serves"])
-    verdict = judge(repo.read_report(repository, model, version), entry.serving, settings.versions.promote_tolerance)
+    report = repo.read_report(repository, model, version)
+    if report is not None and report.get("role", "detector") != role:
+        return Verdict(False, [f"its evaluation.json is for role {report.get('role')!r}, not {role}"])
+    verdict = judge(report, entry.serving, settings.versions.promote_tolerance)
     if verdict.ok and check_loaded:
         why = _loaded(settings, model, version)
         if why:
@@ -163,6 +181,40 @@ def listing(settings: Settings, role: str) -> dict[str, Any]:
     }
 
 
+def _audited_switch(settings: Settings, args: argparse.Namespace) -> Verdict:
+    """Promote or roll back, with its audit event (done: OK; refused: FAILED_PRECONDITION). The trail is opened
+    first: a switch that cannot be audited does not happen (AuditWriteError)."""
+    from services.audit.events import model_version_event
+    from services.audit.export import os_user
+    from services.audit.log import AuditLog
+
+    model, _, _, entry = _context(settings, args.role)
+    before = settings.versions.pins().get(args.role) or entry.serving
+    audit = AuditLog.from_settings(settings.security, application="medgate-cli")
+    try:
+        audit.check()
+        if args.models_command == "promote":
+            verdict = promote(settings, args.role, args.version, check_loaded=not args.no_triton_check)
+            wanted = args.version
+        else:
+            verdict = rollback(settings, args.role, check_loaded=not args.no_triton_check)
+            wanted = str(verdict.evidence.get("serving", "")) or (entry.history[-1] if entry.history else "")
+        event = model_version_event(
+            audit.application,
+            os_user=os_user(),
+            command=args.models_command,
+            role=args.role,
+            model=model,
+            to_version=wanted if wanted.isdigit() else "",
+            from_version=before,
+            status="OK" if verdict.ok else "FAILED_PRECONDITION",
+        )
+        audit.write(event)
+    finally:
+        audit.close()
+    return verdict
+
+
 def run(args: argparse.Namespace) -> int:
     settings = load_settings()
     if args.models_command == "init-repository":
@@ -177,11 +229,14 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps(summarize(settings.versions.shadow_report_file, args.role), indent=2))
         return 0
+    try:
+        verdict = _audited_switch(settings, args)
+    except AuditWriteError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 1
     if args.models_command == "promote":
-        verdict = promote(settings, args.role, args.version, check_loaded=not args.no_triton_check)
         done = f"{args.role}: version {args.version} serves now"
     else:
-        verdict = rollback(settings, args.role, check_loaded=not args.no_triton_check)
         done = f"{args.role}: back to version {verdict.evidence.get('serving', '?')}"
     for metric, values in verdict.evidence.items():
         if isinstance(values, dict):

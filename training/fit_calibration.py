@@ -74,10 +74,14 @@ def _summary(raw: np.ndarray, calibrated: np.ndarray, outcome: np.ndarray) -> di
     }
 
 
-def fit_classifier(data: dict[str, np.ndarray]) -> None:
-    (probs,) = common.ort_run(
-        common.ort_session(common.MODELS_DIR / "classifier" / "1" / "model.onnx"), data["img1024"]
-    )
+def fit_classifier(
+    data: dict[str, np.ndarray],
+    onnx: Path = common.MODELS_DIR / "classifier" / "1" / "model.onnx",
+    folder: Path | None = None,
+) -> dict[str, Any]:
+    """Fit the classifier at ``onnx`` (default: the shipped one); write calibration.json into ``folder`` (default:
+    beside the graph; ``medgate train`` passes a new version's). The fit summary."""
+    (probs,) = common.ort_run(common.ort_session(onnx), data["img1024"])
     p_lesion = probs[:, 1].astype(np.float64)
     labels = data["label"].astype(np.float64)
     t = M.fit_temperature(p_lesion, labels)
@@ -88,13 +92,17 @@ def fit_classifier(data: dict[str, np.ndarray]) -> None:
     top_cal = np.maximum(calibrated, 1 - calibrated)
     summary = {"temperature": round(t, 4), "top_class": _summary(top_raw, top_cal, correct)}
     print(f"classifier: {summary}", flush=True)
-    _write(common.MODELS_DIR / "classifier" / "1", {"lesion_probability": spec}, summary, len(labels))
+    _write(folder or onnx.parent, {"lesion_probability": spec}, summary, len(labels))
+    return summary
 
 
-def fit_detector(data: dict[str, np.ndarray]) -> None:
-    boxes, scores = common.ort_run(
-        common.ort_session(common.MODELS_DIR / "detector" / "1" / "model.onnx"), data["img1024"]
-    )
+def fit_detector(
+    data: dict[str, np.ndarray],
+    onnx: Path = common.MODELS_DIR / "detector" / "1" / "model.onnx",
+    folder: Path | None = None,
+) -> dict[str, Any]:
+    """Fit the detector at ``onnx``; write calibration.json into ``folder`` (default: beside the graph). The summary."""
+    boxes, scores = common.ort_run(common.ort_session(onnx), data["img1024"])
     all_scores, all_hits = [], []
     for i in range(len(boxes)):
         ok = scores[i] >= MIN_SCORE
@@ -115,7 +123,8 @@ def fit_detector(data: dict[str, np.ndarray]) -> None:
         "box": _summary(raw, serving_calibration().apply_map(spec, raw), tp),
     }
     print(f"detector: {summary}", flush=True)
-    _write(common.MODELS_DIR / "detector" / "1", {"scores": spec}, summary, len(boxes))
+    _write(folder or onnx.parent, {"scores": spec}, summary, len(boxes))
+    return summary
 
 
 def fit_segmenter_text(data: dict[str, np.ndarray]) -> None:

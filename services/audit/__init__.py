@@ -9,6 +9,7 @@ from services.audit.events import (
     EventType,
     Flow,
     HumanLoop,
+    ModelVersion,
     Outcome,
     ParticipantRole,
     Query,
@@ -16,6 +17,7 @@ from services.audit.events import (
     Study,
     application_activity,
     export_event,
+    model_version_event,
     node,
     requestor,
 )
@@ -32,6 +34,7 @@ __all__ = [
     "EventType",
     "Flow",
     "HumanLoop",
+    "ModelVersion",
     "Outcome",
     "ParticipantRole",
     "Query",
@@ -39,6 +42,7 @@ __all__ = [
     "Study",
     "application_activity",
     "export_event",
+    "model_version_event",
     "node",
     "requestor",
 ]

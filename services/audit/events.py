@@ -54,6 +54,7 @@ class EventType(Enum):
     APPLICATION_STOP = Code("110121", "DCM", "Application Stop")
     LOGIN = Code("110122", "DCM", "Login")
     NODE_AUTHENTICATION = Code("110126", "DCM", "Node Authentication")
+    SOFTWARE_CONFIGURATION = Code("110131", "DCM", "Software Configuration")
     USE_OF_RESTRICTED_FUNCTION = Code("110132", "DCM", "Use of Restricted Function")
 
 
@@ -252,6 +253,7 @@ class Application:
 # ParticipantObjectTypeCode (1 person, 2 system object) and TypeCodeRole (PS3.15 / RFC 3881 table).
 _SYSTEM_OBJECT = 2
 _ROLE_REPORT = 3
+_ROLE_RESOURCE = 4
 _ROLE_SECURITY_RESOURCE = 13
 _ROLE_JOB = 20
 _ROLE_JOB_STREAM = 21
@@ -260,6 +262,7 @@ _STUDY_UID = Code("110180", "DCM", "Study Instance UID")
 _HUMAN_LOOP = Code("human-loop", "medgate", "Human loop name")
 _FLOW = Code("flow-definition", "medgate", "Flow definition name")
 _URI = Code("12", "RFC-3881", "URI")
+_MODEL_VERSION = Code("model-version", "medgate", "Model version")
 _SEARCH = Code("10", "RFC-3881", "Search Criteria")
 
 
@@ -343,7 +346,38 @@ class SecurityResource:
         return _object(_SYSTEM_OBJECT, _ROLE_SECURITY_RESOURCE, _URI, self.rpc)
 
 
-ParticipantObject = Study | HumanLoop | Flow | Query | SecurityResource
+# A model role (settings.models field), a Triton model name, a version number; what happened to the version.
+_ROLE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_MODEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$")
+MODEL_COMMANDS = frozenset({"promote", "rollback"})
+MODEL_CHANGES = frozenset({"serving", "replaced", "requested"})
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A version of a role's Triton model that a ``medgate models`` command switched to (``serving``), away from
+    (``replaced``), or was refused (``requested``); no patient data exists in any of its fields."""
+
+    role: str
+    model: str
+    version: str
+    change: str
+    command: str
+
+    def __post_init__(self) -> None:
+        _check(bool(_ROLE.match(self.role)), "model role")
+        _check(bool(_MODEL.match(self.model)), "model name")
+        _check(self.version.isdigit() and len(self.version) <= 12, "model version")
+        _check(self.change in MODEL_CHANGES, "model version change")
+        _check(self.command in MODEL_COMMANDS, "model command")
+
+    def as_json(self) -> dict[str, Any]:
+        entry = _object(_SYSTEM_OBJECT, _ROLE_RESOURCE, _MODEL_VERSION, f"{self.model}/{self.version}")
+        entry["ParticipantObjectDescription"] = {"Role": self.role, "Change": self.change, "Command": self.command}
+        return entry
+
+
+ParticipantObject = Study | HumanLoop | Flow | Query | SecurityResource | ModelVersion
 
 
 def _object(type_code: int, role: int, id_type: Code, object_id: str) -> dict[str, Any]:
@@ -404,7 +438,9 @@ class AuditEvent:
         _check(not self.rpc or bool(_RPC.match(self.rpc)), "RPC name")
         _check(not self.request_id or bool(_TOKEN.match(self.request_id)), "request id")
         for obj in self.objects:
-            _check(isinstance(obj, Study | HumanLoop | Flow | Query | SecurityResource), "ParticipantObject")
+            _check(
+                isinstance(obj, Study | HumanLoop | Flow | Query | SecurityResource | ModelVersion), "ParticipantObject"
+            )
 
     @property
     def outcome(self) -> Outcome:
@@ -456,6 +492,36 @@ def export_event(
         status=status,
         participants=(
             requestor(user_id=os_user, extra_roles=(ParticipantRole.SOURCE.value,)),
+            application.participant(ParticipantRole.APPLICATION),
+        ),
+        objects=tuple(objects),
+    )
+
+
+def model_version_event(
+    application: Application,
+    *,
+    os_user: str,
+    command: str,
+    role: str,
+    model: str,
+    to_version: str,
+    from_version: str,
+    status: str = "OK",
+) -> AuditEvent:
+    """``medgate models promote|rollback`` by a local user: Security Alert / Software Configuration (PS3.15
+    A.5.3.11), the version switched to and the one it replaced; refused (``FAILED_PRECONDITION``), the version
+    requested and the one that keeps serving. Only roles, model names, versions and the user."""
+    ok = status == "OK"
+    changes = ((to_version, "serving" if ok else "requested"), (from_version, "replaced" if ok else "serving"))
+    objects = [ModelVersion(role, model, version, change, command) for version, change in changes if version]
+    return AuditEvent(
+        event_id=EventID.SECURITY_ALERT,
+        action=Action.EXECUTE,
+        status=status,
+        event_types=(EventType.SOFTWARE_CONFIGURATION,),
+        participants=(
+            requestor(user_id=os_user, extra_roles=(ParticipantRole.APPLICATION_LAUNCHER.value,)),
             application.participant(ParticipantRole.APPLICATION),
         ),
         objects=tuple(objects),
