@@ -12,7 +12,11 @@ Two sections of ``bench/bench_gateway.py`` (``--sections floor direct16``), in t
   bytes costs) and an empty health check (what any round trip to the gateway costs).
 - ``direct16``: req/s of the gateway's ``Classify`` (1024 PNG) at 16 concurrent clients against the
   classifier called directly through tritonclient with the same tensor at 16 clients, the same Python
-  generator on both (and ghz on the gateway side when on PATH), arms alternating in short windows.
+  generator on both (and ghz on the gateway side when on PATH), arms alternating in short windows. Beside each
+  arm's req/s: the CPU time per request of the gateway process (and of its event-loop thread alone) and of
+  Triton's process group, from /proc around each window. Unlike req/s on a shared machine, CPU time per request
+  hardly moves with the load others put on the cores, so it says where a request's work goes (and what a change
+  saved) even when the req/s of two runs cannot be compared.
 
 ghz is optional: without it the sections say "ghz not on PATH" and run the Python arms. A benchmark, not a test.
 """
@@ -324,6 +328,35 @@ def _load(
     return {"requests": sum(counts), "errors": sum(errors), "seconds": elapsed, "latencies": merged}
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_s(stat_path: Path) -> float:
+    """User plus system CPU seconds from a /proc ``stat`` file (0 when the process or thread is gone)."""
+    try:
+        stat = stat_path.read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rfind(")") + 2 :].split()  # comm may hold spaces: split after the last ")"
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def cpu_snapshot(gateway_pid: int | None, triton_pid: int | None) -> dict[str, float]:
+    """CPU seconds so far: the gateway process, its main (event-loop) thread, and Triton's whole process group
+    (tritonserver and its Python-backend stubs). Keys are left out where a pid is unknown or not on Linux."""
+    from services.triton.embedded import group_members
+
+    snapshot: dict[str, float] = {}
+    if not Path("/proc/self/stat").exists():
+        return snapshot
+    if gateway_pid is not None:
+        snapshot["gateway_process"] = _cpu_s(Path(f"/proc/{gateway_pid}/stat"))
+        snapshot["gateway_event_loop_thread"] = _cpu_s(Path(f"/proc/{gateway_pid}/task/{gateway_pid}/stat"))
+    if triton_pid is not None:
+        snapshot["triton_process_group"] = sum(_cpu_s(Path(f"/proc/{pid}/stat")) for pid in group_members(triton_pid))
+    return snapshot
+
+
 def _triton_protoset(path: Path) -> None:
     """Triton's gRPC API as a protoset for ghz (Triton serves no reflection), from tritonclient's own descriptors."""
     from google.protobuf import descriptor_pb2
@@ -364,8 +397,13 @@ def direct16(
     clients: int = 16,
     seconds: float = 5.0,
     rounds: int = 3,
+    gateway_pid: int | None = None,
+    triton_pid: int | None = None,
 ) -> dict[str, Any]:
-    """Gateway Classify and direct tritonclient at ``clients`` each, windows alternating over ``rounds``."""
+    """Gateway Classify and direct tritonclient at ``clients`` each, windows alternating over ``rounds``.
+
+    ``gateway_pid``, ``triton_pid`` (Triton's process group): each arm's CPU milliseconds per request, when given.
+    """
     request = pb.ClassifyRequest(image=pb.ImageInput(data=png))
     tensor = prepare(png, limits=IngestLimits()).model_image[None]
     ghz = ghz_path()
@@ -388,11 +426,11 @@ def direct16(
         "direct_triton_python": direct_call,
     }
     totals: dict[str, dict[str, Any]] = {
-        arm: {"requests": 0, "errors": 0, "seconds": 0.0, "latencies": []} for arm in arms
+        arm: {"requests": 0, "errors": 0, "seconds": 0.0, "latencies": [], "cpu_s": {}} for arm in arms
     }
     if ghz:
         for arm in ("gateway_ghz", "direct_triton_ghz"):
-            totals[arm] = {"requests": 0, "errors": 0, "seconds": 0.0, "latencies": []}
+            totals[arm] = {"requests": 0, "errors": 0, "seconds": 0.0, "latencies": [], "cpu_s": {}}
     with tempfile.TemporaryDirectory(prefix="medgate-bench-direct16-") as scratch:
         request_file = Path(scratch) / "classify.bin"
         request_file.write_bytes(request.SerializeToString())
@@ -403,6 +441,7 @@ def direct16(
             names = list(totals)
             names = names[round_index % len(names) :] + names[: round_index % len(names)]
             for arm in names:
+                cpu_before = cpu_snapshot(gateway_pid, triton_pid)
                 if arm in ("gateway_ghz", "direct_triton_ghz") and ghz:
                     direct = arm == "direct_triton_ghz"
                     batch = _ghz_batch(
@@ -425,10 +464,13 @@ def direct16(
                     }
                 else:
                     point = _load(clients, seconds, arms[arm])
+                cpu_after = cpu_snapshot(gateway_pid, triton_pid)
                 total = totals[arm]
                 for key in ("requests", "errors", "seconds"):
                     total[key] += point[key]
                 total["latencies"] += point["latencies"]
+                for key, value in cpu_after.items():
+                    total["cpu_s"][key] = total["cpu_s"].get(key, 0.0) + value - cpu_before.get(key, value)
     result: dict[str, Any] = {"clients": clients, "window_s": seconds, "rounds": rounds, "input": "png_1024"}
     for arm, total in totals.items():
         result[arm] = {
@@ -437,6 +479,11 @@ def direct16(
             "errors": total["errors"],
             "latency": gw.percentiles(total["latencies"]) if total["latencies"] else {},
         }
+        if total["cpu_s"] and total["requests"]:
+            # For the direct arms the gateway's share is what an idle gateway spends (health polls, Triton probes).
+            result[arm]["cpu_ms_per_request"] = {
+                key: round(1000.0 * value / total["requests"], 3) for key, value in sorted(total["cpu_s"].items())
+            }
     direct_rps = max(result["direct_triton_python"]["rps"], 1e-9)
     result["gateway_python_over_direct_rps"] = round(result["gateway_python"]["rps"] / direct_rps, 3)
     if ghz:
@@ -463,7 +510,7 @@ def run_sections(
     roots = "MEDGATE_GATEWAY_REFERENCE_ROOTS"  # the inputs as files too, for the by-reference arm
     with (
         tempfile.TemporaryDirectory(prefix="medgate-bench-floor-") as folder,
-        gw.gateway_process(url, port, 1, security, extra_env={roots: folder}),
+        gw.gateway_process(url, port, 1, security, extra_env={roots: folder}) as gateway_pid,
     ):
         files = {"png": Path(folder) / "phantom-1024.png", "dicom": Path(folder) / "RG1_UNCI.dcm"}
         files["png"].write_bytes(png)
@@ -494,7 +541,16 @@ def run_sections(
             print(json.dumps(out["floor"], indent=2), flush=True)
         if "direct16" in sections:
             started, before = _now(), load_average()
-            point = direct16(target, security, png, url, seconds=args.direct_seconds, rounds=args.direct_rounds)
+            point = direct16(
+                target,
+                security,
+                png,
+                url,
+                seconds=args.direct_seconds,
+                rounds=args.direct_rounds,
+                gateway_pid=gateway_pid,
+                triton_pid=getattr(args, "triton_pid", None),
+            )
             out["direct16"] = {"started": started, **point, "load_average_before_after": [before, load_average()]}
             print(json.dumps(out["direct16"], indent=2), flush=True)
     return out

@@ -108,7 +108,8 @@ def gateway_process(
     *,
     shared_memory: str = "auto",
     extra_env: dict[str, str] | None = None,
-) -> Iterator[None]:
+) -> Iterator[int]:
+    """A ``medgate serve`` process until the block ends; yields its pid (with one worker, the process that serves)."""
     # Review routing off: this measures inference overhead. Metrics on a free port, to never clash.
     env = dict(
         os.environ,
@@ -143,7 +144,7 @@ def gateway_process(
                     raise RuntimeError("the gateway did not start")
                 time.sleep(0.2)
         time.sleep(1.0 if workers > 1 else 0.2)  # let every worker bind
-        yield
+        yield process.pid
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -441,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--dicom", type=Path, help="RG1_UNCI.dcm from elsewhere (default: pydicom-data's copy)")
     parser.add_argument("--triton-url", default="", help="use this Triton (host:port) instead of starting one")
+    parser.add_argument(
+        "--triton-pid", type=int, help="with --triton-url: its server's pid (direct16 counts its process group's CPU)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gateway.json")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--mix-seconds", type=float, default=30.0, help="each half of the heavy/light mix")
@@ -477,8 +481,11 @@ def main(argv: list[str] | None = None) -> int:
             results["box_nice"] = args.box_nice
         needs_triton = sections & {"overhead", "throughput", "mix", "floor", "direct16"}
         url = ""
-        if needs_triton:
-            url = args.triton_url or stack.enter_context(EmbeddedTriton(triton_settings)).settings.grpc_url
+        if needs_triton and args.triton_url:
+            url = args.triton_url
+        elif needs_triton:
+            embedded = stack.enter_context(EmbeddedTriton(triton_settings))
+            url, args.triton_pid = embedded.settings.grpc_url, embedded.pid
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="medgate-bench-")))
         plain = Security(stack_security.make_credentials(scratch / "credentials"), scratch / "audit")
         secure = dataclasses.replace(plain, secure=True)
