@@ -102,8 +102,9 @@ class TritonPythonModel(TritonModel[Parsed]):
             [ENCODER_FILE, DECODER_FILE],
             "run `make models` (python -m training.export_medsam) to export LiteMedSAM first",
         )
-        self.encoder = onnx_session(encoder, args, threads=threads)
-        self.decoder = onnx_session(decoder, args, threads=threads)
+        spin = self.bool_param("intra_op_spinning", False)
+        self.encoder = onnx_session(encoder, args, threads=threads, spin=spin)
+        self.decoder = onnx_session(decoder, args, threads=threads, spin=spin)
         self._check_graphs()
         pb_utils.Logger.log_info(
             f"{self.name}: LiteMedSAM loaded from {self.version_dir} with {self.encoder.get_providers()[0]}, "
