@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from services.durable import write_durable
 
 log = logging.getLogger("medgate.gateway.versions")
 
@@ -67,19 +67,11 @@ def read_versions(path: Path) -> dict[str, RoleVersions]:
 
 
 def write_versions(path: Path, state: dict[str, RoleVersions]) -> None:
-    """Write the whole state atomically (temporary file, fsync, rename), so a reader never sees half of it."""
+    """Write the whole state atomically and durably (:func:`services.durable.write_durable`), so a reader never
+    sees half of it and a promotion survives a power cut; readable by other users as ``open()`` makes it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     data = json.dumps({role: asdict(entry) for role, entry in sorted(state.items())}, indent=2) + "\n"
-    try:
-        with open(temporary, "w") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_durable(path, data.encode(), temporary_prefix=f".{path.name}.", mode=0o666)
 
 
 class ServingVersions:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from services.durable import write_durable
 from services.review.flows import FlowDefinition, InvalidArgument, TaskType
 from services.review.store import Decision, InvalidState, Loop, LoopStatus, ReviewStoreBase
 
@@ -90,23 +89,10 @@ def output_document(loop: Loop, decisions: Sequence[Decision]) -> dict[str, Any]
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part; durable
+    on return (:func:`services.durable.write_durable`), readable by other users as ``open()`` makes it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself must survive a power cut
-    finally:
-        os.close(directory)
+    write_durable(path, data, temporary_prefix=f".{path.name}.", mode=0o666)
 
 
 def _json_bytes(document: Any) -> bytes:
