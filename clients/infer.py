@@ -134,7 +134,7 @@ def summary(response: pb.AnalyzeResponse) -> str:
     for routing in response.review:
         state = "not routed"
         if routing.routed or routing.queued:
-            state = "sent to review" if routing.routed else "kept for review (service away)"
+            state = "in review" if routing.routed else "handed to review (on its way)"
         lines.append(f"review: {state}, flow {routing.flow_definition}, loop {routing.human_loop_name}")
         lines.append(f"  because {'; '.join(routing.reasons)}")
     for obj in response.dicom_results:
@@ -252,7 +252,14 @@ def run(args: argparse.Namespace, target: str) -> int:
         args.task = ["classify", "detect"] + (["segment"] if args.prompts or args.box else [])
     if "segment" in args.task and not (args.prompts or args.box):
         args.prompts = "left lung & right lung & heart & lesion"
-    request = build_request(args)
+    try:
+        request = build_request(args)
+    except FileNotFoundError:
+        print(f"error: no such file: {args.file}", file=sys.stderr)
+        return 2
+    except IsADirectoryError:
+        print(f"error: {args.file} is a folder (medgate batch reads folders)", file=sys.stderr)
+        return 2
     security = connect.from_args(args, Role.INFERENCE)
     with channel(target, security) as ch:
         stub = pb_grpc.InferenceStub(ch)
