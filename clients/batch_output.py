@@ -85,7 +85,12 @@ class StateLog:
 
 
 def _write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write to a temporary name beside ``path``, fsync, then rename over it."""
+    """Write to a temporary name beside ``path``, fsync, then rename over it.
+
+    Not :func:`services.durable.write_durable`: ``write`` streams (``np.savez_compressed``), the fixed name
+    is what :func:`sweep_partials` clears, and no folder fsync per file (a rename lost to a power cut only
+    makes :func:`is_done` redo that file, since its state line names outputs that are then missing).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
     with temporary.open("wb") as handle:
