@@ -75,6 +75,15 @@ async def until(check: Any, timeout_s: float, what: str) -> Any:
         await asyncio.sleep(0.2)
 
 
+def flow_toml(name: str, task_type: str, categories: list[str], condition: dict[str, Any]) -> str:
+    """A flows file with one flow: an hour to answer each case, output.json under ``output/`` beside the file."""
+    settings = {"name": name, "task_type": task_type, "categories": categories, "task_count": 1}
+    settings |= {"task_availability_lifetime_s": 3600, "task_time_limit_s": 600, "output_dir": "output"}
+    lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    conditions = f"activation_conditions = '''{json.dumps(condition)}'''"
+    return "\n".join(["[[flows]]", *lines, conditions, ""])
+
+
 def write_truths(path: Path, cases: Iterable[tuple[np.ndarray, dict[str, Any]]]) -> Path:
     """A ground-truth file for ``medgate reviewer --auto truth:FILE``: (model-space image, answer) per case."""
     path.write_text(
@@ -103,6 +112,42 @@ class Servers:
 
     async def medgate(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
         return await medgate(*args, env=self.env, timeout=timeout)
+
+    async def answer_all(self, flow: str, truth_file: Path, count: int) -> None:
+        """``medgate reviewer --auto truth:FILE`` answers ``count`` cases of ``flow`` (a scripted reviewer)."""
+        done = await self.medgate(
+            "reviewer",
+            "--reviewer-id",
+            "scripted",
+            "--flow",
+            flow,
+            "--auto",
+            f"truth:{truth_file}",
+            "--limit",
+            str(count),
+            "--target",
+            f"127.0.0.1:{self.review.port}",
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("submitted: loop COMPLETED") == count, done.stdout[-3000:]
+
+    async def export(self, flow: str, out: Path) -> Path:
+        """``medgate review export-manifest``: the manifest path."""
+        done = await self.medgate("review", "export-manifest", "--flow", flow, "--out", str(out), timeout=60)
+        assert done.returncode == 0, done.stderr
+        return out / "output.manifest"
+
+    async def train(self, role: str, manifest: Path, **options: int) -> dict[str, Any]:
+        """``medgate train --role ROLE`` with ``options`` (``phantom_heldout=100`` -> ``--phantom-heldout 100``);
+        the evaluation.json of the version it landed (the role's model's next version)."""
+        model = getattr(self.settings.models, role)
+        number = str((model_repository.versions(self.repository, model) or [0])[-1] + 1)
+        flags = [item for key, value in options.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+        done = await self.medgate("train", "--role", role, "--manifest", str(manifest), *flags, timeout=400)
+        assert done.returncode == 0, done.stdout + done.stderr
+        print(done.stdout)
+        return dict(json.loads((self.repository / model / number / "evaluation.json").read_text()))
 
     async def loaded(self, model: str, *versions: str) -> None:
         """Wait until Triton has every one of ``versions`` of ``model`` READY (it polls the repository)."""

@@ -28,7 +28,7 @@ from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
 from services.gateway.versions import read_versions
 from tests.fixtures import png_bytes
-from tests.retrain_fixtures import RELOAD_INTERVAL_S, loop_servers, metric, until, write_truths
+from tests.retrain_fixtures import RELOAD_INTERVAL_S, flow_toml, loop_servers, metric, until, write_truths
 from training import common, model_repository, phantoms
 from training.train_from_review import ap50
 
@@ -43,19 +43,13 @@ FAINT_GAIN = 0.10  # AP50 on faint lesions rises at least this much (measured be
 STANDARD_TOLERANCE = 0.02  # and falls at most this much on the standard held-out set (versions.promote_tolerance)
 CALIBRATION = 100  # calibration-split phantoms the new version's calibration.json is refitted on
 
-FLOW = """
-[[flows]]
-name = "lesion-detection"
-task_type = "detection"
-categories = ["lesion"]
-task_count = 1
-task_availability_lifetime_s = 3600
-task_time_limit_s = 600
-output_dir = "output"
-activation_conditions = '''
-{"ConditionType": "ConfidenceLessThan", "ConditionParameters": {"Score": "max_box", "ConfidenceLessThan": 0.5}}
-'''
-"""
+# Seed 003's rule (config/flows.toml): a human loop when the top detection score is under 0.5.
+FLOW = flow_toml(
+    "lesion-detection",
+    "detection",
+    ["lesion"],
+    {"ConditionType": "ConfidenceLessThan", "ConditionParameters": {"Score": "max_box", "ConfidenceLessThan": 0.5}},
+)
 
 
 def _faint(seed: int, count: int) -> list[dict[str, Any]]:
@@ -156,54 +150,23 @@ async def test_reviewed_faint_lesions_retrain_shadow_and_promote(tmp_path: Path)
         )
 
         # 2. The scripted reviewer answers each case with its true boxes; the cases are exported.
-        done = await servers.medgate(
-            "reviewer",
-            "--reviewer-id",
-            "scripted",
-            "--flow",
-            "lesion-detection",
-            "--auto",
-            f"truth:{truth_file}",
-            "--limit",
-            str(len(names)),
-            "--target",
-            f"127.0.0.1:{review.port}",
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.count("submitted: loop COMPLETED") == len(names), done.stdout[-3000:]
+        await servers.answer_all("lesion-detection", truth_file, len(names))
         # Faint lesions never reviewed (they are routed too, and stay InProgress: never exported).
         fresh_before = await _detect_all(stub, [s["image"] for s in fresh])
         assert {a.model.version for a in fresh_before} == {"1"}
         before = _gateway_ap50(fresh_before, fresh)
-        exported = tmp_path / "export"
-        done = await servers.medgate(
-            "review", "export-manifest", "--flow", "lesion-detection", "--out", str(exported), timeout=60
-        )
-        assert done.returncode == 0, done.stderr
-        manifest = exported / "output.manifest"
-        assert len(manifest.read_text().splitlines()) == len(names), done.stderr[-3000:]
+        manifest = await servers.export("lesion-detection", tmp_path / "export")
+        assert len(manifest.read_text().splitlines()) == len(names)
 
         # 3. Retrain: version 2 lands as the candidate; version 1 still serves.
-        done = await servers.medgate(
-            "train",
-            "--role",
+        report = await servers.train(
             "detector",
-            "--manifest",
-            str(manifest),
-            "--steps",
-            str(STEPS),
-            "--replay",
-            str(REPLAY),
-            "--phantom-heldout",
-            str(PHANTOM_HELDOUT),
-            "--calibration-phantoms",
-            str(CALIBRATION),
-            timeout=400,
+            manifest,
+            steps=STEPS,
+            replay=REPLAY,
+            phantom_heldout=PHANTOM_HELDOUT,
+            calibration_phantoms=CALIBRATION,
         )
-        assert done.returncode == 0, done.stdout + done.stderr
-        print(done.stdout)
-        report = json.loads((repository / "detector" / "2" / "evaluation.json").read_text())
         state = read_versions(versions_file)["detector"]
         assert (state.serving, state.candidate) == ("1", "2")
         evaluation = report["evaluation"]

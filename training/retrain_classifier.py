@@ -22,19 +22,21 @@ through ONNX Runtime.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from training.retrain_shared import ManifestError, Trained, manifest_lines, mixed_batch, pooled, to_model_space
+from training import retrain_shared as shared
 
 MANIFEST_TYPE_CLASSIFICATION = "groundtruth/image-classification"
 METRIC = "accuracy"
 LABELS = ("normal", "lesion")  # train_classifier.LABELS, the model's labels.txt (without importing torch)
 DEFAULT_FREEZE = "encoder"
 DEFAULT_LR = 2e-3
+DEFAULT_SHARE = 0.5  # of each batch: reviewed cases; the rest replayed standard phantoms
 
 
 @dataclass
@@ -47,11 +49,13 @@ class ClassifiedCase:
 def read_classifications(path: Path) -> list[ClassifiedCase]:
     """The classification cases of an augmented manifest, with the images beside it."""
     cases: list[ClassifiedCase] = []
-    for line in manifest_lines(path, MANIFEST_TYPE_CLASSIFICATION):
+    for line in shared.manifest_lines(path, MANIFEST_TYPE_CLASSIFICATION):
         name = str(line.metadata.get("class-name", ""))
         if name not in LABELS:
-            raise ManifestError(f"{path} line {line.number}: class {name!r} is not one of the classifier's {LABELS}")
-        image, _ = to_model_space(line.image)
+            raise shared.ManifestError(
+                f"{path} line {line.number}: class {name!r} is not one of the classifier's {LABELS}"
+            )
+        image, _ = shared.to_model_space(line.image)
         cases.append(ClassifiedCase(line.name, image, LABELS.index(name)))
     return cases
 
@@ -66,31 +70,31 @@ def accuracy(onnx_path: Path, images: np.ndarray, labels: np.ndarray) -> float:
     return round(float((probabilities.argmax(axis=1) == labels).mean()), 4)
 
 
-def finetune(
-    model: Any,
-    reviewed: list[ClassifiedCase],
-    replay: dict[str, np.ndarray],
-    *,
-    steps: int,
-    batch: int,
-    lr: float,
-    seed: int,
-    reviewed_share: float = 0.5,
-    frozen: tuple[str, ...] = (),
-) -> float:
-    """Fine-tune in place (BatchNorm frozen): reviewed cases by their image label, replayed phantoms by label and
-    lesion mask. Seconds taken."""
+def load(version_dir: Path) -> tuple[Any, str]:
+    from training import onnx_checkpoint
+    from training.train_classifier import Classifier
+
+    return onnx_checkpoint.load_version(version_dir, Classifier)
+
+
+def serving(model: Any) -> Any:
+    from training.train_classifier import Serving
+
+    return Serving(model)
+
+
+def loss(model: Any, reviewed: list[ClassifiedCase], replay: dict[str, np.ndarray], recipe: shared.Recipe) -> Any:
+    """Reviewed cases by their image label, replayed phantoms by label and lesion mask (train_classifier's losses)."""
     import torch
     import torch.nn.functional as F
 
-    from training import retrain_shared
     from training.train_classifier import lesion_cells
 
-    reviewed_img = pooled(np.stack([c.image for c in reviewed]))
+    reviewed_img = shared.pooled(np.stack([c.image for c in reviewed]))
     reviewed_labels = np.array([c.label for c in reviewed], np.float32)
 
     def loss_of(rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
-        b = mixed_batch(rng, gen, reviewed_img, replay["img512"], batch, reviewed_share)
+        b = shared.mixed_batch(rng, gen, reviewed_img, replay["img512"], recipe.batch, recipe.reviewed_share)
         half = len(b.reviewed)
         logits = model(b.x)
         labels = np.concatenate([reviewed_labels[b.reviewed], replay["label"][b.replay].astype(np.float32)])
@@ -102,54 +106,27 @@ def finetune(
         focal = -(torch.log(p) * (1 - p) ** 2 * cells) - torch.log(1 - p) * p**2 * (1 - cells)
         return image_loss + focal.sum() / cells.sum().clamp_min(1.0)
 
-    return retrain_shared.finetune(model, loss_of, steps=steps, lr=lr, seed=seed, frozen=frozen)
+    return loss_of
 
 
-def train(args: argparse.Namespace, parent_dir: Path, work: Path) -> Trained:
-    """Fine-tune, export, evaluate (the new ONNX and checkpoint under ``work``)."""
-    import torch
-
-    from training import common, onnx_checkpoint
-    from training.retrain_shared import phantom_set, split
-    from training.train_classifier import Classifier, Serving
-
-    cases = read_classifications(args.manifest)
-    if not cases:
-        raise ManifestError(f"{args.manifest} holds no classification cases")
-    train_cases, heldout = split(cases, args.heldout_fraction, lambda c: c.name)
-    model, source = onnx_checkpoint.load_version(parent_dir, Classifier)
-    print(f"fine-tuning version {parent_dir.name} of {args.model} (weights from {source})", flush=True)
-    replay = phantom_set("train", args.replay, full=False)
-    frozen = tuple(part for part in args.freeze.split(",") if part)
-    train_s = finetune(
-        model, train_cases, replay, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, frozen=frozen
-    )
-    onnx_path, checkpoint = work / "model.onnx", work / "model.pt"
-    common.export_onnx(Serving(model), onnx_path, ["probabilities"])
-    torch.save(model.state_dict(), checkpoint)
-
-    phantoms = phantom_set("heldout", args.phantom_heldout, full=True)
-    reviewed_images = np.stack([c.image for c in heldout])
-    reviewed_labels = np.array([c.label for c in heldout])
-    evaluation = {
-        side: {
-            "reviewed_heldout_accuracy": accuracy(path, reviewed_images, reviewed_labels),
-            "phantom_heldout_accuracy": accuracy(path, phantoms["img1024"], phantoms["label"].astype(np.int64)),
-        }
-        for side, path in (("parent", parent_dir / "model.onnx"), ("candidate", onnx_path))
+def measure(onnx_path: Path, heldout: list[ClassifiedCase], phantoms: dict[str, np.ndarray]) -> dict[str, float]:
+    labels = np.array([c.label for c in heldout])
+    return {
+        "reviewed_heldout_accuracy": accuracy(onnx_path, np.stack([c.image for c in heldout]), labels),
+        "phantom_heldout_accuracy": accuracy(onnx_path, phantoms["img1024"], phantoms["label"].astype(np.int64)),
     }
-    return Trained(
-        files={"model.onnx": onnx_path, "model.pt": checkpoint},
-        reviewed_train=len(train_cases),
-        reviewed_heldout=len(heldout),
-        frozen=frozen,
-        seconds=train_s,
-        started_from=source,
-        evaluation={
-            "reviewed_heldout_cases": len(heldout),
-            "reviewed_heldout_by_class": {name: int((reviewed_labels == i).sum()) for i, name in enumerate(LABELS)},
-            "phantom_heldout_phantoms": len(phantoms["label"]),
-            "phantom_heldout_with_lesions": int(phantoms["label"].sum()),
-            **evaluation,
-        },
-    )
+
+
+def counts(heldout: list[ClassifiedCase], phantoms: dict[str, np.ndarray]) -> dict[str, Any]:
+    return {
+        "reviewed_heldout_cases": len(heldout),
+        "reviewed_heldout_by_class": {name: sum(c.label == i for c in heldout) for i, name in enumerate(LABELS)},
+        "phantom_heldout_phantoms": len(phantoms["label"]),
+        "phantom_heldout_with_lesions": int(phantoms["label"].sum()),
+    }
+
+
+def train(args: argparse.Namespace, parent_dir: Path, work: Path) -> shared.Trained:
+    """Fine-tune, export, evaluate (the new ONNX and checkpoint under ``work``)."""
+    cases = read_classifications(args.manifest)
+    return shared.train_role(sys.modules[__name__], args, parent_dir, work, cases, ["probabilities"])

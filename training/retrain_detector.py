@@ -20,18 +20,29 @@ IoU 0.5).
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from training.retrain_shared import ManifestError, Trained, manifest_lines, mixed_batch, pooled, to_model_space
+from training.retrain_shared import (
+    ManifestError,
+    Recipe,
+    Trained,
+    manifest_lines,
+    mixed_batch,
+    pooled,
+    to_model_space,
+    train_role,
+)
 
 MANIFEST_TYPE_DETECTION = "groundtruth/object-detection"
 METRIC = "ap50"
 DEFAULT_FREEZE = "encoder,decoder"
 DEFAULT_LR = 2e-3
+DEFAULT_SHARE = 0.5  # of each batch: reviewed cases; the rest replayed standard phantoms
 
 
 @dataclass
@@ -72,24 +83,24 @@ def ap50(onnx_path: Path, images: np.ndarray, truths: list[np.ndarray]) -> float
     return round(common.average_precision(detections, truths, 0.5)[0], 4)
 
 
-def finetune(
-    model: Any,
-    reviewed: list[ReviewedCase],
-    replay: dict[str, np.ndarray],
-    *,
-    steps: int,
-    batch: int,
-    lr: float,
-    seed: int,
-    reviewed_share: float = 0.5,
-    frozen: tuple[str, ...] = (),
-) -> float:
-    """Fine-tune in place (BatchNorm frozen); each batch ``reviewed_share`` reviewed cases, the rest replayed
-    standard phantoms. Seconds taken."""
+def load(version_dir: Path) -> tuple[Any, str]:
+    from training.detector_checkpoint import load_detector
+
+    return load_detector(version_dir)
+
+
+def serving(model: Any) -> Any:
+    from training.train_detector import Serving
+
+    return Serving(model)
+
+
+def loss(model: Any, reviewed: list[ReviewedCase], replay: dict[str, np.ndarray], recipe: Recipe) -> Any:
+    """Each batch ``recipe.reviewed_share`` reviewed cases (their boxes), the rest replayed standard phantoms."""
     import torch
     import torch.nn.functional as F
 
-    from training import common, retrain_shared
+    from training import common
     from training.train_detector import focal_loss, targets
 
     reviewed_img = pooled(np.stack([c.image for c in reviewed]))
@@ -99,9 +110,10 @@ def finetune(
         n = min(len(case.boxes), reviewed_boxes.shape[1])
         reviewed_boxes[i, :n], reviewed_counts[i] = case.boxes[:n], n
     width = max(reviewed_boxes.shape[1], replay["boxes"].shape[1])
+    batch = recipe.batch
 
     def loss_of(rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
-        b = mixed_batch(rng, gen, reviewed_img, replay["img512"], batch, reviewed_share)
+        b = mixed_batch(rng, gen, reviewed_img, replay["img512"], batch, recipe.reviewed_share)
         half = len(b.reviewed)
         bx = np.zeros((batch, width, 4), np.float32)
         bx[:half, : reviewed_boxes.shape[1]] = reviewed_boxes[b.reviewed]
@@ -118,57 +130,29 @@ def finetune(
             + (F.l1_loss(reg_pred[:, 2:], reg[:, 2:], reduction="none") * mask).sum() / positives
         )
 
-    return retrain_shared.finetune(model, loss_of, steps=steps, lr=lr, seed=seed, frozen=frozen)
+    return loss_of
+
+
+def _phantom_truths(phantoms: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return [phantoms["boxes"][i, :n].astype(np.float64) for i, n in enumerate(phantoms["count"])]
+
+
+def measure(onnx_path: Path, heldout: list[ReviewedCase], phantoms: dict[str, np.ndarray]) -> dict[str, float]:
+    return {
+        "reviewed_heldout_ap50": ap50(onnx_path, np.stack([c.image for c in heldout]), [c.boxes for c in heldout]),
+        "phantom_heldout_ap50": ap50(onnx_path, phantoms["img1024"], _phantom_truths(phantoms)),
+    }
+
+
+def counts(heldout: list[ReviewedCase], phantoms: dict[str, np.ndarray]) -> dict[str, Any]:
+    return {
+        "reviewed_heldout_cases": len(heldout),
+        "reviewed_heldout_lesions": int(sum(len(c.boxes) for c in heldout)),
+        "phantom_heldout_phantoms": len(phantoms["count"]),
+        "phantom_heldout_lesions": int(phantoms["count"].sum()),
+    }
 
 
 def train(args: argparse.Namespace, parent_dir: Path, work: Path) -> Trained:
     """Fine-tune, export, evaluate (the new ONNX and checkpoint under ``work``)."""
-    import torch
-
-    from training import common
-    from training.detector_checkpoint import load_detector
-    from training.retrain_shared import phantom_set, split
-    from training.train_detector import Serving
-
-    cases = read_manifest(args.manifest)
-    if not cases:
-        raise ManifestError(f"{args.manifest} holds no detection cases")
-    train_cases, heldout = split(cases, args.heldout_fraction, lambda c: c.name)
-    model, source = load_detector(parent_dir)
-    print(f"fine-tuning version {parent_dir.name} of {args.model} (weights from {source})", flush=True)
-    replay = phantom_set("train", args.replay, full=False)
-    frozen = tuple(part for part in args.freeze.split(",") if part)
-    train_s = finetune(
-        model, train_cases, replay, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, frozen=frozen
-    )
-    onnx_path, checkpoint = work / "model.onnx", work / "model.pt"
-    common.export_onnx(Serving(model), onnx_path, ["boxes", "scores"])
-    torch.save(model.state_dict(), checkpoint)
-
-    phantoms = phantom_set("heldout", args.phantom_heldout, full=True)
-    counts = phantoms["count"]
-    phantom_truths = [phantoms["boxes"][i, : counts[i]].astype(np.float64) for i in range(len(counts))]
-    reviewed_images = np.stack([c.image for c in heldout])
-    reviewed_truths = [c.boxes for c in heldout]
-    evaluation = {
-        side: {
-            "reviewed_heldout_ap50": ap50(path, reviewed_images, reviewed_truths),
-            "phantom_heldout_ap50": ap50(path, phantoms["img1024"], phantom_truths),
-        }
-        for side, path in (("parent", parent_dir / "model.onnx"), ("candidate", onnx_path))
-    }
-    return Trained(
-        files={"model.onnx": onnx_path, "model.pt": checkpoint},
-        reviewed_train=len(train_cases),
-        reviewed_heldout=len(heldout),
-        frozen=frozen,
-        seconds=train_s,
-        started_from=source,
-        evaluation={
-            "reviewed_heldout_cases": len(heldout),
-            "reviewed_heldout_lesions": int(sum(len(t) for t in reviewed_truths)),
-            "phantom_heldout_phantoms": len(phantom_truths),
-            "phantom_heldout_lesions": int(sum(len(t) for t in phantom_truths)),
-            **evaluation,
-        },
-    )
+    return train_role(sys.modules[__name__], args, parent_dir, work, read_manifest(args.manifest), ["boxes", "scores"])

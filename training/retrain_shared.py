@@ -7,6 +7,7 @@ itself in :mod:`training.train_from_review`. Torch is imported only inside the f
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import cv2
 import numpy as np
@@ -148,32 +149,43 @@ def mixed_batch(
     return Batch(ri, pi, flip, x)
 
 
-def finetune(
-    model: Any,
-    loss_of: Callable[[np.random.Generator, Any], Any],
-    *,
-    steps: int,
-    lr: float,
-    seed: int,
-    frozen: tuple[str, ...] = (),
-) -> float:
+@dataclass(frozen=True)
+class Recipe:
+    """How to fine-tune: steps, batch size, peak learning rate, seed, the parts kept frozen (parameter name
+    prefixes: they keep the serving weights), and the share of each batch that is reviewed cases."""
+
+    steps: int
+    batch: int
+    lr: float
+    seed: int
+    frozen: tuple[str, ...] = ()
+    reviewed_share: float = 0.5
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Recipe:
+        frozen = tuple(part for part in args.freeze.split(",") if part)
+        return cls(args.steps, args.batch, args.lr, args.seed, frozen, args.reviewed_share)
+
+
+def finetune(model: Any, loss_of: Callable[[np.random.Generator, Any], Any], recipe: Recipe) -> float:
     """Fine-tune ``model`` in place with BatchNorm frozen; ``loss_of(rng, torch_generator)`` draws a batch and
-    returns its loss. Parameters whose names start with one of ``frozen`` keep the serving weights. Seconds taken."""
+    returns its loss. Seconds taken."""
     import torch
 
     from training import common
 
-    common.setup(seed)
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
+    common.setup(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed)
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(not name.startswith(frozen))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+        parameter.requires_grad_(not name.startswith(recipe.frozen))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.lr, weight_decay=1e-4)
     model.eval()  # frozen BatchNorm statistics: the recovered ones are the folded identity
     started = time.time()
+    steps = recipe.steps
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = common.cosine_lr(step, steps, lr, warmup=min(20, steps // 5))
+            group["lr"] = common.cosine_lr(step, steps, recipe.lr, warmup=min(20, steps // 5))
         loss = loss_of(rng, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,6 +205,58 @@ def to_model_space(image: np.ndarray, boxes: np.ndarray | None = None) -> tuple[
     if box.scale == 1.0 and image.shape == (box.size, box.size):
         return image, boxes
     return box.apply(image), None if boxes is None else box.boxes_to_model(boxes)
+
+
+class Role(Protocol):
+    """What :func:`train_role` needs of a role's module (:mod:`training.retrain_detector`, ``retrain_classifier``)."""
+
+    def load(self, version_dir: Path) -> tuple[Any, str]:
+        """The torch model of a version folder and where its weights came from."""
+
+    def serving(self, model: Any) -> Any:
+        """The module exported to ONNX (uint8 image in)."""
+
+    def loss(self, model: Any, reviewed: list[Any], replay: dict[str, np.ndarray], recipe: Recipe) -> Any:
+        """``loss_of(rng, generator)`` for :func:`finetune`."""
+
+    def measure(self, onnx_path: Path, heldout: list[Any], phantoms: dict[str, np.ndarray]) -> dict[str, float]:
+        """The role's metric on the reviewed held-out cases and on the phantom held-out set."""
+
+    def counts(self, heldout: list[Any], phantoms: dict[str, np.ndarray]) -> dict[str, Any]:
+        """What the evaluation was measured on."""
+
+
+def train_role(
+    role: Role, args: argparse.Namespace, parent_dir: Path, work: Path, cases: list[Any], outputs: list[str]
+) -> Trained:
+    """Split the reviewed ``cases``, fine-tune the parent version on the training side with replay, export the new
+    ONNX and checkpoint into ``work``, and measure parent and candidate on both held-out sets."""
+    import torch
+
+    from training import common
+
+    if not cases:
+        raise ManifestError(f"{args.manifest} holds no {args.role} cases")
+    train_cases, heldout = split(cases, args.heldout_fraction, lambda c: c.name)
+    model, source = role.load(parent_dir)
+    print(f"fine-tuning version {parent_dir.name} of {args.model} (weights from {source})", flush=True)
+    replay = phantom_set("train", args.replay, full=False)
+    recipe = Recipe.from_args(args)
+    train_s = finetune(model, role.loss(model, train_cases, replay, recipe), recipe)
+    onnx_path, checkpoint = work / "model.onnx", work / "model.pt"
+    common.export_onnx(role.serving(model), onnx_path, outputs)
+    torch.save(model.state_dict(), checkpoint)
+    phantoms = phantom_set("heldout", args.phantom_heldout, full=True)
+    sides = (("parent", parent_dir / "model.onnx"), ("candidate", onnx_path))
+    return Trained(
+        files={"model.onnx": onnx_path, "model.pt": checkpoint},
+        reviewed_train=len(train_cases),
+        reviewed_heldout=len(heldout),
+        frozen=recipe.frozen,
+        seconds=train_s,
+        started_from=source,
+        evaluation={**role.counts(heldout, phantoms), **{k: role.measure(p, heldout, phantoms) for k, p in sides}},
+    )
 
 
 @dataclass

@@ -61,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="parts kept at the serving weights, comma-separated (encoder, decoder, neck, head; empty: train all;"
         " default: the detector's encoder,decoder, the classifier's encoder)",
     )
+    parser.add_argument(
+        "--reviewed-share",
+        type=float,
+        help="share of each batch that is reviewed cases, the rest replayed phantoms (default: the role's)",
+    )
     parser.add_argument("--seed", type=int, default=17)
     parser.add_argument("--replay", type=int, default=200, help="standard training phantoms mixed into each batch")
     parser.add_argument("--heldout-fraction", type=float, default=0.3)
@@ -92,6 +97,7 @@ def report_of(args: argparse.Namespace, parent: str, trained: Trained, calibrati
             "batch": args.batch,
             "lr": args.lr,
             "frozen": list(trained.frozen),
+            "reviewed_share": args.reviewed_share,
             "seed": args.seed,
             "seconds": round(trained.seconds, 1),
             "started_from": trained.started_from,
@@ -112,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     role = ROLES[args.role]
     args.lr = role.DEFAULT_LR if args.lr is None else args.lr
     args.freeze = role.DEFAULT_FREEZE if args.freeze is None else args.freeze
+    args.reviewed_share = role.DEFAULT_SHARE if args.reviewed_share is None else args.reviewed_share
     settings = load_settings()
     repository: Path = args.repository or settings.triton.model_repository
     args.model = getattr(settings.models, args.role)
