@@ -9,26 +9,20 @@ token with the very :class:`~services.security.tokens.TokenVerifier` of the gRPC
 roles of the page are those a gRPC call with that token would have. Only then is a server-side session
 made; the access token is renewed with the refresh token before it expires, and sign-out sends the browser
 to the IdP's ``end_session_endpoint`` when it has one. Every refusal is an HTML page that says why.
+
+This module holds the Starlette routes; the pure PKCE/state/nonce and ID token checks are in
+:mod:`.oidc_tokens`, the blocking HTTP to the IdP in :mod:`.oidc_client` (both re-exported here).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
 import html
-import json
 import logging
-import secrets
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jwt
@@ -38,8 +32,10 @@ from starlette.routing import Route
 
 from services.security.errors import Unauthenticated
 from services.security.identity import Identity
-from services.settings import ReviewSettings, SecuritySettings
+from services.settings import ReviewSettings
 
+from .oidc_client import OidcClient, ProviderMetadata, check_endpoint
+from .oidc_tokens import PendingSignIn, PendingSignIns, SignInRefused, pkce_challenge, pkce_verifier, verify_id_token
 from .sessions import Session
 
 if TYPE_CHECKING:
@@ -48,258 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("medgate.review.web")
 
 LOGIN_PATH, CALLBACK_PATH = "/auth/login", "/auth/callback"
-_MAX_RESPONSE_BYTES = 1 << 20
-_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
-
-
-class SignInRefused(Exception):
-    """A sign-in that stops here: ``status`` and a message for the person in front of the browser."""
-
-    def __init__(
-        self, status: int, title: str, message: str, *, audit: str = "UNAUTHENTICATED", identity: Identity | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.title, self.message, self.audit = status, title, message, audit
-        self.identity = identity  # who was refused, when the tokens were good (no reviewer role)
-
-
-# --- PKCE, state and nonce (pure) --------------------------------------------------------------------
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def pkce_verifier() -> str:
-    """86 characters of [A-Za-z0-9_-] (RFC 7636 allows 43-128 unreserved characters): 512 random bits."""
-    return secrets.token_urlsafe(64)
-
-
-def pkce_challenge(verifier: str) -> str:
-    """The S256 code challenge: BASE64URL(SHA256(ASCII(code_verifier))) without padding (RFC 7636 4.2)."""
-    return _b64url(hashlib.sha256(verifier.encode("ascii")).digest())
-
-
-@dataclass(frozen=True)
-class PendingSignIn:
-    """What one browser's sign-in keeps here between the redirect to the IdP and the callback."""
-
-    state: str
-    nonce: str
-    verifier: str
-    binding: str  # the value of this browser's sign-in cookie: a state replayed in another browser is refused
-    redirect_uri: str
-    started: float
-
-    @property
-    def challenge(self) -> str:
-        return pkce_challenge(self.verifier)
-
-
-class PendingSignIns:
-    """Sign-ins under way, each usable once and only from the browser that started it, for ``timeout_s``.
-
-    Bounded: past ``capacity`` the oldest is forgotten (its callback then says the sign-in expired), so
-    a flood of unauthenticated ``/auth/login`` requests costs a fixed amount of memory.
-    """
-
-    def __init__(self, *, timeout_s: float, capacity: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.timeout_s, self.capacity, self._clock = timeout_s, capacity, clock
-        self._pending: OrderedDict[str, PendingSignIn] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def begin(self, redirect_uri: str) -> PendingSignIn:
-        now = self._clock()
-        while self._pending:
-            oldest = next(iter(self._pending.values()))
-            if now - oldest.started <= self.timeout_s and len(self._pending) < self.capacity:
-                break
-            self._pending.popitem(last=False)
-        pending = PendingSignIn(
-            state=secrets.token_urlsafe(32),
-            nonce=secrets.token_urlsafe(32),
-            verifier=pkce_verifier(),
-            binding=secrets.token_urlsafe(32),
-            redirect_uri=redirect_uri,
-            started=now,
-        )
-        self._pending[pending.state] = pending
-        return pending
-
-    def finish(self, state: str | None, binding: str | None) -> PendingSignIn:
-        """The sign-in ``state`` names, once; refused when unknown, used, expired or from another browser."""
-        pending = self._pending.get(state or "")
-        if pending is None:
-            raise SignInRefused(400, "Sign-in not recognised", "This sign-in is unknown, already used or expired.")
-        if not binding or not secrets.compare_digest(binding, pending.binding):
-            # Not consumed: a forged callback must not cancel the real user's sign-in under way.
-            raise SignInRefused(
-                400, "Sign-in not recognised", "This sign-in was not started in this browser (state mismatch)."
-            )
-        del self._pending[pending.state]
-        if self._clock() - pending.started > self.timeout_s:
-            raise SignInRefused(400, "Sign-in expired", "This sign-in took too long; please start again.")
-        return pending
-
-
-def verify_id_token(
-    token: str,
-    key: jwt.PyJWK,
-    *,
-    algorithms: list[str],
-    issuer: str,
-    client_id: str,
-    nonce: str,
-    leeway_s: float,
-) -> dict[str, Any]:
-    """The ID token's claims, checked as OIDC Core 3.1.3.7 asks (signature, iss, aud/azp, exp, iat, nonce)."""
-    try:
-        alg = str(jwt.get_unverified_header(token).get("alg", ""))
-        if alg not in algorithms:
-            raise SignInRefused(401, "Sign-in failed", f"The ID token's algorithm {alg[:16]!r} is not accepted.")
-        claims = jwt.decode(
-            token,
-            key.key,
-            algorithms=[alg],
-            audience=client_id,
-            issuer=issuer,
-            leeway=leeway_s,
-            options={"require": ["exp", "iat", "iss", "aud", "sub"]},
-        )
-    except jwt.PyJWTError as exc:
-        raise SignInRefused(401, "Sign-in failed", f"The ID token was not accepted ({type(exc).__name__}).") from None
-    audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
-    azp = claims.get("azp")
-    if (len(audiences) > 1 or azp is not None) and azp != client_id:
-        raise SignInRefused(401, "Sign-in failed", "The ID token was issued to another client (azp).")
-    if not secrets.compare_digest(str(claims.get("nonce", "")), nonce):
-        raise SignInRefused(401, "Sign-in failed", "The ID token does not answer this sign-in (nonce mismatch).")
-    return claims
-
-
-# --- the identity provider over HTTP (blocking: called on executor threads) --------------------------
-
-
-@dataclass(frozen=True)
-class ProviderMetadata:
-    """The parts of the discovery document a relying party uses."""
-
-    issuer: str
-    authorization_endpoint: str
-    token_endpoint: str
-    end_session_endpoint: str
-
-    @classmethod
-    def from_discovery(cls, document: dict[str, Any], issuer: str) -> ProviderMetadata:
-        if str(document.get("issuer", "")).rstrip("/") != issuer:
-            raise ValueError("the discovery document names another issuer")
-        methods = document.get("code_challenge_methods_supported")
-        if isinstance(methods, list) and "S256" not in methods:
-            raise ValueError("the identity provider does not support PKCE with S256")
-        endpoints = {k: str(document.get(k, "")) for k in ("authorization_endpoint", "token_endpoint")}
-        end_session = str(document.get("end_session_endpoint", ""))
-        for url in [*endpoints.values(), end_session]:
-            if url:
-                check_endpoint(url)
-        if not all(endpoints.values()):
-            raise ValueError("the discovery document lacks authorization_endpoint or token_endpoint")
-        return cls(issuer=issuer, end_session_endpoint=end_session, **endpoints)
-
-
-def check_endpoint(url: str) -> None:
-    """HTTPS, or plain HTTP on loopback only (a test IdP): codes, tokens and the client secret cross it."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "https" or (parts.scheme == "http" and (parts.hostname or "") in _LOOPBACK):
-        return
-    raise ValueError(f"identity provider endpoints must be https:// (plain http on loopback only), not {url[:80]!r}")
-
-
-def _http_json(
-    url: str, *, timeout_s: float, form: dict[str, str] | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, Any]]:
-    """(status, JSON object) of a GET, or of a form POST when ``form``; an error status is an answer too."""
-    data = urllib.parse.urlencode(form).encode() if form is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Accept": "application/json", **(headers or {})})
-    if data is not None:
-        request.add_header("Content-Type", "application/x-www-form-urlencoded")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            status, body = response.status, response.read(_MAX_RESPONSE_BYTES)
-    except urllib.error.HTTPError as error:
-        status, body = error.code, error.read(_MAX_RESPONSE_BYTES)
-    try:
-        document = json.loads(body)
-    except ValueError:
-        document = None
-    if not isinstance(document, dict):
-        raise ValueError(f"{urllib.parse.urlsplit(url).path} answered HTTP {status} without a JSON object")
-    return status, document
-
-
-@dataclass(frozen=True)
-class OidcClient:
-    """The page as a client of the IdP, from the settings (``review.web_oidc_*``, ``security.oidc_issuer``)."""
-
-    issuer: str
-    client_id: str
-    client_secret: str = ""
-    client_auth: str = "client_secret_basic"
-    redirect_uri: str = ""
-    post_logout_redirect_uri: str = ""
-    scopes: str = "openid profile"
-    http_timeout_s: float = 10.0
-
-    @classmethod
-    def from_settings(cls, review: ReviewSettings, security: SecuritySettings) -> OidcClient | None:
-        if not review.web_oidc_client_id:
-            return None
-        if not security.oidc_issuer:
-            raise ValueError("review.web_oidc_client_id is set but security.oidc_issuer is not: which IdP?")
-        check_endpoint(security.oidc_issuer)
-        secret = ""
-        if review.web_oidc_client_secret_file:
-            secret = Path(review.web_oidc_client_secret_file).read_text().strip()
-            if not secret:
-                raise ValueError("review.web_oidc_client_secret_file is empty")
-        return cls(
-            issuer=security.oidc_issuer.rstrip("/"),
-            client_id=review.web_oidc_client_id,
-            client_secret=secret,
-            client_auth=review.web_oidc_client_auth,
-            redirect_uri=review.web_oidc_redirect_uri,
-            post_logout_redirect_uri=review.web_oidc_post_logout_redirect_uri,
-            scopes=review.web_oidc_scopes,
-            http_timeout_s=review.web_oidc_http_timeout_s,
-        )
-
-    def discover(self) -> ProviderMetadata:
-        status, document = _http_json(f"{self.issuer}/.well-known/openid-configuration", timeout_s=self.http_timeout_s)
-        if status != 200:
-            raise ValueError(f"discovery answered HTTP {status}")
-        return ProviderMetadata.from_discovery(document, self.issuer)
-
-    def token_request(self, provider: ProviderMetadata, form: dict[str, str]) -> dict[str, Any]:
-        """POST to the token endpoint as this client; an error answer is a :class:`SignInRefused`."""
-        form = dict(form)
-        headers: dict[str, str] = {}
-        if not self.client_secret:
-            form["client_id"] = self.client_id  # a public client: PKCE is its only proof
-        elif self.client_auth == "client_secret_post":
-            form |= {"client_id": self.client_id, "client_secret": self.client_secret}
-        else:  # client_secret_basic: both parts form-urlencoded first (RFC 6749 2.3.1)
-            pair = f"{urllib.parse.quote_plus(self.client_id)}:{urllib.parse.quote_plus(self.client_secret)}"
-            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
-        status, answer = _http_json(provider.token_endpoint, timeout_s=self.http_timeout_s, form=form, headers=headers)
-        if status != 200:
-            code = str(answer.get("error", f"HTTP {status}"))[:64]
-            raise SignInRefused(
-                401, "Sign-in failed", f"The identity provider refused to exchange the sign-in code ({code})."
-            )
-        if str(answer.get("token_type", "")).lower() != "bearer" or not isinstance(answer.get("access_token"), str):
-            raise SignInRefused(502, "Sign-in failed", "The identity provider's token answer has no bearer token.")
-        return answer
 
 
 def _page(status: int, title: str, message: str) -> HTMLResponse:
@@ -592,11 +336,14 @@ class OidcSignIn:
 
 
 __all__ = [
+    "CALLBACK_PATH",
+    "LOGIN_PATH",
     "OidcClient",
     "OidcSignIn",
     "PendingSignIns",
     "ProviderMetadata",
     "SignInRefused",
+    "check_endpoint",
     "pkce_challenge",
     "pkce_verifier",
     "verify_id_token",
