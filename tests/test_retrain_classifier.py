@@ -242,7 +242,7 @@ def test_promote_refuses_a_worse_classifier_says_why_and_audits_every_switch(tmp
     work.mkdir(parents=True, exist_ok=True)
     worse_onnx = work / f"worse-{os.getpid()}.onnx"
     common.export_onnx(Serving(model), worse_onnx, ["probabilities"])
-    standard = phantom_set("heldout", 40, full=True)
+    standard = phantom_set("heldout", PHANTOM_HELDOUT, full=True)  # the loop test's, cached once
     reviewed = np.stack(_images(8011, 4, lesion=True) + _images(8013, 4, lesion=False))
     reviewed_labels = np.array([1] * 4 + [0] * 4)
 
