@@ -202,6 +202,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     return models.run(args)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """The audit trail: verify its hash chain (clients/audit.py)."""
+    from clients import audit
+
+    return audit.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clients import infer
 
@@ -295,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.add_arguments(models_parser)
     models_parser.set_defaults(func=cmd_models)
+
+    from clients import audit
+
+    audit_parser = commands.add_parser("audit", help="the audit trail: verify its hash chain (a file or a folder)")
+    audit.add_arguments(audit_parser)
+    audit_parser.set_defaults(func=cmd_audit)
     return parser
 
 

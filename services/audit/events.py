@@ -56,6 +56,7 @@ class EventType(Enum):
     NODE_AUTHENTICATION = Code("110126", "DCM", "Node Authentication")
     SOFTWARE_CONFIGURATION = Code("110131", "DCM", "Software Configuration")
     USE_OF_RESTRICTED_FUNCTION = Code("110132", "DCM", "Use of Restricted Function")
+    AUDIT_RECORDING_STARTED = Code("110134", "DCM", "Audit Recording Started")
 
 
 class Action(StrEnum):
@@ -525,4 +526,16 @@ def model_version_event(
             application.participant(ParticipantRole.APPLICATION),
         ),
         objects=tuple(objects),
+    )
+
+
+def audit_restarted(application: Application) -> AuditEvent:
+    """Security Alert / Audit Recording Started, ``DATA_LOSS``: the audit file ended in a torn record (a write cut
+    short, e.g. by a crash) and its hash chain starts again after it (services/audit/chain.py)."""
+    return AuditEvent(
+        event_id=EventID.SECURITY_ALERT,
+        action=Action.EXECUTE,
+        status="DATA_LOSS",
+        event_types=(EventType.AUDIT_RECORDING_STARTED,),
+        participants=(application.participant(ParticipantRole.APPLICATION),),
     )

@@ -6,12 +6,21 @@ day's file) and is on disk when :meth:`AuditLog.record` returns. Writes run on o
 never on the event loop; lines that arrive while a write is in progress go out together in the next
 one (group commit), so a burst of calls costs one fsync rather than one each. Files are 0600 in a
 0700 directory. The optional syslog mirror is best effort; the file is the record.
+
+Every line is hash-chained to the one before it (``chain.py``: SHA-256, or HMAC-SHA256 under
+``security.audit_hmac_key_file``). The link is computed under an exclusive ``flock`` on the file,
+from the file's actual last line, so writers in several processes (and several logs in one
+process) keep one chain; a writer reads the tail only when someone else wrote since its own last
+write (same inode and size: the link it computed then is still the last). A restart continues from
+the last line on disk; a torn last line (a crash mid-write) is ended with a newline and followed by
+an Audit Recording Started / ``DATA_LOSS`` event that starts the chain again and pins the torn bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -21,7 +30,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC
 from pathlib import Path
 
-from services.audit.events import Application, AuditEvent, AuditSource, Outcome, application_activity, utc_now
+from services.audit.chain import AuditKeyError, Digest, Link, after, last_line, load_key, seal
+from services.audit.events import (
+    Application,
+    AuditEvent,
+    AuditSource,
+    Outcome,
+    application_activity,
+    audit_restarted,
+    utc_now,
+)
 from services.audit.syslog import SyslogMirror
 from services.settings import SecuritySettings
 
@@ -48,8 +66,11 @@ class AuditLog:
     >>> await audit.record(application_activity(audit.application, start=True))  # doctest: +SKIP
     """
 
-    def __init__(self, directory: Path, *, application: str, syslog: str = "", host: str | None = None) -> None:
+    def __init__(
+        self, directory: Path, *, application: str, syslog: str = "", host: str | None = None, key: bytes | None = None
+    ) -> None:
         self.directory = Path(directory)
+        self.digest = Digest(key)
         host = host or socket.gethostname()
         self.application = Application(name=application, host=host, pid=os.getpid())
         self.source = AuditSource(site=SITE, host=host)
@@ -59,16 +80,26 @@ class AuditLog:
         self._pending: list[tuple[AuditEvent, Future[None]]] = []
         self._fd = -1
         self._fd_name = ""
+        self._next: tuple[str, int, int, Link] | None = None  # (file, inode, size) after our last write; the next link
         self._closed = False
 
     @classmethod
     def from_settings(cls, security: SecuritySettings, *, application: str) -> AuditLog:
-        """The audit trail of ``security.audit_dir`` (and ``security.audit_syslog`` when set)."""
-        return cls(security.audit_dir, application=application, syslog=security.audit_syslog)
+        """The audit trail of ``security.audit_dir`` (``audit_syslog``, ``audit_hmac_key_file`` when set).
 
-    def line(self, event: AuditEvent) -> bytes:
-        """The event as one JSON line (UTF-8, no spaces)."""
-        return (json.dumps(event.as_json(self.source), ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        A key file that cannot be used raises :class:`AuditWriteError`: a server that cannot chain does not start.
+        """
+        key = None
+        if security.audit_hmac_key_file:
+            try:
+                key = load_key(Path(security.audit_hmac_key_file))
+            except AuditKeyError as exc:
+                raise AuditWriteError(f"security.audit_hmac_key_file: {exc}") from None
+        return cls(security.audit_dir, application=application, syslog=security.audit_syslog, key=key)
+
+    def body(self, event: AuditEvent) -> bytes:
+        """The event as one JSON object (UTF-8, no spaces, no newline), before it is chained."""
+        return json.dumps(event.as_json(self.source), ensure_ascii=False, separators=(",", ":")).encode()
 
     def submit(self, event: AuditEvent) -> Future[None]:
         """Queue ``event``; the future is done once it is fsynced (or holds the :class:`AuditWriteError`)."""
@@ -135,8 +166,7 @@ class AuditLog:
             by_day.setdefault(day_file(item[0]), []).append(item)
         for name, items in by_day.items():
             try:
-                lines = [self.line(event) for event, _ in items]
-                self._append(name, b"".join(lines))
+                written = self._append(name, [event for event, _ in items])
             except Exception as exc:
                 log.critical(
                     "AUDIT WRITE FAILED: %d event(s) not recorded in %s (%s: %s)",
@@ -148,16 +178,43 @@ class AuditLog:
                 continue
             for _, done in items:
                 done.set_result(None)
-            if self.syslog is not None:
-                for (event, _), line in zip(items, lines, strict=True):
+            if self.syslog is not None:  # chained lines: the collector's copy can be checked against the file
+                for event, line in written:
                     self.syslog.send(line.rstrip(b"\n"), event.time, failed=event.outcome is not Outcome.SUCCESS)
 
-    def _append(self, name: str, data: bytes) -> None:
+    def _append(self, name: str, events: list[AuditEvent]) -> list[tuple[AuditEvent, bytes]]:
+        """Chain ``events`` onto the file's last line and write them in one ``write``, under the file's lock."""
+        bodies = [self.body(event) for event in events]  # outside the lock: the JSON is most of the work
         fd = self._open(name)
-        written = os.write(fd, data)
-        if written != len(data):  # disk full mid-write: the tail of the line is missing, readers skip it
-            raise AuditWriteError(f"short write: {written} of {len(data)} bytes")
-        os.fsync(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            info = os.fstat(fd)
+            mine = self._next
+            if mine is not None and mine[:3] == (name, info.st_ino, info.st_size):
+                link = mine[3]  # nobody wrote since we did: our last line is the last line
+            else:
+                link = after(last_line(fd, info.st_size), name, self.digest)
+            torn = link.torn
+            if torn:  # a write cut short before ours: say so in the trail, chained after the torn bytes
+                log.critical(
+                    "AUDIT FILE %s ENDED IN A TORN RECORD; recorded and chained after it", self.directory / name
+                )
+                restart = audit_restarted(self.application)
+                events, bodies = [restart, *events], [self.body(restart), *bodies]
+            lines = []
+            for body in bodies:
+                line, link = seal(body, link, self.digest)
+                lines.append(line)
+            data = (b"\n" if torn else b"") + b"".join(lines)  # the torn line ends; ours start on a line of their own
+            written = os.write(fd, data)
+            if written != len(data):  # disk full mid-write: a torn line, which the next write records
+                self._next = None
+                raise AuditWriteError(f"short write: {written} of {len(data)} bytes")
+            self._next = (name, info.st_ino, info.st_size + len(data), link)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.fsync(fd)  # after the lock: the next writer reads our line from the page cache either way
+        return list(zip(events, lines, strict=True))
 
     def _open(self, name: str) -> int:
         if self._fd >= 0 and self._fd_name == name:
@@ -171,7 +228,8 @@ class AuditLog:
         self._ensure_directory()
         path = self.directory / name
         created = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        # Read as well as appended to: the chain's next link is computed from the file's last line.
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         try:
             if os.fstat(fd).st_mode & 0o777 != FILE_MODE:
                 os.fchmod(fd, FILE_MODE)

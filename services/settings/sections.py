@@ -393,6 +393,9 @@ class SecuritySettings:
     # The audit trail: append-only JSON lines, fsynced; optionally also RFC 5424 to syslog (host:port).
     audit_dir: Path = PROJECT_ROOT / "var" / "audit"
     audit_syslog: str = ""
+    # Every audit line is hash-chained (SHA-256); with a key file (>= 32 bytes, mode 0600) the chain is
+    # HMAC-SHA256, so whoever can write the audit files but not read this key cannot recompute it.
+    audit_hmac_key_file: str = ""
 
     def __post_init__(self) -> None:
         allowed = {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
