@@ -39,12 +39,12 @@ from typing import Any
 
 import pydicom
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 
 from bench.stack_security import make_credentials, server_env
 from services.dicom.node.scp import no_delay
 from services.settings import PROJECT_ROOT
+from tests.fixtures import dicom_series, pydicom_data_file
 from tests.orthanc import Orthanc
 
 SOURCES = {
@@ -54,8 +54,6 @@ SOURCES = {
 
 
 def pydicom_data(name: str) -> str:
-    from tests.fixtures import pydicom_data_file
-
     return str(pydicom_data_file(name))
 
 
@@ -63,23 +61,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def series(source: Path, count: int, directory: Path) -> tuple[list[Path], list[str], str]:
-    """``count`` copies of ``source`` as one new series of one new study: (files, SOP instance UIDs, study UID)."""
-    directory.mkdir(parents=True)
-    study, series_uid = generate_uid(), generate_uid()
-    paths, uids = [], []
-    for number in range(1, count + 1):
-        ds = pydicom.dcmread(source)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.InstanceNumber = number
-        path = directory / f"{number:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-        uids.append(str(ds.SOPInstanceUID))
-    return paths, uids, study
 
 
 def push(port: int, paths: list[Path]) -> tuple[float, list[float]]:
@@ -219,11 +200,11 @@ def main() -> int:
         source = SOURCES[args.source]()
         log_path = root / "serve.log"
         with medgate_serve(env, log_path):
-            warm, _, warm_study = series(source, 1, root / "warm-up")
+            warm, _, warm_study = dicom_series(source, 1, root / "warm-up")
             push(node_port, warm)
             wait_for_results(orthanc, warm_study, 2, timeout_s=300)
 
-            paths, uids, study = series(source, args.count, root / "series")
+            paths, uids, study = dicom_series(source, args.count, root / "series")
             started, answered = push(node_port, paths)
             done = wait_for_results(orthanc, study, 2 * args.count, timeout_s=600)
         last = answered[-1]

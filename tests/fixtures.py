@@ -76,3 +76,20 @@ def pydicom_data_file(name: str) -> Path:
     path = get_testdata_file(name)
     assert path is not None, f"{name} is not in pydicom's or pydicom-data's test files"
     return Path(str(path))
+
+
+def dicom_series(source: Path, count: int, directory: Path) -> tuple[list[Path], list[str], str]:
+    """``count`` copies of ``source`` as one new series of one new study: (files, SOP instance UIDs, study UID)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    paths, uids = [], []
+    for number in range(1, count + 1):
+        ds = pydicom.dcmread(source)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = number
+        path = directory / f"{number:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+        uids.append(str(ds.SOPInstanceUID))
+    return paths, uids, study

@@ -34,7 +34,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from services.dicom.node.node import DicomNode
 from services.gateway.server import GatewayServer
 from services.settings import PROJECT_ROOT, load_settings
-from tests.fixtures import unavailable
+from tests.fixtures import dicom_series, unavailable
 from tests.orthanc import Orthanc, OrthancUnavailable
 
 CT_SMALL = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
@@ -103,23 +103,6 @@ async def make_node(
     for node in nodes:
         if node.port:
             await asyncio.to_thread(node.stop)
-
-
-def ct_series(directory: Path, count: int) -> tuple[list[Path], list[str], str]:
-    """``count`` copies of CT_small.dcm as one new series of a new study: (files, SOP instance UIDs, study UID)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    study, series = generate_uid(), generate_uid()
-    paths, uids = [], []
-    for number in range(1, count + 1):
-        ds = pydicom.dcmread(CT_SMALL)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.InstanceNumber = number
-        path = directory / f"{number:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-        uids.append(str(ds.SOPInstanceUID))
-    return paths, uids, study
 
 
 async def run_storescu(
@@ -218,7 +201,7 @@ async def test_a_series_waits_for_its_quiet_period_then_every_instance_is_answer
     make_node: NodeFactory, orthanc: Orthanc, storescu: str, tmp_path: Path
 ) -> None:
     node = await make_node(quiet_period_s=3.0)
-    paths, uids, study = ct_series(tmp_path / "series", 3)
+    paths, uids, study = dicom_series(CT_SMALL, 3, tmp_path / "series")
     sent = await run_storescu(storescu, node.port, paths)
     assert sent.returncode == 0, sent.stderr
     # All three are held as one series until it has been quiet for 3 s.
@@ -233,7 +216,7 @@ async def test_results_wait_while_orthanc_is_down_and_arrive_when_it_is_back(
     make_node: NodeFactory, orthanc: Orthanc, storescu: str, tmp_path: Path
 ) -> None:
     node = await make_node()
-    paths, uids, study = ct_series(tmp_path / "series", 2)
+    paths, uids, study = dicom_series(CT_SMALL, 2, tmp_path / "series")
     await asyncio.to_thread(orthanc.stop)
     try:
         sent = await run_storescu(storescu, node.port, paths)
@@ -257,7 +240,7 @@ async def test_a_restart_loses_nothing_and_sends_nothing_twice(
     make_node: NodeFactory, orthanc: Orthanc, storescu: str, tmp_path: Path
 ) -> None:
     first = await make_node()
-    paths, uids, study = ct_series(tmp_path / "series", 2)
+    paths, uids, study = dicom_series(CT_SMALL, 2, tmp_path / "series")
     await asyncio.to_thread(orthanc.stop)
     try:
         assert (await run_storescu(storescu, first.port, paths)).returncode == 0
@@ -303,7 +286,7 @@ async def test_a_corrupt_instance_is_refused_quarantined_and_the_next_good_one_i
     make_node: NodeFactory, orthanc: Orthanc, tmp_path: Path, chunked_send: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     node = await make_node()
-    paths, uids, study = ct_series(tmp_path / "series", 2)
+    paths, uids, study = dicom_series(CT_SMALL, 2, tmp_path / "series")
     corrupt = tmp_path / "corrupt.dcm"
     corrupt.write_bytes(paths[0].read_bytes()[:20_000])  # Pixel Data cut short
     patient_id = str(pydicom.dcmread(paths[0]).PatientID)
@@ -344,7 +327,7 @@ async def test_calling_and_called_ae_titles_outside_the_allow_lists_are_rejected
     # Rejected-permanent by the service user: calling AE not recognised (3), called AE not recognised (7).
     assert await asyncio.to_thread(associate, "INTRUDER", "MEDGATE") == (False, 1, 3)
     assert await asyncio.to_thread(associate, "MODALITY", "SOMEONE_ELSE") == (False, 1, 7)
-    paths, _, _ = ct_series(tmp_path / "series", 1)
+    paths, _, _ = dicom_series(CT_SMALL, 1, tmp_path / "series")
     refused = await run_storescu(storescu, node.port, paths, aet="INTRUDER")
     assert refused.returncode != 0 and "Association Rejected" in (refused.stdout + refused.stderr)
     assert node.scp.stats.rejected_associations == 3
@@ -353,7 +336,7 @@ async def test_calling_and_called_ae_titles_outside_the_allow_lists_are_rejected
 
 async def test_short_disk_answers_out_of_resources_and_keeps_nothing(make_node: NodeFactory, tmp_path: Path) -> None:
     node = await make_node(min_free_disk_bytes=1 << 60)
-    paths, uids, _ = ct_series(tmp_path / "series", 1)
+    paths, uids, _ = dicom_series(CT_SMALL, 1, tmp_path / "series")
     assert await asyncio.to_thread(_send_files, node.port, paths) == [0xA700]
     assert node.spool.state_of(uids[0]) is None
     assert not list((tmp_path / "incoming").glob("*.dcm"))
@@ -365,7 +348,7 @@ async def test_unmatched_instances_are_ignored_with_their_uids_logged(
     routes = tmp_path / "routes.toml"
     routes.write_text('[[route]]\nname = "mr-only"\nmodality = ["MR"]\ntasks = ["classify"]\n')
     node = await make_node(routes_file=routes)
-    paths, uids, _ = ct_series(tmp_path / "series", 1)
+    paths, uids, _ = dicom_series(CT_SMALL, 1, tmp_path / "series")
     with caplog.at_level(logging.INFO, logger="medgate.dicom"):
         assert await asyncio.to_thread(_send_files, node.port, paths) == [0x0000]
     assert node.counts() == {} and node.scp.stats.ignored == 1
@@ -377,7 +360,7 @@ async def test_a_destination_that_refuses_for_good_is_moved_aside_and_the_others
 ) -> None:
     wrong = f"NOT_ORTHANC@127.0.0.1:{orthanc.dicom_port}"  # Orthanc checks the called AE: rejected-permanent
     node = await make_node(destination=f"{orthanc.destination},{wrong}", max_attempts=50)
-    paths, uids, study = ct_series(tmp_path / "series", 1)
+    paths, uids, study = dicom_series(CT_SMALL, 1, tmp_path / "series")
     assert (await run_storescu(storescu, node.port, paths)).returncode == 0
     found = await wait_for(results_referencing(orthanc, study, uids), what="results at the right destination")
     assert_results_reference(found, uids, study)
@@ -405,7 +388,7 @@ async def test_results_go_by_stow_rs_to_a_dicomweb_archive(
     await asyncio.to_thread(archive.start)
     try:
         node = await make_node(destination="", stow_url=archive.dicomweb_url)
-        paths, uids, study = ct_series(tmp_path / "series", 1)
+        paths, uids, study = dicom_series(CT_SMALL, 1, tmp_path / "series")
         assert (await run_storescu(storescu, node.port, paths)).returncode == 0
         found = await wait_for(results_referencing(archive, study, uids), what="results stored by STOW-RS")
         assert_results_reference(found, uids, study)
@@ -444,7 +427,7 @@ async def test_a_reviewers_verified_result_handed_over_is_sent_on_once(
     from services.imaging.limits import IngestLimits
 
     node = await make_node()
-    paths, uids, study = ct_series(tmp_path / "series", 1)
+    paths, uids, study = dicom_series(CT_SMALL, 1, tmp_path / "series")
     ai_sr_uid = generate_uid()  # the AI SR it verifies (its predecessor document)
     verification = Verification(
         reviewer_name="Lee^Dana",

@@ -31,7 +31,9 @@ from services.security.credentials import DevCredentials
 from services.settings import PROJECT_ROOT, load_settings
 from tests.conftest import security_values
 from tests.oidc_provider import OidcProvider, TestClient, TestUser
-from tests.test_reviewer_page import CHROMIUM, CHROMIUM_ARGS, _chromium_or_skip
+from tests.test_reviewer_page import browser
+
+__all__ = ["browser"]  # the Chromium fixture, shared with tests/test_reviewer_page.py
 
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", PROJECT_ROOT / "tmp" / "artifacts")) / "reviewer-oidc"
 CLIENT_ID, CLIENT_SECRET = "medgate-review", "page-secret"
@@ -93,17 +95,6 @@ async def review(
     server = await _review_server(tmp_path_factory.mktemp("reviewer-oidc"), dev_credentials, idp)
     yield server
     await server.stop()
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Any]:
-    _chromium_or_skip()
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        await chromium.close()
 
 
 def _base(review: ReviewServer) -> str:
