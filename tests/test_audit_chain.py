@@ -16,7 +16,8 @@ import pytest
 
 from clients import cli
 from services.audit import Action, AuditEvent, AuditLog, AuditWriteError, EventID, Study, requestor
-from services.audit.chain import verify_file
+from services.audit import log as audit_log
+from services.audit.chain import last_lines, verify_file
 from services.settings import load_settings
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -146,7 +147,7 @@ def test_a_torn_last_line_is_reported_then_recorded_by_the_next_write(
     assert len(lines) == 7 and lines[3].endswith(b"\n")  # the torn record keeps its own line
     restart = json.loads(lines[4])
     assert restart["chain"]["start"] == "torn" and restart["chain"]["seq"] == 1
-    assert restart["chain"]["prev"] == hashlib.sha256(lines[3]).hexdigest()
+    assert restart["chain"]["prev"] == hashlib.sha256(lines[2] + lines[3]).hexdigest()  # the torn line, and before
     assert restart["EventIdentification"]["EventID"]["csd-code"] == "110113"  # Security Alert
     assert restart["EventIdentification"]["EventTypeCode"][0]["csd-code"] == "110134"  # Audit Recording Started
     assert restart["EventIdentification"]["EventOutcomeDescription"] == "DATA_LOSS"
@@ -155,6 +156,41 @@ def test_a_torn_last_line_is_reported_then_recorded_by_the_next_write(
     rewrite(path, [*lines[:3], *lines[4:]])  # the torn line removed afterwards: the restart no longer links
     code, out = verify(capsys, path)
     assert code == 1 and "line 4:" in out
+
+
+def test_records_before_a_torn_one_cannot_be_cut_away(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_log(tmp_path, 4)
+    path.write_bytes(path.read_bytes()[:-40])
+    write_log(tmp_path, 1)
+    rewrite(path, lines_of(path)[3:])  # the torn line made to look like the file's first
+    code, out = verify(capsys, path)
+    assert code == 1 and "line 2: records were deleted or moved around the torn line" in out
+
+
+def test_a_short_write_is_a_torn_line_the_next_write_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = AuditLog(tmp_path, application="medgate-test", host="h")
+    log.write(access("r-0"))
+    real_write = os.write
+    monkeypatch.setattr(audit_log.os, "write", lambda fd, data: real_write(fd, data[: len(data) // 2]))  # disk full
+    with pytest.raises(AuditWriteError, match="short write"):
+        log.write(access("r-1"))
+    monkeypatch.setattr(audit_log.os, "write", real_write)
+    log.write(access("r-2"))
+    log.close()
+    restart, last = (json.loads(line) for line in lines_of(tmp_path / NAME)[2:])  # line 2 is the torn half
+    assert restart["chain"]["start"] == "torn" and last["medgate"]["request_id"] == "r-2"
+    code, out = verify(capsys, tmp_path)
+    assert code == 0 and "3 records verified; torn record at line 2" in out
+
+
+def test_lines_written_before_chaining_are_not_vouched_for(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / NAME).write_text('{"earlier": true}\n')
+    write_log(tmp_path, 2)
+    assert [r["chain"].get("start") for r in records(tmp_path / NAME)[1:]] == ["unchained", None]
+    code, out = verify(capsys, tmp_path)
+    assert code == 1 and "line 1: not a chained record" in out
 
 
 def test_an_edit_of_a_record_before_a_torn_one_is_still_caught(tmp_path: Path) -> None:
@@ -302,3 +338,19 @@ def test_records_keep_their_ps315_shape_with_the_chain_last(tmp_path: Path) -> N
     plain = AuditLog(tmp_path / "x", application="medgate-test", host="h")
     assert {k: v for k, v in record.items() if k != "chain"} == json.loads(plain.body(access("r-0")))
     plain.close()
+
+
+@pytest.mark.parametrize("sizes", [[5], [30000], [10, 20000], [9000, 9000, 3], [100, 8191, 8192, 8193]])
+@pytest.mark.parametrize("torn", [False, True])
+def test_the_last_two_lines_are_read_back_exactly(tmp_path: Path, sizes: list[int], torn: bool) -> None:
+    lines = [b"x" * (size - 1) + b"\n" for size in sizes]
+    if torn:
+        lines.append(b"y" * 12000)
+    path = tmp_path / "f"
+    path.write_bytes(b"".join(lines))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = last_lines(fd, path.stat().st_size)
+    finally:
+        os.close(fd)
+    assert got == ((lines[-2] if len(lines) > 1 else b""), lines[-1])

@@ -92,12 +92,23 @@ class Link:
     torn: bool = False  # the file does not end with a newline: one is written first
 
 
-def after(tail: bytes, name: str, digest: Digest) -> Link:
-    """The link for a line appended after ``tail`` (the file's last line, exact bytes; empty for an empty file)."""
+def torn_anchor(before: bytes, name: str) -> bytes:
+    """What a restart after a torn line hashes in front of it: the line before (or the file's genesis value).
+
+    It pins the records before the torn one: they cannot be cut away to make the torn line look like the first.
+    """
+    return before or GENESIS + name.encode()
+
+
+def after(tail: bytes, name: str, digest: Digest, before: bytes = b"") -> Link:
+    """The link for a line appended after ``tail`` (the file's last line, exact bytes; empty for an empty file).
+
+    ``before`` is the line before ``tail`` (empty when there is none); only a torn ``tail`` needs it.
+    """
     if not tail:
         return Link(1, digest.genesis(name), "file")
     if not tail.endswith(b"\n"):
-        return Link(1, digest(tail + b"\n"), "torn", torn=True)
+        return Link(1, digest(torn_anchor(before, name) + tail + b"\n"), "torn", torn=True)
     match = _RECORD.search(tail)
     if match is None:
         return Link(1, digest(tail), "unchained")
@@ -118,17 +129,18 @@ def seal(body: bytes, link: Link, digest: Digest) -> tuple[bytes, Link]:
     return line, Link(link.seq + 1, digest(line))
 
 
-def last_line(fd: int, size: int) -> bytes:
-    """The last line of the file open on ``fd`` (``size`` bytes long), newline included when there is one."""
+def last_lines(fd: int, size: int) -> tuple[bytes, bytes]:
+    """The last two lines of the file open on ``fd`` (``size`` bytes), exact bytes; ``b""`` for a line not there."""
     end, chunk, buf = size, 8192, b""
     while end > 0:
         start = max(0, end - chunk)
         buf = os.pread(fd, end - start, start) + buf
         cut = buf.rfind(b"\n", 0, len(buf) - 1)
-        if cut >= 0:
-            return buf[cut + 1 :]
+        cut2 = buf.rfind(b"\n", 0, cut) if cut >= 0 else -1
+        if cut2 >= 0 or start == 0:
+            return (buf[cut2 + 1 : cut + 1], buf[cut + 1 :]) if cut >= 0 else (b"", buf)
         end, chunk = start, chunk * 2
-    return buf
+    return b"", buf
 
 
 # Verification.
@@ -199,7 +211,7 @@ def verify_file(path: Path, key: bytes | None = None) -> Report:
             digest, seen_keyed = keyed, True
         else:
             if seen_keyed:
-                return fail(i, "unkeyed record after keyed ones (rewritten without the key)")
+                return fail(i, "unkeyed record after keyed ones (written without the key, or rewritten)")
             digest = bare
             report.unkeyed += key is not None
         if digest(line[: match.start("hash") - len(_HASH_FIELD)]) != match["hash"].decode():
@@ -215,12 +227,15 @@ def verify_file(path: Path, key: bytes | None = None) -> Report:
                 )
         elif i == 1:
             return fail(i, "the file's chain does not start here: records before this line were deleted")
+        elif start and before is not None:
+            return fail(i, "a restart after an intact record (inserted)")
+        elif start == "torn":
+            if prev != digest(torn_anchor(lines[i - 3] if i > 2 else b"", path.name) + lines[i - 2]):
+                return fail(i, "records were deleted or moved around the torn line before this one")
         elif prev != digest(lines[i - 2]):
             if start:
                 return fail(i, "records were deleted or moved just before this line")
             return fail(*_why_unlinked(i, seq, before, matches))
-        elif start and before is not None:
-            return fail(i, "a restart after an intact record (inserted)")
         if seq != (1 if start else int(before["seq"]) + 1 if before is not None else 0):
             return fail(i, "sequence number out of step with the record before it")
         report.records += 1

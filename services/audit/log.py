@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC
 from pathlib import Path
 
-from services.audit.chain import AuditKeyError, Digest, Link, after, last_line, load_key, seal
+from services.audit.chain import AuditKeyError, Digest, Link, after, last_lines, load_key, seal
 from services.audit.events import (
     Application,
     AuditEvent,
@@ -193,7 +193,8 @@ class AuditLog:
             if mine is not None and mine[:3] == (name, info.st_ino, info.st_size):
                 link = mine[3]  # nobody wrote since we did: our last line is the last line
             else:
-                link = after(last_line(fd, info.st_size), name, self.digest)
+                before, tail = last_lines(fd, info.st_size)
+                link = after(tail, name, self.digest, before)
             torn = link.torn
             if torn:  # a write cut short before ours: say so in the trail, chained after the torn bytes
                 log.critical(
