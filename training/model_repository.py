@@ -2,8 +2,9 @@
 
 A version lands as ``<repository>/<model>/<n>/``: built in a hidden folder beside it (Triton ignores names that
 are not numbers), then renamed into place in one step, so a Triton polling the repository never loads half a
-version. Everything else the serving version's folder holds (model.py, calibration files) is copied, so the new
-version serves with the same code; its evaluation report (``evaluation.json``) travels inside it.
+version. Everything else the serving version's folder holds (model.py, its files) is copied, so the new version
+serves with the same code; ``medgate train`` then refits its ``calibration.json`` on the calibration seed split
+(or keeps the parent's, saying so), and its evaluation report (``evaluation.json``) travels inside it.
 
 For production the repository is outside the source tree (``medgate models init-repository var/models`` and
 ``triton.model_repository`` pointing there): an overlay whose model folders link the shipped configs and

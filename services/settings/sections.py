@@ -129,8 +129,9 @@ class VersionSettings:
     # Detections agree when each box scoring >= shadow_min_score on one side has one on the other at IoU >= shadow_iou.
     shadow_iou: float = 0.5
     shadow_min_score: float = 0.5
-    # medgate models promote: the candidate's AP50 (reviewed held-out, phantom held-out) may be at most this much
-    # below the serving version's on the same cases: about two lesions in a hundred ranked below a false positive.
+    # medgate models promote: the candidate's metric (the detector's AP50, the classifier's accuracy; on the reviewed
+    # held-out and the phantom held-out cases) may be at most this much below the serving version's on the same
+    # cases: about two lesions in a hundred ranked below a false positive, or two answers in a hundred.
     promote_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
