@@ -74,9 +74,10 @@ class Digest:
         return hashlib.sha256(b"medgate-audit key id " + self.key).hexdigest()[:16] if self.key else ""
 
     def __call__(self, data: bytes) -> str:
-        if self.key:
-            return hmac.new(self.key, data, hashlib.sha256).hexdigest()
-        return hashlib.sha256(data).hexdigest()
+        return self.hasher(data).hexdigest()
+
+    def hasher(self, data: bytes = b"") -> hashlib._Hash | hmac.HMAC:
+        return hmac.new(self.key, data, hashlib.sha256) if self.key else hashlib.sha256(data)
 
     def genesis(self, name: str) -> str:
         return self(GENESIS + name.encode())
@@ -125,8 +126,10 @@ def seal(body: bytes, link: Link, digest: Digest) -> tuple[bytes, Link]:
     if link.start:
         head += b',"start":"%s"' % link.start.encode()
     head += b',"prev":"%s"' % link.prev.encode()
-    line = head + _HASH_FIELD + digest(head).encode() + b'"}}\n'
-    return line, Link(link.seq + 1, digest(line))
+    hasher = digest.hasher(head)  # the line's own hash, then (fed the rest) the next line's prev: the head once
+    rest = _HASH_FIELD + hasher.hexdigest().encode() + b'"}}\n'
+    hasher.update(rest)
+    return head + rest, Link(link.seq + 1, hasher.hexdigest())
 
 
 def last_lines(fd: int, size: int) -> tuple[bytes, bytes]:
