@@ -294,6 +294,26 @@ def test_without_the_key_a_rewritten_chain_does_not_pass(tmp_path: Path, capsys:
     assert code == 1
 
 
+def test_a_key_set_during_the_day_anchors_the_unkeyed_records_before_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = key_file(tmp_path, content=b"k" * 40)
+    write_log(tmp_path / "audit", 2)
+    path = write_log(tmp_path / "audit", 2, key=key.read_bytes())
+    code, out = verify(capsys, path, "--key-file", str(key))
+    assert code == 0 and "4 records verified; the first 2 records are unkeyed" in out
+    lines = lines_of(path)
+    lines[0] = lines[0].replace(b'"request_id":"r-0"', b'"request_id":"r-6"')
+    head = lines[0][: lines[0].index(b',"hash":"')]
+    lines[0] = head + b',"hash":"' + hashlib.sha256(head).hexdigest().encode() + b'"}}\n'
+    link = hashlib.sha256(lines[0]).hexdigest().encode()
+    head = re.sub(rb'"prev":"[0-9a-f]{64}"', b'"prev":"' + link + b'"', lines[1][: lines[1].index(b',"hash":"')])
+    lines[1] = head + b',"hash":"' + hashlib.sha256(head).hexdigest().encode() + b'"}}\n'
+    rewrite(path, lines)  # the unkeyed part re-chained by a forger: the first keyed record still names the original
+    code, out = verify(capsys, path, "--key-file", str(key))
+    assert code == 1 and "line 2: edited: line 3 no longer links to it" in out
+
+
 def test_the_key_file_setting_keys_the_servers_log_and_verify(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,8 +10,9 @@ line of a file has ``"start":"file"`` and ``prev`` = the digest of a genesis val
 (``audit-YYYYMMDD.jsonl``), so records moved between day files are caught. ``seq`` counts from 1 and
 tells a deletion from a reordering. Where the line before could not be chained onto (a write cut
 short by a crash, or a line without a chain), the writer starts again with ``"start":"torn"`` or
-``"start":"unchained"``, seq 1, and ``prev`` = the digest of that line as it is: the break is recorded,
-never hidden, and the line it follows can no longer be changed unnoticed.
+``"start":"unchained"``, seq 1, and ``prev`` = the digest of that line as it is (for a torn line, of the
+line before it and the torn line): the break is recorded, never hidden, and what it follows can no
+longer be changed or cut away unnoticed.
 
 The digest is SHA-256, or HMAC-SHA256 under a key (``"alg":"hmac-sha256"`` and ``"kid"``, the key's
 id): without the key, someone who can write the file cannot recompute the chain. A bare SHA-256 chain
