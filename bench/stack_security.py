@@ -10,32 +10,23 @@ from pathlib import Path
 from typing import Any
 
 from clients.connect import ClientSecurity
-from services.security.credentials import DevCredentials, ensure_dev_credentials
+from services.security.credentials import DevCredentials, dev_security_files, ensure_dev_credentials
 from services.security.identity import Role
 from services.settings import load_settings
 
 
-def _files(directory: Path) -> dict[str, Path]:
-    return {
-        "credentials_dir": directory,
-        "cert_file": directory / "server.pem",
-        "key_file": directory / "server.key",
-        "client_ca_file": directory / "ca.pem",
-        "jwks_file": directory / "jwks.json",
-        "router_token_file": directory / "router.token",
-    }
-
-
 def make_credentials(directory: Path) -> DevCredentials:
     """Development credentials in ``directory`` (the settings' issuer and audience, one token per role)."""
-    return ensure_dev_credentials(load_settings(security={"tls": True, "auth": True, **_files(directory)}).security)
+    return ensure_dev_credentials(
+        load_settings(security={"tls": True, "auth": True, **dev_security_files(directory)}).security
+    )
 
 
 def security_values(credentials: DevCredentials, *, secure: bool, audit_dir: Path) -> dict[str, Any]:
     """``security={...}`` for load_settings: TLS and tokens from ``credentials``, or neither."""
     if not secure:
         return {"tls": False, "auth": False, "audit_dir": audit_dir}
-    return {"tls": True, "auth": True, "audit_dir": audit_dir, **_files(credentials.directory)}
+    return {"tls": True, "auth": True, "audit_dir": audit_dir, **dev_security_files(credentials.directory)}
 
 
 def server_env(credentials: DevCredentials, *, secure: bool, audit_dir: Path) -> dict[str, str]:

@@ -22,7 +22,7 @@ from medgate.v1 import inference_pb2_grpc as pb_grpc
 from medgate.v1 import report_pb2_grpc
 from services.gateway.server import GatewayServer
 from services.review.server import ReviewServer
-from services.security.credentials import DevCredentials, ensure_dev_credentials
+from services.security.credentials import DevCredentials, dev_security_files, ensure_dev_credentials
 from services.security.identity import Role
 from services.settings import PROJECT_ROOT, load_settings
 from services.triton.embedded import EmbeddedTriton
@@ -62,12 +62,7 @@ def security_values(directory: Path, **changes: Any) -> dict[str, Any]:
     return {
         "tls": True,
         "auth": True,
-        "credentials_dir": directory,
-        "cert_file": directory / "server.pem",
-        "key_file": directory / "server.key",
-        "client_ca_file": directory / "ca.pem",
-        "jwks_file": directory / "jwks.json",
-        "router_token_file": directory / "router.token",
+        **dev_security_files(directory),
         **changes,
     }
 

@@ -18,6 +18,7 @@ from services.security.credentials import (
     SUBJECTS,
     DevCredentials,
     dev_credentials_needed,
+    dev_security_files,
     ensure_dev_credentials,
     get_claim,
     jwks_of,
@@ -45,15 +46,7 @@ EXPECTED_FILES = {
 
 
 def settings_in(directory: Path, **changes: object) -> SecuritySettings:
-    fields: dict[str, object] = {
-        "credentials_dir": directory,
-        "cert_file": directory / "server.pem",
-        "key_file": directory / "server.key",
-        "client_ca_file": directory / "ca.pem",
-        "jwks_file": directory / "jwks.json",
-        "router_token_file": directory / "router.token",
-    }
-    return SecuritySettings(**{**fields, **changes})  # type: ignore[arg-type]
+    return SecuritySettings(**{**dev_security_files(directory), **changes})  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

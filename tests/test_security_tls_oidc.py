@@ -19,7 +19,14 @@ import pytest
 from medgate.v1 import review_pb2 as pb
 from medgate.v1 import review_pb2_grpc as pb_grpc
 from services.review.server import ReviewServer
-from services.security.credentials import DevCredentials, ensure_dev_credentials, jwks_of, mint_token, new_signing_key
+from services.security.credentials import (
+    DevCredentials,
+    dev_security_files,
+    ensure_dev_credentials,
+    jwks_of,
+    mint_token,
+    new_signing_key,
+)
 from services.settings import SecuritySettings, load_settings
 from tests.test_review_service import write_flows
 
@@ -28,12 +35,7 @@ def _security(directory: Path, **overrides: Any) -> SecuritySettings:
     values: dict[str, Any] = {
         "tls": True,
         "auth": True,
-        "credentials_dir": directory,
-        "cert_file": directory / "server.pem",
-        "key_file": directory / "server.key",
-        "client_ca_file": directory / "ca.pem",
-        "jwks_file": directory / "jwks.json",
-        "router_token_file": directory / "router.token",
+        **dev_security_files(directory),
         "audit_dir": directory.parent / "audit",
     }
     values.update(overrides)

@@ -73,6 +73,18 @@ def token_file(role: Role | str) -> str:
     return f"{Role(role).value}.token"
 
 
+def dev_security_files(directory: Path) -> dict[str, Path]:
+    """``security`` settings that point every credential file at the development credentials in ``directory``."""
+    return {
+        "credentials_dir": directory,
+        "cert_file": directory / SERVER_CERT,
+        "key_file": directory / SERVER_KEY,
+        "client_ca_file": directory / CA_CERT,
+        "jwks_file": directory / JWKS,
+        "router_token_file": directory / token_file(Role.ROUTER),
+    }
+
+
 class _CredentialFile:
     """A :class:`DevCredentials` attribute: the path of one credential file in its directory."""
 
