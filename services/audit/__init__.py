@@ -1,4 +1,4 @@
-"""The audit trail: DICOM PS3.15 A.5-shaped events (``events``) and their append-only, fsynced writer (``log``)."""
+"""The audit trail: PS3.15 A.5-shaped events (``events``), their fsynced, hash-chained writer (``log``, ``chain``)."""
 
 from services.audit.events import (
     Action,

@@ -9,11 +9,12 @@ one (group commit), so a burst of calls costs one fsync rather than one each. Fi
 
 Every line is hash-chained to the one before it (``chain.py``: SHA-256, or HMAC-SHA256 under
 ``security.audit_hmac_key_file``). The link is computed under an exclusive ``flock`` on the file,
-from the file's actual last line, so writers in several processes (and several logs in one
-process) keep one chain; a writer reads the tail only when someone else wrote since its own last
-write (same inode and size: the link it computed then is still the last). A restart continues from
-the last line on disk; a torn last line (a crash mid-write) is ended with a newline and followed by
-an Audit Recording Started / ``DATA_LOSS`` event that starts the chain again and pins the torn bytes.
+from the file's actual last line, so writers in several processes (and several logs in one process:
+the lock belongs to each log's own open file, never shared across a fork) keep one chain; a writer
+reads the tail only when someone else wrote since its own last write (same inode and size: the link
+it computed then is still the last). A restart continues from the last line on disk; a torn last
+line (a crash mid-write) is ended with a newline and followed by an Audit Recording Started /
+``DATA_LOSS`` event that starts the chain again and pins the torn bytes.
 """
 
 from __future__ import annotations
