@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from services.settings import load_settings
 from services.triton.client import TritonModels
-from services.triton.embedded import admin_headers
+from services.triton.embedded import SHM_PREFIX, admin_headers, remove_stale_server_regions
 from services.triton.shm import PREFIX, remove_stale_regions
 from training.phantoms import generate, model_space
 
@@ -97,3 +97,14 @@ def test_stale_regions_of_dead_processes_are_removed(tmp_path: Path) -> None:
     (tmp_path / "someone_else").write_bytes(b"x")
     assert remove_stale_regions(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{PREFIX}_{os.getpid()}_1", "someone_else"])
+
+
+def test_stale_python_backend_regions_of_dead_servers_are_removed(tmp_path: Path) -> None:
+    dead_pid = 2**22 + 12345
+    (tmp_path / f"{SHM_PREFIX}_{dead_pid}_1_classifier").write_bytes(b"x")
+    (tmp_path / f"{SHM_PREFIX}_{os.getpid()}_1_classifier").write_bytes(b"x")
+    (tmp_path / f"{PREFIX}_{dead_pid}_1").write_bytes(b"x")  # the client's, not the server's: not this sweep's
+    assert remove_stale_server_regions(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{SHM_PREFIX}_{os.getpid()}_1_classifier", f"{PREFIX}_{dead_pid}_1"]
+    )

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from services.settings import PROJECT_ROOT, TritonSettings
+from services.triton.orphans import remove_orphans
 
 log = logging.getLogger("medgate.triton")
 server_log = logging.getLogger("medgate.triton.server")
@@ -128,26 +129,7 @@ def server_regions(prefix: str, directory: Path = _DEV_SHM) -> list[Path]:
 
 def remove_stale_server_regions(directory: Path = _DEV_SHM) -> int:
     """Unlink Python-backend regions of servers whose owner process is gone (it was killed with SIGKILL)."""
-    removed = 0
-    with contextlib.suppress(OSError):
-        for path in directory.iterdir():
-            match = _SHM_OWNER.match(path.name)
-            if match is None or _pid_alive(int(match.group(1))):
-                continue
-            with contextlib.suppress(OSError):
-                path.unlink()
-                removed += 1
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return remove_orphans(directory, _SHM_OWNER)
 
 
 def describe_status(code: int | None) -> str:

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import tritonclient.utils.shared_memory as triton_shm
 
+from services.triton.orphans import remove_orphans
+
 log = logging.getLogger("medgate.triton.shm")
 
 PREFIX = "medgate_shm"
@@ -72,26 +74,7 @@ def needed_bytes(sizes: list[int]) -> int:
 
 def remove_stale_regions(directory: Path = _DEV_SHM) -> int:
     """Unlink regions whose owning process is gone (a worker killed with SIGKILL leaves them)."""
-    removed = 0
-    with contextlib.suppress(OSError):
-        for path in directory.iterdir():
-            match = _STALE.match(path.name)
-            if not match or _alive(int(match.group(1))):
-                continue
-            with contextlib.suppress(OSError):
-                path.unlink()
-                removed += 1
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return remove_orphans(directory, _STALE)
 
 
 class SharedMemoryPool:
