@@ -30,7 +30,7 @@ from services.review.store.schema import SCHEMA
 from services.rpc.call import begin
 from services.security.credentials import SigningKey, jwks_json, mint_token, new_signing_key
 from services.security.identity import Identity, Role
-from services.settings import load_settings
+from services.settings import Settings, load_settings
 from tests.test_review_service import start_request, write_flows
 
 ISSUER = "https://idp.hospital.invalid/realms/medgate"
@@ -212,10 +212,8 @@ class Tokens:
         return (("authorization", f"Bearer {token}"),)
 
 
-@pytest.fixture
-async def secured(tmp_path: Path) -> AsyncIterator[tuple[pb_grpc.ReviewStub, Tokens, Path, str]]:
-    from services.review.server import ReviewServer
-
+def token_settings(tmp_path: Path) -> tuple[Settings, SigningKey]:
+    """A review service in ``tmp_path`` that takes tokens (no TLS) signed by a new key: its settings and the key."""
     key = new_signing_key()
     jwks = tmp_path / "jwks.json"
     jwks.write_text(jwks_json(key))
@@ -230,6 +228,14 @@ async def secured(tmp_path: Path) -> AsyncIterator[tuple[pb_grpc.ReviewStub, Tok
             "audit_dir": tmp_path / "audit",
         },
     )
+    return settings, key
+
+
+@pytest.fixture
+async def secured(tmp_path: Path) -> AsyncIterator[tuple[pb_grpc.ReviewStub, Tokens, Path, str]]:
+    from services.review.server import ReviewServer
+
+    settings, key = token_settings(tmp_path)
     server = ReviewServer(settings.review, settings.security)
     await server.start(port=0)
     try:

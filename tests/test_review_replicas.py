@@ -25,11 +25,10 @@ from clients.reviewer import LeaseKeeper, decision_id
 from medgate.v1 import review_pb2 as pb
 from medgate.v1 import review_pb2_grpc as pb_grpc
 from services.review.server import ReviewServer
-from services.security.credentials import jwks_json, new_signing_key
 from services.security.identity import Role
 from services.settings import load_settings
 from tests.conftest import free_port
-from tests.test_review_identity import AUDIENCE, ISSUER, Tokens
+from tests.test_review_identity import Tokens, token_settings
 from tests.test_review_service import next_case, wait_serving, write_flows
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -149,20 +148,7 @@ async def test_the_reviewer_client_renews_the_lease_while_it_works(
 
 
 async def test_with_tokens_only_the_lease_holder_renews(tmp_path: Path) -> None:
-    key = new_signing_key()
-    jwks = tmp_path / "jwks.json"
-    jwks.write_text(jwks_json(key))
-    settings = load_settings(
-        review={"store_path": tmp_path / "review.sqlite3", "flows_file": write_flows(tmp_path), "port": 0},
-        security={
-            "auth": True,
-            "tls": False,
-            "jwks_file": jwks,
-            "issuer": ISSUER,
-            "audience": AUDIENCE,
-            "audit_dir": tmp_path / "audit",
-        },
-    )
+    settings, key = token_settings(tmp_path)
     server = ReviewServer(settings.review, settings.security)
     await server.start(port=0)
     tokens = Tokens(key)
