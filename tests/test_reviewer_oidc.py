@@ -31,7 +31,7 @@ from services.security.credentials import DevCredentials
 from services.settings import PROJECT_ROOT, load_settings
 from tests.conftest import security_values
 from tests.oidc_provider import OidcProvider, TestClient, TestUser
-from tests.test_reviewer_page import browser
+from tests.test_reviewer_page import _output, browser
 
 __all__ = ["browser"]  # the Chromium fixture, shared with tests/test_reviewer_page.py
 
@@ -142,17 +142,6 @@ async def _route_case(review: ReviewServer, idp: OidcProvider, credentials: DevC
         )
         await pb_grpc.ReviewStub(channel).StartHumanLoop(request, timeout=10)
     return name
-
-
-def _output(review: ReviewServer, loop: str) -> dict[str, Any]:
-    root: Path = review.output_root  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        found = list(root.rglob(f"{loop}/output.json"))
-        if found:
-            return dict(json.loads(found[0].read_text()))
-        time.sleep(0.05)
-    raise AssertionError(f"no output.json for {loop} under {root}")
 
 
 async def test_sign_in_through_the_identity_provider_then_review_a_case(
