@@ -120,8 +120,9 @@ def onnx_session(path: str, args: Mapping[str, str], *, threads: int, spin: bool
 
     ``spin``: ONNX Runtime's intra-op threads busy-wait for work between calls unless told not to. With several
     models sharing a few cores (the embedded default runs five) that spinning burns the CPU the other models
-    and the gateway need: off, Triton's CPU per 1024x1024 Classify fell from about 20 to 13 ms and 16 clients
-    got 84-88 instead of 50-60 req/s from Triton directly (2 cores); one request alone was at most 1 ms slower.
+    and the gateway need: off, Triton's CPU per 1024x1024 Classify at 16 clients fell from 16.4-16.9 to
+    12.5-13.2 ms and the gateway's req/s rose by about 11% (2 quiet cores; more on a loaded machine), with one
+    request alone within 1 ms (bench/results/gateway.json, ``onnx_spinning_comparison``).
     A dedicated host may turn it on per model (config.pbtxt parameter ``intra_op_spinning``).
     """
     import onnxruntime as ort
