@@ -295,27 +295,6 @@ def ort_run(session, images: np.ndarray, batch: int = 4) -> list[np.ndarray]:
 # metrics
 
 
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    labels = np.asarray(labels).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    allv = np.concatenate([pos, neg])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_vals = allv[order]
-    # average ranks for ties
-    i = 0
-    while i < len(allv):
-        j = i
-        while j + 1 < len(allv) and sorted_vals[j + 1] == sorted_vals[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     order = np.argsort(-scores, kind="stable")
     keep: list[int] = []

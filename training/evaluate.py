@@ -22,6 +22,7 @@ import numpy as np
 import tritonclient.grpc as triton_grpc
 
 from services.imaging.boxes import box_iou
+from training.metrics import auroc
 from training.phantoms import generate, model_space
 
 # Training uses seeds below this; evaluation starts here so the two never meet.
@@ -44,25 +45,6 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
-
-
-def auc(scores: np.ndarray, positives: np.ndarray) -> float:
-    """Area under the ROC curve by the rank-sum (Mann-Whitney) statistic, ties averaged."""
-    positives = positives.astype(bool)
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def average_precision(
@@ -170,7 +152,7 @@ def evaluate(
         "box_count": box_count if box_count is not None else count,
         "seconds": round(time.perf_counter() - started, 1),
         "classifier.accuracy": float(np.mean((probs[:, 1] >= 0.5) == labels)),
-        "classifier.auc": auc(probs[:, 1], labels),
+        "classifier.auc": auroc(probs[:, 1], labels),
         "detector.ap50": average_precision(detections, [s["boxes"] for s in samples]),
     }
     for prompt, values in text_dice.items():

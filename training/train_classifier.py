@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import common
+from training.metrics import auroc
 
 ONNX_PATH = common.MODELS_DIR / "classifier" / "1" / "model.onnx"
 LABELS = ("normal", "lesion")
@@ -113,7 +114,7 @@ def main() -> None:
     truth = held["label"].astype(bool)
     pred = probs.argmax(1) == 1
     acc = float((pred == truth).mean())
-    auc = common.roc_auc(truth, probs[:, 1])
+    auc = auroc(probs[:, 1], truth)
     sens = float(pred[truth].mean())
     spec = float((~pred[~truth]).mean())
     print(
