@@ -370,7 +370,10 @@ async def test_a_destination_that_refuses_for_good_is_moved_aside_and_the_others
         return rows if len(rows) == 2 and all(state == "refused" for _, state, _ in rows) else None
 
     rows = await wait_for(refused, what="the refusing destination's deliveries moved aside")
-    assert [attempts for _, _, attempts in rows] == [1, 1], "refused for good: not retried"
+    # Refused for good, not retried (max_attempts is 50). Orthanc closes the socket right after its A-ASSOCIATE-RJ,
+    # and pynetdicom now and then sees the close first ("association aborted", a retry) before a second try
+    # reads the rejection (CI saw it once): one retry at most, never more.
+    assert all(attempts <= 2 for _, _, attempts in rows), rows
     folder = tmp_path / "outbox" / "refused" / f"cstore_{wrong}".replace(":", "_")
     kept = sorted(p.name for p in folder.iterdir())
     assert len(kept) == 4 and sum(name.endswith(".json") for name in kept) == 2
