@@ -18,19 +18,28 @@ The digest is SHA-256, or HMAC-SHA256 under a key (``"alg":"hmac-sha256"`` and `
 id): without the key, someone who can write the file cannot recompute the chain. A bare SHA-256 chain
 catches edits, deletions and reorderings by anyone who does not recompute every later line.
 
+A key is rotated by a record under the old key that announces the new key's id (Security Alert / Security
+Configuration, ``medgate audit rotate-key``): given both keys, ``verify`` accepts the new key's records from
+there on (the old key's still, until the first record under the new one; never after it), and a record
+under another key without such an announcement is a break.
+
 What no in-file chain can show: the last records of a file cut off, or a whole file removed (the
-syslog mirror receives every chained line and is the outside copy to compare against). Pure: no gRPC.
+syslog mirror receives every chained line and is the outside copy to compare against: ``mirror.py``).
+Pure: no gRPC.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 GENESIS = b"medgate-audit-chain/1 genesis "
 KEY_MIN_BYTES = 32
@@ -94,6 +103,17 @@ class Link:
     torn: bool = False  # the file does not end with a newline: one is written first
 
 
+def chain_of(line: bytes) -> re.Match[bytes] | None:
+    """The ``chain`` member of a line (exact bytes, newline included): ``seq``, ``alg``, ``kid``, ``start``, ``prev``,
+    ``hash`` groups; None for a line that is not a chained record."""
+    return _RECORD.search(line)
+
+
+def own_hash_ok(line: bytes, match: re.Match[bytes], digest: Digest) -> bool:
+    """Whether ``line`` matches its own ``hash`` under ``digest``."""
+    return hmac.compare_digest(digest(line[: match.start("hash") - len(_HASH_FIELD)]), match["hash"].decode())
+
+
 def torn_anchor(before: bytes, name: str) -> bytes:
     """What a restart after a torn line hashes in front of it: the line before (or the file's genesis value).
 
@@ -154,6 +174,54 @@ class CannotVerify(ValueError):
     """The file cannot be checked as asked (keyed without the key, another key): not evidence of tampering."""
 
 
+_ROTATION = b'"csd-code":"110129"'  # Security Configuration: the only event that can announce a key
+
+
+def announced_key(line: bytes) -> str:
+    """The successor key id a rotation record announces (``events.audit_key_rotated``), or ``""``."""
+    if _ROTATION not in line:
+        return ""
+    try:
+        record: Any = json.loads(line)
+        identification = record["EventIdentification"]
+        if identification["EventID"]["csd-code"] != "110113" or identification["EventOutcomeDescription"] != "OK":
+            return ""
+        for obj in record.get("ParticipantObjectIdentification", ()):
+            if (
+                obj["ParticipantObjectIDTypeCode"]["csd-code"] == "audit-hmac-key-id"
+                and obj.get("ParticipantObjectDescription", {}).get("Change") == "successor"
+                and re.fullmatch(r"[0-9a-f]{16}", obj["ParticipantObjectID"])
+            ):
+                return str(obj["ParticipantObjectID"])
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return ""
+
+
+class Keyring:
+    """The HMAC keys a trail may be keyed with, by key id, and which one is in force as records are read in order
+    (across day files: a rotation on one day holds for the next).
+
+    The first keyed record read may be under any of the keys (what came before it is not being read); after it,
+    another key's records are accepted only once a record under the key in force announced that key.
+    """
+
+    def __init__(self, keys: Iterable[bytes] = ()) -> None:
+        self.digests = {digest.kid: digest for digest in map(Digest, keys)}
+        self.current = ""  # the key id of the last keyed record read
+        self.successor = ""  # announced by a record under ``current``, not yet used
+        self.retired: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.digests)
+
+    def ids(self) -> str:
+        return ", ".join(self.digests) or "none"
+
+    def digest(self, kid: str) -> Digest | None:
+        return self.digests.get(kid)
+
+
 @dataclass
 class Report:
     """One file: how many records verified, the first problem (line number and what), torn lines the writer recorded."""
@@ -164,6 +232,8 @@ class Report:
     problem: str = ""
     recorded_torn: list[int] = field(default_factory=list)
     unkeyed: int = 0  # records before the key was set (anchored by the first keyed record after them)
+    rotations: list[tuple[int, str, str]] = field(default_factory=list)  # (line, old key id, new key id)
+    lingering: int = 0  # records under the old key after a rotation's announcement, before the new key's first
 
     @property
     def ok(self) -> bool:
@@ -176,6 +246,9 @@ class Report:
         notes = [f"torn record at line {n} (a write cut short), recorded by line {n + 1}" for n in self.recorded_torn]
         if self.unkeyed:
             notes.append(f"the first {self.unkeyed} records are unkeyed (written before the key was set)")
+        notes += [f"key {old} hands over to key {new} at line {n}" for n, old, new in self.rotations]
+        if self.lingering:
+            notes.append(f"{self.lingering} records under the outgoing key after its successor was announced")
         return f"{name}: {self.records} records verified" + "".join(f"; {note}" for note in notes)
 
 
@@ -185,9 +258,14 @@ def _split(data: bytes) -> list[bytes]:
     return [*lines, parts[-1]] if parts[-1] else lines
 
 
-def verify_file(path: Path, key: bytes | None = None) -> Report:
-    """Check ``path``'s chain; the report names the first broken line. Never quotes a record."""
-    keyed, bare = Digest(key), Digest(None)
+def verify_file(path: Path, key: bytes | Keyring | None = None) -> Report:
+    """Check ``path``'s chain; the report names the first broken line. Never quotes a record.
+
+    ``key`` is the trail's HMAC key, or a :class:`Keyring` (several keys, a rotation; pass the same one for the
+    day files in order).
+    """
+    ring = key if isinstance(key, Keyring) else Keyring([key] if key else [])
+    bare = Digest(None)
     lines = _split(path.read_bytes())
     matches = [_RECORD.search(line) for line in lines]
     report = Report(path)
@@ -206,20 +284,35 @@ def verify_file(path: Path, key: bytes | None = None) -> Report:
                 report.recorded_torn.append(i)  # the restart's prev (checked next) pins these bytes
                 continue
             return fail(i, "not a chained record (edited, or written without a chain)")
+        kid = (match["kid"] or b"").decode()
         if match["alg"] == b"hmac-sha256":
-            if key is None:
+            if not ring:
                 raise CannotVerify(f"{path.name} is keyed (hmac-sha256): give the key file")
-            kid = (match["kid"] or b"").decode()
-            if kid != keyed.kid:
-                raise CannotVerify(f"{path.name} line {i} was keyed with key id {kid}, not {keyed.kid}")
+            keyed = ring.digest(kid)
+            if keyed is None:
+                raise CannotVerify(f"{path.name} line {i} was keyed with key id {kid}, not {ring.ids()}")
             digest, seen_keyed = keyed, True
         else:
             if seen_keyed:
                 return fail(i, "unkeyed record after keyed ones (written without the key, or rewritten)")
             digest = bare
-            report.unkeyed += key is not None
-        if digest(line[: match.start("hash") - len(_HASH_FIELD)]) != match["hash"].decode():
+            report.unkeyed += bool(ring)
+        if not own_hash_ok(line, match, digest):
             return fail(i, "edited: the record does not match its own hash")
+        if kid and kid != ring.current:
+            if kid in ring.retired:
+                return fail(i, f"a record under key {kid} after its successor took over (a process still holding "
+                               "the old key, or forged with it)")  # fmt: skip
+            if ring.current and kid != ring.successor:
+                return fail(i, f"key {kid} takes over from key {ring.current} without an announcement under it")
+            if ring.current:
+                report.rotations.append((i, ring.current, kid))
+                ring.retired.add(ring.current)
+            ring.current, ring.successor = kid, ""
+        elif kid and ring.successor:
+            report.lingering += 1
+        if kid and (successor := announced_key(line)):
+            ring.successor = successor
         seq, start, prev = int(match["seq"]), (match["start"] or b"").decode(), match["prev"].decode()
         before = matches[i - 2] if i > 1 else None
         if start == "file":
@@ -243,9 +336,9 @@ def verify_file(path: Path, key: bytes | None = None) -> Report:
         if seq != (1 if start else int(before["seq"]) + 1 if before is not None else 0):
             return fail(i, "sequence number out of step with the record before it")
         report.records += 1
-    if key is not None and report.records and not seen_keyed:
+    if ring and report.records and not seen_keyed:
         return fail(len(lines), "no keyed record although a key was given (rewritten without the key?)")
-    if key is None:
+    if not ring:
         report.unkeyed = 0
     return report
 

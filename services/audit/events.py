@@ -18,6 +18,7 @@ object and keeps the event). Nothing here imports gRPC.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +41,7 @@ class EventID(Enum):
     """EventID (PS3.15 A.5.3 and CID 400 "Audit Event ID")."""
 
     APPLICATION_ACTIVITY = Code("110100", "DCM", "Application Activity")
+    AUDIT_LOG_USED = Code("110101", "DCM", "Audit Log Used")
     INSTANCES_ACCESSED = Code("110103", "DCM", "DICOM Instances Accessed")
     EXPORT = Code("110106", "DCM", "Export")
     QUERY = Code("110112", "DCM", "Query")
@@ -54,6 +56,7 @@ class EventType(Enum):
     APPLICATION_STOP = Code("110121", "DCM", "Application Stop")
     LOGIN = Code("110122", "DCM", "Login")
     NODE_AUTHENTICATION = Code("110126", "DCM", "Node Authentication")
+    SECURITY_CONFIGURATION = Code("110129", "DCM", "Security Configuration")
     SOFTWARE_CONFIGURATION = Code("110131", "DCM", "Software Configuration")
     USE_OF_RESTRICTED_FUNCTION = Code("110132", "DCM", "Use of Restricted Function")
     AUDIT_RECORDING_STARTED = Code("110134", "DCM", "Audit Recording Started")
@@ -378,7 +381,59 @@ class ModelVersion:
         return entry
 
 
-ParticipantObject = Study | HumanLoop | Flow | Query | SecurityResource | ModelVersion
+# An audit day file's name (services/audit/log.py), what a check found in it; an HMAC key's id (chain.py).
+_AUDIT_FILE = re.compile(r"^audit-[0-9]{8}\.jsonl$")
+AUDIT_FILE_RESULTS = frozenset({"intact", "broken", "missing", "not-verified"})
+_KEY_ID = re.compile(r"^[0-9a-f]{16}$")
+KEY_CHANGES = frozenset({"current", "successor"})
+_AUDIT_KEY = Code("audit-hmac-key-id", "medgate", "Audit HMAC key id")
+
+
+def is_audit_file(name: str) -> bool:
+    return bool(_AUDIT_FILE.match(name))
+
+
+@dataclass(frozen=True)
+class AuditFile:
+    """An audit day file a check read (Audit Log Used, PS3.15 A.5.3.2: the log by its URI, here its name relative
+    to ``security.audit_dir``) and what the check found: ``intact``, ``broken``, ``missing`` (only the syslog mirror
+    has its records) or ``not-verified``; ``records`` is how many of its records were verified."""
+
+    name: str
+    result: str
+    records: int = 0
+    mirror: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(_AUDIT_FILE.match(self.name)), "audit file name")
+        _check(self.result in AUDIT_FILE_RESULTS, "audit file result")
+        _check(isinstance(self.records, int) and self.records >= 0, "audit file record count")
+
+    def as_json(self) -> dict[str, Any]:
+        entry = _object(_SYSTEM_OBJECT, _ROLE_SECURITY_RESOURCE, _URI, self.name)
+        entry["ParticipantObjectDescription"] = {"Result": self.result, "Records": self.records, "Mirror": self.mirror}
+        return entry
+
+
+@dataclass(frozen=True)
+class AuditKey:
+    """An audit HMAC key by its id (never the key): the ``current`` one and the ``successor`` a rotation announces."""
+
+    kid: str
+    change: str
+
+    def __post_init__(self) -> None:
+        _check(bool(_KEY_ID.match(self.kid)), "audit key id")
+        _check(self.change in KEY_CHANGES, "audit key change")
+
+    def as_json(self) -> dict[str, Any]:
+        entry = _object(_SYSTEM_OBJECT, _ROLE_SECURITY_RESOURCE, _AUDIT_KEY, self.kid)
+        entry["ParticipantObjectDescription"] = {"Change": self.change}
+        return entry
+
+
+ParticipantObject = Study | HumanLoop | Flow | Query | SecurityResource | ModelVersion | AuditFile | AuditKey
+_OBJECT_TYPES = (Study, HumanLoop, Flow, Query, SecurityResource, ModelVersion, AuditFile, AuditKey)
 
 
 def _object(type_code: int, role: int, id_type: Code, object_id: str) -> dict[str, Any]:
@@ -439,9 +494,7 @@ class AuditEvent:
         _check(not self.rpc or bool(_RPC.match(self.rpc)), "RPC name")
         _check(not self.request_id or bool(_TOKEN.match(self.request_id)), "request id")
         for obj in self.objects:
-            _check(
-                isinstance(obj, Study | HumanLoop | Flow | Query | SecurityResource | ModelVersion), "ParticipantObject"
-            )
+            _check(isinstance(obj, _OBJECT_TYPES), "ParticipantObject")
 
     @property
     def outcome(self) -> Outcome:
@@ -538,4 +591,46 @@ def audit_restarted(application: Application) -> AuditEvent:
         status="DATA_LOSS",
         event_types=(EventType.AUDIT_RECORDING_STARTED,),
         participants=(application.participant(ParticipantRole.APPLICATION),),
+    )
+
+
+# The most day files one Audit Log Used event names (the ones not intact first): a year of files would make a line
+# too long for one syslog datagram; the counts in the event's files are what a reader needs beyond that.
+MAX_AUDIT_FILES = 32
+
+
+def audit_log_used(
+    application: Application, *, os_user: str, files: tuple[AuditFile, ...], mirror: bool, status: str = "OK"
+) -> AuditEvent:
+    """``medgate audit verify``: Audit Log Used (PS3.15 A.5.3.2), read by a local user: ``OK`` (every chain intact
+    and, with ``mirror``, every mirrored record in its file), ``DATA_LOSS`` (tampering found) or
+    ``FAILED_PRECONDITION`` (could not be checked: no files, keyed without the key). Names the day files and what
+    was found in each (``Mirror``: whether it was compared with the syslog mirror too); never a record."""
+    ordered = sorted(files, key=lambda f: f.result == "intact")[:MAX_AUDIT_FILES]
+    return AuditEvent(
+        event_id=EventID.AUDIT_LOG_USED,
+        action=Action.READ,
+        status=status,
+        participants=(
+            requestor(user_id=os_user, extra_roles=(ParticipantRole.APPLICATION_LAUNCHER.value,)),
+            application.participant(ParticipantRole.APPLICATION),
+        ),
+        objects=tuple(dataclasses.replace(f, mirror=mirror) for f in ordered),
+    )
+
+
+def audit_key_rotated(application: Application, *, os_user: str, current: str, successor: str) -> AuditEvent:
+    """``medgate audit rotate-key``: Security Alert / Security Configuration (PS3.15 A.5.3.11), written under the
+    ``current`` key, announcing the ``successor`` key's id; ``medgate audit verify`` accepts the successor's records
+    from here on (services/audit/chain.py). Key ids only, never a key."""
+    return AuditEvent(
+        event_id=EventID.SECURITY_ALERT,
+        action=Action.EXECUTE,
+        status="OK",
+        event_types=(EventType.SECURITY_CONFIGURATION,),
+        participants=(
+            requestor(user_id=os_user, extra_roles=(ParticipantRole.APPLICATION_LAUNCHER.value,)),
+            application.participant(ParticipantRole.APPLICATION),
+        ),
+        objects=(AuditKey(current, "current"), AuditKey(successor, "successor")),
     )
