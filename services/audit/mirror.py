@@ -227,6 +227,7 @@ def _compare_day(
         out.missing_days.append(day)
         return
     by_hash = {r.hash: (n, r) for n, r in records}
+    position = {n: i for i, (n, _) in enumerate(records)}
     by_prev = {r.prev: (n, r) for n, r in records}
     after: dict[str, int] = {}  # a prev value -> the local line it links to
     for n, r in records:
@@ -244,18 +245,18 @@ def _compare_day(
                 problems.append(f"line {n} (seq {mine.seq}, hash {short(record.hash)}): differs from the mirror's copy")
     missing = [r for r in mirrored.values() if r.hash not in by_hash]
     # Runs: missing records that follow one another (the next one's prev is the digest of the one before).
-    follows: dict[str, Record] = {}
+    predecessor: dict[str, Record] = {}  # a prev value -> the missing record it is the digest of
     for record in missing:
         for link in _links(record.line, digests):
-            follows[link] = record
-    heads = [r for r in missing if follows.get(r.prev, r) is r]  # not the successor of another missing one
+            predecessor[link] = record
+    successor = {r.prev: r for r in missing}
+    heads = [r for r in missing if predecessor.get(r.prev, r) is r]  # not the successor of another missing one
     last_line = records[-1][0] if records else 0
     for head in sorted(heads, key=lambda r: (r.seq, r.hash)):
-        run = [head]
-        seen = {head.hash}
-        while (nxt := next((follows[link] for link in _links(run[-1].line, digests) if link in follows), None)) and (
-            nxt.hash not in seen
-        ):
+        run, seen = [head], {head.hash}
+        while nxt := next((successor[link] for link in _links(run[-1].line, digests) if link in successor), None):
+            if nxt.hash in seen:
+                break
             run.append(nxt)
             seen.add(nxt.hash)
         span = f"seq {run[0].seq}" + (f"-{run[-1].seq}" if len(run) > 1 else "")
@@ -264,6 +265,9 @@ def _compare_day(
             n = after[head.prev]
             if n == last_line:
                 problems.append(f"after line {n}, its last: {what}: its tail was cut")
+            elif head.prev in by_prev and by_prev[head.prev][1].hash in mirrored:
+                m = by_prev[head.prev][0]  # the mirror had both: the file was cut here and written on
+                problems.append(f"after line {n}: {what}: cut away, and the file written on from line {m}")
             elif head.prev in by_prev and len(run) == 1:
                 m, mine = by_prev[head.prev]
                 differing.add(m)
@@ -273,7 +277,13 @@ def _compare_day(
                 )
             elif head.prev in by_prev:
                 m = by_prev[head.prev][0]
-                problems.append(f"from line {m}: {what}: cut away and written on, or rewritten")
+                instead: list[int] = []  # the lines written where the mirrored ones were
+                for number, mine in records[position[m] :]:
+                    if mine.hash in mirrored or number != m + len(instead):
+                        break
+                    instead.append(number)
+                differing.update(instead)
+                problems.append(f"from line {m}: {what}, line(s) {_ranges(instead)} in their place: rewritten")
             else:
                 problems.append(f"after line {n}: {what}: deleted")
         elif head.start == "file" and head.prev in {d.genesis(day) for d in digests}:
