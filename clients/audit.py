@@ -76,7 +76,7 @@ def verify(
         print(f"error: {exc}", file=sys.stderr)
         return CANNOT
     files = audit_files(path) if path.exists() else []
-    if not files and mirror is None:
+    if not files:
         print(f"error: no audit files at {path}", file=sys.stderr)
         return CANNOT
     found: dict[str, tuple[str, int]] = {}
@@ -96,7 +96,7 @@ def verify(
         broken += not report.ok
     tampering = 0
     if mirror is not None:
-        outcome = _compare(files, mirror, keys, whole_trail=path.is_dir() or not path.exists())
+        outcome = _compare(files, mirror, keys, whole_trail=path.is_dir())
         if outcome is None:
             out.extend(AuditFile(n, r, c) for n, (r, c) in found.items() if is_audit_file(n))
             return CANNOT

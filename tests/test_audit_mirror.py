@@ -412,6 +412,8 @@ def test_a_rotation_announces_the_new_key_id_under_the_old_key(
     assert "1 records under the outgoing key after its successor was announced" in out
     code, _, err = verify(capsys, str(rotated["directory"]), "--key-file", str(rotated["new"]))
     assert code == 2 and "was keyed with key id" in err  # the old key's records need the old key
+    code, _, err = verify(capsys, str(rotated["directory"]), "--key-file", str(rotated["old"]))
+    assert code == 2 and f"announced as the successor of key {a}: give its key file too" in err
 
 
 def test_the_old_key_after_the_new_one_is_a_break(rotated: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:

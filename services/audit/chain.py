@@ -290,7 +290,11 @@ def verify_file(path: Path, key: bytes | Keyring | None = None) -> Report:
                 raise CannotVerify(f"{path.name} is keyed (hmac-sha256): give the key file")
             keyed = ring.digest(kid)
             if keyed is None:
-                raise CannotVerify(f"{path.name} line {i} was keyed with key id {kid}, not {ring.ids()}")
+                hint = f" (announced as the successor of key {ring.current}: give its key file too)"
+                raise CannotVerify(
+                    f"{path.name} line {i} was keyed with key id {kid}, not {ring.ids()}"
+                    + (hint if kid == ring.successor else "")
+                )
             digest, seen_keyed = keyed, True
         else:
             if seen_keyed:
