@@ -18,6 +18,7 @@ import pytest
 from clients import cli
 from services.audit import AuditLog
 from services.audit.chain import Digest
+from services.audit.mirror import payload
 from tests.test_audit_chain import DAY, NAME, STUDY, access, key_file, lines_of, records, rewrite
 
 NEXT_DAY = "audit-20261206.jsonl"
@@ -297,6 +298,30 @@ def test_a_mirror_without_audit_records_is_a_usage_error(
     assert code == 2 and "no usable MEDGATE-AUDIT record" in err
     code, _, err = verify(capsys, str(directory), "--mirror", str(collector.path.with_name("absent.log")))
     assert code == 2 and "cannot be read" in err
+
+
+RECORD = b'{"EventIdentification":{"EventDateTime":"2026-12-05T09:00:00.000Z"},"chain":{}}'
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"<85>1 2026-12-05T09:00:00.000Z gw-1 medgate-gateway 812 MEDGATE-AUDIT - \xef\xbb\xbf" + RECORD,  # as sent
+        b"2026-12-05T09:00:00.123+00:00 10.0.0.5 <85>1 2026-12-05T09:00:00.000Z gw-1 medgate-gateway 812 "
+        b"MEDGATE-AUDIT - \xef\xbb\xbf" + RECORD,  # receive time and sender first
+        b"2026-12-05T09:00:00+00:00 gw-1 medgate-gateway[812]: MEDGATE-AUDIT - " + RECORD,  # RSYSLOG_FileFormat, no BOM
+        b'<85>1 2026-12-05T09:00:00Z gw-1 app 1 MEDGATE-AUDIT [origin ip="10.0.0.5"][x@1 a="\\]\\""] ' + RECORD,
+        b"Dec  5 09:00:00 gw-1 medgate-gateway[812]: \xef\xbb\xbf" + RECORD,  # traditional, BOM kept
+        b"Dec  5 09:00:00 gw-1 medgate-gateway[812]: " + RECORD,  # traditional, BOM dropped
+    ],
+)
+def test_the_record_is_found_behind_the_usual_collector_prefixes(line: bytes) -> None:
+    assert payload(line) == RECORD
+
+
+def test_other_messages_are_not_records() -> None:
+    assert payload(b"Dec  5 09:00:00 gw-1 sshd[77]: Accepted publickey for ops") is None
+    assert payload(b"<13>1 2026-12-05T09:00:00Z x cron 1 - - (root) CMD (run-parts)") is None
 
 
 # verify records itself.

@@ -290,7 +290,9 @@ def _compare_day(
             where = "the file has no record left" if not records else "its first records were deleted"
             problems.append(f"before line 1: {what}: {where}")
         else:
-            problems.append(f"{what} (what it follows is not in the file either)")
+            problems.append(
+                f"{what} (what it follows is in neither: deleted after a mirror gap, or sent by someone else)"
+            )
     if problems:
         out.changed_days.add(day)
         out.tampering += [f"{day}: {p}" for p in problems[:SHOWN]]
