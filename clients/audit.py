@@ -86,6 +86,8 @@ def verify(
             report = verify_file(file, keys)
         except CannotVerify as exc:
             print(f"error: {exc}", file=sys.stderr)
+            found.update((f.name, ("not-verified", 0)) for f in files if f.name not in found)
+            out.extend(AuditFile(n, r, c) for n, (r, c) in found.items() if is_audit_file(n))
             return CANNOT
         except OSError as exc:
             print(f"error: {file} cannot be read ({type(exc).__name__})", file=sys.stderr)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from clients import cli
-from services.audit import AuditLog
+from services.audit import AuditFile, AuditKey, AuditLog
 from services.audit.chain import Digest
 from services.audit.mirror import payload
 from tests.test_audit_chain import DAY, NAME, STUDY, access, key_file, lines_of, records, rewrite
@@ -342,7 +342,14 @@ def test_verify_is_itself_audited(
     rewrite(path, lines_of(path)[:5])
     assert verify(capsys, str(directory), "--mirror", str(collector.path))[0] == 1
     assert verify(capsys, str(directory / "absent"))[0] == 2
-    intact, cut, nothing = today(own)
+    key = key_file(directory.parent, content=b"k" * 40)
+    keyed_writes(directory.parent / "keyed", b"k" * 40, 1, "k")
+    assert verify(capsys, str(directory.parent / "keyed"))[0] == 2  # keyed, no key given
+    intact, cut, nothing, unkeyable = today(own)
+    assert unkeyable["EventIdentification"]["EventOutcomeDescription"] == "FAILED_PRECONDITION"
+    (file,) = unkeyable["ParticipantObjectIdentification"]
+    assert file["ParticipantObjectDescription"] == {"Result": "not-verified", "Records": 0, "Mirror": False}
+    assert verify(capsys, str(directory.parent / "keyed"), "--key-file", str(key))[0] == 0
     for event in (intact, cut, nothing):
         identification = event["EventIdentification"]
         assert identification["EventID"]["csd-code"] == "110101"  # Audit Log Used
@@ -470,3 +477,17 @@ def test_rotate_key_refuses_what_it_cannot_do(
     assert cli.main(["audit", "rotate-key", str(loose), "--key-file", str(new)]) == 2
     assert "readable by others" in capsys.readouterr().err
     assert not (tmp_path / "audit").exists()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: AuditFile("Doe^Jane-audit.jsonl", "intact"),
+        lambda: AuditFile("audit-20261205.jsonl", "the study of Doe^Jane"),
+        lambda: AuditKey("k" * 40, "successor"),
+        lambda: AuditKey("0123456789abcdef", "leaked"),
+    ],
+)
+def test_the_new_objects_refuse_anything_but_their_identifiers(make: Any) -> None:
+    with pytest.raises(ValueError, match="does not match its grammar"):
+        make()

@@ -1,10 +1,13 @@
-"""The audit trail: PS3.15 A.5-shaped events (``events``), their fsynced, hash-chained writer (``log``, ``chain``)."""
+"""The audit trail: PS3.15 A.5-shaped events (``events``), their fsynced, hash-chained writer (``log``, ``chain``), the
+check against the syslog collector's copy (``mirror``)."""
 
 from services.audit.events import (
     Action,
     ActiveParticipant,
     Application,
     AuditEvent,
+    AuditFile,
+    AuditKey,
     EventID,
     EventType,
     Flow,
@@ -16,6 +19,8 @@ from services.audit.events import (
     SecurityResource,
     Study,
     application_activity,
+    audit_key_rotated,
+    audit_log_used,
     export_event,
     model_version_event,
     node,
@@ -28,6 +33,8 @@ __all__ = [
     "ActiveParticipant",
     "Application",
     "AuditEvent",
+    "AuditFile",
+    "AuditKey",
     "AuditLog",
     "AuditWriteError",
     "EventID",
@@ -41,6 +48,8 @@ __all__ = [
     "SecurityResource",
     "Study",
     "application_activity",
+    "audit_key_rotated",
+    "audit_log_used",
     "export_event",
     "model_version_event",
     "node",

@@ -305,8 +305,8 @@ def verify_file(path: Path, key: bytes | Keyring | None = None) -> Report:
             return fail(i, "edited: the record does not match its own hash")
         if kid and kid != ring.current:
             if kid in ring.retired:
-                return fail(i, f"a record under key {kid} after its successor took over (a process still holding "
-                               "the old key, or forged with it)")  # fmt: skip
+                why = "a process still holding the old key, or forged with it"
+                return fail(i, f"a record under key {kid} after its successor took over ({why})")
             if ring.current and kid != ring.successor:
                 return fail(i, f"key {kid} takes over from key {ring.current} without an announcement under it")
             if ring.current:
