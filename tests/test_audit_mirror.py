@@ -227,6 +227,22 @@ def test_mirror_gaps_are_warnings(trail: tuple[Path, Collector], capsys: pytest.
     assert "4 found unchanged" in out and "TAMPERED" not in out
 
 
+def test_days_the_mirror_does_not_cover_are_one_warning(
+    trail: tuple[Path, Collector], capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory, collector = trail
+    log = AuditLog(directory, application="medgate-test", host="h")  # earlier days, before the collector's file
+    for days in (3, 2, 1):
+        log.write(access(f"e-{days}", DAY - dt.timedelta(days=days)))
+    log.close()
+    code, out, _ = verify(capsys, str(directory), "--mirror", str(collector.path))
+    assert code == 0, out
+    assert (
+        "warning: 3 day files (audit-20261202.jsonl to audit-20261204.jsonl, 3 records) have none of their records "
+        "in the mirror" in out
+    )
+
+
 def test_a_tcp_collector_in_the_traditional_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     collector = Collector(tmp_path / "collector.log", traditional=True)
     received: list[bytes] = []

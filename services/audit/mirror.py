@@ -147,6 +147,7 @@ class Comparison:
     compared: int = 0  # mirrored records found, unchanged, in their day file
     missing_days: list[str] = field(default_factory=list)  # day files only the mirror has records of
     changed_days: set[str] = field(default_factory=set)  # day files the mirror shows were cut or edited
+    unmirrored: list[tuple[str, int]] = field(default_factory=list)  # day files none of whose records it has
 
     @property
     def ok(self) -> bool:
@@ -199,6 +200,15 @@ def compare(files: list[Path], mirror: Mirror, keys: Keyring, *, whole_trail: bo
     days = sorted(set(local) | (set(mirrored) if whole_trail else set()))
     for day in days:
         _compare_day(day, local.get(day), mirrored.get(day, {}), digests, result)
+    if len(result.unmirrored) == 1:
+        (day, count), *_ = result.unmirrored
+        result.gaps.append(f"{day}: none of its {count} records is in the mirror")
+    elif result.unmirrored:  # a mirror of a week against a year of files: one line, not one a day
+        names = [day for day, _ in result.unmirrored]
+        result.gaps.append(
+            f"{len(names)} day files ({names[0]} to {names[-1]}, {sum(n for _, n in result.unmirrored)} records) "
+            "have none of their records in the mirror"
+        )
     if foreign:
         hosts = ", ".join(sorted(foreign)[:5]) + (", ..." if len(foreign) > 5 else "")
         result.notes.append(
@@ -300,6 +310,6 @@ def _compare_day(
             out.tampering.append(f"{day}: ... and {len(problems) - SHOWN} more")
     absent = [n for n, r in records if r.hash not in mirrored and n not in differing]
     if absent and len(absent) == len(records):
-        out.gaps.append(f"{day}: none of its {len(records)} records is in the mirror")
+        out.unmirrored.append((day, len(records)))
     elif absent:
         out.gaps.append(f"{day}: line(s) {_ranges(absent)} not in the mirror")
