@@ -111,7 +111,7 @@ def verify(
     if broken or tampering:
         what = [
             f"{broken} of {len(files)} file(s)" if broken else "",
-            f"{tampering} from the mirror" if tampering else "",
+            f"{tampering} mirror finding(s)" if tampering else "",
         ]
         print(f"BROKEN: {'; '.join(w for w in what if w)}; {records} records verified before the breaks")
         return BROKEN

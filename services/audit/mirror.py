@@ -201,7 +201,7 @@ def compare(files: list[Path], mirror: Mirror, keys: Keyring, *, whole_trail: bo
     for day in days:
         _compare_day(day, local.get(day), mirrored.get(day, {}), digests, result)
     if len(result.unmirrored) == 1:
-        (day, count), *_ = result.unmirrored
+        day, count = result.unmirrored[0]
         result.gaps.append(f"{day}: none of its {count} records is in the mirror")
     elif result.unmirrored:  # a mirror of a week against a year of files: one line, not one a day
         names = [day for day, _ in result.unmirrored]
