@@ -203,7 +203,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    """The audit trail: verify its hash chain (clients/audit.py)."""
+    """The audit trail: verify its hash chain, compare it with the syslog mirror, rotate its key (clients/audit.py)."""
     from clients import audit
 
     return audit.run(args)
@@ -305,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from clients import audit
 
-    audit_parser = commands.add_parser("audit", help="the audit trail: verify its hash chain (a file or a folder)")
+    audit_parser = commands.add_parser(
+        "audit", help="the audit trail: verify its hash chain (against the syslog mirror too), rotate its HMAC key"
+    )
     audit.add_arguments(audit_parser)
     audit_parser.set_defaults(func=cmd_audit)
     return parser
