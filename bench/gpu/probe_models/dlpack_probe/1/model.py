@@ -1,0 +1,1 @@
+../../numpy_probe/1/model.py
