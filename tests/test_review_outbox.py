@@ -10,22 +10,29 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
+from services.gateway.routing import ReviewRouter, input_hash
 from services.gateway.server import GatewayServer
-from services.review.outbox import Outbox, OutboxFull
+from services.imaging.limits import IngestLimits
+from services.imaging.prepare import prepare
+from services.review.flows import load_flows
+from services.review.outbox import MAGIC, SUFFIX, Outbox, OutboxFull, unpack
 from services.review.server import ReviewServer
 from services.review.store import NotFound
 from services.security.credentials import DevCredentials
 from services.security.identity import Role
 from services.settings import Settings, load_settings
 from tests.conftest import Clients, free_port, security_values
-from tests.fixtures import phantom, png_bytes
+from tests.fixtures import phantom, png_bytes, pydicom_data_file
 
 # Every classification goes to review (a 100% sample): routing does not depend on the model.
 FLOWS = """
@@ -161,3 +168,106 @@ async def test_a_case_refused_for_the_gateways_token_waits_until_the_token_is_fi
     finally:
         await gateway.stop()
         await review.stop()
+
+
+def _stored_png(image: np.ndarray) -> bytes:
+    """The review image as gateways before the compact form kept it: an uncompressed (stored) PNG."""
+    ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 0])
+    assert ok
+    return encoded.tobytes()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_upgraded_gateway_delivers_every_kind_of_entry_from_a_full_outbox(
+    tmp_path: Path, dev_credentials: DevCredentials
+) -> None:
+    """The real router and review service over TLS with tokens, no Triton (the scores are given). Kept while the
+    review service is away: entries as earlier gateways wrote them (the complete request, its image a stored PNG),
+    compact ones (the caller's small PNG; a large PNG's model image, raw), and complete ones written after a
+    failed delivery (grey DICOM, with their 16-bit image). A gateway started on that outbox, full to its limit,
+    delivers every case with its review image pixel for pixel, and sets aside an entry it cannot read."""
+    settings = stack_settings(tmp_path, dev_credentials)
+    flows = load_flows(settings.review.flows_file)
+    scores = pb.ClassifyResponse(scores=[pb.ClassScore(label="normal", score=0.6)])
+    noisy = np.random.default_rng(5).integers(0, 256, (1400, 1400), dtype=np.uint8)
+    inputs = {
+        "small png": png_bytes(phantom(40).image),  # 0.3 MB: kept as it came
+        "large png": png_bytes(noisy),  # over 1 MiB: the model image is kept instead
+        "RG1_UNCI.dcm": pydicom_data_file("RG1_UNCI.dcm").read_bytes(),
+        "CT_small.dcm": pydicom_data_file("CT_small.dcm").read_bytes(),
+        "old png": png_bytes(phantom(41).image),
+        "old RG1_UNCI.dcm": pydicom_data_file("RG1_UNCI.dcm").read_bytes()[:-2] + b"\x01\x00",
+    }
+    prepared = {key: prepare(data, limits=IngestLimits()) for key, data in inputs.items()}
+    names: dict[str, str] = {}
+
+    def router(outbox: Outbox) -> ReviewRouter:
+        return ReviewRouter(
+            flows,
+            settings.review.target,
+            ThreadPoolExecutor(2),
+            timeout_s=1.0,
+            outbox=outbox,
+            retry_interval_s=0.2,
+            security=settings.security,
+        )
+
+    # The gateway before the upgrade, with the review service away.
+    before = router(Outbox(settings.review.outbox_dir, max_bytes=1 << 30))
+    try:
+        for key in ("old png", "old RG1_UNCI.dcm"):  # what the earlier code wrote: request and stored PNG
+            digest = input_hash(pb.ImageInput(data=inputs[key]))
+            request = before._request(
+                flows["always"],
+                ("RandomSamplingPercentage",),
+                digest,
+                prepared[key],
+                classification=scores,
+                detection=None,
+                segmentation=None,
+                masks=None,
+                request_id=key,
+            )
+            request.image_png = _stored_png(prepared[key].model_image)
+            before.outbox.put(request.name, request.SerializeToString())
+            names[key] = request.name
+        for key in ("small png", "large png", "RG1_UNCI.dcm", "CT_small.dcm"):
+            image = pb.ImageInput(data=inputs[key])
+            (routing,) = await before.route(image=image, prepared=prepared[key], classification=scores)
+            assert routing.queued and routing.reasons[-1] == "queued", routing.reasons
+            names[key] = routing.human_loop_name
+    finally:
+        await before.close()  # its deliveries were refused by nobody listening: everything stays
+    outbox = settings.review.outbox_dir
+    forms = {key: unpack((outbox / f"{name}{SUFFIX}").read_bytes()).image for key, name in names.items()}
+    assert forms == {
+        "old png": "",
+        "old RG1_UNCI.dcm": "",
+        "small png": "input",
+        "large png": "model",
+        "RG1_UNCI.dcm": "",  # complete once its delivery failed: the 16-bit image goes with it
+        "CT_small.dcm": "",
+    }
+    (outbox / f"broken{SUFFIX}").write_bytes(MAGIC + b"\x00\x00\x00\x09")  # cut short: never written so
+
+    review = ReviewServer(settings.review, settings.security)
+    await review.start()
+    held = sum(p.stat().st_size for p in outbox.glob(f"*{SUFFIX}"))
+    after = router(Outbox(outbox, max_bytes=held))  # the upgraded gateway, on an outbox at its limit
+    try:
+        after.start_retrying()
+        deadline = time.monotonic() + 30
+        for name in names.values():
+            await wait_for_loop(review, name, deadline)
+        while list(outbox.glob(f"*{SUFFIX}")):
+            assert time.monotonic() < deadline, sorted(p.name for p in outbox.glob(f"*{SUFFIX}"))
+            await asyncio.sleep(0.1)
+        for key, name in names.items():
+            images = review.store.images(name)
+            shown = cv2.imdecode(np.frombuffer(images["image.png"], np.uint8), cv2.IMREAD_UNCHANGED)
+            assert np.array_equal(shown, prepared[key].model_image), key
+            assert ("modality.png" in images) == (key in ("RG1_UNCI.dcm", "CT_small.dcm")), key
+    finally:
+        await after.close()
+        await review.stop()
+    assert [p.name for p in (outbox / "refused").iterdir()] == [f"broken{SUFFIX}"]

@@ -17,14 +17,14 @@ from pydicom.data import get_testdata_file
 from medgate.v1 import inference_pb2 as ipb
 from medgate.v1 import review_pb2 as pb
 from services.gateway.review_image import modality_image
-from services.gateway.routing import ReviewRouter, _with_image
+from services.gateway.routing import ReviewRouter, _with_image, outbox_request
 from services.imaging.limits import IngestLimits
 from services.imaging.prepare import PreparedImage, prepare
 from services.review.convert import MASKS_NAME
 from services.review.decide import Reviewer, submit_decision
 from services.review.flows import FlowDefinition, InvalidArgument, TaskType, parse_conditions
 from services.review.masks import read_labeled_image
-from services.review.outbox import Outbox
+from services.review.outbox import Outbox, unpack
 from services.review.store import ReviewStore
 from tests.conftest import free_port
 
@@ -129,8 +129,9 @@ def test_a_corrected_mask_per_prompt_is_recorded_as_a2is_labeled_image(tmp_path:
 
 
 async def test_a_case_kept_for_a_review_service_that_is_away_keeps_its_16_bit_image(tmp_path: Path) -> None:
-    """The outbox first holds the request without the 16-bit image (the caller does not wait for it); a
-    delivery that fails for now replaces the entry with the complete request, so the retries send it."""
+    """The outbox first holds the request without its images, beside the caller's small DICOM file (the caller
+    waits for neither PNG): the retries rebuild the 16-bit image from it. A delivery that fails for now replaces
+    the entry with the complete request, so the retries send it as it is."""
     data = Path(str(get_testdata_file("CT_small.dcm"))).read_bytes()
     prepared = prepare(data, limits=IngestLimits())
     flow = FlowDefinition(
@@ -146,17 +147,21 @@ async def test_a_case_kept_for_a_review_service_that_is_away_keeps_its_16_bit_im
         {"always": flow}, f"127.0.0.1:{free_port()}", ThreadPoolExecutor(2), timeout_s=1.0, outbox=outbox
     )
     scores = ipb.ClassifyResponse(scores=[ipb.ClassScore(label="normal", score=0.6)])
+    forms: list[str] = []
     try:
         (routing,) = await router.route(image=ipb.ImageInput(data=data), prepared=prepared, classification=scores)
         assert routing.queued
         deadline = time.monotonic() + 10
         while True:
             (entry,) = outbox.pending()
-            kept = pb.StartHumanLoopRequest.FromString(outbox.read(entry) or b"")
-            if kept.modality_png or time.monotonic() > deadline:
+            payload = outbox.read(entry) or b""
+            forms.append(unpack(payload).image)
+            kept = outbox_request(payload)  # the request the retries would send
+            assert kept.modality_png[:8] == b"\x89PNG\r\n\x1a\n", forms
+            if forms[-1] == "" or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
     finally:
         await router.close()
-    assert kept.modality_png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert forms[-1] == "", forms  # complete after the failed delivery
     assert json.loads(kept.input_content_json)["modalityImage"]["modality"] == "CT"

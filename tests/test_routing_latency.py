@@ -24,8 +24,11 @@ import pytest
 
 from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import inference_pb2_grpc as pb_grpc
-from medgate.v1 import review_pb2 as rpb
+from services.gateway.routing import outbox_request
 from services.gateway.server import GatewayServer
+from services.imaging.limits import IngestLimits
+from services.imaging.prepare import prepare
+from services.review.outbox import unpack
 from services.review.server import ReviewServer
 from services.review.store import NotFound
 from services.settings import Settings, load_settings
@@ -198,24 +201,35 @@ async def test_an_image_already_in_review_is_answered_routed(
 
 
 async def test_the_hand_off_is_on_disk_when_the_answer_leaves(triton_url: str, tmp_path: Path) -> None:
-    """The review service is not there at all: the case is in the outbox, fsynced, as a valid request with an
-    (uncompressed) PNG of the model image, the moment the caller has the answer."""
+    """The review service is not there at all: the case is in the outbox, fsynced, the moment the caller has the
+    answer: the request beside the smaller of the caller's own file and the model image's raw pixels (no PNG
+    built on the caller's time), from which the retries rebuild the review image the gateway's model saw."""
     settings = _settings(tmp_path, review=True, review_port=free_port())  # nothing listens there
     gateway = GatewayServer(settings, triton_url)
     await gateway.start(port=0)
+    radiograph = _images(1, start=3000)[0]  # a 16-bit PNG of 1.4 MB: its 1 MiB model image is kept
+    model_image = prepare(radiograph, limits=IngestLimits()).model_image
+    small = png_bytes(model_image)  # the same as an 8-bit 1024x1024 PNG under 1 MiB: kept as it came
+    paths = []
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-            _, answer = await _classify(pb_grpc.InferenceStub(channel), _images(1, start=3000)[0])
-        (entry,) = answer.review
-        assert entry.queued
-        path = settings.review.outbox_dir / f"{entry.human_loop_name}.pending"
-        request = rpb.StartHumanLoopRequest.FromString(path.read_bytes())
-        assert request.name == entry.human_loop_name and request.flow_definition == "always"
-        image = cv2.imdecode(np.frombuffer(request.image_png, np.uint8), cv2.IMREAD_UNCHANGED)
-        assert image.shape == (1024, 1024) and image.dtype == np.uint8 and image.std() > 0
+            for data, form in ((radiograph, "model"), (small, "input")):
+                _, answer = await _classify(pb_grpc.InferenceStub(channel), data)
+                (entry,) = answer.review
+                assert entry.queued
+                path = settings.review.outbox_dir / f"{entry.human_loop_name}.pending"
+                payload = path.read_bytes()
+                assert unpack(payload).image == form
+                assert len(payload) < min(len(data), model_image.nbytes) + 64 * 1024
+                request = outbox_request(payload)  # what the retries send
+                assert request.name == entry.human_loop_name and request.flow_definition == "always"
+                image = cv2.imdecode(np.frombuffer(request.image_png, np.uint8), cv2.IMREAD_UNCHANGED)
+                assert np.array_equal(image, model_image)
+                paths.append(path)
     finally:
         await gateway.stop()
-    assert path.exists()  # stopping leaves what the service has not taken in the outbox: nothing lost
+    # Stopping leaves what the service has not taken in the outbox: nothing lost.
+    assert all(path.exists() for path in paths)
 
 
 async def test_stage_timings_add_up_for_every_rpc(

@@ -6,12 +6,16 @@ second loop.
 Routing stays off the caller's path: the answer waits only for the input's hash (about 4 ms for a 7 MB
 DICOM), the flows' conditions and a durable hand-off, not for the PNG encoding (20 ms) or the review
 service. The hand-off is the on-disk outbox (``services/review/outbox.py``): the case's StartHumanLoop
-request, with the review image as an uncompressed PNG (1 ms to write instead of 20) and, for an answer
-written as DICOM, the source's header only (never its pixels), is written, fsynced and renamed into place
-before the answer leaves, so neither a gateway killed nor a machine going down a moment later loses it
-(about 2 ms here). The routing entry says so honestly: ``queued``, with the loop name. A background task
-then sends the case (with the image compressed, on the executor) and takes it out of the outbox when the
-service has it; a review service that cannot be reached leaves it there, and the outbox's retry task sends
+request without its review image, beside the smaller of what that image is made from (the caller's own
+encoded file, 0.3 MB for a 1024x1024 PNG radiograph, or else the 8-bit model image's raw 1 MiB; no PNG is
+built on the caller's time) and, for an answer written as DICOM, the source's header only (never its
+pixels), is written, fsynced and renamed into place before the answer leaves, so neither a gateway killed
+nor a machine going down a moment later loses it. The fsyncs cost about what is written (1.3 ms for
+0.3 MB, 2.5-3 ms for 1 MiB here), so the smaller source is the cheaper promise. The routing entry says so
+honestly: ``queued``, with the loop name. A background task then sends the case (with the image compressed,
+on its own thread) and takes it out of the outbox when the service has it; a review service that cannot be
+reached leaves it there, and the outbox's retry task (:func:`outbox_request`: the review images rebuilt
+from what was kept, or an entry complete already, as every gateway before the compact form wrote them) sends
 it again until the service takes it. An image this router already knows to be in review answers
 ``routed`` ("already in review") without a hand-off. Only when the outbox cannot keep a case (full, or its
 disk fails) is it sent while the caller waits, as before.
@@ -29,15 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import re
-import struct
 import threading
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -54,13 +57,15 @@ from medgate.v1 import inference_pb2 as pb
 from medgate.v1 import review_pb2 as rpb
 from medgate.v1 import review_pb2_grpc as rpb_grpc
 from services.durable import write_durable
+from services.gateway.convert import input_kind
 from services.gateway.review_dicom import case_dicom_source
 from services.gateway.review_image import ModalityImage, modality_image
 from services.imaging.arrays import WireArray, encode_array
-from services.imaging.prepare import PreparedImage
+from services.imaging.limits import IngestLimits
+from services.imaging.prepare import PreparedImage, prepare
 from services.metrics import REVIEW_OUTBOX_PENDING, REVIEW_ROUTED
 from services.review.flows import FlowDefinition, TaskType, summarize
-from services.review.outbox import SUFFIX, Outbox, OutboxFull, Pending
+from services.review.outbox import IMAGE_INPUT, IMAGE_MODEL, SUFFIX, Kept, Outbox, OutboxFull, Pending, pack, unpack
 from services.review.servicer import IMAGE_NAME
 from services.review.store import auto_loop_name
 from services.rpc.tls import check_plaintext_allowed, is_loopback
@@ -80,16 +85,30 @@ _RETRYABLE = {
 }
 
 
-def input_hash(image: pb.ImageInput) -> str:
-    """What identifies an input for idempotent loop names and deterministic sampling: its bytes."""
+@dataclass(frozen=True)
+class InputDigest:
+    """An input's hash and its size in bytes (``image.data``, or the serialized array), read in one pass."""
+
+    hexdigest: str
+    size: int
+
+
+def input_digest(image: pb.ImageInput) -> InputDigest:
+    """What identifies an input for idempotent loop names and deterministic sampling: its bytes.
+
+    The size comes with it because upb copies a bytes field on every read (about 1 ms for 7 MB here): the
+    hand-off then knows the caller's file size without reading it again on the caller's time.
+    """
     digest = hashlib.sha256()
-    if image.WhichOneof("source") == "array":
-        digest.update(image.array.SerializeToString(deterministic=True))
-    else:
-        digest.update(image.data)
+    data = image.array.SerializeToString(deterministic=True) if image.WhichOneof("source") == "array" else image.data
+    digest.update(data)
     if image.HasField("frame"):
         digest.update(f"frame={image.frame}".encode())
-    return digest.hexdigest()
+    return InputDigest(digest.hexdigest(), len(data))
+
+
+def input_hash(image: pb.ImageInput) -> str:
+    return input_digest(image).hexdigest
 
 
 def _as_dict(message: Any) -> dict[str, Any]:
@@ -98,9 +117,20 @@ def _as_dict(message: Any) -> dict[str, Any]:
 
 # Loop names this router knows to be in review: an image sent again is answered "routed" without a hand-off.
 _KNOWN_LOOPS = 10_000
-# What a case's message carries beyond the bytes counted when its DICOM source is added: the 16-bit review image
-# added when it is sent (letterboxed to 1024x1024: 2 MiB at most, stored) and the DICOM context's UIDs.
-_MESSAGE_MARGIN_BYTES = 2 * 1024 * 1024 + 64 * 1024
+# What a case's message carries beyond the bytes counted when its DICOM source is added: the review images added
+# when it is sent (letterboxed to 1024x1024: the 8-bit one 1 MiB at most, the 16-bit one 2 MiB, stored) and the
+# DICOM context's UIDs.
+_MESSAGE_MARGIN_BYTES = 3 * 1024 * 1024 + 64 * 1024
+# Rebuilding a kept input's review image: it passed the gateway's ingest limits when it was handed off, and the
+# outbox is the gateway's own folder, so these only keep a limit lowered since then from stranding the case.
+_REBUILD_LIMITS = IngestLimits(
+    max_input_bytes=1 << 40,
+    max_inflated_bytes=1 << 40,
+    max_pixels=1 << 40,
+    max_frames=1 << 20,
+    max_dimension_pixels=1 << 20,
+    max_decoded_bytes=1 << 40,
+)
 _LOOP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # what the outbox takes as a file name
 
 
@@ -244,7 +274,18 @@ class ReviewRouter:
             payload = await loop.run_in_executor(self.executor, self.outbox.read, entry)
             if payload is None:
                 continue  # another worker sent it
-            request = rpb.StartHumanLoopRequest.FromString(payload)
+            try:
+                # A compact entry's review images are rebuilt (decoding, PNG) on the low-priority thread.
+                request = await loop.run_in_executor(self._background, outbox_request, payload)
+            except Exception as exc:  # never written so by a gateway: for an operator, not retried forever
+                log.error(
+                    "review outbox: %s cannot be read back (%s); kept in %s",
+                    entry.name,
+                    type(exc).__name__,
+                    self.outbox.refused_dir,
+                )
+                await loop.run_in_executor(self.executor, self.outbox.refuse, entry)
+                continue
             try:
                 await self.stub.StartHumanLoop(request, timeout=self.timeout_s)
             except grpc.aio.AioRpcError as exc:
@@ -290,23 +331,23 @@ class ReviewRouter:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*self._deliveries, return_exceptions=True)
-        self._background.shutdown(wait=False, cancel_futures=True)
         if self._retrying is not None:
             self._retrying.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retrying
             self._retrying = None
+        self._background.shutdown(wait=False, cancel_futures=True)
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
 
-    def digest(self, image: pb.ImageInput) -> asyncio.Future[str]:
+    def digest(self, image: pb.ImageInput) -> asyncio.Future[InputDigest]:
         """The input's hash, started now on the executor; hand it to :meth:`route`.
 
         Up to 64 MiB of input, about 4 ms for a 7 MB radiograph: started once the input is decoded, it runs
         beside the model call instead of after it (beside decoding it slowed decoding as much on 2 cores).
         """
-        return asyncio.get_running_loop().run_in_executor(self.executor, input_hash, image)
+        return asyncio.get_running_loop().run_in_executor(self.executor, input_digest, image)
 
     async def route(
         self,
@@ -318,7 +359,7 @@ class ReviewRouter:
         segmentation: pb.SegmentResponse | None = None,
         masks: np.ndarray | None = None,
         request_id: str = "",
-        digest: Awaitable[str] | None = None,
+        digest: Awaitable[InputDigest] | None = None,
         dicom_results: Sequence[pb.DicomObject] = (),
     ) -> list[pb.ReviewRouting]:
         """One routing entry per flow whose conditions matched: ``queued`` (handed off: in the outbox, on its way),
@@ -332,7 +373,8 @@ class ReviewRouter:
         known = await digest if digest is not None else None
 
         def hand_off() -> list[_Case]:
-            digest = known or input_hash(image)
+            facts = known or input_digest(image)
+            digest = facts.hexdigest
             cases: list[_Case] = []
             for flow in self.flows.values():
                 if flow.task_type is TaskType.CLASSIFICATION and classification is not None:
@@ -357,7 +399,7 @@ class ReviewRouter:
             fresh = [case for case in cases if not case.routing.routed]
             if not fresh:
                 return cases
-            png = _png_stored(prepared.model_image)
+            source = _review_source(image, facts.size, prepared)
             packed = None
             if masks is not None and any(case.flow.task_type is TaskType.SEGMENTATION for case in fresh):
                 packed = encode_array(masks, packbits=True)
@@ -367,7 +409,6 @@ class ReviewRouter:
                     case.flow,
                     tuple(case.routing.reasons),
                     digest,
-                    png,
                     prepared,
                     classification=classification,
                     detection=detection,
@@ -385,7 +426,7 @@ class ReviewRouter:
                             "DICOM source over review.dicom_source_max_bytes or the message limit: no verified result"
                         )
                 try:
-                    self._keep(case.request)
+                    self._keep(case.request, source)
                     case.routing.queued = True
                     case.routing.reasons.append("queued")
                 except (OutboxFull, OSError, ValueError) as exc:
@@ -405,15 +446,17 @@ class ReviewRouter:
                 await self._start(_with_image(case.request, png, modality), case.routing, case.problem)
         return [case.routing for case in cases]
 
-    def _keep(self, request: rpb.StartHumanLoopRequest) -> None:
+    def _keep(self, request: rpb.StartHumanLoopRequest, source: Kept | None = None) -> None:
         """Into the outbox, atomically (a temporary file renamed) and durably (file and folder fsynced): the
         outbox's own write, with its size counted at most once a second (not a folder listing per case).
 
-        An answer that says ``queued`` is a promise: the case must survive the machine going down right
-        after, not only the gateway process, so the fsyncs (about 2 ms here for an uncompressed 1 MiB PNG)
-        are paid before the answer leaves; compression and the send happen after it.
+        ``source``: what the review images are rebuilt from (:func:`_review_source`; the compact form); None
+        for a complete request. An answer that says ``queued`` is a promise: the case must survive the machine
+        going down right after, not only the gateway process, so the fsyncs (1.3 ms for a 0.3 MB PNG input,
+        2.5-3 ms for a 1 MiB model image here) are paid before the answer leaves; the PNG and the send after.
         """
-        payload = request.SerializeToString()
+        serialized = request.SerializeToString()
+        payload = serialized if source is None else pack(dataclasses.replace(source, request=serialized))
         now = time.monotonic()
         if now - self._held_at > 1.0:  # the outbox's size, counted at most once a second plus what we added
             self._held, self._held_at = self.outbox.held_bytes(), now
@@ -468,7 +511,6 @@ class ReviewRouter:
         flow: FlowDefinition,
         reasons: tuple[str, ...],
         digest: str,
-        png: bytes,
         prepared: PreparedImage,
         *,
         classification: pb.ClassifyResponse | None,
@@ -477,7 +519,7 @@ class ReviewRouter:
         masks: WireArray | None,
         request_id: str,
     ) -> rpb.StartHumanLoopRequest:
-        """The StartHumanLoop request of one case (pure: no I/O)."""
+        """The StartHumanLoop request of one case without its review images (pure: no I/O)."""
         name = auto_loop_name(flow.name, digest)
         t = prepared.transform
         content: dict[str, Any] = {
@@ -516,7 +558,6 @@ class ReviewRouter:
             name=name,
             flow_definition=flow.name,
             input_content_json=json.dumps(content, sort_keys=True),
-            image_png=png,
             masks_packbits=masks_packbits,
         )
 
@@ -564,24 +605,44 @@ def _with_image(
     return copy
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+def _review_source(image: pb.ImageInput, size: int, prepared: PreparedImage) -> Kept:
+    """What the outbox keeps to rebuild the review images from: the caller's encoded file (with its kind, frame
+    and window) when it is smaller than the model image's pixels, else those pixels raw. Both are bytes that
+    exist already: nothing is encoded on the caller's time, and the smaller one is the cheaper fsync.
+    ``size``: ``image.data``'s length (:class:`InputDigest`)."""
+    pixels = prepared.model_image
+    if image.WhichOneof("source") == "data" and size < pixels.nbytes:
+        return Kept(b"", IMAGE_INPUT, pixels.shape, image.SerializeToString())
+    return Kept(b"", IMAGE_MODEL, pixels.shape, np.ascontiguousarray(pixels, np.uint8).tobytes())
 
 
-def _png_stored(image: np.ndarray) -> bytes:
-    """A valid 8-bit grey PNG with its pixels stored, not compressed: about 1 ms for 1024x1024 where the
-    compressed one takes 20 ms. What the outbox keeps; the review service gets the compressed one unless the
-    gateway died before it could send it."""
-    height, width = image.shape
-    rows = np.zeros((height, width + 1), np.uint8)  # each row starts with filter type 0 (none)
-    rows[:, 1:] = image
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", header)
-        + _png_chunk(b"IDAT", zlib.compress(rows.data, 0))
-        + _png_chunk(b"IEND", b"")
-    )
+def outbox_request(payload: bytes) -> rpb.StartHumanLoopRequest:
+    """The complete StartHumanLoop request an outbox entry stands for (off the caller's path: decoding and PNG).
+
+    A compact entry's review images are rebuilt: from the kept input exactly as the gateway prepared it
+    (the 16-bit image too, for a grey DICOM), or from the kept model image. A complete entry (what every
+    gateway wrote before the compact form, and what a delivery that failed for now writes) is sent as it is.
+    Raises for an entry that cannot be read back.
+    """
+    kept = unpack(payload)
+    request = rpb.StartHumanLoopRequest.FromString(kept.request)
+    if kept.image == IMAGE_MODEL:
+        pixels = np.frombuffer(kept.data, np.uint8).reshape(kept.shape)
+        return _with_image(request, _png(pixels))
+    if kept.image == IMAGE_INPUT:
+        prepared = _prepare_again(pb.ImageInput.FromString(kept.data))
+        if prepared.model_image.shape != kept.shape:
+            raise ValueError(f"rebuilt model image is {prepared.model_image.shape}, the case's was {kept.shape}")
+        png, modality = _review_images(prepared)
+        return _with_image(request, png, modality)
+    return request
+
+
+def _prepare_again(image: pb.ImageInput) -> PreparedImage:
+    """``image`` decoded and letterboxed as the gateway's servicer did it when the case was handed off."""
+    window = (image.window.center, image.window.width) if image.HasField("window") else None
+    frame = image.frame if image.HasField("frame") else None
+    return prepare(image.data, kind=input_kind(image.kind), frame=frame, window=window, limits=_REBUILD_LIMITS)
 
 
 def _png(image: np.ndarray) -> bytes:
