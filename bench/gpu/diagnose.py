@@ -249,7 +249,11 @@ def run_variant(
         if probe_torch:
             config = repository / "numpy_probe" / "config.pbtxt"
             text = config.read_text()
-            config.write_text(text.replace('key: "probe_torch", value: { string_value: "0"', 'key: "probe_torch", value: { string_value: "1"'))
+            config.write_text(
+                text.replace(
+                    'key: "probe_torch", value: { string_value: "0"', 'key: "probe_torch", value: { string_value: "1"'
+                )
+            )
         with tritonserver(server_dir, repository, backends, env, log_path, timeout_s=timeout_s) as server:
             states = result["load_states"] = server.states
             for model in MODELS:

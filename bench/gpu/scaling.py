@@ -109,7 +109,9 @@ def _load_process(args: tuple[str, str, bytes, int, float]) -> dict[str, Any]:
     }
 
 
-def load(pool: Any, host: str, path: str, payload: bytes, *, clients: int, processes: int, seconds: float) -> dict[str, Any]:
+def load(
+    pool: Any, host: str, path: str, payload: bytes, *, clients: int, processes: int, seconds: float
+) -> dict[str, Any]:
     """``clients`` calls in flight over ``processes`` load processes; merged req/s and latency percentiles."""
     processes = max(1, min(processes, clients))
     shares = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
@@ -168,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
 
     classify, infer = png_request()
     context = multiprocessing.get_context("spawn")  # no fork of a process that runs gRPC
-    with tempfile.TemporaryDirectory(prefix="medgate-gpu-scaling-") as scratch_name, context.Pool(
-        args.load_processes
-    ) as pool:
+    with (
+        tempfile.TemporaryDirectory(prefix="medgate-gpu-scaling-") as scratch_name,
+        context.Pool(args.load_processes) as pool,
+    ):
         scratch = Path(scratch_name)
         repository = classifier_repository(scratch, instances=args.instances, threads=args.threads)
         version = diagnose.python_version(args.python_bin)
@@ -187,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             for clients in args.clients:
                 point = load(
-                    pool, server.grpc, MODEL_INFER, infer, clients=clients, processes=args.load_processes,
+                    pool,
+                    server.grpc,
+                    MODEL_INFER,
+                    infer,
+                    clients=clients,
+                    processes=args.load_processes,
                     seconds=args.seconds,
                 )
                 results.setdefault("direct_triton", {})[f"clients_{clients}"] = point
@@ -203,8 +211,13 @@ def main(argv: list[str] | None = None) -> int:
                     with bench_gateway.gateway_process(server.grpc, port, workers, security, extra_env=off):
                         for clients in args.clients:
                             point = load(
-                                pool, f"127.0.0.1:{port}", CLASSIFY, classify, clients=clients,
-                                processes=args.load_processes, seconds=args.seconds,
+                                pool,
+                                f"127.0.0.1:{port}",
+                                CLASSIFY,
+                                classify,
+                                clients=clients,
+                                processes=args.load_processes,
+                                seconds=args.seconds,
                             )
                             results.setdefault("gateway", {}).setdefault(f"workers_{workers}", {})[
                                 f"clients_{clients}"

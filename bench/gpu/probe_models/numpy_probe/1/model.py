@@ -90,7 +90,9 @@ class TritonPythonModel:
         made = [
             self._try("y", lambda: pb_utils.Tensor("y", y)),
             self._try("x_seen", lambda: pb_utils.Tensor("x_seen", np.ascontiguousarray(x))),
-            self._try("info", lambda: pb_utils.Tensor("info", np.array([json.dumps(self.info).encode()], dtype=object))),
+            self._try(
+                "info", lambda: pb_utils.Tensor("info", np.array([json.dumps(self.info).encode()], dtype=object))
+            ),
         ]
         return [t for t in made if t is not None]
 
@@ -109,7 +111,10 @@ class TritonPythonModel:
             on_device = value.to(self.device).contiguous()
             made = self._try(name, lambda v=on_device, n=name: pb_utils.Tensor.from_dlpack(n, dlpack.to_dlpack(v)))
             if made is None and self.device != "cpu":  # a GPU output the backend refused: say so, try host memory
-                made = self._try(f"{name} (cpu)", lambda v=value, n=name: pb_utils.Tensor.from_dlpack(n, dlpack.to_dlpack(v.cpu().contiguous())))
+                made = self._try(
+                    f"{name} (cpu)",
+                    lambda v=value, n=name: pb_utils.Tensor.from_dlpack(n, dlpack.to_dlpack(v.cpu().contiguous())),
+                )
             if made is not None:
                 outputs.append(made)
         self.info["output_device"] = self.device
