@@ -37,21 +37,26 @@ CLASSIFY = "/medgate.v1.Inference/Classify"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def classifier_repository(scratch: Path, *, instances: int, threads: int) -> Path:
-    """A model repository holding only the classifier: its config with more instances, its version symlinked."""
-    source = ROOT / "triton_models" / "classifier"
+def classifier_repository(scratch: Path, *, instances: int, threads: int, runtime: str = "onnx") -> Path:
+    """A model repository holding only the classifier: its config with ``instances``, its version folder symlinked.
+
+    ``runtime`` ``onnx``: triton_models/classifier as served (ONNX Runtime, ``threads`` intra-op threads);
+    ``torch``: bench/gpu/torch_models/classifier (PyTorch, CUDA when there is one; the same weights and contract).
+    """
+    served = ROOT / "triton_models" / "classifier"
+    source = served if runtime == "onnx" else Path(__file__).resolve().parent / "torch_models" / "classifier"
     target = scratch / "models" / "classifier"
     target.mkdir(parents=True)
-    for entry in source.iterdir():
-        if entry.is_dir():
-            if entry.name.isdigit():
-                (target / entry.name).symlink_to(entry.resolve())
-        elif entry.name != "config.pbtxt":
+    for entry in served.iterdir():  # labels.txt and other files beside the config
+        if entry.is_file() and entry.name != "config.pbtxt":
             shutil.copy(entry, target / entry.name)
+    for entry in source.iterdir():
+        if entry.is_dir() and entry.name.isdigit():
+            (target / entry.name).symlink_to(entry.resolve())
     config = (source / "config.pbtxt").read_text()
     marker = "kind: KIND_CPU\n    count: 1"
     if marker not in config:
-        raise RuntimeError("triton_models/classifier/config.pbtxt: no 'count: 1' CPU instance group to scale")
+        raise RuntimeError(f"{source}/config.pbtxt: no 'count: 1' CPU instance group to scale")
     config = config.replace(marker, f"kind: KIND_CPU\n    count: {instances}")
     threads_marker = 'key: "intra_op_threads"\n  value: { string_value: "2" }'
     if threads_marker in config:
@@ -149,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-processes", type=int, default=4)
     parser.add_argument("--instances", type=int, default=4, help="classifier instances in Triton")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads per instance")
+    parser.add_argument(
+        "--runtime", choices=("onnx", "torch"), default="onnx", help="the classifier in ONNX Runtime or PyTorch"
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--logs", type=Path, help="where Triton's log goes (default: beside --out)")
     args = parser.parse_args(argv)
@@ -175,15 +183,22 @@ def main(argv: list[str] | None = None) -> int:
         context.Pool(args.load_processes) as pool,
     ):
         scratch = Path(scratch_name)
-        repository = classifier_repository(scratch, instances=args.instances, threads=args.threads)
+        repository = classifier_repository(
+            scratch, instances=args.instances, threads=args.threads, runtime=args.runtime
+        )
         version = diagnose.python_version(args.python_bin)
         backends = diagnose.backend_dir(args.server_dir.resolve(), version, scratch / "backend")
         env = diagnose.server_env(args.python_bin)
-        log_path = logs / "triton-scaling.log"
+        log_path = logs / f"triton-scaling-{args.runtime}.log"
         with diagnose.tritonserver(
             args.server_dir.resolve(), repository, backends, env, log_path, models=("classifier",), timeout_s=180
         ) as server:
-            results["triton"] = {"states": server.states, "python_bin": str(args.python_bin), "python": version}
+            results["triton"] = {
+                "states": server.states,
+                "python_bin": str(args.python_bin),
+                "python": version,
+                "runtime": args.runtime,
+            }
             if server.states.get("classifier", {}).get("state") != "READY":
                 results["error"] = f"the classifier did not load: {server.states.get('classifier')}"
                 save()
