@@ -8,7 +8,7 @@ BOX_ONNX := triton_models/segmenter_box/1/encoder.onnx triton_models/segmenter_b
 IMPRESSION_INDEX := triton_models/impression/1/index.npz triton_models/impression/1/index.json
 
 .PHONY: setup lock run test test-fast lint models models-train models-box models-impression eval-models eval-report calibrate-models eval-calibration clean proto \
-	protoset bench bench-review bench-rpc bench-http bench-dicom ghz-fixtures loadtest
+	protoset bench bench-review bench-rpc bench-http bench-dicom bench-gpu ghz-fixtures loadtest
 
 setup: $(STAMP) $(BOX_ONNX) $(IMPRESSION_INDEX)
 
@@ -111,6 +111,12 @@ bench: setup
 
 bench-review: setup
 	$(PY) -m bench.bench_review
+
+# The lent GPU machine's check (issue 15 item 7): build/gpu-carry here (the package index is reachable only here),
+# then the same steps at small sizes on this machine. There: bash bench/gpu/run.sh, build/gpu-carry carried (README).
+bench-gpu: setup
+	bench/gpu/prepare.sh
+	bash bench/gpu/run.sh --cpu-smoke
 
 # What the RPC layer's interceptor chain costs a call: the same servicer with and without it (bench/results/rpc.json).
 bench-rpc: setup

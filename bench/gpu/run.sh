@@ -9,6 +9,9 @@
 #   2. scaling   Gateway workers 1, 2, 4, 8 at 16 calls in flight, Classify on a 1024x1024 PNG, against the
 #                classifier called directly, Triton's stubs on the python3 that step 1 found correct.
 #                -> scaling.json
+#   3. torch     The same with the classifier in PyTorch on CUDA inside the Python backend
+#                (bench/gpu/torch_models: the served weights, tensors through DLPack), workers 1, 4, 8.
+#                -> scaling_torch.json
 #
 # On the device machine (after bench/gpu/prepare.sh here; build/gpu-carry travels as a carried path):
 #   bash bench/gpu/run.sh                      results in $OUT (else build/gpu-out)
@@ -20,14 +23,14 @@ set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 REPO=$(pwd)
 MODE=device
-STEPS=diagnose,scaling
+STEPS=diagnose,scaling,torch
 OUTDIR=""
 while [ $# -gt 0 ]; do
     case "$1" in
     --cpu-smoke) MODE=smoke ;;
     --steps) STEPS=$2; shift ;;
     --steps=*) STEPS=${1#--steps=} ;;
-    -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
     *) OUTDIR=$1 ;;
     esac
     shift
@@ -91,6 +94,7 @@ if [ "$MODE" = smoke ]; then
         VARIANTS+=(--variant "numpy2=$WORK/numpy2/bin")
     fi
     SCALING_ARGS=(--workers 1 2 --clients 4 --seconds 2 --load-processes 2 --instances 1)
+    TORCH_ARGS=(--workers 1 --clients 2 --seconds 2 --load-processes 1 --instances 1)
     DIAGNOSE_LIMIT=120
 else
     PY=${GPU_CHECK_PYTHON:-$(command -v python3)}
@@ -114,7 +118,8 @@ else
     # The stub links libpython$PYV.so.1.0; where the machine's Python keeps it off the loader's path, add its folder.
     if ldd "$STUB" 2>/dev/null | grep -q "libpython.*not found"; then
         libdir=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')
-        found=$(ls "$libdir/libpython$PYV.so.1.0" 2>/dev/null || find / -xdev -name "libpython$PYV.so.1.0" 2>/dev/null | head -1)
+        found=$(ls "$libdir/libpython$PYV.so.1.0" 2>/dev/null ||
+            timeout 60 find / -xdev -name "libpython$PYV.so.1.0" 2>/dev/null | head -1)
         [ -n "$found" ] && export LD_LIBRARY_PATH=$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     fi
     log "stub for Python $PYV: $(ldd "$STUB" 2>&1 | grep -E 'libpython|not found' | tr -s ' \t' ' ' | paste -sd';')"
@@ -140,6 +145,7 @@ else
     export PYTHONPATH=$WORK/site:$REPO
     step imports 120 "$PY" -c "import bench.gpu.scaling, bench.bench_gateway, services.gateway.server, clients.cli; print('gateway imports ok')"
     SCALING_ARGS=(--workers 1 2 4 8 --clients 16 --seconds 12 --load-processes 4 --instances 4 --threads 2)
+    TORCH_ARGS=(--workers 1 4 8 --clients 16 --seconds 10 --load-processes 4 --instances 2)
     DIAGNOSE_LIMIT=240
 fi
 
@@ -167,6 +173,27 @@ print(good[0] if good else "")' "$OUTDIR/diagnose.json")
         log "scaling with the stubs on $CHOSEN/python3"
         step scaling 420 "$PY" -m bench.gpu.scaling --server-dir "$SERVER_DIR" --python-bin "$CHOSEN" \
             --out "$OUTDIR/scaling.json" --logs "$LOGS" "${SCALING_ARGS[@]}"
+    fi
+fi
+
+if wanted torch; then
+    # The stubs' python3: the first variant whose dlpack_probe answered (the machine's own first: the torch model
+    # passes tensors through DLPack only, so numpy 2 should not matter there).
+    TORCH_BIN=$PYBIN
+    if [ -s "$OUTDIR/diagnose.json" ]; then
+        TORCH_BIN=$("$PY" -c '
+import json, sys
+report = json.load(open(sys.argv[1]))
+good = [v["path_first"] for v in report["variants"] if v.get("models", {}).get("dlpack_probe", {}).get("ok")]
+print(good[0] if good else "")' "$OUTDIR/diagnose.json")
+    fi
+    if [ -z "$TORCH_BIN" ]; then
+        log "!! torch skipped: no python3 answered through DLPack and torch in the diagnosis (see diagnose.json)"
+        FAILED+=("torch (skipped)")
+    else
+        log "torch classifier with the stubs on $TORCH_BIN/python3"
+        step torch 300 "$PY" -m bench.gpu.scaling --runtime torch --server-dir "$SERVER_DIR" --python-bin "$TORCH_BIN" \
+            --out "$OUTDIR/scaling_torch.json" --logs "$LOGS" "${TORCH_ARGS[@]}"
     fi
 fi
 
