@@ -282,7 +282,9 @@ def conclude(results: list[dict[str, Any]]) -> str:
         for model, answer in r["models"].items():
             report = answer.get("model_report") or {}
             verdicts = answer.get("verdicts") or {}
-            what = ", ".join(f"{k} {v}" for k, v in verdicts.items()) or answer.get("error", "?")
+            what = ", ".join(f"{k} {v}" for k, v in verdicts.items()) or "no verdict"
+            if not answer.get("ok") and answer.get("error"):
+                what += f" ({str(answer['error'])[:160]})"
             seen.append(f"{model} [numpy {report.get('numpy_version', '?')}]: {what}")
         parts.append(f"{r['variant']}: " + "; ".join(seen))
     return " | ".join(parts)

@@ -48,9 +48,19 @@ FAILED=()
 
 log() { echo "[$(($(date +%s) - STARTED)) s] $*" | tee -a "$RUNLOG"; }
 wanted() { [[ ",$STEPS," == *",$1,"* ]]; }
+# The whole run stays inside BUDGET seconds (the device tool stops a command at 600 s, and then returns only what
+# is already in $OUT): each step's limit shrinks to what is left, 25 s kept for packing the logs.
+BUDGET=${GPU_CHECK_BUDGET_S:-570}
 step() { # NAME SECONDS COMMAND...: run it with a time limit, its output in $LOGS/NAME.out, its tail in run.log
     local name=$1 limit=$2
     shift 2
+    local left=$((BUDGET - 25 - ($(date +%s) - STARTED)))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 15 ]; then
+        FAILED+=("$name (no time left)")
+        log "!! $name skipped: no time left in the ${BUDGET} s budget"
+        return 124
+    fi
     log "== $name (limit ${limit} s)"
     timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.out" 2>&1
     local rc=$?
@@ -111,7 +121,9 @@ else
         echo "python3: $1"; "$1" -c "import sys; print(sys.version)"
         "$1" -m pip list 2>/dev/null | grep -i -E "^(numpy|torch|onnxruntime|grpcio|protobuf|opencv|pillow|anyio|h11|prometheus|cryptography) "
         free -g | head -2' _ "$PY"
-    step unpack 180 bash -c "mkdir -p '$WORK/tsite' '$WORK/site' && tar -xJf '$CARRY/triton.tar.xz' -C '$WORK/tsite' && tar -xJf '$CARRY/site.tar.xz' -C '$WORK/site'" || exit 2
+    # Python's tarfile, not tar -J: the image need not have the xz program.
+    untar() { "$PY" -c 'import sys, tarfile; t = tarfile.open(sys.argv[1]); getattr(tarfile, "tar_filter", None) and setattr(t, "extraction_filter", tarfile.tar_filter); t.extractall(sys.argv[2])' "$1" "$2"; }
+    step unpack 180 bash -c "$(declare -f untar); PY='$PY'; untar '$CARRY/triton.tar.xz' '$WORK/tsite' && untar '$CARRY/site.tar.xz' '$WORK/site' && ls '$WORK/tsite/pytriton/tritonserver/bin'" || exit 2
     SERVER_DIR=$WORK/tsite/pytriton/tritonserver
     PYV=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     STUB=$SERVER_DIR/python_backend_stubs/$PYV/triton_python_backend_stub
@@ -134,13 +146,13 @@ else
         }
         local sp
         sp=$("$WORK/np1/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') || return 1
-        mkdir -p "$sp" && tar -xJf "$CARRY/numpy1.tar.xz" -C "$sp" || return 1
+        mkdir -p "$sp" && untar "$CARRY/numpy1.tar.xz" "$sp" || return 1
         "$PY" -c 'import site; print("\n".join(site.getsitepackages()))' >"$sp/zz-machine-site.pth"
         "$WORK/np1/bin/python3" -c 'import sys, numpy; print("np1:", numpy.__version__, numpy.__file__, sys.prefix)' &&
             "$WORK/np1/bin/python3" -c 'import onnxruntime; print("onnxruntime", onnxruntime.__version__, "with numpy 1.26")'
     }
     VARIANTS=(--variant "machine=$PYBIN")
-    step numpy1_env 120 bash -c "$(declare -f make_numpy1); PY='$PY' PYV='$PYV' WORK='$WORK' CARRY='$CARRY' make_numpy1" &&
+    step numpy1_env 120 bash -c "$(declare -f untar make_numpy1); PY='$PY' PYV='$PYV' WORK='$WORK' CARRY='$CARRY' make_numpy1" &&
         VARIANTS+=(--variant "numpy1=$WORK/np1/bin")
     export PYTHONPATH=$WORK/site:$REPO
     step imports 120 "$PY" -c "import bench.gpu.scaling, bench.bench_gateway, services.gateway.server, clients.cli; print('gateway imports ok')"
