@@ -42,7 +42,13 @@ download() {  # DEST PACKAGE... : binary wheels for CPython $PYV on manylinux x8
     "$VENV_PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
         --platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 \
         --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$dest" "$@" 2>&1 | grep -v "^WARNING: Location" || true
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$dest" "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }
+    local got
+    got=$(ls "$dest"/*.whl 2>/dev/null | wc -l)
+    if [ "$got" -ne $# ]; then
+        echo "prepare.sh: asked for $# wheels ($*), got $got in $dest" >&2
+        exit 1
+    fi
 }
 pack() {  # DIR ARCHIVE: every wheel in DIR unpacked into one tree (what pip --target would hold), xz-compressed
     local tree
