@@ -13,7 +13,7 @@ Routing: one embedded Triton, two ``medgate serve`` gateways on it: one routes e
 own review service (a 100% sampling flow), one routes nothing. The same distinct inputs (a 1024x1024 PNG
 radiograph, and RG1_UNCI.dcm with one pixel changed per call so each is a new case) go to both, interleaved;
 reported per input: Classify p50/p99 on each side, the ratio of the p50s, the route stage's p50, and how far
-the stage timings are from their total.
+the stage timings are from their total; and the machine's load averages when the routing part started and ended.
 """
 
 from __future__ import annotations
@@ -314,6 +314,11 @@ def routing(args: argparse.Namespace, security: Security, scratch: Path) -> dict
     return results
 
 
+def _load() -> list[float]:
+    """The 1, 5 and 15 minute load averages."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def _big() -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
@@ -345,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         if "recovery" not in args.skip:
             results["recovery"] = recovery(args, security, request)
         if "routing" not in args.skip:
+            load = _load()  # other work on the machine moves these numbers more than the margins measured
             results["routing_classify"] = routing(args, security, scratch)
+            results["routing_load_average"] = {"start": load, "end": _load()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
