@@ -25,7 +25,7 @@ from services.gateway.server import GatewayServer
 from services.imaging.limits import IngestLimits
 from services.imaging.prepare import prepare
 from services.review.flows import load_flows
-from services.review.outbox import MAGIC, SUFFIX, Outbox, OutboxFull, unpack
+from services.review.outbox import IMAGE_INPUT, IMAGE_MODEL, MAGIC, SUFFIX, Kept, Outbox, OutboxFull, pack, unpack
 from services.review.server import ReviewServer
 from services.review.store import NotFound
 from services.security.credentials import DevCredentials
@@ -68,6 +68,24 @@ def test_outbox_keeps_replaces_and_sets_aside(tmp_path: Path) -> None:
     outbox.refuse(b)
     assert outbox.pending() == [] and outbox.read(a) is None
     assert (tmp_path / "outbox" / "refused" / b.path.name).read_bytes() == b"second"
+
+
+def test_an_entry_is_complete_or_compact_and_a_broken_compact_one_is_refused_by_unpack() -> None:
+    complete = b"\x0a\x06case-a\x12\x06always"  # a serialized StartHumanLoopRequest starts with its name's tag
+    assert pack(Kept(complete)) == complete and unpack(complete) == Kept(complete)
+    compact = Kept(complete, IMAGE_MODEL, (2, 3), bytes(range(6)))
+    payload = pack(compact)
+    assert payload.startswith(MAGIC) and unpack(payload) == compact
+    assert unpack(pack(Kept(complete, IMAGE_INPUT, (1024, 1024), b"png"))).data == b"png"
+    for broken in (
+        payload[: len(MAGIC) + 3],
+        payload[: len(MAGIC) + 12],
+        MAGIC + payload[len(MAGIC) :].replace(b"model", b"other"),
+    ):
+        with pytest.raises(ValueError):
+            unpack(broken)
+    with pytest.raises(ValueError):
+        pack(Kept(complete, "other", (1,), b"x"))
 
 
 def stack_settings(tmp_path: Path, credentials: DevCredentials, **security: Any) -> Settings:
