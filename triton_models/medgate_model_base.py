@@ -317,18 +317,41 @@ class ImageBatchModel(TritonModel[tuple[np.ndarray, E]], Generic[E, R]):
     Every image of every valid request of a batch goes through the graph in one ONNX Runtime call (calls of at
     most ``max_batch_size`` images, should Triton ever hand more); a failed call fails the requests that had an
     image in it.  A subclass supplies ``parse`` (-> the images and what else the request carries), ``run_images``
-    (one call) and ``respond`` (one request's results -> its output tensors).
+    (one call, through ``run_graph``) and ``respond`` (one request's results -> its output tensors).
+
+    config.pbtxt parameter ``runtime``: ``onnxruntime`` (default) or, for a model naming ``torch_net``, ``torch``:
+    the same network in PyTorch with the weights read from the same ``model.onnx`` (medgate_torch_nets.py, imported
+    only then), on CUDA when torch sees a GPU, else on the CPU; calibration, post-processing and cancellation
+    checks are this class's either way.
     """
 
     onnx_file: ClassVar[str] = "model.onnx"
     graph_outputs: ClassVar[tuple[str, ...]] = ()
     rebuild: ClassVar[str] = ""  # the command that builds the graph, named when it is missing or wrong
+    torch_net: ClassVar[str] = ""  # the medgate_torch_nets network for runtime=torch ("": ONNX Runtime only)
+    runtimes: ClassVar[tuple[str, ...]] = ("onnxruntime", "torch")
 
-    session: ort.InferenceSession | None
+    session: ort.InferenceSession | None = None
+    net: Any = None  # runtime=torch: medgate_torch_nets.Net
 
     def setup(self, args: dict[str, str]) -> None:
         threads = self.int_param("intra_op_threads", 2)
         (path,) = self.require_files([self.onnx_file], f"run `{self.rebuild}`")
+        runtime = (self.params.get("runtime", "") or "onnxruntime").strip().lower()
+        if runtime not in self.runtimes or (runtime == "torch" and not self.torch_net):
+            offered = self.runtimes if self.torch_net else ("onnxruntime",)
+            raise RuntimeError(f"{self.name}: parameter runtime={runtime!r} must be one of {', '.join(offered)}")
+        if runtime == "torch":
+            from medgate_torch_nets import load_net
+
+            try:
+                self.net, described = load_net(self.torch_net, path, args, threads=threads)
+            except ValueError as exc:
+                raise RuntimeError(f"{self.name}: {exc}; re-run `{self.rebuild}`") from None
+            if not set(self.graph_outputs) <= set(self.net.outputs):
+                raise RuntimeError(f"{self.name}: the torch network gives {self.net.outputs}, not {self.graph_outputs}")
+            pb_utils.Logger.log_info(f"{self.name}: loaded {path} with {described}" + self.details())
+            return
         self.session = onnx_session(path, args, threads=threads, spin=self.bool_param("intra_op_spinning", False))
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
@@ -348,8 +371,15 @@ class ImageBatchModel(TritonModel[tuple[np.ndarray, E]], Generic[E, R]):
         return ""
 
     def run_images(self, images: np.ndarray, rows: list[tuple[E, int]]) -> Sequence[R]:
-        """One ONNX Runtime call on ``images`` [n,1,S,S]; ``rows`` says whose each is (extra, index in request)."""
+        """One ``run_graph`` call on ``images`` [n,1,S,S]; ``rows`` says whose each is (extra, index in request)."""
         raise NotImplementedError
+
+    def run_graph(self, outputs: list[str], images: np.ndarray) -> list[np.ndarray]:
+        """The graph's ``outputs`` for uint8 ``images`` [n,1,S,S], with the runtime config.pbtxt chose."""
+        if self.net is not None:
+            return list(self.net(images, outputs))
+        assert self.session is not None
+        return list(self.session.run(outputs, {"image": images}))
 
     def respond(self, extra: E, results: list[R]) -> Outputs:
         """The output tensors of one request from its images' results, in order."""
@@ -394,3 +424,4 @@ class ImageBatchModel(TritonModel[tuple[np.ndarray, E]], Generic[E, R]):
 
     def finalize(self) -> None:
         self.session = None
+        self.net = None

@@ -1,6 +1,8 @@
 """Triton Python-backend model ``classifier``: normal vs lesion with ONNX Runtime.
 
-Self-contained: numpy, onnxruntime, the standard library and ``medgate_model_base.py`` at the repository root.
+Self-contained: numpy, onnxruntime, the standard library and ``medgate_model_base.py`` at the repository root;
+with config.pbtxt parameter ``runtime: torch``, PyTorch instead of onnxruntime (``medgate_torch_nets.py``, the
+same network with the weights of the same ``model.onnx``, on CUDA when torch sees a GPU).
 ``model.onnx`` next to this file is built by ``python -m training.train_classifier``: uint8 image
 [B,1,1024,1024] -> probabilities [B,2] (normal, lesion); normalisation happens inside the graph.
 ``calibration.json`` beside it (``python -m training.fit_calibration``) holds the temperature applied here to the
@@ -33,6 +35,7 @@ class TritonPythonModel(ImageBatchModel[None, np.ndarray]):
     default_name = "classifier"
     graph_outputs = (OUTPUT,)
     rebuild = "python -m training.train_classifier"
+    torch_net = "classifier"
 
     def setup(self, args: dict[str, str]) -> None:
         self.calibration = Calibration.load(self.version_dir)
@@ -45,8 +48,7 @@ class TritonPythonModel(ImageBatchModel[None, np.ndarray]):
         return check_images(input_array(request, "image")), None
 
     def run_images(self, images: np.ndarray, rows: list[tuple[None, int]]) -> list[np.ndarray]:
-        assert self.session is not None
-        probabilities = self.session.run([OUTPUT], {"image": images})[0]
+        probabilities = self.run_graph([OUTPUT], images)[0]
         lesion = self.calibration("lesion_probability", probabilities[:, 1])
         return list(np.stack([1.0 - lesion, lesion], axis=1).astype(np.float32))
 

@@ -1,6 +1,8 @@
 """Triton Python-backend model ``detector``: CenterNet-style lesion detection with ONNX Runtime.
 
-Self-contained: numpy, onnxruntime, the standard library and ``medgate_model_base.py`` at the repository root.
+Self-contained: numpy, onnxruntime, the standard library and ``medgate_model_base.py`` at the repository root;
+with config.pbtxt parameter ``runtime: torch``, PyTorch instead of onnxruntime (``medgate_torch_nets.py``, the
+same network with the weights of the same ``model.onnx``, on CUDA when torch sees a GPU).
 ``model.onnx`` next to this file is built by ``python -m training.train_detector``: uint8 image
 [B,1,1024,1024] -> boxes [B,32,4] (x0,y0,x1,y1, 1024 model space) and scores [B,32], the top-32
 heatmap peaks sorted by score.
@@ -60,6 +62,7 @@ class TritonPythonModel(ImageBatchModel[None, Detections]):
     default_name = "detector"
     graph_outputs = ("boxes", "scores")
     rebuild = "python -m training.train_detector"
+    torch_net = "detector"
 
     def setup(self, args: dict[str, str]) -> None:
         self.iou_threshold = self.float_param("nms_iou_threshold", 0.5, 0.0, 1.0)
@@ -86,8 +89,7 @@ class TritonPythonModel(ImageBatchModel[None, Detections]):
         return out_boxes, out_scores, out_labels, n
 
     def run_images(self, images: np.ndarray, rows: list[tuple[None, int]]) -> list[Detections]:
-        assert self.session is not None
-        boxes, scores = self.session.run(["boxes", "scores"], {"image": images})
+        boxes, scores = self.run_graph(["boxes", "scores"], images)
         return [self._postprocess(b, s) for b, s in zip(boxes, scores, strict=True)]
 
     def respond(self, extra: None, results: list[Detections]) -> Outputs:
