@@ -94,7 +94,7 @@ def test_torch_runtime_answers_as_onnx_runtime(tmp_path: Path) -> None:
 
     text = log.read_text()
     for name in ("classifier", "detector"):  # the load lines name the runtime
-        assert re.search(rf"{name}: loaded \S+ with torch \S+ on the CPU", text), text[-3000:]
+        assert re.search(rf"{name} \(torch \S+ on the CPU, 1 threads\): loaded \S+", text), text[-3000:]
         assert re.search(rf"{name}_onnx: loaded \S+ with CPUExecutionProvider", text), text[-3000:]
     bad = states["classifier_bad"]
     assert bad["state"] == "UNAVAILABLE" and "runtime='tensorrt'" in bad["reason"], bad

@@ -350,7 +350,7 @@ class ImageBatchModel(TritonModel[tuple[np.ndarray, E]], Generic[E, R]):
                 raise RuntimeError(f"{self.name}: {exc}; re-run `{self.rebuild}`") from None
             if not set(self.graph_outputs) <= set(self.net.outputs):
                 raise RuntimeError(f"{self.name}: the torch network gives {self.net.outputs}, not {self.graph_outputs}")
-            pb_utils.Logger.log_info(f"{self.name}: loaded {path} with {described}" + self.details())
+            pb_utils.Logger.log_info(f"{self.name} ({described}): loaded {path}" + self.details())
             return
         self.session = onnx_session(path, args, threads=threads, spin=self.bool_param("intra_op_spinning", False))
         inputs = {i.name: i for i in self.session.get_inputs()}

@@ -9,9 +9,9 @@
 #   2. scaling   Gateway workers 1, 2, 4, 8 at 16 calls in flight, Classify on a 1024x1024 PNG, against the
 #                classifier called directly, Triton's stubs on the python3 that step 1 found correct.
 #                -> scaling.json
-#   3. torch     The same with the classifier in PyTorch on CUDA inside the Python backend
-#                (bench/gpu/torch_models: the served weights, tensors through DLPack), workers 1, 4, 8.
-#                -> scaling_torch.json
+#   3. torch     The same with the classifier's production PyTorch runtime on CUDA (config.pbtxt parameter
+#                runtime: torch, triton_models/medgate_torch_nets.py: the served model.onnx's weights), on the
+#                python3 the scaling step uses, workers 1, 4, 8. -> scaling_torch.json
 #
 # On the device machine (after bench/gpu/prepare.sh here; build/gpu-carry travels as a carried path):
 #   bash bench/gpu/run.sh                      results in $OUT (else build/gpu-out)
@@ -189,18 +189,19 @@ print(good[0] if good else "")' "$OUTDIR/diagnose.json")
 fi
 
 if wanted torch; then
-    # The stubs' python3: the first variant whose dlpack_probe answered (the machine's own first: the torch model
-    # passes tensors through DLPack only, so numpy 2 should not matter there).
+    # The stubs' python3: the first variant whose numpy_probe answered correctly and that imported torch (the
+    # production model reads and answers through numpy as the ONNX one does, and needs torch).
     TORCH_BIN=$PYBIN
     if [ -s "$OUTDIR/diagnose.json" ]; then
         TORCH_BIN=$("$PY" -c '
 import json, sys
 report = json.load(open(sys.argv[1]))
-good = [v["path_first"] for v in report["variants"] if v.get("models", {}).get("dlpack_probe", {}).get("ok")]
+probes = [(v["path_first"], v.get("models", {}).get("numpy_probe", {})) for v in report["variants"]]
+good = [path for path, probe in probes if probe.get("ok") and probe.get("model_report", {}).get("torch", {}).get("version")]
 print(good[0] if good else "")' "$OUTDIR/diagnose.json")
     fi
     if [ -z "$TORCH_BIN" ]; then
-        log "!! torch skipped: no python3 answered through DLPack and torch in the diagnosis (see diagnose.json)"
+        log "!! torch skipped: no python3 gave correct numpy outputs with torch importable in the diagnosis (see diagnose.json)"
         FAILED+=("torch (skipped)")
     else
         log "torch classifier with the stubs on $TORCH_BIN/python3"

@@ -41,13 +41,13 @@ def classifier_repository(scratch: Path, *, instances: int, threads: int, runtim
     """A model repository holding only the classifier: its config with ``instances``, its version folder symlinked.
 
     ``runtime`` ``onnx``: triton_models/classifier as served (ONNX Runtime, ``threads`` intra-op threads);
-    ``torch``: bench/gpu/torch_models/classifier (PyTorch, CUDA when there is one; the same weights and contract).
+    ``torch``: the same model with its config.pbtxt parameter ``runtime: torch`` (PyTorch with the weights of the
+    same model.onnx, on CUDA when torch sees a GPU, else ``threads`` threads; triton_models/medgate_torch_nets.py).
     """
-    served = ROOT / "triton_models" / "classifier"
-    source = served if runtime == "onnx" else Path(__file__).resolve().parent / "torch_models" / "classifier"
+    source = ROOT / "triton_models" / "classifier"
     target = scratch / "models" / "classifier"
     target.mkdir(parents=True)
-    for entry in served.iterdir():  # labels.txt and other files beside the config
+    for entry in source.iterdir():  # labels.txt and other files beside the config
         if entry.is_file() and entry.name != "config.pbtxt":
             shutil.copy(entry, target / entry.name)
     for entry in source.iterdir():
@@ -61,6 +61,11 @@ def classifier_repository(scratch: Path, *, instances: int, threads: int, runtim
     threads_marker = 'key: "intra_op_threads"\n  value: { string_value: "2" }'
     if threads_marker in config:
         config = config.replace(threads_marker, f'key: "intra_op_threads"\n  value: {{ string_value: "{threads}" }}')
+    runtime_marker = 'key: "runtime"\n  value: { string_value: "onnxruntime" }'
+    if runtime_marker not in config:
+        raise RuntimeError(f"{source}/config.pbtxt: no runtime parameter to set")
+    chosen = {"onnx": "onnxruntime", "torch": "torch"}[runtime]
+    config = config.replace(runtime_marker, f'key: "runtime"\n  value: {{ string_value: "{chosen}" }}')
     (target / "config.pbtxt").write_text(config)
     return scratch / "models"
 
