@@ -9,10 +9,13 @@ reason names the parameter. About 20-30 s, most of it the stubs starting and imp
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -26,9 +29,50 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "triton_models"
 SEEDS = (1, 2, 3, 4)
 
-pytestmark = pytest.mark.triton
+
+def torch_nets() -> ModuleType:
+    """triton_models/medgate_torch_nets.py, imported without writing bytecode into the model repository."""
+    spec = importlib.util.spec_from_file_location("medgate_torch_nets", MODELS / "medgate_torch_nets.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    before, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = before
+    return module
 
 
+def test_weights_are_the_onnx_files_and_another_architecture_is_refused() -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    nets = torch_nets()
+    for kind in ("classifier", "detector"):
+        path = MODELS / kind / "1" / "model.onnx"
+        _, read = nets.read_graph(str(path))
+        expected = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+        assert read.keys() == {name for name, value in expected.items() if value.dtype == np.float32}
+        for name, value in read.items():
+            np.testing.assert_array_equal(value, expected[name])
+        assert len(nets.graph_convs(str(path), kind)) == len(nets.ARCHITECTURES[kind])
+    with pytest.raises(ValueError, match="Conv nodes, the classifier has 24"):
+        nets.graph_convs(str(MODELS / "detector" / "1" / "model.onnx"), "classifier")
+    with pytest.raises(ValueError, match="23 Conv nodes, the detector has 25"):
+        nets.graph_convs(str(MODELS / "segmenter_text" / "1" / "model.onnx"), "detector")
+
+
+def test_onnx_runtime_serving_does_not_import_torch() -> None:
+    code = (
+        "import sys, types; sys.dont_write_bytecode = True; sys.path.insert(0, sys.argv[1]);"
+        "sys.modules['triton_python_backend_utils'] = types.ModuleType('triton_python_backend_utils');"
+        "import medgate_model_base; assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code, str(MODELS)], check=True, timeout=60)
+
+
+@pytest.mark.triton
 def model_copy(repository: Path, source: str, name: str, runtime: str) -> None:
     """``source``'s config (renamed ``name``, ``runtime`` set) and labels, its version folder linked."""
     folder = repository / name
