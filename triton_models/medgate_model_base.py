@@ -345,7 +345,8 @@ class ImageBatchModel(TritonModel[tuple[np.ndarray, E]], Generic[E, R]):
             from medgate_torch_nets import load_net
 
             try:
-                self.net, described = load_net(self.torch_net, path, args, threads=threads)
+                spin = self.bool_param("intra_op_spinning", False)
+                self.net, described = load_net(self.torch_net, path, args, threads=threads, spin=spin)
             except ValueError as exc:
                 raise RuntimeError(f"{self.name}: {exc}; re-run `{self.rebuild}`") from None
             if not set(self.graph_outputs) <= set(self.net.outputs):
