@@ -4,24 +4,31 @@ One tritonserver (the wheel's, the venv's python3 for the stubs) on a scratch re
 and detector version folders and shared modules linked in, once with ``runtime: torch`` (PyTorch, on the CPU here:
 medgate_torch_nets.py with the weights read from the same model.onnx) and once as shipped under another name
 (ONNX Runtime); the same phantoms go to both. A model asking for a runtime it does not have fails to load and its
-reason names the parameter. About 20-30 s, most of it the stubs starting and importing torch.
+reason names the parameter (about 10 s here, most of it the stubs starting and importing torch). Without
+tritonserver: the protobuf reader gives the ONNX files' weights exactly, another architecture is refused, the
+model base imports no torch for ONNX Runtime, and the torch runtime keeps the base's cancellation and request
+checks (the shipped detector's model.py driven through a fake pb_utils).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
 
 from bench.gpu import diagnose
 from services.triton.embedded import TritonStartError, pytriton_server_dir
+from tests import fake_triton_python_backend_utils as fake_pb
 from tests.fixtures import phantom, unavailable
 from training.phantoms import model_space
 
@@ -70,6 +77,84 @@ def test_onnx_runtime_serving_does_not_import_torch() -> None:
         "import medgate_model_base; assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code, str(MODELS)], check=True, timeout=60)
+
+
+@pytest.fixture
+def model_imports(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """The fake pb_utils in place of Triton's; sys.path, bytecode writing, OpenMP's policy and modules restored."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    before = set(sys.modules)
+    yield monkeypatch
+    for name in set(sys.modules) - before:
+        if name.startswith("medgate_"):
+            del sys.modules[name]
+
+
+def _model_py(kind: str, runtime: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The shipped ``kind`` model.py, initialised as Triton would (a fake pb_utils) with ``runtime``, one image per
+    call."""
+    spec = importlib.util.spec_from_file_location(f"medgate_torch_test_{kind}", MODELS / kind / "1" / "model.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    parameters = {"runtime": runtime, "intra_op_threads": "1", "min_score": "0.05", "nms_iou_threshold": "0.5"}
+    config = {"name": kind, "max_batch_size": 1, "parameters": {k: {"string_value": v} for k, v in parameters.items()}}
+    model.initialize(
+        {
+            "model_name": kind,
+            "model_config": json.dumps(config),
+            "model_repository": str(MODELS / kind),
+            "model_version": "1",
+            "model_instance_kind": "CPU",
+        }
+    )
+    return model
+
+
+def test_torch_runtime_keeps_the_cancellation_and_request_checks(model_imports: pytest.MonkeyPatch) -> None:
+    """A request cancelled before, one cancelled while another is computed, and a bad one, as with ONNX Runtime."""
+    images = np.stack([model_space(phantom(seed))["image"] for seed in (1, 4)])
+    torch_model = _model_py("detector", "torch", model_imports)
+    onnx_model = _model_py("detector", "onnxruntime", model_imports)
+    assert torch_model.net is not None and torch_model.session is None and onnx_model.net is None
+    later = fake_pb.InferenceRequest({"image": images[:1]})
+    net = torch_model.net
+
+    def first_pass_cancels_later(batch: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        later.cancelled = True  # its client gives up while the first image is computed
+        return list(net(batch, outputs))
+
+    torch_model.net = first_pass_cancels_later
+    requests = [
+        fake_pb.InferenceRequest({"image": images[:1]}, cancelled=True),
+        fake_pb.InferenceRequest({"image": np.zeros((1, 3, 1024, 1024), np.uint8)}),
+        fake_pb.InferenceRequest({"image": images}),
+        later,
+    ]
+    try:
+        got = torch_model.execute(requests)
+        expected = onnx_model.execute([fake_pb.InferenceRequest({"image": images})])[0]
+    finally:
+        torch_model.finalize()
+        onnx_model.finalize()
+    codes = [r.error().code() if r.error() is not None else None for r in got]
+    assert codes == [
+        fake_pb.TritonError.CANCELLED,
+        fake_pb.TritonError.INVALID_ARG,
+        None,
+        fake_pb.TritonError.CANCELLED,
+    ]
+    answer = {t.name(): t.as_numpy() for t in got[2].output_tensors()}
+    reference = {t.name(): t.as_numpy() for t in expected.output_tensors()}
+    np.testing.assert_array_equal(answer["count"], reference["count"])
+    assert reference["count"].max() >= 1
+    np.testing.assert_allclose(answer["boxes"], reference["boxes"], atol=0.5)
+    np.testing.assert_allclose(answer["scores"], reference["scores"], atol=1e-4)
 
 
 @pytest.mark.triton
