@@ -157,7 +157,6 @@ def test_torch_runtime_keeps_the_cancellation_and_request_checks(model_imports: 
     np.testing.assert_allclose(answer["scores"], reference["scores"], atol=1e-4)
 
 
-@pytest.mark.triton
 def model_copy(repository: Path, source: str, name: str, runtime: str) -> None:
     """``source``'s config (renamed ``name``, ``runtime`` set) and labels, its version folder linked."""
     folder = repository / name
@@ -176,6 +175,7 @@ def model_copy(repository: Path, source: str, name: str, runtime: str) -> None:
     (folder / "config.pbtxt").write_text(config)
 
 
+@pytest.mark.triton
 def test_torch_runtime_answers_as_onnx_runtime(tmp_path: Path) -> None:
     import tritonclient.grpc as triton_grpc
 
