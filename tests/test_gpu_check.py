@@ -3,8 +3,8 @@
 ``run.sh --cpu-smoke --steps diagnose`` starts the wheel's tritonserver on the two diagnostic models with the
 project's venv first on PATH, and, where a python3 with numpy 2 of the same version sits beside it on PATH, again
 with that one: the fault seen on the lent H100 (DESIGN.md §7) then shows here as well, and the report must say so.
-About 15 s; the scaling step is not run here (a benchmark). Also: the bench-only PyTorch classifier
-(bench/gpu/torch_models, what the check runs on CUDA there) answers as the served ONNX one does, here on the CPU.
+About 15 s; the scaling step is not run here (a benchmark). Also: the repository the check's torch step serves
+(the production classifier with ``runtime: torch``, on CUDA there) answers as the served ONNX one does, here on the CPU.
 """
 
 from __future__ import annotations
