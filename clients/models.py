@@ -4,9 +4,9 @@ Promotion switches the version every gateway worker names in its Triton calls by
 (``versions.file``), which the workers re-read within ``versions.reload_interval_s``: no restart. It is refused,
 with the reason, unless the candidate's ``evaluation.json`` (written by ``medgate train``) is the role's, compares
 it with the version serving now and it is not worse on either held-out set (the role's metric, :data:`ROLE_METRIC`:
-AP50 for the detector, accuracy for the classifier, at most ``versions.promote_tolerance`` below), and Triton has
-the version loaded. Rollback goes back to the version that served before, with no evidence needed (it served
-already), as long as Triton still has it loaded.
+AP50 for the detector, accuracy for the classifier, mean Dice for the text segmenter, at most
+``versions.promote_tolerance`` below), and Triton has the version loaded. Rollback goes back to the version that
+served before, with no evidence needed (it served already), as long as Triton still has it loaded.
 
 Every promote and rollback, done or refused, writes an audit event (Security Alert / Software Configuration:
 the OS user, the role, the model and the versions; nothing else) to ``security.audit_dir``; a trail that cannot be
@@ -29,7 +29,7 @@ from services.settings import Settings, load_settings
 from training import model_repository as repo
 
 # The metric a role's evaluation.json compares on its two held-out sets (training/retrain_<role>.py writes it).
-ROLE_METRIC = {"detector": "ap50", "classifier": "accuracy"}
+ROLE_METRIC = {"detector": "ap50", "classifier": "accuracy", "segmenter_text": "dice"}
 
 
 def metrics(role: str) -> tuple[str, str]:

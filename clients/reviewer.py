@@ -9,6 +9,7 @@ is for a development server without tokens.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import logging
@@ -147,7 +148,8 @@ _TRUTHS: dict[Path, dict[str, dict[str, Any]]] = {}
 
 
 def read_truths(path: Path) -> dict[str, dict[str, Any]]:
-    """A ground-truth file: JSON lines ``{"image_sha256": ..., "boxes": [[x0, y0, x1, y1], ...], "label": ...}``.
+    """A ground-truth file: JSON lines ``{"image_sha256": ..., "boxes": [[x0, y0, x1, y1], ...], "label": ...}``
+    (or ``"masks": {prompt: base64 PNG}`` for segmentation cases).
 
     Boxes are in the case image's pixels (the 1024 model square the review service shows); read once per file.
     """
@@ -158,10 +160,13 @@ def read_truths(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def truth_answer(path: Path, case: pb.ReviewCase) -> pb.ReviewAnswer:
-    """A scripted reviewer's answer: the true boxes of the case's image (a detection case) or its true label."""
+    """A scripted reviewer's answer: the true boxes of the case's image (a detection case), its true masks (a
+    segmentation case whose truth has ``masks``: :func:`truth_masks`) or its true label."""
     truth = read_truths(path).get(image_key(case.image_png))
     if truth is None:
         return pb.ReviewAnswer(reject_reason="no ground truth for this image")
+    if case.task_type == pb.TASK_TYPE_SEGMENTATION and "masks" in truth:
+        return pb.ReviewAnswer(mask=truth_masks(truth["masks"], case))
     label = str(truth.get("label") or (case.categories[0] if case.categories else "lesion"))
     if case.task_type != pb.TASK_TYPE_DETECTION:
         return pb.ReviewAnswer(label=label)
@@ -170,6 +175,28 @@ def truth_answer(path: Path, case: pb.ReviewCase) -> pb.ReviewAnswer:
         for b in truth.get("boxes", [])
     ]
     return pb.ReviewAnswer(boxes=pb.LabeledBoxes(boxes=boxes))
+
+
+def truth_masks(masks: dict[str, str], case: pb.ReviewCase) -> ipb.NDArray:
+    """One mask per prompt of a segmentation case, in order: the ground truth's for a prompt it names (a base64 PNG,
+    non-zero inside), the model's own mask for the others (left as they are); bit-packed [N, 1024, 1024]."""
+    model = array_of(case.masks) if case.HasField("masks") else None
+    answer = []
+    for index, prompt in enumerate(case.prompts):
+        if prompt.prompt in masks:
+            png = np.frombuffer(base64.b64decode(masks[prompt.prompt]), np.uint8)
+            answer.append(cv2.imdecode(png, cv2.IMREAD_GRAYSCALE) != 0)
+        elif model is not None and index < len(model):
+            answer.append(model[index] != 0)
+        else:
+            answer.append(np.zeros((1024, 1024), bool))
+    stacked = np.stack(answer).astype(np.uint8)
+    return ipb.NDArray(
+        data=np.packbits(stacked).tobytes(),
+        shape=list(stacked.shape),
+        dtype="uint8",
+        encoding=ipb.ARRAY_ENCODING_PACKBITS,
+    )
 
 
 def auto_answer(rule: str, case: pb.ReviewCase) -> pb.ReviewAnswer | None:
@@ -297,7 +324,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--auto",
         help="answer by rule: accept, reject, label:<name>, release, or truth:<file> (a scripted reviewer answering"
-        " with the boxes of a ground-truth file, JSON lines keyed by the image's pixel SHA-256)",
+        " with the boxes, label or masks of a ground-truth file, JSON lines keyed by the image's pixel SHA-256)",
     )
     parser.add_argument("--limit", type=int, help="stop after this many answers")
     parser.add_argument("--overlay-dir", type=Path, help="write each case's overlay PNG here")

@@ -7,6 +7,7 @@ reviewer, and waiting for a condition.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import tritonclient.grpc as triton_grpc
 
@@ -236,3 +238,10 @@ async def loop_servers(tmp_path: Path, role: str, flows_toml: str) -> AsyncItera
         finally:
             await gateway.stop()
             await review.stop()
+
+
+def mask_png(mask: np.ndarray) -> str:
+    """A ground-truth mask for ``medgate reviewer --auto truth:FILE`` (``"masks": {prompt: this}``): base64 PNG."""
+    ok, png = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+    assert ok
+    return base64.b64encode(png.tobytes()).decode()

@@ -127,9 +127,14 @@ def fit_detector(
     return summary
 
 
-def fit_segmenter_text(data: dict[str, np.ndarray]) -> None:
+def fit_segmenter_text(
+    data: dict[str, np.ndarray],
+    onnx: Path = common.MODELS_DIR / "segmenter_text" / "1" / "model.onnx",
+    folder: Path | None = None,
+) -> dict[str, Any]:
+    """Fit the text segmenter at ``onnx``; write calibration.json into ``folder`` (default: beside the graph)."""
     cal = serving_calibration()
-    session = common.ort_session(common.MODELS_DIR / "segmenter_text" / "1" / "model.onnx")
+    session = common.ort_session(onnx)
     columns: dict[str, list[tuple[float, float, float, float]]] = {k: [] for k in SEG_SCORES}
     for i in range(0, len(data["img1024"]), 4):
         masks, scores, area, peaks = session.run(
@@ -154,7 +159,8 @@ def fit_segmenter_text(data: dict[str, np.ndarray]) -> None:
         summary[name]["spearman_calibrated"] = round(M.spearman(calibrated, dc), 4)
         maps[name] = spec
     print(f"segmenter_text: {json.dumps(summary)}", flush=True)
-    _write(common.MODELS_DIR / "segmenter_text" / "1", maps, summary, len(data["img1024"]))
+    _write(folder or onnx.parent, maps, summary, len(data["img1024"]))
+    return summary
 
 
 def _mask_head(features: dict[str, np.ndarray], right: np.ndarray) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """What every role's ``medgate train`` shares: reviewed cases from an augmented manifest, the held-out split, the
 standard phantom sets, the fine-tuning loop with phantom replay, and the new version's calibration refit.
 
-Role-specific parts live in :mod:`training.retrain_detector` and :mod:`training.retrain_classifier`; the command
+Role-specific parts live in :mod:`training.retrain_detector`, :mod:`training.retrain_classifier` and
+:mod:`training.retrain_segmenter`; the command
 itself in :mod:`training.train_from_review`. Torch is imported only inside the functions that train.
 """
 
@@ -133,8 +134,11 @@ def mixed_batch(
     replay_img512: np.ndarray,
     batch: int,
     reviewed_share: float,
+    *,
+    mirror: bool = True,
 ) -> Batch:
-    """Draw a batch, ``reviewed_share`` of it reviewed cases and the rest standard phantoms, mirrored at random."""
+    """Draw a batch, ``reviewed_share`` of it reviewed cases and the rest standard phantoms, mirrored at random
+    (unless ``mirror`` is False: a mirrored chest swaps the segmenter's left and right lungs)."""
     import torch
 
     from training import common
@@ -143,7 +147,7 @@ def mixed_batch(
     ri = rng.integers(0, len(reviewed_img512), half)
     pi = rng.integers(0, len(replay_img512), batch - half)
     images = np.concatenate([reviewed_img512[ri], replay_img512[pi]])
-    flip = rng.random(batch) < 0.5
+    flip = rng.random(batch) < 0.5 if mirror else np.zeros(batch, bool)
     images[flip] = images[flip][:, :, ::-1]
     x = common.augment_intensity(torch.from_numpy(images.copy()).float().div_(255.0)[:, None], gen)
     return Batch(ri, pi, flip, x)
@@ -245,6 +249,9 @@ def train_role(
     train_s = finetune(model, role.loss(model, train_cases, replay, recipe), recipe)
     onnx_path, checkpoint = work / "model.onnx", work / "model.pt"
     common.export_onnx(role.serving(model), onnx_path, outputs)
+    finish = getattr(role, "finish_export", None)  # e.g. the segmenter's appended ``peaks`` output
+    if finish is not None:
+        finish(onnx_path)
     torch.save(model.state_dict(), checkpoint)
     phantoms = phantom_set("heldout", args.phantom_heldout, full=True)
     sides = (("parent", parent_dir / "model.onnx"), ("candidate", onnx_path))
@@ -279,6 +286,10 @@ def refit_calibration(role: str, onnx_path: Path, folder: Path, count: int) -> d
     from training import common, fit_calibration
 
     data = phantom_set("calib", count, full=True)
-    fit = {"classifier": fit_calibration.fit_classifier, "detector": fit_calibration.fit_detector}[role]
+    fit = {
+        "classifier": fit_calibration.fit_classifier,
+        "detector": fit_calibration.fit_detector,
+        "segmenter_text": fit_calibration.fit_segmenter_text,
+    }[role]
     summary = fit(data, onnx_path, folder)
     return {"refitted": True, "phantoms": count, "seed": common.CALIB_SEED, "fit": summary}

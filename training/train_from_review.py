@@ -1,5 +1,6 @@
-"""``medgate train --role detector|classifier``: fine-tune a role's serving model on reviewed cases; land it as the
-next version.
+"""``medgate train --role detector|classifier|segmenter_text``: fine-tune a role's model on reviewed cases.
+
+The serving model, fine-tuned, lands as the next version.
 
 Seed 003's loop, closed: the review service's augmented manifest (``medgate review export-manifest``: one JSON
 line per reviewed case, with the image the review store kept written beside it and the reviewer's answer: boxes
@@ -7,16 +8,17 @@ for a detection flow, the chosen class for a classification flow) is read here, 
 database. Cases are split by a hash of their loop name into training and held-out (``--heldout-fraction``): a
 case's side never changes as more cases arrive, so held-out cases are never trained on, now or in a later round.
 
-What each role trains and measures: :mod:`training.retrain_detector` (AP50) and :mod:`training.retrain_classifier`
-(accuracy); what they share (manifest, split, phantom sets, the fine-tuning loop with replay):
-:mod:`training.retrain_shared`. The new ONNX and checkpoint land as the next numeric version of the Triton model
-(:mod:`training.model_repository`) with ``evaluation.json``: the metric of the serving (parent) version and of the
-new one, on the reviewed held-out cases and on the standard phantom held-out set (the first ``--phantom-heldout``
-phantoms of ``training.common``'s held-out seed). The new version's ``calibration.json`` is refitted for it on the
-calibration seed split (``--calibration-phantoms``, as ``training.fit_calibration`` fits the shipped one); with
-``--calibration-phantoms 0`` the parent's is copied and the report says so (``calibration.refitted: false``).
-The versions file records the new version as the role's candidate (and the parent as serving, if nothing was
-recorded), so the gateway shadows it; ``medgate models promote`` reads the report.
+What each role trains and measures: :mod:`training.retrain_detector` (AP50), :mod:`training.retrain_classifier`
+(accuracy) and :mod:`training.retrain_segmenter` (mean Dice; a segmentation flow's export); what they share
+(manifest, split, phantom sets, the fine-tuning loop with replay): :mod:`training.retrain_shared`. The new ONNX and
+checkpoint land as the next numeric version of the Triton model (:mod:`training.model_repository`) with
+``evaluation.json``: the metric of the serving (parent) version and of the new one, on the reviewed held-out cases
+and on the standard phantom held-out set (the first ``--phantom-heldout`` phantoms of ``training.common``'s held-out
+seed). The new version's ``calibration.json`` is refitted for it on the calibration seed split
+(``--calibration-phantoms``, as ``training.fit_calibration`` fits the shipped one); with ``--calibration-phantoms
+0`` the parent's is copied and the report says so (``calibration.refitted: false``). The versions file records the
+new version as the role's candidate (and the parent as serving, if nothing was recorded), so the gateway shadows it;
+``medgate models promote`` reads the report.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training import retrain_classifier, retrain_detector
+from training import retrain_classifier, retrain_detector, retrain_segmenter
 from training.retrain_detector import ReviewedCase, ap50, read_manifest
 from training.retrain_shared import ManifestError, Trained, is_heldout, phantom_set
 
 __all__ = ["ManifestError", "ReviewedCase", "ap50", "is_heldout", "main", "phantom_set", "read_manifest", "run"]
 
-ROLES = {"detector": retrain_detector, "classifier": retrain_classifier}
+ROLES = {"detector": retrain_detector, "classifier": retrain_classifier, "segmenter_text": retrain_segmenter}
 _phantom_set = phantom_set  # the name tests/test_retrain_loop.py imports
 
 
@@ -59,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--freeze",
         help="parts kept at the serving weights, comma-separated (encoder, decoder, neck, head; empty: train all;"
-        " default: the detector's encoder,decoder, the classifier's encoder)",
+        " default: the detector's encoder,decoder, the classifier's and the segmenter's encoder)",
     )
     parser.add_argument(
         "--reviewed-share",

@@ -60,14 +60,26 @@ class Serving(nn.Module):
         return fg.to(torch.uint8), scores, areas
 
 
-def loss_fn(model: Segmenter, x: torch.Tensor, target: torch.Tensor) -> tuple:
-    logits = model(x)
+def segmentation_loss(
+    logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted BCE, soft Dice loss per channel [4]) of logits [B,4,H,W] against targets; with ``known`` (0/1, as
+    the logits) only the pixels it marks count (``medgate train`` fine-tunes on reviewed masks of some prompts)."""
     weight = torch.tensor([1.0, 1.0, 1.0, 4.0]).view(1, N_OUT, 1, 1)
-    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).mean()
+    pixels = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight
     prob = torch.sigmoid(logits)
+    if known is None:
+        bce = pixels.mean()
+    else:
+        bce = (pixels * known).sum() / known.sum().clamp_min(1.0)
+        prob, target = prob * known, target * known
     inter = (prob * target).sum(dim=(0, 2, 3))
     denom = prob.sum(dim=(0, 2, 3)) + target.sum(dim=(0, 2, 3))
-    soft_dice = 1.0 - (2 * inter + 1.0) / (denom + 1.0)
+    return bce, 1.0 - (2 * inter + 1.0) / (denom + 1.0)
+
+
+def loss_fn(model: Segmenter, x: torch.Tensor, target: torch.Tensor) -> tuple:
+    bce, soft_dice = segmentation_loss(model(x), target)
     loss = bce + soft_dice.mean()
     parts = {"bce": bce.item()} | {
         f"dice_{n}": 1 - d.item() for n, d in zip(common.SEG_CHANNELS, soft_dice, strict=True)

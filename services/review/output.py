@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 from collections import Counter
@@ -12,6 +14,7 @@ from typing import Any
 
 from services.durable import write_durable
 from services.review.flows import FlowDefinition, InvalidArgument, TaskType
+from services.review.masks import BACKGROUND
 from services.review.store import Decision, InvalidState, Loop, LoopStatus, ReviewStoreBase
 
 logger = logging.getLogger("medgate.review.output")
@@ -20,6 +23,7 @@ OUTPUT_FILE = "output.json"
 MANIFEST_FILE = "output.manifest"
 TYPE_DETECTION = "groundtruth/object-detection"
 TYPE_CLASSIFICATION = "groundtruth/image-classification"
+TYPE_SEGMENTATION = "groundtruth/semantic-segmentation"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # PNG colour type -> channels (grey, -, RGB, palette, grey+alpha, -, RGBA).
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
@@ -201,6 +205,23 @@ def _classification_line(flow: FlowDefinition, loop: Loop, decisions: Sequence[D
     return flow.class_id(label), metadata
 
 
+def _segmentation_line(loop: Loop, decisions: Sequence[Decision]) -> tuple[bytes, dict[str, Any]]:
+    """The earliest answer's labeledImage PNG (A2I's humanAnswers[0]) and Ground Truth's colour map for it: index 0
+    BACKGROUND, then each prompt in the order it was painted (a later one over an earlier one)."""
+    decision = decisions[0]
+    result = decision.answer["annotatedResult"]
+    png = base64.b64decode(result["labeledImage"]["pngImageData"], validate=True)
+    colours = [("BACKGROUND", BACKGROUND)] + [(label, m["color"]) for label, m in result["labelMappings"].items()]
+    metadata = {
+        "internal-color-map": {str(i): {"class-name": n, "hex-color": c} for i, (n, c) in enumerate(colours)},
+        "type": TYPE_SEGMENTATION,
+        "human-annotated": "yes",
+        "creation-date": iso_time(decision.submitted_at),
+        "job-name": f"a2i/{loop.name}",
+    }
+    return png, metadata
+
+
 def _manifest_lines(
     store: ReviewStoreBase,
     flow: FlowDefinition,
@@ -225,9 +246,17 @@ def _manifest_lines(
                 if size is None:
                     raise InvalidArgument(f"image {image_name} is not a PNG; its size is unknown")
                 value, metadata = _detection_line(flow, loop, decisions, size)
+            elif flow.task_type is TaskType.SEGMENTATION:
+                label_png, metadata = _segmentation_line(loop, decisions)
+                value = f"{source_prefix}{loop.name}-label.png"
+                atomic_write(out_dir / f"{loop.name}-label.png", label_png)
+                key = f"{attribute}-ref"  # Ground Truth's semantic-segmentation attribute names the label image
+                atomic_write(out_dir / file_name, data)
+                yield {"source-ref": f"{source_prefix}{file_name}", key: value, f"{key}-metadata": metadata}
+                continue
             else:
                 value, metadata = _classification_line(flow, loop, decisions)
-        except (InvalidArgument, KeyError, TypeError, ValueError) as exc:
+        except (InvalidArgument, KeyError, TypeError, ValueError, binascii.Error) as exc:
             logger.warning("manifest: skipping %s: %s", loop.name, exc)
             continue
         atomic_write(out_dir / file_name, data)
@@ -249,13 +278,12 @@ def export_manifest(
     One line per Completed loop of ``flow`` (oldest first), in SageMaker's augmented-manifest shape:
     detection flows as ``groundtruth/object-detection`` (the earliest answer's boxes, in the
     exported image's pixels), classification flows as ``groundtruth/image-classification`` (the
-    majority label). ``attribute`` (default: the flow name) is the label attribute name to give
-    SageMaker's ``AttributeNames``; ``source-ref`` is ``source_prefix`` + the image file name (pass
-    the ``s3://`` prefix the folder will be uploaded to). Loops without an image or with an answer the
-    flow cannot map are skipped with a warning.
+    majority label), segmentation flows as ``groundtruth/semantic-segmentation`` (``<attribute>-ref``: the
+    earliest answer's labeledImage PNG, written beside the image as ``<loop>-label.png``). ``attribute``
+    (default: the flow name) is the label attribute name to give SageMaker's ``AttributeNames``; ``source-ref``
+    is ``source_prefix`` + the image file name (pass the ``s3://`` prefix the folder will be uploaded to).
+    Loops without an image or with an answer the flow cannot map are skipped with a warning.
     """
-    if flow.task_type is TaskType.SEGMENTATION:
-        raise InvalidArgument("augmented manifests are written for classification and detection flows only")
     attribute = attribute or flow.name
     if not attribute or attribute == "source-ref" or attribute.endswith("-metadata"):
         raise InvalidArgument(f"attribute {attribute!r} cannot name a label attribute")
